@@ -1,0 +1,907 @@
+"""One SMTP connection over a trio stream: the thin I/O layer around the sans-IO core.
+
+Theory of operation
+-------------------
+:func:`connect` opens TCP (or implicit TLS, handshaking before the greeting, R8), reads
+the greeting, sends EHLO, upgrades with STARTTLS when asked and then forgets everything
+it learnt in plaintext (R7), and authenticates. Security is decided by the mode the
+caller chose, never by what the server offers: ``starttls`` without a 220 to STARTTLS,
+or with bytes queued behind that 220, ends the connection before AUTH or MAIL (R3-R6).
+
+Every exchange runs under an absolute deadline (``trio.fail_after``, R26) and through
+:meth:`SMTPConnection._guard`, which is the one place where trio and ssl errors become
+:class:`~triomail.SMTPError`. When anything goes wrong mid-command -- timeout,
+cancellation, a broken stream, a protocol violation -- the connection is marked broken
+and closed at once; it is never used again (R24, R27).
+
+:meth:`SMTPConnection.send` runs one transaction. SMTP refusals and lost connections are
+*values* on the :class:`~triomail.SendResult` (R37): transient before the final dot was
+written, unknown after it. Only the caller's own mistakes (a malformed address, a header
+with CRLF) raise, and they raise before any byte is written (R13).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import logging
+import select
+import socket
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from email.message import Message
+from typing import Literal
+
+import trio
+
+from ._errors import (
+    LocalProtocolError,
+    SMTPAuthenticationError,
+    SMTPCertificateError,
+    SMTPConnectError,
+    SMTPDisconnected,
+    SMTPError,
+    SMTPProtocolError,
+    SMTPResponseError,
+    SMTPSecurityError,
+    SMTPTimeoutError,
+)
+from ._message import envelope_of, flatten, message_id_of, needs_utf8_headers
+from ._protocol import (
+    Canonical,
+    Capabilities,
+    canonicalize,
+    check_argument,
+    dot_stuff,
+    encode_command,
+    format_path,
+    xtext,
+)
+from ._reply import Reply, ReplyParser
+from ._result import Outcome, RecipientResult, SendResult, outcome_of
+from ._sasl import SASLMechanism, XOAuth2, choose_mechanism
+from ._timeouts import Timeouts
+
+__all__ = ["SMTPConnection", "TLSMode", "connect", "default_ssl_context"]
+
+log = logging.getLogger("triomail")
+
+TLSMode = Literal["implicit", "starttls", "none"]
+TokenSource = str | Callable[[], Awaitable[str]]
+
+_RECEIVE_SIZE = 65536
+# Write at most this much of a message per send_all, each under its own deadline (R46).
+_DATA_CHUNK = 256 * 1024
+# RCPTs per pipelined write: a bounded group cannot deadlock against a small window (R29).
+_RCPT_GROUP = 100
+# smtplib's _MAXCHALLENGE: an endless 334 loop ends here (R35).
+_MAX_CHALLENGES = 5
+# RFC 4954 §4: the AUTH line may be at most 12288 octets with its initial response.
+_MAX_AUTH_LINE = 12288
+
+
+def default_ssl_context() -> ssl.SSLContext:
+    """A verifying client context: CERT_REQUIRED, host name check, TLS >= 1.2 (R2)."""
+    context = ssl.create_default_context()
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # Keep truncation detection (R11), as trio.open_ssl_over_tcp_stream does.
+    context.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
+    return context
+
+
+@dataclass(frozen=True, slots=True)
+class DSN:
+    """RFC 3461 delivery status notification parameters, sent only if advertised (R33)."""
+
+    notify: Sequence[str] | None = None  # ("NEVER",) or any of SUCCESS, FAILURE, DELAY
+    ret: Literal["FULL", "HDRS"] | None = None
+    envid: str | None = None
+    orcpt: bool = False  # send ORCPT=rfc822;<recipient> for each recipient
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedMessage:
+    """A message checked and encoded, ready for any connection (local checks done)."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    canonical: Canonical
+    needs_smtputf8: bool
+    message_id: str | None
+    # For an EmailMessage, the 7-bit form to use when the server lacks 8BITMIME (R18).
+    canonical_7bit: Canonical | None = None
+
+
+def prepare(
+    message: Message | bytes | str,
+    *,
+    sender: str | None = None,
+    recipients: Sequence[str] | None = None,
+    smtputf8: bool = True,
+    eight_bit: bool = True,
+) -> PreparedMessage:
+    """Check and encode a message without I/O; raises :class:`LocalProtocolError`.
+
+    ``smtputf8``/``eight_bit`` say what the server offers, so an ``EmailMessage`` is
+    serialised the way that server can take.
+    """
+    message_id = None
+    canonical_7bit = None
+    if isinstance(message, Message):
+        envelope = envelope_of(message)
+        sender = envelope.sender if sender is None else sender
+        recipients = envelope.recipients if recipients is None else tuple(recipients)
+        message_id = message_id_of(message)
+        utf8 = smtputf8 and needs_utf8_headers(message)
+        canonical = canonicalize(flatten(message, utf8=utf8, eight_bit=eight_bit))
+        if canonical.eight_bit and not utf8:
+            canonical_7bit = canonicalize(flatten(message, utf8=False, eight_bit=False))
+        header_utf8 = utf8 and canonical.eight_bit
+    else:
+        if sender is None or recipients is None:
+            raise LocalProtocolError("raw messages need sender= and recipients=")
+        canonical = canonicalize(message)
+        header_utf8 = False
+    if isinstance(recipients, str):
+        raise LocalProtocolError("recipients must be a sequence of addresses, not one string")
+    if not recipients:
+        raise LocalProtocolError("no recipients")
+    sender_path = format_path(sender, allow_null=True)
+    paths = [format_path(r) for r in recipients]
+    return PreparedMessage(
+        sender=sender_path.address,
+        recipients=tuple(p.address for p in paths),
+        canonical=canonical,
+        needs_smtputf8=header_utf8
+        or sender_path.needs_smtputf8
+        or any(p.needs_smtputf8 for p in paths),
+        message_id=message_id,
+        canonical_7bit=canonical_7bit,
+    )
+
+
+def _local_failure(prepared: PreparedMessage, code: int, enhanced: str, text: str) -> SendResult:
+    """A result for a message refused before MAIL, by the client's own checks."""
+    reply = Reply.from_lines(code, (f"{enhanced} {text}",))
+    return SendResult(
+        prepared.sender,
+        tuple(RecipientResult(r, outcome_of(reply), reply) for r in prepared.recipients),
+        reply,
+        prepared.message_id,
+        error=f"not sent: {text}",
+    )
+
+
+def _is_cert_error(exc: BaseException) -> bool:
+    cause = exc.__cause__
+    return isinstance(cause, ssl.SSLCertVerificationError | ssl.CertificateError)
+
+
+class SMTPConnection:
+    """An open SMTP session. Create it with :func:`connect`."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        host: str,
+        timeouts: Timeouts = Timeouts(),
+        local_hostname: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._stream = stream
+        self._host = host
+        self._timeouts = timeouts
+        name = local_hostname if local_hostname is not None else _local_name()
+        check_argument(name, "local_hostname")
+        self._local_hostname = name
+        self._ssl_context = ssl_context
+        self._parser = ReplyParser()
+        self._phase: Literal["plain", "tls"] = "plain"
+        self.capabilities = Capabilities()
+        self.greeting: Reply | None = None
+        self.authenticated = False
+        self._broken: str | None = None
+        self._closed = False
+        self.messages_sent = 0
+        self.transactions = 0
+
+    # ---------------------------------------------------------------- properties
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def tls_active(self) -> bool:
+        return self._phase == "tls"
+
+    @property
+    def is_usable(self) -> bool:
+        """False once the connection was closed, broken or told 421."""
+        return not self._closed and self._broken is None
+
+    def __repr__(self) -> str:
+        state = (
+            "closed" if self._closed else (f"broken: {self._broken}" if self._broken else "open")
+        )
+        return f"<SMTPConnection {self._host} {self._phase} {state} sent={self.messages_sent}>"
+
+    # ------------------------------------------------------------------ low level
+
+    @contextmanager
+    def _guard(self, stage: str, seconds: float) -> Iterator[None]:
+        """Run I/O under a stage deadline; translate and poison on any failure (R26, R27)."""
+        if not self.is_usable:
+            raise SMTPDisconnected(f"connection is not usable ({self._broken or 'closed'})")
+        try:
+            with trio.fail_after(seconds):
+                yield
+        except trio.TooSlowError:
+            self._broken = f"timeout in {stage}"
+            raise SMTPTimeoutError(
+                f"{stage}: no complete reply within {seconds:g} s", stage=stage
+            ) from None
+        except trio.BrokenResourceError as exc:
+            self._broken = f"broken in {stage}"
+            if _is_cert_error(exc):
+                raise SMTPCertificateError(
+                    f"certificate verification failed: {exc.__cause__}"
+                ) from exc
+            if isinstance(exc.__cause__, ssl.SSLError):
+                raise SMTPSecurityError(f"TLS failed during {stage}: {exc.__cause__}") from exc
+            raise SMTPDisconnected(f"connection lost during {stage}") from exc
+        except (trio.ClosedResourceError, OSError) as exc:
+            self._broken = f"closed in {stage}"
+            raise SMTPDisconnected(f"connection lost during {stage}: {exc}") from exc
+        except BaseException as exc:
+            # Cancelled, protocol errors, bugs: a command is in flight, so never reuse.
+            self._broken = f"{type(exc).__name__} in {stage}"
+            raise
+
+    async def _write(self, data: bytes, stage: str, seconds: float) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            self._log_out(data)
+        with self._guard(stage, seconds):
+            await self._stream.send_all(data)
+
+    async def _read(self, stage: str, seconds: float) -> Reply:
+        parser = self._parser
+        reply = parser.next_reply() if parser.has_unprocessed else None
+        if reply is None:
+            with self._guard(stage, seconds):
+                while reply is None:
+                    data = await self._stream.receive_some(_RECEIVE_SIZE)
+                    if not data:
+                        raise trio.ClosedResourceError("server closed the connection")
+                    parser.feed(data)
+                    reply = parser.next_reply()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s < %s", self._host, self._phase, reply)
+        if reply.code == 421:
+            # RFC 5321 §3.8: the server is closing; stop using the connection (R40).
+            self._broken = "server sent 421"
+        return reply
+
+    async def _command(self, line: bytes, stage: str, seconds: float) -> Reply:
+        """One command, one reply; anything more in the buffer is a desync (R24)."""
+        deadline = trio.current_time() + seconds
+        await self._write(line, stage, seconds)
+        reply = await self._read(stage, max(0.0, deadline - trio.current_time()))
+        self._check_drained(stage)
+        return reply
+
+    def _check_drained(self, stage: str) -> None:
+        if self._parser.has_unprocessed:
+            self._broken = f"unsolicited data after {stage}"
+            raise SMTPProtocolError(
+                f"server sent more than one reply to {stage}: {self._parser.unprocessed[:80]!r}"
+            )
+
+    def _log_out(self, data: bytes) -> None:
+        head = data[:200]
+        if head.startswith(b"AUTH ") or self._redact_next:
+            head = (
+                head.split(b" ")[0] + b" <redacted>" if head.startswith(b"AUTH ") else b"<redacted>"
+            )
+        log.debug("%s %s > %r%s", self._host, self._phase, head, "..." if len(data) > 200 else "")
+
+    _redact_next = False
+
+    async def abort(self) -> None:
+        """Close the stream at once, without QUIT."""
+        self._closed = True
+        await trio.aclose_forcefully(self._stream)
+
+    async def aclose(self) -> None:
+        """QUIT under a shielded, short deadline, then close (R11, R48)."""
+        if self._closed:
+            return
+        with trio.move_on_after(self._timeouts.quit, shield=True) as scope:
+            if self._broken is None:
+                try:
+                    await self._write(b"QUIT\r\n", "QUIT", self._timeouts.quit)
+                    # A server may close right after 221, TLS without close_notify (R11).
+                    await self._read("QUIT", self._timeouts.quit)
+                except SMTPError:
+                    pass
+            self._closed = True
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await self._stream.aclose()
+        if scope.cancelled_caught:
+            await self.abort()
+
+    def is_stale(self) -> bool:
+        """True if an idle connection has unsolicited bytes or EOF pending (R24, R45).
+
+        A pooled connection that got a 421 or was closed while idle must not be reused;
+        this peeks at the socket without blocking.
+        """
+        if not self.is_usable:
+            return True
+        if self._parser.has_unprocessed:
+            return True
+        stream = self._stream
+        while isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
+        if not isinstance(stream, trio.SocketStream):
+            return False
+        # Readable while idle means data or EOF arrived unasked; poll, don't consume.
+        readable, _, _ = select.select([stream.socket.fileno()], [], [], 0)
+        return bool(readable)
+
+    # ----------------------------------------------------------------- handshake
+
+    async def _start(
+        self,
+        *,
+        tls: TLSMode,
+        username: str | None,
+        password: str | None,
+        oauth_token: TokenSource | None,
+        allow_insecure_auth: bool,
+    ) -> None:
+        t = self._timeouts
+        if tls == "implicit":
+            await self._start_tls()  # R8: the handshake comes before the greeting
+        greeting = await self._read("greeting", t.greeting)
+        self._check_drained("greeting")
+        if greeting.code != 220:
+            if greeting.code == 554 or greeting.is_transient:
+                # §3.1: 554 means no service here; QUIT and report (R25).
+                if greeting.code != 421:
+                    await self.aclose()
+                raise SMTPResponseError("greeting", greeting)
+            self._broken = "unexpected greeting"
+            raise SMTPProtocolError(f"unexpected greeting: {greeting}")
+        self.greeting = greeting
+        await self._ehlo()
+        if tls == "starttls":
+            await self._starttls()
+        if username is not None:
+            await self._login(username, password, oauth_token, allow_insecure_auth)
+
+    async def _ehlo(self) -> None:
+        t = self._timeouts
+        reply = await self._command(encode_command("EHLO", self._local_hostname), "EHLO", t.ehlo)
+        if reply.code == 250:
+            self.capabilities = Capabilities.from_ehlo(reply)
+            return
+        if reply.code in (500, 501, 502, 504, 550):
+            # §4.1.4: fall back to HELO; this server has no extensions at all (R4).
+            reply = await self._command(
+                encode_command("HELO", self._local_hostname), "HELO", t.ehlo
+            )
+            if reply.code == 250:
+                self.capabilities = Capabilities.helo_only()
+                return
+        # 220/221/354/421/530 to EHLO and the like: close, never crash (R47).
+        self._broken = "EHLO refused"
+        raise SMTPResponseError("EHLO", reply)
+
+    async def _starttls(self) -> None:
+        t = self._timeouts
+        if not self.capabilities.starttls:
+            # R3/R4: STARTTLS required but not offered; stop before AUTH or MAIL.
+            self._broken = "STARTTLS not offered"
+            raise SMTPSecurityError(
+                "tls='starttls' but the server does not offer STARTTLS"
+                + ("" if self.capabilities.esmtp else " (it refused EHLO)")
+                + "; refusing to continue in plaintext"
+            )
+        # R5: STARTTLS is the last command of any group; wait for its reply.
+        reply = await self._write_then_read(b"STARTTLS\r\n", "STARTTLS", t.starttls)
+        if reply.code != 220:
+            self._broken = "STARTTLS refused"
+            raise SMTPSecurityError(f"STARTTLS refused: {reply}; refusing to continue in plaintext")
+        if self._parser.has_unprocessed:
+            # R6: anything queued behind the 220 was injected before TLS.
+            self._broken = "data after STARTTLS"
+            raise SMTPSecurityError(
+                "bytes received after the 220 to STARTTLS (response injection); aborted"
+            )
+        await self._start_tls()
+        # R7: forget all that was learnt in plaintext and ask again.
+        self.capabilities = Capabilities()
+        await self._ehlo()
+
+    async def _write_then_read(self, line: bytes, stage: str, seconds: float) -> Reply:
+        await self._write(line, stage, seconds)
+        return await self._read(stage, seconds)
+
+    async def _start_tls(self) -> None:
+        context = self._ssl_context or default_ssl_context()
+        self._parser = ReplyParser()
+        ssl_stream = trio.SSLStream(self._stream, context, server_hostname=self._host)
+        self._stream = ssl_stream
+        with self._guard("TLS handshake", self._timeouts.tls_handshake):
+            await ssl_stream.do_handshake()
+        version = ssl_stream.version()
+        if version in ("SSLv3", "TLSv1", "TLSv1.1"):  # a caller's context may allow them
+            self._broken = "old TLS"
+            raise SMTPSecurityError(f"server negotiated {version}; TLS 1.2 or later required")
+        self._phase = "tls"
+
+    async def _login(
+        self,
+        username: str,
+        password: str | None,
+        oauth_token: TokenSource | None,
+        allow_insecure_auth: bool,
+    ) -> None:
+        if not self.tls_active and not allow_insecure_auth:
+            # R9: credentials only over TLS.
+            raise SMTPSecurityError(
+                "refusing to send credentials without TLS (allow_insecure_auth=True to override)"
+            )
+        advertised = self.capabilities.auth_mechanisms
+        mechanism: SASLMechanism | None
+        if oauth_token is not None:
+            if "XOAUTH2" not in advertised:
+                raise SMTPSecurityError("server does not offer XOAUTH2")
+            token = oauth_token if isinstance(oauth_token, str) else await oauth_token()
+            mechanism = XOAuth2(username, token)
+        else:
+            if password is None:
+                raise LocalProtocolError("username given without password or oauth_token")
+            mechanism = choose_mechanism(advertised, username, password)
+            if mechanism is None:
+                raise SMTPSecurityError(
+                    "server offers no usable AUTH mechanism"
+                    + (f" (offers {', '.join(sorted(advertised))})" if advertised else "")
+                )
+        await self.auth(mechanism)
+
+    async def auth(self, mechanism: SASLMechanism) -> None:
+        """Run one AUTH exchange (RFC 4954); raises :class:`SMTPAuthenticationError`."""
+        if self.authenticated:
+            raise LocalProtocolError("already authenticated (RFC 4954 §4: AUTH only once)")
+        t = self._timeouts.auth
+        initial = mechanism.initial_response()
+        line = b"AUTH " + mechanism.name.encode("ascii")
+        if initial is not None:
+            encoded = base64.b64encode(initial) or b"="  # §4: an empty response is "="
+            if len(line) + 1 + len(encoded) + 2 <= _MAX_AUTH_LINE:
+                line += b" " + encoded
+            else:
+                initial = None  # §4: too long; answer the first 334 instead
+        reply = await self._write_then_read(line + b"\r\n", "AUTH", t)
+        challenges = 0
+        while reply.code == 334:
+            challenges += 1
+            try:
+                challenge = base64.b64decode(reply.text.strip(), validate=True)
+                if challenges > _MAX_CHALLENGES:
+                    raise ValueError("too many challenges")
+                answer = mechanism.respond(challenge)
+            except (binascii.Error, ValueError):
+                reply = await self._write_then_read(b"*\r\n", "AUTH", t)  # cancel (R35)
+                self._broken = "AUTH exchange failed"
+                raise SMTPAuthenticationError("AUTH", reply) from None
+            self._redact_next = True
+            try:
+                reply = await self._write_then_read(base64.b64encode(answer) + b"\r\n", "AUTH", t)
+            finally:
+                self._redact_next = False
+        self._check_drained("AUTH")
+        if reply.code != 235:
+            raise SMTPAuthenticationError("AUTH", reply)
+        self.authenticated = True
+
+    # --------------------------------------------------------------- transactions
+
+    async def noop(self) -> Reply:
+        return await self._command(b"NOOP\r\n", "NOOP", self._timeouts.noop)
+
+    async def rset(self) -> Reply:
+        reply = await self._command(b"RSET\r\n", "RSET", self._timeouts.rset)
+        if reply.code != 250:
+            self._broken = "RSET failed"
+        return reply
+
+    def prepare(
+        self,
+        message: Message | bytes | str,
+        *,
+        sender: str | None = None,
+        recipients: Sequence[str] | None = None,
+    ) -> PreparedMessage:
+        """Check and encode ``message`` for this server (no I/O)."""
+        caps = self.capabilities
+        return prepare(
+            message,
+            sender=sender,
+            recipients=recipients,
+            smtputf8=caps.smtputf8,
+            eight_bit=caps.eightbitmime or caps.smtputf8,
+        )
+
+    async def send(
+        self,
+        message: Message | bytes | str | PreparedMessage,
+        *,
+        sender: str | None = None,
+        recipients: Sequence[str] | None = None,
+        dsn: DSN | None = None,
+        requiretls: bool = False,
+    ) -> SendResult:
+        """Send one message; every recipient's outcome is on the result (R37).
+
+        ``message`` is an ``EmailMessage`` (envelope from its headers unless given) or
+        raw ``bytes``/``str`` with ``sender`` and ``recipients``. Raises only for the
+        caller's mistakes (:class:`LocalProtocolError`, before any byte is written) and
+        for a connection that is already closed (:class:`SMTPDisconnected`).
+        """
+        if not self.is_usable:
+            raise SMTPDisconnected(f"connection is not usable ({self._broken or 'closed'})")
+        prepared = (
+            message
+            if isinstance(message, PreparedMessage)
+            else self.prepare(message, sender=sender, recipients=recipients)
+        )
+        plan = self._plan(prepared, dsn=dsn, requiretls=requiretls)
+        if isinstance(plan, SendResult):
+            return plan
+        if self.is_stale():
+            await self.abort()
+            raise SMTPDisconnected("server closed or wrote to the connection while it was idle")
+        return await self._transact(prepared, *plan)
+
+    def _plan(
+        self, prepared: PreparedMessage, *, dsn: DSN | None, requiretls: bool
+    ) -> SendResult | tuple[bytes, list[bytes], Canonical]:
+        """Check the message against this server and build MAIL and RCPT lines (R28-R34)."""
+        caps = self.capabilities
+        canonical = prepared.canonical
+        if canonical.eight_bit and not (caps.eightbitmime or caps.smtputf8):
+            if prepared.canonical_7bit is not None and not prepared.canonical_7bit.eight_bit:
+                canonical = prepared.canonical_7bit
+            else:
+                # R18: never put 8-bit octets on the wire of a 7-bit server.
+                return _local_failure(
+                    prepared, 554, "5.6.3", "8-bit message and the server lacks 8BITMIME"
+                )
+        if prepared.needs_smtputf8 and not caps.smtputf8:
+            # R32: no silent downgrade of UTF-8 addresses.
+            return _local_failure(
+                prepared, 553, "5.6.7", "UTF-8 address and the server lacks SMTPUTF8"
+            )
+        if requiretls and not (self.tls_active and caps.requiretls):
+            # R34 / RFC 8689 §4: refuse, report 5.7.30.
+            return _local_failure(prepared, 550, "5.7.30", "REQUIRETLS support required")
+        limit = caps.size_limit
+        if limit is not None and len(canonical) > limit:
+            # R30: a permanent failure before MAIL.
+            return _local_failure(
+                prepared, 552, "5.3.4", f"message of {len(canonical)} octets exceeds SIZE {limit}"
+            )
+        params = []
+        if "SIZE" in caps:
+            params.append(f"SIZE={len(canonical)}")
+        if canonical.eight_bit and caps.eightbitmime:
+            params.append("BODY=8BITMIME")
+        if prepared.needs_smtputf8:
+            params.append("SMTPUTF8")
+        if dsn is not None and caps.dsn:  # R28: never unadvertised parameters
+            if dsn.ret:
+                params.append(f"RET={dsn.ret}")
+            if dsn.envid:
+                params.append(f"ENVID={xtext(dsn.envid)}")
+        if requiretls:
+            params.append("REQUIRETLS")
+        mail = encode_command("MAIL", f"FROM:<{prepared.sender}>", *params)
+        rcpt_params: list[str] = []
+        if dsn is not None and caps.dsn and dsn.notify:
+            rcpt_params.append("NOTIFY=" + ",".join(n.upper() for n in dsn.notify))
+        rcpts = []
+        for recipient in prepared.recipients:
+            extra = list(rcpt_params)
+            if dsn is not None and dsn.orcpt and caps.dsn:
+                kind = "utf-8" if not recipient.isascii() else "rfc822"
+                extra.append(f"ORCPT={kind};{xtext(recipient)}")
+            rcpts.append(encode_command("RCPT", f"TO:<{recipient}>", *extra))
+        return mail, rcpts, canonical
+
+    async def _transact(
+        self, prepared: PreparedMessage, mail: bytes, rcpts: list[bytes], canonical: Canonical
+    ) -> SendResult:
+        t = self._timeouts
+        recipients = prepared.recipients
+        replies: list[Reply | None] = [None] * len(recipients)
+        self.transactions += 1
+
+        def result(
+            outcomes: dict[int, Outcome] | Outcome, reply: Reply | None, error: str | None = None
+        ) -> SendResult:
+            per: list[RecipientResult] = []
+            for i, rcpt in enumerate(recipients):
+                rcpt_reply = replies[i]
+                if rcpt_reply is not None and not rcpt_reply.is_positive:
+                    per.append(RecipientResult(rcpt, outcome_of(rcpt_reply), rcpt_reply))
+                else:
+                    outcome = outcomes if isinstance(outcomes, Outcome) else outcomes[i]
+                    per.append(RecipientResult(rcpt, outcome, reply))
+            return SendResult(prepared.sender, tuple(per), reply, prepared.message_id, error)
+
+        def lost(exc: SMTPError, outcome: Outcome) -> SendResult:
+            self._broken = self._broken or str(exc)
+            return result(outcome, None, f"{type(exc).__name__}: {exc}")
+
+        pipelining = self.capabilities.pipelining
+        try:
+            # ---- envelope: MAIL, RCPT..., DATA; one write when PIPELINING (RFC 2920)
+            if pipelining:
+                first = rcpts[:_RCPT_GROUP]
+                tail = b"DATA\r\n" if len(rcpts) <= _RCPT_GROUP else b""
+                await self._write(mail + b"".join(first) + tail, "MAIL", t.mail)
+                mail_reply = await self._read("MAIL", t.mail)
+            else:
+                mail_reply = await self._command(mail, "MAIL", t.mail)
+            if not mail_reply.is_positive:
+                if pipelining:
+                    await self._drain_group(len(rcpts[:_RCPT_GROUP]) + (len(rcpts) <= _RCPT_GROUP))
+                await self._reset_after_failure(mail_reply)
+                return result(outcome_of(mail_reply), mail_reply)
+            data_reply: Reply | None = None
+            for start in range(0, len(rcpts), _RCPT_GROUP if pipelining else 1):
+                if pipelining and start:
+                    group = rcpts[start : start + _RCPT_GROUP]
+                    last = start + _RCPT_GROUP >= len(rcpts)
+                    await self._write(
+                        b"".join(group) + (b"DATA\r\n" if last else b""), "RCPT", t.rcpt
+                    )
+                for i in range(start, min(start + (_RCPT_GROUP if pipelining else 1), len(rcpts))):
+                    if pipelining:
+                        reply = await self._read("RCPT", t.rcpt)
+                    else:
+                        reply = await self._command(rcpts[i], "RCPT", t.rcpt)
+                    replies[i] = reply
+                    if reply.code == 421:
+                        await self.abort()
+                        return result(Outcome.TRANSIENT, reply, "server closing (421)")
+            accepted = [i for i, r in enumerate(replies) if r is not None and r.is_positive]
+            if pipelining:
+                data_reply = await self._read("DATA", t.data_init)
+                self._check_drained("DATA")
+            elif accepted:
+                data_reply = await self._command(b"DATA\r\n", "DATA", t.data_init)
+            if data_reply is None:
+                # R41: nobody accepted, so no DATA; RSET and report per recipient.
+                await self.rset()
+                return result(Outcome.PERMANENT, None)
+            if data_reply.code != 354:
+                # R47: no body after anything but 354.
+                if data_reply.code == 421:
+                    await self.abort()
+                else:
+                    await self._reset_after_failure(data_reply)
+                return result(outcome_of(data_reply), data_reply)
+            if not accepted:
+                # R29: DATA got 354 although every RCPT failed: end the data at once.
+                await self._write(b".\r\n", "DATA", t.data_block)
+                end = await self._read("DATA", t.data_done)
+                self._check_drained("DATA")
+                return result(Outcome.PERMANENT, end)
+        except SMTPError as exc:
+            if isinstance(exc, SMTPProtocolError | SMTPTimeoutError | SMTPDisconnected):
+                await self.abort()
+                return lost(exc, Outcome.TRANSIENT)
+            raise
+        # ---- content: R39 before the final dot is written, R37 after it.
+        payload = dot_stuff(canonical)
+        try:
+            view = memoryview(payload)
+            for offset in range(0, len(view), _DATA_CHUNK):
+                await self._write(
+                    view[offset : offset + _DATA_CHUNK].tobytes()
+                    if len(view) > _DATA_CHUNK
+                    else payload,
+                    "data block",
+                    t.data_block,
+                )
+        except SMTPError as exc:
+            early = await self._early_reply()
+            await self.abort()
+            if early is not None:
+                return result(outcome_of(early), early, "server replied before the end of data")
+            return lost(exc, Outcome.TRANSIENT)
+        try:
+            final = await self._read("end of data", t.data_done)
+            self._check_drained("end of data")
+        except SMTPError as exc:
+            await self.abort()
+            log.warning(
+                "%s: no reply to the final dot; message %s may have been delivered",
+                self._host,
+                prepared.message_id or "",
+            )
+            return lost(exc, Outcome.UNKNOWN)
+        if final.code == 421:
+            await self.abort()
+        if final.is_positive:
+            self.messages_sent += 1
+        return result(outcome_of(final), final)
+
+    async def _drain_group(self, count: int) -> None:
+        """Read the replies still due for a pipelined group (R29: check all of them)."""
+        for _ in range(count):
+            reply = await self._read("pipelined group", self._timeouts.rcpt)
+            if reply.code == 421:
+                break
+
+    async def _reset_after_failure(self, reply: Reply) -> None:
+        """RSET after a failed transaction so the session is clean for reuse (R45)."""
+        if reply.code == 421 or not self.is_usable:
+            await self.abort()
+            return
+        try:
+            await self.rset()
+        except SMTPError:
+            await self.abort()
+
+    async def _early_reply(self) -> Reply | None:
+        """A reply the server sent while we were still writing the body (R46)."""
+        with trio.move_on_after(1.0):
+            try:
+                self._broken = None
+                return await self._read("early reply", 1.0)
+            except SMTPError:
+                return None
+        return None
+
+
+def _local_name() -> str:
+    """The EHLO name: the FQDN in A-label form, or an address literal (R32)."""
+    name = socket.getfqdn()
+    try:
+        name = name.encode("idna").decode("ascii")
+    except UnicodeError:
+        name = "localhost"
+    if "." not in name or any(c in name for c in " \r\n\t\x00\x7f"):
+        return "[127.0.0.1]"
+    return name
+
+
+def _default_port(tls: TLSMode) -> int:
+    return 465 if tls == "implicit" else (587 if tls == "starttls" else 25)
+
+
+@asynccontextmanager
+async def connect(
+    host: str,
+    port: int | None = None,
+    *,
+    tls: TLSMode | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    username: str | None = None,
+    password: str | None = None,
+    oauth_token: TokenSource | None = None,
+    local_hostname: str | None = None,
+    timeouts: Timeouts = Timeouts(),
+    allow_insecure_auth: bool = False,
+) -> AsyncIterator[SMTPConnection]:
+    """Open an SMTP session; QUIT and close it when the block ends.
+
+    ``tls`` is ``"implicit"`` (the default for port 465), ``"starttls"`` (the default
+    otherwise, and required: never a silent downgrade, R1) or ``"none"`` (explicit
+    plaintext). Deadlines come from ``timeouts``.
+    """
+    conn = await open_connection(
+        host,
+        port,
+        tls=tls,
+        ssl_context=ssl_context,
+        username=username,
+        password=password,
+        oauth_token=oauth_token,
+        local_hostname=local_hostname,
+        timeouts=timeouts,
+        allow_insecure_auth=allow_insecure_auth,
+    )
+    try:
+        yield conn
+    finally:
+        await conn.aclose()
+
+
+async def open_connection(
+    host: str,
+    port: int | None = None,
+    *,
+    tls: TLSMode | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    username: str | None = None,
+    password: str | None = None,
+    oauth_token: TokenSource | None = None,
+    local_hostname: str | None = None,
+    timeouts: Timeouts = Timeouts(),
+    allow_insecure_auth: bool = False,
+) -> SMTPConnection:
+    """Like :func:`connect`, but the caller must ``await conn.aclose()``."""
+    if tls is None:
+        tls = "implicit" if port == 465 else "starttls"
+    if tls not in ("implicit", "starttls", "none"):
+        raise ValueError(f"tls must be 'implicit', 'starttls' or 'none', not {tls!r}")
+    if port is None:
+        port = _default_port(tls)
+    check_argument(host, "host")
+    try:
+        with trio.fail_after(timeouts.connect):
+            stream = await trio.open_tcp_stream(host, port)
+    except trio.TooSlowError:
+        raise SMTPTimeoutError(f"connecting to {host}:{port} timed out", stage="connect") from None
+    except OSError as exc:
+        raise SMTPConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
+    return await start_session(
+        stream,
+        host=host,
+        tls=tls,
+        ssl_context=ssl_context,
+        username=username,
+        password=password,
+        oauth_token=oauth_token,
+        local_hostname=local_hostname,
+        timeouts=timeouts,
+        allow_insecure_auth=allow_insecure_auth,
+    )
+
+
+async def start_session(
+    stream: trio.abc.Stream,
+    *,
+    host: str,
+    tls: TLSMode,
+    ssl_context: ssl.SSLContext | None = None,
+    username: str | None = None,
+    password: str | None = None,
+    oauth_token: TokenSource | None = None,
+    local_hostname: str | None = None,
+    timeouts: Timeouts = Timeouts(),
+    allow_insecure_auth: bool = False,
+) -> SMTPConnection:
+    """Run greeting, EHLO, STARTTLS and AUTH over an already-open stream.
+
+    ``host`` is the name the certificate must match (R2). On failure the stream is
+    closed and the error raised.
+    """
+    conn = SMTPConnection(
+        stream, host=host, timeouts=timeouts, local_hostname=local_hostname, ssl_context=ssl_context
+    )
+    try:
+        await conn._start(
+            tls=tls,
+            username=username,
+            password=password,
+            oauth_token=oauth_token,
+            allow_insecure_auth=allow_insecure_auth,
+        )
+    except BaseException:
+        if conn.is_usable:
+            await conn.aclose()  # e.g. AUTH refused: a clean QUIT is still possible
+        else:
+            await conn.abort()  # R3: after a TLS failure, nothing more on the wire
+        raise
+    return conn

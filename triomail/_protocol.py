@@ -1,0 +1,313 @@
+"""Commands, paths, capabilities and DATA: the bytes the client writes (sans-IO).
+
+Theory of operation
+-------------------
+Nothing reaches the wire without passing one of the functions here, so each rule lives
+in one place:
+
+* :func:`encode_command` refuses CR, LF, NUL, every other C0 control and DEL in every
+  argument before producing a byte (R13: the CRLF-injection class of bpo-43124 and
+  GHSA-v3q9-hj7j-63hq).
+* :func:`format_path` checks RFC 5321 §4.1.2 path syntax and the §4.5.3.1 size limits
+  (R14), converts IDN domains to A-labels when the local part is ASCII and reports when
+  the path needs SMTPUTF8 (R32).
+* :func:`canonicalize` turns any message (``str`` or ``bytes``) into canonical form:
+  CR and LF only as CRLF pairs, a final CRLF (R16, the SMTP smuggling defence), no NUL
+  (R17), no 8-bit octets unless allowed (R18), no line over 998 octets plus CRLF (R19).
+  :func:`dot_stuff` then adds the DATA transparency dots (§4.5.2) and the terminator,
+  so ``\\r\\n.\\r\\n`` can appear exactly once, at the end. BDAT (RFC 3030) takes the
+  canonical bytes as they are (R20).
+* :class:`Capabilities` is what one EHLO reply advertised. It is replaced, never
+  merged, after STARTTLS (R7).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ._errors import LocalProtocolError
+from ._reply import Reply
+
+__all__ = [
+    "Capabilities",
+    "canonicalize",
+    "dot_stuff",
+    "encode_command",
+    "format_path",
+    "xtext",
+]
+
+_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f]")
+_FORBIDDEN_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
+
+# RFC 5321 §4.5.3.1.1-3.
+MAX_LOCAL_PART = 64
+MAX_DOMAIN = 255
+MAX_PATH = 256
+# RFC 5321 §4.5.3.1.6: 1000 octets including CRLF.
+MAX_DATA_LINE = 998
+
+
+def check_argument(value: str | bytes, what: str) -> None:
+    """Raise :class:`LocalProtocolError` if ``value`` holds a control character (R13)."""
+    bad = _FORBIDDEN.search(value) if isinstance(value, str) else _FORBIDDEN_BYTES.search(value)
+    if bad is not None:
+        raise LocalProtocolError(
+            f"{what} contains a forbidden control character {bad.group()!r}: {value!r}"
+        )
+
+
+def encode_command(verb: str, *args: str) -> bytes:
+    """Encode one command line, checking every argument first (R13).
+
+    Arguments are UTF-8 encoded: they are ASCII except SMTPUTF8 paths (RFC 6531 §3.3).
+    """
+    for arg in args:
+        check_argument(arg, verb)
+    return " ".join((verb, *args)).encode("utf-8") + b"\r\n"
+
+
+# ---------------------------------------------------------------------------- paths
+
+_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
+_DOT_ATOM = re.compile(rf"[{_ATEXT}\x80-\U0010ffff]+(?:\.[{_ATEXT}\x80-\U0010ffff]+)*\Z")
+_QUOTED = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\x80-\U0010ffff]|\\[\x20-\x7e])*"\Z')
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
+_ADDRESS_LITERAL = re.compile(r"\[[\x21-\x5a\x5e-\x7e]+\]\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Path:
+    """A checked envelope address: its wire form and whether it needs SMTPUTF8."""
+
+    address: str
+    needs_smtputf8: bool
+
+    @property
+    def wire(self) -> str:
+        return f"<{self.address}>"
+
+
+def format_path(address: str, *, allow_null: bool = False) -> Path:
+    """Check an envelope address and return its wire form (R14, R32).
+
+    ``allow_null`` permits the null reverse-path ``<>`` (MAIL FROM only, §4.5.5).
+    """
+    check_argument(address, "address")
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1]
+    if address == "":
+        if allow_null:
+            return Path("", False)
+        raise LocalProtocolError("the null path <> is only allowed as the sender")
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        raise LocalProtocolError(f"not a mailbox (local-part@domain): {address!r}")
+    if not (_DOT_ATOM.match(local) or _QUOTED.match(local)):
+        raise LocalProtocolError(f"invalid local part in {address!r}")
+    local_ascii = local.isascii()
+    if len(local.encode("utf-8")) > MAX_LOCAL_PART:
+        raise LocalProtocolError(f"local part longer than {MAX_LOCAL_PART} octets: {address!r}")
+    domain = _check_domain(domain, address, ascii_only=local_ascii)
+    wire = f"{local}@{domain}"
+    if len(wire.encode("utf-8")) + 2 > MAX_PATH:
+        raise LocalProtocolError(f"path longer than {MAX_PATH} octets: {address!r}")
+    return Path(wire, not wire.isascii())
+
+
+def _check_domain(domain: str, address: str, *, ascii_only: bool) -> str:
+    if _ADDRESS_LITERAL.match(domain):
+        return domain
+    if not domain.isascii():
+        if ascii_only:
+            # R32: an ASCII local part travels without SMTPUTF8, the domain as A-labels.
+            try:
+                domain = domain.encode("idna").decode("ascii")
+            except UnicodeError as exc:
+                raise LocalProtocolError(f"invalid domain in {address!r}: {exc}") from None
+        else:
+            labels = domain.rstrip(".").split(".")
+            if not all(labels) or any(len(lab.encode("utf-8")) > 63 for lab in labels):
+                raise LocalProtocolError(f"invalid domain in {address!r}")
+            if len(domain.encode("utf-8")) > MAX_DOMAIN:
+                raise LocalProtocolError(f"domain longer than {MAX_DOMAIN} octets: {address!r}")
+            return domain
+    if len(domain) > MAX_DOMAIN:
+        raise LocalProtocolError(f"domain longer than {MAX_DOMAIN} octets: {address!r}")
+    if not all(_LABEL.match(label) for label in domain.split(".")):
+        raise LocalProtocolError(f"invalid domain in {address!r}")
+    return domain
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 §4 xtext: ``+XX`` for ``+``, ``=`` and octets outside 33-126 (R33)."""
+    out = []
+    for byte in value.encode("utf-8"):
+        if 33 <= byte <= 126 and byte not in (0x2B, 0x3D):
+            out.append(chr(byte))
+        else:
+            out.append(f"+{byte:02X}")
+    return "".join(out)
+
+
+# ---------------------------------------------------------------------- capabilities
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """The service extensions one EHLO reply advertised (RFC 5321 §4.1.1.1)."""
+
+    extensions: dict[str, str] = field(default_factory=dict)
+    auth_mechanisms: frozenset[str] = frozenset()
+    esmtp: bool = True
+
+    @classmethod
+    def from_ehlo(cls, reply: Reply) -> Capabilities:
+        """Parse an EHLO reply; the first line is the server's greeting name."""
+        extensions: dict[str, str] = {}
+        mechanisms: set[str] = set()
+        for line in reply.lines[1:]:
+            keyword, _, params = line.strip().partition(" ")
+            keyword = keyword.upper()
+            if keyword.startswith("AUTH="):  # the pre-RFC 4954 form some servers still send
+                mechanisms.update(m.upper() for m in keyword[5:].split() + params.split())
+                extensions.setdefault("AUTH", "")
+                continue
+            if not keyword:
+                continue
+            extensions[keyword] = params.strip()
+            if keyword == "AUTH":
+                mechanisms.update(m.upper() for m in params.split())
+        return cls(extensions, frozenset(mechanisms))
+
+    @classmethod
+    def helo_only(cls) -> Capabilities:
+        """No ESMTP: the server refused EHLO and took HELO (R4)."""
+        return cls(esmtp=False)
+
+    def __contains__(self, keyword: object) -> bool:
+        return isinstance(keyword, str) and keyword.upper() in self.extensions
+
+    @property
+    def size_limit(self) -> int | None:
+        """The SIZE limit, or ``None`` for no limit (RFC 1870: absent or 0)."""
+        if "SIZE" not in self.extensions:
+            return None
+        try:
+            value = int(self.extensions["SIZE"] or 0)
+        except ValueError:
+            return None
+        return value or None
+
+    @property
+    def rcpt_max(self) -> int | None:
+        """RFC 9422 ``LIMITS RCPTMAX=``, if advertised."""
+        for item in self.extensions.get("LIMITS", "").split():
+            name, _, value = item.partition("=")
+            if name.upper() == "RCPTMAX" and value.isdigit() and int(value) > 0:
+                return int(value)
+        return None
+
+    @property
+    def pipelining(self) -> bool:
+        return "PIPELINING" in self.extensions
+
+    @property
+    def starttls(self) -> bool:
+        return "STARTTLS" in self.extensions
+
+    @property
+    def eightbitmime(self) -> bool:
+        return "8BITMIME" in self.extensions
+
+    @property
+    def smtputf8(self) -> bool:
+        return "SMTPUTF8" in self.extensions
+
+    @property
+    def dsn(self) -> bool:
+        return "DSN" in self.extensions
+
+    @property
+    def chunking(self) -> bool:
+        return "CHUNKING" in self.extensions
+
+    @property
+    def binarymime(self) -> bool:
+        return "BINARYMIME" in self.extensions
+
+    @property
+    def enhancedstatuscodes(self) -> bool:
+        return "ENHANCEDSTATUSCODES" in self.extensions
+
+    @property
+    def requiretls(self) -> bool:
+        return "REQUIRETLS" in self.extensions
+
+
+# ------------------------------------------------------------------------------ DATA
+
+_LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (MAX_DATA_LINE + 1))
+_LINE_ENDING = re.compile(rb"\r\n|\r|\n")
+
+
+@dataclass(frozen=True, slots=True)
+class Canonical:
+    """A message in canonical form: CRLF line endings, ending in CRLF (R16)."""
+
+    data: bytes
+    eight_bit: bool
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+def canonicalize(message: str | bytes | bytearray | memoryview) -> Canonical:
+    """Return the message with every line ending as CRLF and a final CRLF (R16-R19).
+
+    Raises :class:`LocalProtocolError` for NUL (R17) or a line over 998 octets (R19). A
+    ``str`` is encoded as UTF-8. Whether 8-bit octets may be sent depends on the server,
+    so :attr:`Canonical.eight_bit` reports them for the caller to check (R18).
+    """
+    data = message.encode("utf-8") if isinstance(message, str) else bytes(message)
+    crlf = data.count(b"\r\n")
+    if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
+        # A bare CR or LF: make every line ending CRLF (aiosmtplib and qmail do the same).
+        data = _LINE_ENDING.sub(b"\r\n", data)
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    if b"\x00" in data:
+        raise LocalProtocolError("message contains a NUL octet (RFC 5322 text excludes it)")
+    if _LONG_LINE.search(data) is not None:
+        raise LocalProtocolError(
+            f"message has a line longer than {MAX_DATA_LINE} octets; re-encode it "
+            "(quoted-printable or base64) instead of sending it split"
+        )
+    return Canonical(data, not data.isascii())
+
+
+def dot_stuff(canonical: Canonical) -> bytes:
+    """Add RFC 5321 §4.5.2 transparency dots and the ``.\\r\\n`` terminator."""
+    data = canonical.data
+    if b"\r\n." in data:
+        data = data.replace(b"\r\n.", b"\r\n..")
+    if data.startswith(b"."):
+        data = b"." + data
+    return data + b".\r\n"
+
+
+def unstuff(wire: bytes) -> bytes:
+    """The receiver's inverse of :func:`dot_stuff` (for tests and the sink)."""
+    if not wire.endswith(b".\r\n"):
+        raise ValueError("no end-of-data marker")
+    body = wire[:-3]
+    if body.startswith(b".."):
+        body = body[1:]
+    return body.replace(b"\r\n..", b"\r\n.")
+
+
+def iter_lines(data: bytes) -> Iterable[bytes]:
+    """The lines of canonical data, without their CRLF."""
+    return data.split(b"\r\n")[:-1]

@@ -1,0 +1,177 @@
+"""Server replies: the :class:`Reply` value and the sans-IO :class:`ReplyParser`.
+
+Theory of operation
+-------------------
+The parser owns one ``bytearray``. ``feed()`` appends what the transport read;
+``next_reply()`` returns one complete reply or ``None`` when it needs more bytes. Lines
+are held to the RFC 5321 §4.2 grammar (R21): three digits, the first 2-5, then ``-``,
+a space or the end of the line; every line of a reply carries the same code; lines end
+in CRLF. Anything else is a :class:`SMTPProtocolError`, after which the connection must
+be discarded.
+
+Memory is bounded whatever the server sends (R22): a line longer than
+:data:`MAX_LINE_LENGTH`, a reply longer than :data:`MAX_REPLY_LENGTH` or with more than
+:data:`MAX_REPLY_LINES` lines fails as soon as the limit is crossed, even before a CRLF
+arrives.
+
+Bytes past the last complete reply stay in the buffer and are visible as
+:attr:`ReplyParser.unprocessed`. The connection checks it where the protocol says nothing
+may be pending: after the 220 to STARTTLS (response injection, R6) and after each reply
+when not pipelining (desync, R24).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ._errors import SMTPProtocolError
+
+__all__ = ["MAX_LINE_LENGTH", "MAX_REPLY_LENGTH", "MAX_REPLY_LINES", "Reply", "ReplyParser"]
+
+# smtplib's _MAXLINE and aiosmtplib's MAX_LINE_LENGTH; RFC 5321 §4.5.3.1.5 asks for >= 512.
+MAX_LINE_LENGTH = 8192
+# aiosmtplib 5.1.2 caps a whole reply at 32 KiB.
+MAX_REPLY_LENGTH = 32 * 1024
+# An EHLO reply has a few dozen lines; nothing legitimate comes near this.
+MAX_REPLY_LINES = 256
+
+_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One SMTP reply: the basic code, the text of each line, the enhanced code if any."""
+
+    code: int
+    lines: tuple[str, ...] = ("",)
+    enhanced: tuple[int, int, int] | None = None
+
+    @classmethod
+    def from_lines(cls, code: int, lines: tuple[str, ...]) -> Reply:
+        """Build a reply, parsing an RFC 3463 enhanced code whose class matches the code."""
+        enhanced = None
+        m = _ENHANCED.match(lines[0]) if lines else None
+        if m is not None and int(m.group(1)) == code // 100:  # R31: class must match
+            enhanced = (int(m.group(1)), int(m.group(2)), int(m.group(3)))
+        return cls(code, lines, enhanced)
+
+    @property
+    def text(self) -> str:
+        """The reply text, lines joined by newlines, without the enhanced code."""
+        if self.enhanced is None:
+            return "\n".join(self.lines)
+        prefix = "{}.{}.{}".format(*self.enhanced)
+        return "\n".join(
+            line[len(prefix) :].lstrip(" ") if line.startswith(prefix) else line
+            for line in self.lines
+        )
+
+    @property
+    def enhanced_code(self) -> str | None:
+        """The enhanced status code as text, such as ``"5.1.1"``."""
+        return None if self.enhanced is None else "{}.{}.{}".format(*self.enhanced)
+
+    @property
+    def is_positive(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def is_transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.code >= 500
+
+    def __str__(self) -> str:
+        head = f"{self.code} {self.enhanced_code} " if self.enhanced else f"{self.code} "
+        return head + self.text.replace("\n", " / ")
+
+
+class ReplyParser:
+    """Turns bytes from the server into :class:`Reply` values (sans-IO)."""
+
+    __slots__ = ("_buffer", "_code", "_lines", "_reply_bytes", "_scan")
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._scan = 0  # where to resume looking for CRLF: keeps parsing linear
+        self._code = 0
+        self._lines: list[str] = []
+        self._reply_bytes = 0
+
+    def feed(self, data: bytes | bytearray) -> None:
+        """Add bytes read from the transport."""
+        self._buffer += data
+
+    @property
+    def unprocessed(self) -> bytes:
+        """Bytes received but not yet part of a complete reply."""
+        return bytes(self._buffer)
+
+    @property
+    def has_unprocessed(self) -> bool:
+        return bool(self._buffer) or bool(self._lines)
+
+    def next_reply(self) -> Reply | None:
+        """Return the next complete reply, or ``None`` if more bytes are needed.
+
+        Raises :class:`~triomail.SMTPProtocolError` on a grammar or size violation.
+        """
+        buf = self._buffer
+        while True:
+            end = buf.find(b"\r\n", self._scan)
+            if end < 0:
+                if len(buf) > MAX_LINE_LENGTH:
+                    raise SMTPProtocolError(f"reply line longer than {MAX_LINE_LENGTH} octets")
+                if self._reply_bytes + len(buf) > MAX_REPLY_LENGTH:
+                    raise SMTPProtocolError(f"reply longer than {MAX_REPLY_LENGTH} octets")
+                self._scan = max(0, len(buf) - 1)  # a CR may be the last byte
+                return None
+            if end > MAX_LINE_LENGTH:
+                raise SMTPProtocolError(f"reply line longer than {MAX_LINE_LENGTH} octets")
+            line = bytes(buf[:end])
+            del buf[: end + 2]
+            self._scan = 0
+            self._reply_bytes += end + 2
+            if self._reply_bytes > MAX_REPLY_LENGTH:
+                raise SMTPProtocolError(f"reply longer than {MAX_REPLY_LENGTH} octets")
+            code, last, text = _parse_line(line)
+            if self._lines and code != self._code:
+                raise SMTPProtocolError(
+                    f"reply code changed from {self._code} to {code} within one reply"
+                )
+            self._code = code
+            self._lines.append(text)
+            if len(self._lines) > MAX_REPLY_LINES:
+                raise SMTPProtocolError(f"reply has more than {MAX_REPLY_LINES} lines")
+            if last:
+                reply = Reply.from_lines(code, tuple(self._lines))
+                self._lines = []
+                self._reply_bytes = 0
+                return reply
+
+
+def _parse_line(line: bytes) -> tuple[int, bool, str]:
+    """Split one reply line (without CRLF) into code, is-last and text (R21, R23)."""
+    if (
+        len(line) < 3
+        or not (0x32 <= line[0] <= 0x35)
+        or not (0x30 <= line[1] <= 0x39)
+        or not (0x30 <= line[2] <= 0x39)
+    ):
+        raise SMTPProtocolError(f"malformed reply line: {_show(line)}")
+    if len(line) == 3:
+        return int(line[:3]), True, ""
+    sep = line[3]
+    if sep not in (0x20, 0x2D):  # " " or "-"
+        raise SMTPProtocolError(f"malformed reply line: {_show(line)}")
+    if b"\n" in line or b"\r" in line:
+        raise SMTPProtocolError(f"bare CR or LF in reply line: {_show(line)}")
+    # R23: never crash on 8-bit text.
+    return int(line[:3]), sep == 0x20, line[4:].decode("utf-8", "replace")
+
+
+def _show(line: bytes) -> str:
+    return repr(line[:80]) + ("..." if len(line) > 80 else "")

@@ -1,0 +1,103 @@
+"""Outcomes of a send: per recipient, as values rather than exceptions (R37, R41)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from ._errors import SMTPSendError
+from ._reply import Reply
+
+__all__ = ["Outcome", "RecipientResult", "SendResult"]
+
+
+class Outcome(enum.Enum):
+    """What became of one recipient (R37)."""
+
+    #: 250 to the final dot (or the last BDAT chunk).
+    ACCEPTED = "accepted"
+    #: 4xx, or the connection was lost before the final dot: safe to retry.
+    TRANSIENT = "transient"
+    #: 5xx: do not retry.
+    PERMANENT = "permanent"
+    #: Lost after the final dot and before its reply: it may have been delivered.
+    UNKNOWN = "unknown"
+
+
+def outcome_of(reply: Reply) -> Outcome:
+    """The outcome a reply code means (RFC 5321 §4.2.1; 552 to RCPT is temporary, §4.5.3.1.10)."""
+    if reply.code < 400:
+        return Outcome.ACCEPTED
+    if reply.code < 500:
+        return Outcome.TRANSIENT
+    return Outcome.PERMANENT
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientResult:
+    """One recipient's outcome and the reply that decided it (``None`` if no reply came)."""
+
+    recipient: str
+    outcome: Outcome
+    reply: Reply | None
+
+    @property
+    def code(self) -> int | None:
+        return None if self.reply is None else self.reply.code
+
+    @property
+    def enhanced_code(self) -> str | None:
+        return None if self.reply is None else self.reply.enhanced_code
+
+    @property
+    def text(self) -> str:
+        return "" if self.reply is None else self.reply.text
+
+
+_SEVERITY = (Outcome.UNKNOWN, Outcome.TRANSIENT, Outcome.PERMANENT)
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """The result of one transaction: every recipient's outcome, never silently dropped."""
+
+    sender: str
+    recipients: tuple[RecipientResult, ...]
+    #: The reply that ended the transaction: to the final dot, or the refusal.
+    reply: Reply | None = None
+    message_id: str | None = None
+    #: Why no server reply decided the outcome (connection lost, timeout, local check).
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True if every recipient was accepted."""
+        return all(r.outcome is Outcome.ACCEPTED for r in self.recipients)
+
+    @property
+    def outcome(self) -> Outcome:
+        """The overall outcome: accepted only if all were, else unknown > transient > permanent."""
+        present = {r.outcome for r in self.recipients}
+        for outcome in _SEVERITY:
+            if outcome in present:
+                return outcome
+        return Outcome.ACCEPTED
+
+    def by_outcome(self, outcome: Outcome) -> list[str]:
+        """The recipients that ended with ``outcome``."""
+        return [r.recipient for r in self.recipients if r.outcome is outcome]
+
+    @property
+    def accepted(self) -> list[str]:
+        return self.by_outcome(Outcome.ACCEPTED)
+
+    def raise_for_status(self) -> None:
+        """Raise :class:`SMTPSendError` unless every recipient was accepted."""
+        if not self.ok:
+            failed = ", ".join(
+                f"{r.recipient}: {r.outcome.value}" + (f" ({r.reply})" if r.reply else "")
+                for r in self.recipients
+                if r.outcome is not Outcome.ACCEPTED
+            )
+            suffix = f" [{self.error}]" if self.error else ""
+            raise SMTPSendError(f"not accepted: {failed}{suffix}")
