@@ -31,7 +31,7 @@ import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import Message
 from typing import Literal
 
@@ -113,6 +113,8 @@ class PreparedMessage:
     message_id: str | None
     # For an EmailMessage, the 7-bit form to use when the server lacks 8BITMIME (R18).
     canonical_7bit: Canonical | None = None
+    #: The caller's label, copied onto the :class:`SendResult`.
+    tag: object = field(default=None, compare=False)
 
 
 def prepare(
@@ -122,6 +124,7 @@ def prepare(
     recipients: Sequence[str] | None = None,
     smtputf8: bool = True,
     eight_bit: bool = True,
+    tag: object = None,
 ) -> PreparedMessage:
     """Check and encode a message without I/O; raises :class:`LocalProtocolError`.
 
@@ -160,6 +163,7 @@ def prepare(
         or any(p.needs_smtputf8 for p in paths),
         message_id=message_id,
         canonical_7bit=canonical_7bit,
+        tag=tag,
     )
 
 
@@ -172,6 +176,7 @@ def _local_failure(prepared: PreparedMessage, code: int, enhanced: str, text: st
         reply,
         prepared.message_id,
         error=f"not sent: {text}",
+        tag=prepared.tag,
     )
 
 
@@ -644,13 +649,17 @@ class SMTPConnection:
                 else:
                     outcome = outcomes if isinstance(outcomes, Outcome) else outcomes[i]
                     per.append(RecipientResult(rcpt, outcome, reply))
-            return SendResult(prepared.sender, tuple(per), reply, prepared.message_id, error)
+            return SendResult(
+                prepared.sender, tuple(per), reply, prepared.message_id, error,
+                tag=prepared.tag, mail_accepted=mail_ok,
+            )
 
         def lost(exc: SMTPError, outcome: Outcome) -> SendResult:
             self._broken = self._broken or str(exc)
             return result(outcome, None, f"{type(exc).__name__}: {exc}")
 
         pipelining = self.capabilities.pipelining
+        mail_ok = False
         try:
             # ---- envelope: MAIL, RCPT..., DATA; one write when PIPELINING (RFC 2920)
             if pipelining:
@@ -665,6 +674,7 @@ class SMTPConnection:
                     await self._drain_group(len(rcpts[:_RCPT_GROUP]) + (len(rcpts) <= _RCPT_GROUP))
                 await self._reset_after_failure(mail_reply)
                 return result(outcome_of(mail_reply), mail_reply)
+            mail_ok = True
             data_reply: Reply | None = None
             for start in range(0, len(rcpts), _RCPT_GROUP if pipelining else 1):
                 if pipelining and start:

@@ -68,6 +68,12 @@ class SendResult:
     message_id: str | None = None
     #: Why no server reply decided the outcome (connection lost, timeout, local check).
     error: str | None = None
+    #: The caller's own label for the message (``prepare(..., tag=...)``), passed through.
+    tag: object = None
+    #: How many transactions the message took (the pool retries transient failures).
+    attempts: int = 1
+    #: True once MAIL was accepted: before that nothing was started on the server (R45).
+    mail_accepted: bool = False
 
     @property
     def ok(self) -> bool:
