@@ -213,6 +213,8 @@ class SMTPConnection:
         self._closed = False
         self.messages_sent = 0
         self.transactions = 0
+        #: True from the final dot until its reply: a loss now is an unknown outcome (R37).
+        self.awaiting_final_reply = False
 
     # ---------------------------------------------------------------- properties
 
@@ -738,6 +740,8 @@ class SMTPConnection:
             if early is not None:
                 return result(outcome_of(early), early, "server replied before the end of data")
             return lost(exc, Outcome.TRANSIENT)
+        # Between the final dot and its reply lies RFC 1047's synchronisation gap.
+        self.awaiting_final_reply = True
         try:
             final = await self._read("end of data", t.data_done)
             self._check_drained("end of data")
@@ -749,6 +753,7 @@ class SMTPConnection:
                 prepared.message_id or "",
             )
             return lost(exc, Outcome.UNKNOWN)
+        self.awaiting_final_reply = False
         if final.code == 421:
             await self.abort()
         if final.is_positive:
