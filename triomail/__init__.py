@@ -20,6 +20,12 @@ from ._errors import SMTPResponseError as SMTPResponseError
 from ._errors import SMTPSecurityError as SMTPSecurityError
 from ._errors import SMTPSendError as SMTPSendError
 from ._errors import SMTPTimeoutError as SMTPTimeoutError
+from ._pool import Pool as Pool
+from ._pool import PoolStatistics as PoolStatistics
+from ._pool import RetryPolicy as RetryPolicy
+from ._pool import Server as Server
+from ._pool import connect_pool as connect_pool
+from ._pool import open_pool as open_pool
 from ._protocol import Capabilities as Capabilities
 from ._reply import Reply as Reply
 from ._reply import ReplyParser as ReplyParser
@@ -35,9 +41,12 @@ __all__ = [
     "Capabilities",
     "LocalProtocolError",
     "Outcome",
+    "Pool",
+    "PoolStatistics",
     "PreparedMessage",
     "RecipientResult",
     "Reply",
+    "RetryPolicy",
     "ReplyParser",
     "SMTPAuthenticationError",
     "SMTPCertificateError",
@@ -51,11 +60,14 @@ __all__ = [
     "SMTPSendError",
     "SMTPTimeoutError",
     "SendResult",
+    "Server",
     "TLSMode",
     "Timeouts",
     "connect",
+    "connect_pool",
     "default_ssl_context",
     "open_connection",
+    "open_pool",
     "prepare",
     "start_session",
 ]

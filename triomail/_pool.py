@@ -1,0 +1,772 @@
+"""A pool of SMTP connections sending a batch concurrently, run by a nursery.
+
+Theory of operation
+-------------------
+``open_pool`` opens a nursery and starts ``connections`` worker tasks in it. Jobs (one
+message each) travel over a single unbuffered memory channel, so a producer only hands a
+message over when a worker is free: an unbounded iterable is consumed lazily and memory
+stays bounded.
+
+Each worker owns at most one connection at a time. It opens it lazily, reuses it for many
+messages, and closes it after ``max_messages_per_connection``, after ``idle_timeout``
+seconds without work, or when the server says 421. Every send runs inside the worker's
+own cancel scope (``message_deadline``) and the connection's stage deadlines, so a slow or
+broken server connection is cut off alone (R27, R48). A connection is never shared by two
+transactions.
+
+Outcomes are values. A worker turns every failure of a server -- refusals, timeouts, lost
+connections, even a TLS or AUTH failure -- into a :class:`SendResult`. Only bugs escape,
+and they propagate out of ``open_pool`` as an exception group. A transient result is
+retried after an exponential backoff with jitter (R43), only for the recipients that need
+it (R41, R42); a failure of a *reused* connection before MAIL was accepted is retried at
+once on a fresh connection without counting an attempt (R45); an unknown outcome (lost
+after the final dot) is resent with the same bytes, hence the same Message-ID, unless
+``RetryPolicy(unknown="at-most-once")`` (R38). A 535 or a certificate failure is a
+configuration error: it fails every message for that server at once (R10, R35).
+
+Backpressure per server (R44): a :class:`trio.CapacityLimiter` bounds its connections and
+a token bucket its message rate; a 421 or a 4.7.x reply halves both, and they recover
+step by step after successes. Pool state is changed by small plain methods on
+:class:`_ServerState` and :class:`_Tally`; I/O stays in the worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+import ssl
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from email.message import Message
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+
+import trio
+
+from ._connection import (
+    PreparedMessage,
+    SMTPConnection,
+    TLSMode,
+    TokenSource,
+    open_connection,
+    prepare,
+)
+from ._errors import (
+    LocalProtocolError,
+    SMTPAuthenticationError,
+    SMTPCertificateError,
+    SMTPDisconnected,
+    SMTPError,
+    SMTPResponseError,
+)
+from ._reply import Reply
+from ._result import Outcome, RecipientResult, SendResult
+from ._timeouts import Timeouts
+
+__all__ = ["Pool", "PoolStatistics", "RetryPolicy", "Server", "connect_pool", "open_pool"]
+
+MessageLike = Message | PreparedMessage
+
+
+@dataclass(frozen=True)
+class Server:
+    """Where and how to connect; credentials never appear in ``repr`` (R36)."""
+
+    host: str
+    port: int | None = None
+    tls: TLSMode | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    oauth_token: TokenSource | None = field(default=None, repr=False)
+    ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
+    local_hostname: str | None = None
+    timeouts: Timeouts = Timeouts()
+    allow_insecure_auth: bool = False
+    #: Share of new connections among several servers.
+    weight: float = 1.0
+    #: Connections to this server at most (default: the pool's ``connections``).
+    max_connections: int | None = None
+    #: Messages per second to this server at most.
+    rate: float | None = None
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: object) -> Server:
+        """``smtp://user@host:587`` (STARTTLS), ``smtps://host:465`` (implicit TLS),
+        ``smtp+plain://host:1025`` (explicit plaintext)."""
+        parts = urlsplit(url)
+        tls: TLSMode
+        if parts.scheme == "smtp":
+            tls = "starttls"
+        elif parts.scheme == "smtps":
+            tls = "implicit"
+        elif parts.scheme == "smtp+plain":
+            tls = "none"
+        else:
+            raise ValueError(
+                f"unknown scheme {parts.scheme!r}: use smtp://, smtps:// or smtp+plain://"
+            )
+        if not parts.hostname:
+            raise ValueError(f"no host in {url!r}")
+        values: dict[str, object] = {
+            "host": parts.hostname,
+            "port": parts.port,
+            "tls": tls,
+            "username": unquote(parts.username) if parts.username else None,
+            "password": unquote(parts.password) if parts.password else None,
+        }
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def label(self) -> str:
+        return f"{self.host}:{self.port or '-'}"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When and how often to retry transient outcomes (R38, R43).
+
+    The defaults suit a bulk run against a relay; an MTA-style schedule (RFC 5321
+    §4.5.4.1: 30 minutes, for days) is a matter of setting them.
+    """
+
+    max_attempts: int = 5
+    initial_backoff: float = 1.0
+    max_backoff: float = 300.0
+    multiplier: float = 2.0
+    #: Random spread of each delay, as a fraction of it.
+    jitter: float = 0.25
+    #: Stop retrying after this many seconds from the first attempt.
+    give_up_after: float | None = None
+    #: ``at-least-once`` resends after an unknown outcome; ``at-most-once`` never does.
+    unknown: Literal["at-least-once", "at-most-once"] = "at-least-once"
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before attempt number ``attempt + 1``."""
+        base = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
+        return max(0.0, base * (1 + random.uniform(-self.jitter, self.jitter)))
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStatistics:
+    """A snapshot of the pool (trio's ``statistics()`` convention)."""
+
+    connections_open: int
+    connections_busy: int
+    connections_idle: int
+    queued: int
+    in_flight: int
+    done: dict[str, int]
+    retries: int
+    transparent_retries: int
+    unknown_seen: int
+    rate: float | None
+    servers: dict[str, int]
+
+
+class _TokenBucket:
+    """A token bucket on trio's clock: ``rate`` per second, bursts of ``burst``."""
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        self.rate = rate
+        self.burst = burst if burst is not None else max(1.0, rate / 10)
+        self._tokens = self.burst
+        self._stamp: float | None = None
+
+    async def acquire(self) -> None:
+        while True:
+            now = trio.current_time()
+            if self._stamp is not None:
+                self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+            if self._tokens >= 1:
+                self._tokens -= 1
+                await trio.lowlevel.checkpoint()
+                return
+            await trio.sleep((1 - self._tokens) / self.rate)
+
+
+class _ServerState:
+    """Mutable per-server state; changed only by the plain methods below."""
+
+    def __init__(self, server: Server, connections: int, rate: float | None) -> None:
+        self.server = server
+        self.max_connections = server.max_connections or connections
+        self.limiter = trio.CapacityLimiter(self.max_connections)
+        rate = server.rate if server.rate is not None else rate
+        self.max_rate = rate
+        self.bucket = _TokenBucket(rate) if rate else None
+        self.down_until = 0.0
+        self.failures = 0
+        self.fatal: str | None = None
+        self.successes_since_throttle = 0
+        self.open = 0
+
+    def throttle(self) -> None:
+        """421 or 4.7.x: halve concurrency and rate (R40, R44)."""
+        self.limiter.total_tokens = max(1, int(self.limiter.total_tokens) // 2)
+        if self.bucket is not None:
+            self.bucket.rate = max(0.1, self.bucket.rate / 2)
+        self.successes_since_throttle = 0
+
+    def record_success(self) -> None:
+        """Recover one step of concurrency and rate every 20 successes."""
+        self.failures = 0
+        self.successes_since_throttle += 1
+        if self.successes_since_throttle >= 20:
+            self.successes_since_throttle = 0
+            if self.limiter.total_tokens < self.max_connections:
+                self.limiter.total_tokens = int(self.limiter.total_tokens) + 1
+            if self.bucket is not None and self.max_rate and self.bucket.rate < self.max_rate:
+                self.bucket.rate = min(self.max_rate, self.bucket.rate * 1.25)
+
+    def record_connect_failure(self, policy: RetryPolicy) -> None:
+        """Mark the host unreachable for a backoff that grows per failure (R43)."""
+        self.failures += 1
+        self.down_until = trio.current_time() + policy.delay(self.failures)
+
+
+@dataclass
+class _Job:
+    """One message and what has become of it so far."""
+
+    message: MessageLike
+    done: trio.MemorySendChannel[SendResult] | None
+    first_attempt: float
+    attempts: int = 0
+    # Recipients still to deliver; None means all of the message's recipients.
+    pending: tuple[str, ...] | None = None
+    settled: list[RecipientResult] = field(default_factory=list)
+    unknown_seen: bool = False
+    last: SendResult | None = None
+
+
+class _Tally:
+    """Counters behind :meth:`Pool.statistics`."""
+
+    def __init__(self) -> None:
+        self.queued = 0
+        self.in_flight = 0
+        self.done = {o.value: 0 for o in Outcome}
+        self.retries = 0
+        self.transparent_retries = 0
+        self.unknown_seen = 0
+        self.busy = 0
+        self.open = 0
+
+
+class Pool:
+    """Sends messages over a bounded set of reused connections. Use :func:`open_pool`."""
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        servers: Sequence[Server],
+        *,
+        connections: int,
+        max_messages_per_connection: int | None,
+        idle_timeout: float,
+        rate: float | None,
+        retry: RetryPolicy,
+        message_deadline: float | None,
+        queue_timeout: float | None,
+    ) -> None:
+        if connections < 1:
+            raise ValueError("connections must be at least 1")
+        if not servers:
+            raise ValueError("at least one server is needed")
+        self._nursery = nursery
+        self._servers = [_ServerState(s, connections, None) for s in servers]
+        self._connections = connections
+        self._max_per_connection = max_messages_per_connection
+        self._idle_timeout = idle_timeout
+        self._rate = _TokenBucket(rate) if rate else None
+        self._retry = retry
+        self._message_deadline = message_deadline
+        self._queue_timeout = queue_timeout
+        self._jobs_send, self._jobs_receive = trio.open_memory_channel[_Job](0)
+        self._tally = _Tally()
+        self._outstanding = 0
+        self._all_done = trio.Event()
+        self._all_done.set()
+        self._closing = False
+        #: Results of messages cut off by cancellation of the pool (R48).
+        self.interrupted: list[SendResult] = []
+
+    # ------------------------------------------------------------------ public
+
+    async def send(
+        self,
+        message: MessageLike,
+        *,
+        sender: str | None = None,
+        recipients: Sequence[str] | None = None,
+    ) -> SendResult:
+        """Send one message, retrying per the policy; never raises for SMTP outcomes."""
+        if sender is not None or recipients is not None:
+            message = _as_prepared(message, sender, recipients)
+        done_send, done_receive = trio.open_memory_channel[SendResult](1)
+        await self._submit(_Job(message, done_send, trio.current_time()))
+        async with done_receive:
+            return await done_receive.receive()
+
+    @asynccontextmanager
+    async def send_all(
+        self, messages: Iterable[MessageLike] | AsyncIterable[MessageLike]
+    ) -> AsyncIterator[trio.MemoryReceiveChannel[SendResult]]:
+        """Send every message; iterate the channel for one result each, as they complete.
+
+        ``messages`` is consumed lazily, only as workers become free.
+        """
+        results_send, results_receive = trio.open_memory_channel[SendResult](self._connections)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._feed, messages, results_send)
+            async with results_receive:
+                yield results_receive
+            nursery.cancel_scope.cancel()
+
+    async def wait_idle(self) -> None:
+        """Wait until every message handed to the pool has its final result."""
+        await self._all_done.wait()
+
+    def close(self) -> None:
+        """Stop taking messages; workers QUIT their connections and exit."""
+        self._jobs_send.close()
+
+    async def aclose(self) -> None:
+        """Drain, then close (for pools started with :func:`connect_pool`)."""
+        await self.wait_idle()
+        self.close()
+
+    def statistics(self) -> PoolStatistics:
+        t = self._tally
+        return PoolStatistics(
+            connections_open=t.open,
+            connections_busy=t.busy,
+            connections_idle=t.open - t.busy,
+            queued=t.queued,
+            in_flight=t.in_flight,
+            done=dict(t.done),
+            retries=t.retries,
+            transparent_retries=t.transparent_retries,
+            unknown_seen=t.unknown_seen,
+            rate=self._rate.rate if self._rate else None,
+            servers={s.server.label: int(s.limiter.total_tokens) for s in self._servers},
+        )
+
+    def __repr__(self) -> str:
+        s = self.statistics()
+        done = ", ".join(f"{v} {k}" for k, v in s.done.items() if v)
+        return (
+            f"<Pool connections: {s.connections_open} open, {s.connections_busy} busy, "
+            f"{s.connections_idle} idle | messages: {s.queued} queued, {s.in_flight} in flight, "
+            f"done: {done or 'none'} | retries: {s.retries}>"
+        )
+
+    # --------------------------------------------------------------- internals
+
+    async def _feed(
+        self,
+        messages: Iterable[MessageLike] | AsyncIterable[MessageLike],
+        results: trio.MemorySendChannel[SendResult],
+    ) -> None:
+        async with results:
+            if isinstance(messages, AsyncIterable):
+                async for message in messages:
+                    await self._submit(_Job(message, results.clone(), trio.current_time()))
+            else:
+                for message in messages:
+                    await self._submit(_Job(message, results.clone(), trio.current_time()))
+
+    async def _submit(self, job: _Job) -> None:
+        self._outstanding += 1
+        self._all_done = trio.Event() if self._all_done.is_set() else self._all_done
+        self._tally.queued += 1
+        try:
+            if self._queue_timeout is None:
+                await self._jobs_send.send(job)
+            else:
+                with trio.move_on_after(self._queue_timeout) as scope:
+                    await self._jobs_send.send(job)
+                if scope.cancelled_caught:
+                    self._tally.queued -= 1
+                    s = self.statistics()
+                    await self._complete(
+                        job,
+                        _no_send(
+                            job,
+                            f"timed out after {self._queue_timeout:g} s waiting for a free "
+                            f"connection: {s.connections_busy} of {self._connections} busy, "
+                            f"{s.queued} queued, {s.in_flight} in flight",
+                        ),
+                    )
+        except BaseException:
+            self._tally.queued -= 1
+            self._finish_one()
+            raise
+
+    def _finish_one(self) -> None:
+        self._outstanding -= 1
+        if self._outstanding == 0:
+            self._all_done.set()
+
+    async def _complete(self, job: _Job, result: SendResult) -> None:
+        if job.done is not None:
+            async with job.done:
+                # The consumer may have left its send_all block early; the
+                # outcome still counts in statistics().
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await job.done.send(result)
+        self._tally.done[result.outcome.value] += 1
+        self._finish_one()
+
+    async def _retry_later(self, job: _Job, delay: float) -> None:
+        await trio.sleep(delay)
+        self._tally.queued += 1
+        await self._jobs_send.send(job)
+
+    def _pick_server(self) -> _ServerState | None:
+        usable = [s for s in self._servers if s.fatal is None]
+        if not usable:
+            return None
+        now = trio.current_time()
+        up = [s for s in usable if s.down_until <= now] or usable
+        return random.choices(up, weights=[s.server.weight for s in up])[0]
+
+    async def _worker(self) -> None:
+        conn: SMTPConnection | None = None
+        state: _ServerState | None = None
+        sent = 0
+        try:
+            while True:
+                job: _Job | None = None
+                if conn is None:
+                    try:
+                        job = await self._jobs_receive.receive()
+                    except trio.EndOfChannel:
+                        return
+                else:
+                    with trio.move_on_after(self._idle_timeout):
+                        try:
+                            job = await self._jobs_receive.receive()
+                        except trio.EndOfChannel:
+                            return
+                    if job is None:  # idle past idle_timeout: QUIT and wait unconnected
+                        conn, state = await self._release(conn, state)
+                        continue
+                self._tally.queued -= 1
+                self._tally.in_flight += 1
+                self._tally.busy += 1
+                try:
+                    conn, state, sent = await self._run_job(job, conn, state, sent)
+                finally:
+                    self._tally.busy -= 1
+                    self._tally.in_flight -= 1
+        finally:
+            if conn is not None:
+                await self._release(conn, state)
+
+    async def _release(self, conn: SMTPConnection, state: _ServerState | None) -> tuple[None, None]:
+        with trio.CancelScope(shield=True):
+            await conn.aclose()
+            if state is not None:
+                state.limiter.release()
+                state.open -= 1
+            self._tally.open -= 1
+        return None, None
+
+    async def _connect(self, state: _ServerState) -> SMTPConnection:
+        server = state.server
+        await state.limiter.acquire()
+        try:
+            wait = state.down_until - trio.current_time()
+            if wait > 0:
+                await trio.sleep(wait)
+            conn = await open_connection(
+                server.host,
+                server.port,
+                tls=server.tls,
+                ssl_context=server.ssl_context,
+                username=server.username,
+                password=server.password,
+                oauth_token=server.oauth_token,
+                local_hostname=server.local_hostname,
+                timeouts=server.timeouts,
+                allow_insecure_auth=server.allow_insecure_auth,
+            )
+        except BaseException:
+            state.limiter.release()
+            raise
+        state.open += 1
+        self._tally.open += 1
+        return conn
+
+    async def _run_job(
+        self, job: _Job, conn: SMTPConnection | None, state: _ServerState | None, sent: int
+    ) -> tuple[SMTPConnection | None, _ServerState | None, int]:
+        """One attempt (plus transparent reconnects); returns the worker's connection."""
+        if self._rate is not None:
+            await self._rate.acquire()
+        while True:
+            reused = conn is not None
+            if conn is None:
+                state = self._pick_server()
+                if state is None:
+                    await self._settle(job, _no_send(job, self._fatal_reason()), final=True)
+                    return None, None, 0
+                try:
+                    conn = await self._connect(state)
+                    sent = 0
+                except (SMTPAuthenticationError, SMTPCertificateError) as exc:
+                    if isinstance(exc, SMTPCertificateError) or exc.permanent:
+                        # R10, R35: configuration errors; never retried in a loop.
+                        state.fatal = f"{state.server.label}: {exc}"
+                        continue
+                    state.record_connect_failure(self._retry)
+                    await self._attempt_failed(job, str(exc))
+                    return None, None, 0
+                except SMTPError as exc:
+                    if isinstance(exc, SMTPResponseError) and exc.reply.code == 421:
+                        state.throttle()
+                    state.record_connect_failure(self._retry)
+                    await self._attempt_failed(job, f"{state.server.label}: {exc}")
+                    return None, None, 0
+            assert state is not None
+            if state.bucket is not None:
+                await state.bucket.acquire()
+            message = job.message
+            recipients = job.pending
+            try:
+                if recipients is not None or not isinstance(message, PreparedMessage):
+                    message = _as_prepared(message, None, recipients, conn)
+                with trio.move_on_after(self._message_deadline or math.inf) as scope:
+                    result = await conn.send(message)
+                if scope.cancelled_caught:
+                    result = _cut_off(
+                        job, conn, f"message_deadline of {self._message_deadline:g} s"
+                    )
+            except SMTPDisconnected as exc:
+                if reused:
+                    # R45: the idle connection had died before MAIL; nothing started.
+                    self._tally.transparent_retries += 1
+                    conn, state = await self._release(conn, state)
+                    continue
+                result = _no_send(job, str(exc))
+            except LocalProtocolError as exc:
+                await self._settle(job, _local_error(job, str(exc)), final=True)
+                return conn, state, sent
+            except trio.Cancelled:
+                self.interrupted.append(_cut_off(job, conn, "pool cancelled"))
+                raise
+            sent += 1
+            if (
+                reused
+                and not result.mail_accepted
+                and result.reply is not None
+                and result.reply.code == 421
+            ):
+                # R45: 421 on reuse before MAIL was accepted: retry on a fresh connection.
+                self._tally.transparent_retries += 1
+                conn, state = await self._release(conn, state)
+                continue
+            if any(_throttles(r.reply) for r in result.recipients) or _throttles(result.reply):
+                state.throttle()
+            elif result.ok:
+                state.record_success()
+            await self._settle(job, result)
+            if not conn.is_usable or (
+                self._max_per_connection is not None and sent >= self._max_per_connection
+            ):
+                conn, state = await self._release(conn, state)
+                sent = 0
+            return conn, state, sent
+
+    def _fatal_reason(self) -> str:
+        return "; ".join(s.fatal for s in self._servers if s.fatal) or "no server available"
+
+    async def _attempt_failed(self, job: _Job, reason: str) -> None:
+        await self._settle(job, _no_send(job, reason))
+
+    async def _settle(self, job: _Job, result: SendResult, *, final: bool = False) -> None:
+        """Record one attempt; finish the job or schedule the recipients still due."""
+        job.attempts += 1
+        job.last = result
+        retry_unknown = self._retry.unknown == "at-least-once"
+        again: list[str] = []
+        for r in result.recipients:
+            if r.outcome is Outcome.UNKNOWN:
+                job.unknown_seen = True
+                self._tally.unknown_seen += 1
+            if r.outcome is Outcome.TRANSIENT or (r.outcome is Outcome.UNKNOWN and retry_unknown):
+                again.append(r.recipient)
+            else:
+                job.settled.append(r)
+        policy = self._retry
+        elapsed = trio.current_time() - job.first_attempt
+        give_up = (
+            final
+            or job.attempts >= policy.max_attempts
+            or (policy.give_up_after is not None and elapsed >= policy.give_up_after)
+        )
+        if again and not give_up:
+            job.pending = tuple(again)
+            self._tally.retries += 1
+            self._nursery.start_soon(self._retry_later, job, policy.delay(job.attempts))
+            return
+        by_name = {r.recipient: r for r in result.recipients}
+        final_recipients = list(job.settled) + [by_name[name] for name in again]
+        order = {name: i for i, name in enumerate(_all_recipients(job, result))}
+        final_recipients.sort(key=lambda r: order.get(r.recipient, len(order)))
+        merged = dataclasses.replace(
+            result,
+            recipients=tuple(final_recipients),
+            attempts=job.attempts,
+            error=result.error
+            or (
+                "an earlier attempt had an unknown outcome: possible duplicate"
+                if job.unknown_seen
+                else None
+            ),
+        )
+        await self._complete(job, merged)
+
+
+def _all_recipients(job: _Job, result: SendResult) -> list[str]:
+    if isinstance(job.message, PreparedMessage):
+        return list(job.message.recipients)
+    return [r.recipient for r in job.settled] + [r.recipient for r in result.recipients]
+
+
+def _throttles(reply: Reply | None) -> bool:
+    return reply is not None and (
+        reply.code == 421 or (reply.enhanced is not None and reply.enhanced[:2] == (4, 7))
+    )
+
+
+def _as_prepared(
+    message: MessageLike,
+    sender: str | None,
+    recipients: Sequence[str] | None,
+    conn: SMTPConnection | None = None,
+) -> PreparedMessage:
+    if isinstance(message, PreparedMessage):
+        if recipients is None:
+            return message
+        return dataclasses.replace(message, recipients=tuple(recipients))
+    if conn is not None:
+        return conn.prepare(message, sender=sender, recipients=recipients)
+    return prepare(message, sender=sender, recipients=recipients)
+
+
+def _recipients_of(job: _Job) -> tuple[str, ...]:
+    if job.pending is not None:
+        return job.pending
+    if isinstance(job.message, PreparedMessage):
+        return job.message.recipients
+    try:
+        return prepare(job.message).recipients
+    except LocalProtocolError:
+        return ()
+
+
+def _synthetic(job: _Job, outcome: Outcome, reason: str) -> SendResult:
+    message = job.message
+    sender = message.sender if isinstance(message, PreparedMessage) else ""
+    message_id = message.message_id if isinstance(message, PreparedMessage) else None
+    tag = message.tag if isinstance(message, PreparedMessage) else None
+    return SendResult(
+        sender,
+        tuple(RecipientResult(r, outcome, None) for r in _recipients_of(job)),
+        None,
+        message_id,
+        reason,
+        tag=tag,
+    )
+
+
+def _no_send(job: _Job, reason: str) -> SendResult:
+    """Nothing reached the server: transient for every pending recipient."""
+    return _synthetic(job, Outcome.TRANSIENT, reason)
+
+
+def _local_error(job: _Job, reason: str) -> SendResult:
+    return _synthetic(job, Outcome.PERMANENT, f"refused locally: {reason}")
+
+
+def _cut_off(job: _Job, conn: SMTPConnection, reason: str) -> SendResult:
+    """The worker's scope cut a send short: unknown if the final dot was out (R37)."""
+    outcome = Outcome.UNKNOWN if conn.awaiting_final_reply else Outcome.TRANSIENT
+    return _synthetic(job, outcome, reason)
+
+
+@asynccontextmanager
+async def open_pool(
+    server: Server | str | Sequence[Server | str],
+    *,
+    connections: int = 10,
+    max_messages_per_connection: int | None = None,
+    idle_timeout: float = 30.0,
+    rate: float | None = None,
+    retry: RetryPolicy = RetryPolicy(),
+    message_deadline: float | None = None,
+    queue_timeout: float | None = None,
+) -> AsyncIterator[Pool]:
+    """Run a pool in its own nursery; leaving the block drains, then QUITs every connection.
+
+    ``server`` is a :class:`Server`, a URL, or a list of them (failover by weight).
+    Cancelling the block cancels in-flight work; those messages are in ``interrupted``.
+    """
+    async with trio.open_nursery() as nursery:
+        pool = connect_pool(
+            nursery,
+            server,
+            connections=connections,
+            max_messages_per_connection=max_messages_per_connection,
+            idle_timeout=idle_timeout,
+            rate=rate,
+            retry=retry,
+            message_deadline=message_deadline,
+            queue_timeout=queue_timeout,
+        )
+        try:
+            yield pool
+            await pool.wait_idle()
+        finally:
+            pool.close()
+
+
+def connect_pool(
+    nursery: trio.Nursery,
+    server: Server | str | Sequence[Server | str],
+    *,
+    connections: int = 10,
+    max_messages_per_connection: int | None = None,
+    idle_timeout: float = 30.0,
+    rate: float | None = None,
+    retry: RetryPolicy = RetryPolicy(),
+    message_deadline: float | None = None,
+    queue_timeout: float | None = None,
+) -> Pool:
+    """Start a pool whose workers run in the caller's ``nursery``.
+
+    The caller closes it with ``await pool.aclose()`` (or cancels the nursery).
+    """
+    servers = [server] if isinstance(server, Server | str) else list(server)
+    resolved = [Server.from_url(s) if isinstance(s, str) else s for s in servers]
+    pool = Pool(
+        nursery,
+        resolved,
+        connections=connections,
+        max_messages_per_connection=max_messages_per_connection,
+        idle_timeout=idle_timeout,
+        rate=rate,
+        retry=retry,
+        message_deadline=message_deadline,
+        queue_timeout=queue_timeout,
+    )
+    for _ in range(connections):
+        nursery.start_soon(pool._worker)
+    return pool
