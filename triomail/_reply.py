@@ -36,7 +36,8 @@ MAX_REPLY_LENGTH = 32 * 1024
 # An EHLO reply has a few dozen lines; nothing legitimate comes near this.
 MAX_REPLY_LINES = 256
 
-_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
+# RFC 3463 §2: class.subject.detail, ASCII digits only (``\d`` would take any Unicode digit).
+_ENHANCED = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})(?: |\Z)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,11 +62,14 @@ class Reply:
         """The reply text, lines joined by newlines, without the enhanced code."""
         if self.enhanced is None:
             return "\n".join(self.lines)
-        prefix = "{}.{}.{}".format(*self.enhanced)
-        return "\n".join(
-            line[len(prefix) :].lstrip(" ") if line.startswith(prefix) else line
-            for line in self.lines
-        )
+        return "\n".join(self._strip_enhanced(line) for line in self.lines)
+
+    def _strip_enhanced(self, line: str) -> str:
+        # Strip the code as the server spelled it (``5.01.1`` is the code 5.1.1).
+        m = _ENHANCED.match(line)
+        if m is None or tuple(int(g) for g in m.groups()) != self.enhanced:
+            return line
+        return line[m.end() :].lstrip(" ")
 
     @property
     def enhanced_code(self) -> str | None:
