@@ -96,14 +96,17 @@ class Reply:
 class ReplyParser:
     """Turns bytes from the server into :class:`Reply` values (sans-IO)."""
 
-    __slots__ = ("_buffer", "_code", "_lines", "_reply_bytes", "_scan")
+    __slots__ = ("_buffer", "_code", "_lines", "_pos", "_scan")
 
     def __init__(self) -> None:
+        # The buffer starts at the first byte of the reply being parsed: the lines of an
+        # incomplete reply stay in it until the reply completes, so ``unprocessed`` is
+        # exactly the bytes past the last complete reply.
         self._buffer = bytearray()
+        self._pos = 0  # start of the next line to parse
         self._scan = 0  # where to resume looking for CRLF: keeps parsing linear
         self._code = 0
         self._lines: list[str] = []
-        self._reply_bytes = 0
 
     def feed(self, data: bytes | bytearray) -> None:
         """Add bytes read from the transport."""
@@ -111,12 +114,12 @@ class ReplyParser:
 
     @property
     def unprocessed(self) -> bytes:
-        """Bytes received but not yet part of a complete reply."""
+        """Bytes received past the last complete reply (including an incomplete reply)."""
         return bytes(self._buffer)
 
     @property
     def has_unprocessed(self) -> bool:
-        return bool(self._buffer) or bool(self._lines)
+        return bool(self._buffer)
 
     def next_reply(self) -> Reply | None:
         """Return the next complete reply, or ``None`` if more bytes are needed.
@@ -125,21 +128,23 @@ class ReplyParser:
         """
         buf = self._buffer
         while True:
+            start = self._pos
             end = buf.find(b"\r\n", self._scan)
             if end < 0:
-                if len(buf) > MAX_LINE_LENGTH:
+                pending = len(buf) - start
+                if buf.endswith(b"\r"):
+                    pending -= 1  # its LF may be in the next read
+                if pending > MAX_LINE_LENGTH:
                     raise SMTPProtocolError(f"reply line longer than {MAX_LINE_LENGTH} octets")
-                if self._reply_bytes + len(buf) > MAX_REPLY_LENGTH:
+                if len(buf) > MAX_REPLY_LENGTH:
                     raise SMTPProtocolError(f"reply longer than {MAX_REPLY_LENGTH} octets")
-                self._scan = max(0, len(buf) - 1)  # a CR may be the last byte
+                self._scan = max(start, len(buf) - 1)  # a CR may be the last byte
                 return None
-            if end > MAX_LINE_LENGTH:
+            if end - start > MAX_LINE_LENGTH:
                 raise SMTPProtocolError(f"reply line longer than {MAX_LINE_LENGTH} octets")
-            line = bytes(buf[:end])
-            del buf[: end + 2]
-            self._scan = 0
-            self._reply_bytes += end + 2
-            if self._reply_bytes > MAX_REPLY_LENGTH:
+            line = bytes(buf[start:end])
+            self._pos = self._scan = end + 2
+            if self._pos > MAX_REPLY_LENGTH:
                 raise SMTPProtocolError(f"reply longer than {MAX_REPLY_LENGTH} octets")
             code, last, text = _parse_line(line)
             if self._lines and code != self._code:
@@ -152,8 +157,9 @@ class ReplyParser:
                 raise SMTPProtocolError(f"reply has more than {MAX_REPLY_LINES} lines")
             if last:
                 reply = Reply.from_lines(code, tuple(self._lines))
+                del buf[: self._pos]
+                self._pos = self._scan = 0
                 self._lines = []
-                self._reply_bytes = 0
                 return reply
 
 
