@@ -461,7 +461,9 @@ class Pool:
                 self._tally.in_flight += 1
                 self._tally.busy += 1
                 try:
-                    conn, state, sent = await self._run_job(job, conn, state, sent)
+                    # The job owns the connection while it runs, and closes it if it fails.
+                    held, conn = conn, None
+                    conn, state, sent = await self._run_job(job, held, state, sent)
                 finally:
                     self._tally.busy -= 1
                     self._tally.in_flight -= 1
@@ -508,6 +510,23 @@ class Pool:
         self, job: _Job, conn: SMTPConnection | None, state: _ServerState | None, sent: int
     ) -> tuple[SMTPConnection | None, _ServerState | None, int]:
         """One attempt (plus transparent reconnects); returns the worker's connection."""
+        holder: list[tuple[SMTPConnection | None, _ServerState | None]] = [(conn, state)]
+        try:
+            return await self._attempt(job, conn, state, sent, holder)
+        except BaseException:
+            held, held_state = holder[0]
+            if held is not None:
+                await self._release(held, held_state)
+            raise
+
+    async def _attempt(
+        self,
+        job: _Job,
+        conn: SMTPConnection | None,
+        state: _ServerState | None,
+        sent: int,
+        holder: list[tuple[SMTPConnection | None, _ServerState | None]],
+    ) -> tuple[SMTPConnection | None, _ServerState | None, int]:
         if self._rate is not None:
             await self._rate.acquire()
         while True:
@@ -515,10 +534,13 @@ class Pool:
             if conn is None:
                 state = self._pick_server()
                 if state is None:
-                    await self._settle(job, _no_send(job, self._fatal_reason()), final=True)
+                    # R10, R35: a configuration error; every message fails, none loops.
+                    failed = _synthetic(job, Outcome.PERMANENT, self._fatal_reason())
+                    await self._settle(job, failed, final=True)
                     return None, None, 0
                 try:
                     conn = await self._connect(state)
+                    holder[0] = (conn, state)
                     sent = 0
                 except (SMTPAuthenticationError, SMTPCertificateError) as exc:
                     if isinstance(exc, SMTPCertificateError) or exc.permanent:
@@ -552,6 +574,7 @@ class Pool:
                 if reused:
                     # R45: the idle connection had died before MAIL; nothing started.
                     self._tally.transparent_retries += 1
+                    holder[0] = (None, None)
                     conn, state = await self._release(conn, state)
                     continue
                 result = _no_send(job, str(exc))
@@ -570,6 +593,7 @@ class Pool:
             ):
                 # R45: 421 on reuse before MAIL was accepted: retry on a fresh connection.
                 self._tally.transparent_retries += 1
+                holder[0] = (None, None)
                 conn, state = await self._release(conn, state)
                 continue
             if any(_throttles(r.reply) for r in result.recipients) or _throttles(result.reply):
@@ -580,6 +604,7 @@ class Pool:
             if not conn.is_usable or (
                 self._max_per_connection is not None and sent >= self._max_per_connection
             ):
+                holder[0] = (None, None)
                 conn, state = await self._release(conn, state)
                 sent = 0
             return conn, state, sent
@@ -605,6 +630,14 @@ class Pool:
             else:
                 job.settled.append(r)
         policy = self._retry
+        progress = any(r.outcome is Outcome.ACCEPTED for r in result.recipients)
+        if again and progress and all(_too_many(result, name) for name in again):
+            # R42: 452/552 "too many recipients" after some were accepted: send the
+            # rest at once in a new transaction, not counted as a failed attempt.
+            job.attempts -= 1
+            job.pending = tuple(again)
+            self._nursery.start_soon(self._retry_later, job, 0.0)
+            return
         elapsed = trio.current_time() - job.first_attempt
         give_up = (
             final
@@ -638,6 +671,13 @@ def _all_recipients(job: _Job, result: SendResult) -> list[str]:
     if isinstance(job.message, PreparedMessage):
         return list(job.message.recipients)
     return [r.recipient for r in job.settled] + [r.recipient for r in result.recipients]
+
+
+def _too_many(result: SendResult, recipient: str) -> bool:
+    for r in result.recipients:
+        if r.recipient == recipient:
+            return r.reply is not None and r.reply.code in (452, 552)
+    return False
 
 
 def _throttles(reply: Reply | None) -> bool:
