@@ -371,8 +371,24 @@ async def test_queue_timeout_says_why(faulty: tuple[FaultyHandler, Server]) -> N
     assert "1 of 1 busy" in (waited[0].error or "")
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def _client_sockets_to(port: int) -> int:
+    """Sockets of this process connected *to* ``port`` (the client side only)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    with open("/proc/self/net/tcp") as table:
+        for line in list(table)[1:]:
+            fields = line.split()
+            remote_port = int(fields[2].split(":")[1], 16)
+            if remote_port == port and fields[9] in inodes:
+                count += 1
+    return count
 
 
 async def test_r48_cancelling_the_pool_leaves_nothing_behind(
@@ -384,7 +400,6 @@ async def test_r48_cancelling_the_pool_leaves_nothing_behind(
         await asyncio.sleep(5)
 
     handler.on_data = lambda srv, data: slow(srv, data)
-    fds_before = _open_fds()
     with trio.move_on_after(0.5) as scope:
         async with triomail.open_pool(server, connections=3) as pool:
             async with pool.send_all(raw(i) for i in range(10)) as results:
@@ -395,7 +410,7 @@ async def test_r48_cancelling_the_pool_leaves_nothing_behind(
     assert len(pool.interrupted) == 3
     assert {r.outcome for r in pool.interrupted} == {Outcome.UNKNOWN}
     assert pool.statistics().connections_open == 0
-    assert _open_fds() <= fds_before
+    assert server.port is not None and _client_sockets_to(server.port) == 0
 
 
 async def test_retry_backoff_on_mock_clock(autojump_clock: trio.testing.MockClock) -> None:
