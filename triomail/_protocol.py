@@ -117,28 +117,37 @@ def format_path(address: str, *, allow_null: bool = False) -> Path:
     return Path(wire, not wire.isascii())
 
 
+# UTS #46 deviation characters: IDNA 2003 (Python's "idna" codec) maps them away
+# (straße -> strasse), IDNA 2008 keeps them, so the A-label would name another domain.
+_IDNA_DEVIATIONS = re.compile("[\u00df\u03c2\u200c\u200d]")
+
+
 def _check_domain(domain: str, address: str, *, ascii_only: bool) -> str:
+    """Check a domain (R14) and return its wire form: A-labels if ``ascii_only`` (R32)."""
     if _ADDRESS_LITERAL.match(domain):
         return domain
+    wire = domain
     if not domain.isascii():
+        if ascii_only and _IDNA_DEVIATIONS.search(domain):
+            raise LocalProtocolError(
+                f"domain in {address!r} has a character IDNA 2003 and 2008 map differently"
+            )
+        if any(label.startswith("-") or label.endswith("-") for label in domain.split(".")):
+            raise LocalProtocolError(f"invalid domain in {address!r}")  # RFC 5891 §4.2.3.1
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError as exc:
+            raise LocalProtocolError(f"invalid domain in {address!r}: {exc}") from None
         if ascii_only:
             # R32: an ASCII local part travels without SMTPUTF8, the domain as A-labels.
-            try:
-                domain = domain.encode("idna").decode("ascii")
-            except UnicodeError as exc:
-                raise LocalProtocolError(f"invalid domain in {address!r}: {exc}") from None
-        else:
-            labels = domain.rstrip(".").split(".")
-            if not all(labels) or any(len(lab.encode("utf-8")) > 63 for lab in labels):
-                raise LocalProtocolError(f"invalid domain in {address!r}")
-            if len(domain.encode("utf-8")) > MAX_DOMAIN:
-                raise LocalProtocolError(f"domain longer than {MAX_DOMAIN} octets: {address!r}")
-            return domain
-    if len(domain) > MAX_DOMAIN:
+            wire = domain
+        # Otherwise the U-labels go on the wire (SMTPUTF8), but the A-label form is still
+        # checked below, so a UTF-8 local part never switches the domain checks off.
+    if len(domain) > MAX_DOMAIN or len(wire.encode("utf-8")) > MAX_DOMAIN:
         raise LocalProtocolError(f"domain longer than {MAX_DOMAIN} octets: {address!r}")
     if not all(_LABEL.match(label) for label in domain.split(".")):
         raise LocalProtocolError(f"invalid domain in {address!r}")
-    return domain
+    return wire
 
 
 def xtext(value: str) -> str:
