@@ -204,11 +204,11 @@ class Capabilities:
         """The SIZE limit, or ``None`` for no limit (RFC 1870: absent or 0)."""
         if "SIZE" not in self.extensions:
             return None
-        try:
-            value = int(self.extensions["SIZE"] or 0)
-        except ValueError:
+        value = self.extensions["SIZE"]
+        # RFC 1870: size-param = 1*20DIGIT; anything else (such as "-5") is no limit.
+        if not (value.isascii() and value.isdigit()):
             return None
-        return value or None
+        return int(value) or None
 
     @property
     def rcpt_max(self) -> int | None:
