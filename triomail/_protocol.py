@@ -264,7 +264,7 @@ _LINE_ENDING = re.compile(rb"\r\n|\r|\n")
 
 @dataclass(frozen=True, slots=True)
 class Canonical:
-    """A message in canonical form: CRLF line endings, ending in CRLF (R16)."""
+    """A message in canonical form: CRLF line endings, ending in CRLF unless empty (R16)."""
 
     data: bytes
     eight_bit: bool
@@ -285,7 +285,9 @@ def canonicalize(message: str | bytes | bytearray | memoryview) -> Canonical:
     if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
         # A bare CR or LF: make every line ending CRLF (aiosmtplib and qmail do the same).
         data = _LINE_ENDING.sub(b"\r\n", data)
-    if not data.endswith(b"\r\n"):
+    if data and not data.endswith(b"\r\n"):
+        # An empty message has no line to terminate: its wire form is just ".\r\n",
+        # whose CRLF is the one ending the DATA command (RFC 5321 §4.1.1.4).
         data += b"\r\n"
     if b"\x00" in data:
         raise LocalProtocolError("message contains a NUL octet (RFC 5322 text excludes it)")
