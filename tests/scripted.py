@@ -6,11 +6,14 @@ the client and records every byte the client wrote. Any deviation (a line that d
 match, a timeout, an early EOF) fails the script with the expected step, what arrived,
 and the whole transcript.
 
-Two ways to run a script:
+Three ways to run a script:
 
 - :func:`play` on any :class:`trio.abc.Stream` (e.g. one end of
   :func:`trio.testing.memory_stream_pair` or :func:`trio.testing.lockstep_stream_pair`);
   it raises :class:`ScriptError` on a mismatch and does not close the stream.
+- :func:`scripted_stream`, the same supervision as :func:`scripted_server` (below) over
+  an in-memory stream pair: plain memory, lockstep, or :func:`bounded_stream_pair`
+  (small windows, a slow reader), for exact virtual time with ``MockClock``.
 - :func:`scripted_server`, an async context manager listening on ``127.0.0.1`` (port
   0). It plays the script on the first connection, counts (and closes) any further
   ones, closes the connection gracefully when the script ends, and when the ``async
@@ -53,11 +56,12 @@ import math
 import socket
 import ssl
 import struct
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import trio
+from trio.testing import memory_stream_pair
 
 Phase = Literal["plain", "tls"]
 Direction = Literal["S", "C", "*"]
@@ -422,6 +426,14 @@ class Abort(Step):
 
 
 @dataclass(frozen=True)
+class Truncate(Step):
+    async def run(self, conn: _Conn) -> None:
+        conn.t.note("server closes TCP without a TLS close_notify (truncation)")
+        conn.closed = True
+        await trio.aclose_forcefully(conn.tap.inner)
+
+
+@dataclass(frozen=True)
 class ExpectEOF(Step):
     timeout: float | None = None
     allow_quit: bool = True
@@ -562,6 +574,12 @@ def abort() -> Abort:
     return Abort()
 
 
+def truncate() -> Truncate:
+    """Close the transport under the TLS layer (FIN, no close_notify): a truncation, as
+    when a server or an attacker cuts a TLS session short. Without TLS it is ``close()``."""
+    return Truncate()
+
+
 def expect_eof(
     *,
     timeout: float | None = None,
@@ -672,7 +690,7 @@ class ScriptedServer:
 
     async def _handle(
         self,
-        stream: trio.SocketStream,
+        stream: trio.abc.Stream,
         server_ssl_context: ssl.SSLContext | None,
         recv_timeout: float,
     ) -> None:
@@ -742,12 +760,58 @@ async def scripted_server(
         listener.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, recv_buffer_size)
     host, port = listener.socket.getsockname()[:2]
     server = ScriptedServer(host, port, script)
+
+    async def serve(nursery: trio.Nursery) -> None:
+        await server._serve(listener, server_ssl_context, recv_timeout, nursery)
+
+    async with _supervised(server, serve, finish_timeout):
+        yield server
+
+
+@contextlib.asynccontextmanager
+async def scripted_stream(
+    script: Sequence[Step],
+    *,
+    pair: Callable[[], tuple[trio.abc.Stream, trio.abc.Stream]] = memory_stream_pair,
+    server_ssl_context: ssl.SSLContext | None = None,
+    recv_timeout: float = DEFAULT_RECV_TIMEOUT,
+    finish_timeout: float = 5.0,
+) -> AsyncIterator[tuple[trio.abc.Stream, ScriptedServer]]:
+    """Like :func:`scripted_server`, over an in-memory stream pair instead of TCP.
+
+    Yields ``(client_stream, server)``: hand ``client_stream`` to the client under test
+    (e.g. ``triomail.start_session``); ``server`` has the transcript and the failure.
+    *pair* makes the two ends: :func:`trio.testing.memory_stream_pair` (default, buffers
+    without limit), :func:`trio.testing.lockstep_stream_pair` (no buffer: every
+    ``receive_some`` returns bytes of one ``send_all`` only, so ``transcript.writes`` are
+    exactly the client's writes) or :func:`bounded_stream_pair` (small windows). With a
+    MockClock every wait is virtual. The script ends as with :func:`scripted_server`:
+    the server end is closed gracefully when it completes.
+    """
+    client_stream, server_stream = pair()
+    server = ScriptedServer("memory", 0, script)
+
+    async def serve(nursery: trio.Nursery) -> None:
+        server.connections = 1
+        await server._handle(server_stream, server_ssl_context, recv_timeout)
+
+    async with _supervised(server, serve, finish_timeout):
+        yield client_stream, server
+
+
+@contextlib.asynccontextmanager
+async def _supervised(
+    server: ScriptedServer,
+    serve: Callable[[trio.Nursery], Awaitable[None]],
+    finish_timeout: float,
+) -> AsyncIterator[None]:
+    """Run *serve* alongside the ``async with`` body; report the script's failure."""
     body_exc: BaseException | None = None
     incomplete = False
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(server._serve, listener, server_ssl_context, recv_timeout, nursery)
+        nursery.start_soon(serve, nursery)
         try:
-            yield server
+            yield
         except GeneratorExit:
             raise
         except BaseException as exc:
@@ -765,3 +829,104 @@ async def scripted_server(
         raise server.failure
     if incomplete:
         raise server._incomplete_error(finish_timeout)
+
+
+# -- a transport with small windows -------------------------------------------------------
+
+
+class _BoundedPipe:
+    """One direction of :func:`bounded_stream_pair`: at most *capacity* bytes in flight."""
+
+    def __init__(self, capacity: int, max_read: int | None, read_delay: float) -> None:
+        self.capacity = capacity
+        self.max_read = max_read
+        self.read_delay = read_delay
+        self.buffer = bytearray()
+        self.sender_closed = False
+        self.receiver_closed = False
+        self.lot = trio.lowlevel.ParkingLot()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(bytes(data))
+        await trio.lowlevel.checkpoint()
+        while True:
+            if self.sender_closed:
+                raise trio.ClosedResourceError("send side closed")
+            if self.receiver_closed:
+                raise trio.BrokenResourceError("the other end closed")
+            room = self.capacity - len(self.buffer)
+            if room > 0 and view:
+                self.buffer += view[:room]
+                view = view[room:]
+                self.lot.unpark_all()
+            if not view:
+                return
+            await self.lot.park()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self.read_delay:
+            await trio.sleep(self.read_delay)
+        else:
+            await trio.lowlevel.checkpoint()
+        while not self.buffer:
+            if self.receiver_closed:
+                raise trio.ClosedResourceError("receive side closed")
+            if self.sender_closed:
+                return b""
+            await self.lot.park()
+        n = min(x for x in (max_bytes, self.max_read, len(self.buffer)) if x is not None)
+        data = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        self.lot.unpark_all()
+        return data
+
+
+class _PipeSendStream(trio.abc.SendStream):
+    def __init__(self, pipe: _BoundedPipe) -> None:
+        self.pipe = pipe
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.pipe.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        self.pipe.sender_closed = True
+        self.pipe.lot.unpark_all()
+        await trio.lowlevel.checkpoint()
+
+
+class _PipeReceiveStream(trio.abc.ReceiveStream):
+    def __init__(self, pipe: _BoundedPipe) -> None:
+        self.pipe = pipe
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self.pipe.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        self.pipe.receiver_closed = True
+        self.pipe.buffer.clear()
+        self.pipe.lot.unpark_all()
+        await trio.lowlevel.checkpoint()
+
+
+def bounded_stream_pair(
+    capacity: int = 4096,
+    *,
+    server_max_read: int | None = None,
+    server_read_delay: float = 0.0,
+) -> tuple[
+    trio.StapledStream[_PipeSendStream, _PipeReceiveStream],
+    trio.StapledStream[_PipeSendStream, _PipeReceiveStream],
+]:
+    """``(client, server)`` streams whose each direction holds at most *capacity* bytes,
+    like TCP with small windows: ``send_all`` blocks while the peer does not read, so a
+    client that writes without reading can deadlock against a server that answers each
+    line. The server reads at most *server_max_read* bytes per ``receive_some``, after
+    *server_read_delay* seconds (a slow reader)."""
+    up = _BoundedPipe(capacity, server_max_read, server_read_delay)
+    down = _BoundedPipe(capacity, None, 0.0)
+    client = trio.StapledStream(_PipeSendStream(up), _PipeReceiveStream(down))
+    server = trio.StapledStream(_PipeSendStream(down), _PipeReceiveStream(up))
+    return client, server
