@@ -10,6 +10,8 @@ from __future__ import annotations
 import hmac
 from typing import Protocol
 
+from ._errors import LocalProtocolError
+
 __all__ = ["CramMD5", "Login", "Plain", "SASLMechanism", "XOAuth2", "choose_mechanism"]
 
 
@@ -33,6 +35,10 @@ class Plain:
     name = "PLAIN"
 
     def __init__(self, username: str, password: str) -> None:
+        # RFC 4616 §2: UTF8SAFE excludes NUL, which would move the field boundaries.
+        # The message names neither value (R36).
+        if "\0" in username or "\0" in password:
+            raise LocalProtocolError("PLAIN: user name or password contains NUL")
         self._response = b"\0" + username.encode() + b"\0" + password.encode()
 
     def initial_response(self) -> bytes | None:
@@ -92,6 +98,9 @@ class XOAuth2:
     name = "XOAUTH2"
 
     def __init__(self, username: str, token: str) -> None:
+        # \x01 separates the fields: in the user name it could add its own auth= field.
+        if "\x01" in username or "\x01" in token:
+            raise LocalProtocolError("XOAUTH2: user name or token contains \\x01")
         self._response = b"user=" + username.encode() + b"\x01auth=Bearer " + token.encode()
         self._response += b"\x01\x01"
 
