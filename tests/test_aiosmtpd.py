@@ -6,8 +6,8 @@ import socket
 import ssl
 from collections.abc import Iterator
 from email.message import EmailMessage
-from email.policy import default as default_policy
 from email.parser import BytesParser
+from email.policy import default as default_policy
 from typing import Any
 
 import pytest
@@ -29,7 +29,9 @@ class Recorder:
         return "250 2.0.0 OK queued"
 
 
-def _authenticator(server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> AuthResult:
+def _authenticator(
+    server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
+) -> AuthResult:
     ok = (
         isinstance(auth_data, LoginPassword)
         and auth_data.login.decode() == USER
@@ -84,14 +86,17 @@ async def test_starttls_auth_plain_and_utf8_subject(
     msg["Subject"] = "Grüße aus Köln ✉"
     msg.set_content("Hallo Bob,\n.a line that starts with a dot\nbye\n")
     async with triomail.connect(
-        "127.0.0.1", controller.port, tls="starttls", ssl_context=_client_ctx(tls_ca),
-        username=USER, password=PASSWORD,
+        "127.0.0.1",
+        controller.port,
+        tls="starttls",
+        ssl_context=_client_ctx(tls_ca),
+        username=USER,
+        password=PASSWORD,
     ) as conn:
         assert conn.tls_active and conn.authenticated
         result = await conn.send(msg)
     assert result.ok, result
-    assert [r.recipient for r in result.recipients] == [
-        "bob@example.org", "carol@example.net"]
+    assert [r.recipient for r in result.recipients] == ["bob@example.org", "carol@example.net"]
     (envelope,) = recorder.envelopes
     assert envelope.mail_from == "ann@example.com"
     assert envelope.rcpt_tos == ["bob@example.org", "carol@example.net"]
@@ -102,14 +107,20 @@ async def test_starttls_auth_plain_and_utf8_subject(
     assert body == "Hallo Bob,\n.a line that starts with a dot\nbye\n"
 
 
-async def test_login_mechanism(aiosmtpd_server: tuple[Controller, Recorder], tls_ca: trustme.CA) -> None:
+async def test_login_mechanism(
+    aiosmtpd_server: tuple[Controller, Recorder], tls_ca: trustme.CA
+) -> None:
     controller, recorder = aiosmtpd_server
     async with triomail.connect(
-        "127.0.0.1", controller.port, ssl_context=_client_ctx(tls_ca),
+        "127.0.0.1",
+        controller.port,
+        ssl_context=_client_ctx(tls_ca),
     ) as conn:
         await conn.auth(triomail._sasl.Login(USER, PASSWORD))
         assert conn.authenticated
-        result = await conn.send(b"Subject: x\r\n\r\nbody\r\n", sender="a@x.org", recipients=["b@y.org"])
+        result = await conn.send(
+            b"Subject: x\r\n\r\nbody\r\n", sender="a@x.org", recipients=["b@y.org"]
+        )
     assert result.ok
     assert recorder.envelopes[0].content == b"Subject: x\r\n\r\nbody\r\n"
 
@@ -120,8 +131,11 @@ async def test_wrong_password_is_an_authentication_error(
     controller, _ = aiosmtpd_server
     with pytest.raises(triomail.SMTPAuthenticationError) as info:
         async with triomail.connect(
-            "127.0.0.1", controller.port, ssl_context=_client_ctx(tls_ca),
-            username=USER, password="wrong",
+            "127.0.0.1",
+            controller.port,
+            ssl_context=_client_ctx(tls_ca),
+            username=USER,
+            password="wrong",
         ):
             pass
     assert info.value.code == 535 and info.value.permanent

@@ -1,0 +1,1 @@
+"""Benchmarks and soak runs: scripts that print figures, not timed tests."""
