@@ -148,6 +148,7 @@ def prepare(
             raise LocalProtocolError("raw messages need sender= and recipients=")
         canonical = canonicalize(message)
         header_utf8 = False
+        message_id = _raw_message_id(canonical.data)
     if isinstance(recipients, str):
         raise LocalProtocolError("recipients must be a sequence of addresses, not one string")
     if not recipients:
@@ -165,6 +166,19 @@ def prepare(
         canonical_7bit=canonical_7bit,
         tag=tag,
     )
+
+
+def _raw_message_id(data: bytes) -> str | None:
+    """The Message-ID of raw canonical data, read from its header section only."""
+    end = data.find(b"\r\n\r\n")
+    head = data[: end + 2] if end >= 0 else data
+    start = head.lower().find(b"message-id:")
+    while start > 0 and head[start - 2 : start] != b"\r\n":
+        start = head.lower().find(b"message-id:", start + 1)
+    if start < 0:
+        return None
+    value = head[start + 11 : head.find(b"\r\n", start)].strip()
+    return value.decode("utf-8", "replace") or None
 
 
 def _local_failure(prepared: PreparedMessage, code: int, enhanced: str, text: str) -> SendResult:
