@@ -1,0 +1,85 @@
+"""The ``smtp_sink`` pytest fixture from ``triomail.pytest_plugin`` (entry point
+``pytest11``), used the way an application's test suite would use it."""
+
+from __future__ import annotations
+
+import smtplib
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import trio
+
+from triomail.testing import Fault, SMTPSink
+
+
+async def test_smtp_sink_fixture(smtp_sink: SMTPSink) -> None:
+    context = smtp_sink.client_ssl_context()
+
+    def send() -> None:
+        with smtplib.SMTP(smtp_sink.host, smtp_sink.port, timeout=10) as client:
+            client.starttls(context=context)
+            client.sendmail(
+                "app@example.org", ["user@example.net"], b"Subject: welcome\r\n\r\nhi\r\n"
+            )
+
+    await trio.to_thread.run_sync(send)
+    with trio.fail_after(5):
+        [message] = await smtp_sink.wait_for_messages(1)
+    assert message.subject == "welcome"
+    assert message.rcpt_to == ["user@example.net"]
+    assert message.tls
+
+
+@pytest.mark.smtp_sink(tls=False, faults=[Fault("MAIL", code=451, text="4.3.2 not now")])
+async def test_smtp_sink_marker_configures_the_sink(smtp_sink: SMTPSink) -> None:
+    def send() -> None:
+        with smtplib.SMTP(smtp_sink.host, smtp_sink.port, timeout=10) as client:
+            assert not client.has_extn("starttls")
+            client.sendmail("app@example.org", ["user@example.net"], b"Subject: x\r\n\r\n")
+
+    with pytest.raises(smtplib.SMTPSenderRefused) as info:
+        await trio.to_thread.run_sync(send)
+    assert info.value.smtp_code == 451
+    assert smtp_sink.messages == []
+
+
+async def test_fixture_works_outside_trio_mode(tmp_path: Path) -> None:
+    """A project without ``trio_mode`` marks its tests ``@pytest.mark.trio``."""
+    (tmp_path / "pytest.ini").write_text("[pytest]\naddopts = -p no:cacheprovider\n")
+    (tmp_path / "test_app.py").write_text(
+        textwrap.dedent(
+            """
+            import smtplib
+
+            import pytest
+            import trio
+
+
+            @pytest.mark.trio
+            async def test_sends(smtp_sink):
+                def send():
+                    with smtplib.SMTP(smtp_sink.host, smtp_sink.port, timeout=10) as client:
+                        client.sendmail("a@example.org", ["b@example.net"], b"Subject: s\\r\\n\\r\\n")
+
+                await trio.to_thread.run_sync(send)
+                assert smtp_sink.received == 1
+
+
+            def test_plain_sync_test_is_untouched():
+                assert True
+            """
+        )
+    )
+    result = await trio.run_process(
+        [sys.executable, "-m", "pytest", "-q", "-W", "error", str(tmp_path)],
+        cwd=tmp_path,
+        capture_stdout=True,
+        stderr=subprocess.STDOUT,
+        check=False,
+    )
+    output = result.stdout.decode()
+    assert result.returncode == 0, output
+    assert "2 passed" in output

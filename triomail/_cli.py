@@ -1,0 +1,54 @@
+"""The ``triomail`` command line: a thin argparse dispatcher.
+
+Each subcommand lives in its own module (``_cli_<name>.py``) exposing
+``register(subparsers)``, which adds the subcommand's parser and sets ``func`` to a
+callable taking the parsed arguments and returning the exit status. Keep heavy
+imports inside ``func`` so ``triomail --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
+
+from . import _cli_sink
+
+__all__ = ["build_parser", "main"]
+
+Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+
+# Subcommands, in the order `triomail --help` lists them. `triomail send` (the bulk
+# mailer, `_cli_send.register`) goes here.
+REGISTRARS: tuple[Registrar, ...] = (_cli_sink.register,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="triomail", description="A Trio-native SMTP client, connection pool and bulk mailer."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for register in REGISTRARS:
+        register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return func(args)
+
+
+def _version() -> str:
+    try:
+        return version("triomail")
+    except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "unknown"
