@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 from dataclasses import dataclass
 from email import policy as _policy
 from email.generator import BytesGenerator
@@ -65,11 +66,17 @@ def envelope_of(msg: Message) -> Envelope:
     return Envelope(senders[0], tuple(dict.fromkeys(recipients)))
 
 
+# RFC 5322 §3.6.8: field-name = 1*ftext, printable US-ASCII except ":".
+_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+\Z")
+
+
 def _check_headers(msg: Message | str) -> None:
-    """Refuse header values that would inject a header line (R15)."""
+    """Refuse header names and values that would inject a header line (R15)."""
     if not isinstance(msg, Message):
         return
     for name, value in msg.items():
+        if not _FIELD_NAME.match(name):
+            raise LocalProtocolError(f"invalid header name {name[:60]!r}")
         text = str(value)
         # A CR or LF is legal only as folding: CRLF followed by white space.
         stripped = text.replace("\r\n ", " ").replace("\r\n\t", " ")
