@@ -122,22 +122,31 @@ def format_path(address: str, *, allow_null: bool = False) -> Path:
 _IDNA_DEVIATIONS = re.compile("[\u00df\u03c2\u200c\u200d]")
 
 
+def idna_domain(domain: str, address: str, *, strict: bool = True) -> str:
+    """The A-label form of a non-ASCII domain; raises :class:`LocalProtocolError`.
+
+    ``strict`` refuses the IDNA deviation characters, which the A-label would map to
+    another domain; pass ``False`` only to check a domain that travels as U-labels.
+    """
+    if strict and _IDNA_DEVIATIONS.search(domain):
+        raise LocalProtocolError(
+            f"domain in {address!r} has a character IDNA 2003 and 2008 map differently"
+        )
+    if any(label.startswith("-") or label.endswith("-") for label in domain.split(".")):
+        raise LocalProtocolError(f"invalid domain in {address!r}")  # RFC 5891 §4.2.3.1
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError as exc:
+        raise LocalProtocolError(f"invalid domain in {address!r}: {exc}") from None
+
+
 def _check_domain(domain: str, address: str, *, ascii_only: bool) -> str:
     """Check a domain (R14) and return its wire form: A-labels if ``ascii_only`` (R32)."""
     if _ADDRESS_LITERAL.match(domain):
         return domain
     wire = domain
     if not domain.isascii():
-        if ascii_only and _IDNA_DEVIATIONS.search(domain):
-            raise LocalProtocolError(
-                f"domain in {address!r} has a character IDNA 2003 and 2008 map differently"
-            )
-        if any(label.startswith("-") or label.endswith("-") for label in domain.split(".")):
-            raise LocalProtocolError(f"invalid domain in {address!r}")  # RFC 5891 §4.2.3.1
-        try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError as exc:
-            raise LocalProtocolError(f"invalid domain in {address!r}: {exc}") from None
+        domain = idna_domain(domain, address, strict=ascii_only)
         if ascii_only:
             # R32: an ASCII local part travels without SMTPUTF8, the domain as A-labels.
             wire = domain
