@@ -1,0 +1,667 @@
+"""Many messages on one connection: PIPELINING across transactions, and CHUNKING.
+
+Theory of operation
+-------------------
+:func:`send_pipelined` (``SMTPConnection.send_many``) sends a batch of prepared messages
+over one connection and returns one :class:`~triomail.SendResult` per message, in order,
+each as :meth:`SMTPConnection.send` would report it. It drives the connection's own I/O
+methods (``_write``/``_read``, so every deadline, the 421 handling and the error
+translation are the connection's) and adds only the scheduling:
+
+* **Expected replies.** Every command written appends a *slot* (what it was, which
+  message) to a FIFO; every reply read takes the next slot. Replies are matched one for
+  one, in order, never by content (RFC 2920 §3.1, R29; R42: a 452 then 250s maps each
+  reply to its own recipient).
+
+* **DATA (PIPELINING).** One write carries ``MAIL``, the ``RCPT``\\ s and ``DATA`` of a
+  message. Its body can only follow the 354, so it travels at the *front of the next
+  write*, together with ``MAIL``/``RCPT``/``DATA`` of the next message (RFC 2920 allows
+  message content as the first "command" of a group): about one round trip per message.
+  If the previous transaction had MAIL accepted but did not reach the end of data,
+  ``RSET`` leads the next group instead, so nothing leaks from one transaction into the
+  next (no "nested MAIL"). A 354 with no recipient accepted gets just ``.\\r\\n`` (R29).
+  After each group the server must have nothing more to say until it gets the body, so
+  the read buffer is checked empty there (R24).
+
+* **BDAT (CHUNKING).** Whole transactions (``MAIL``, ``RCPT``\\ s, ``BDAT <n> LAST`` and
+  the exact canonical octets, R20) go back to back, up to :data:`WINDOW_MESSAGES`
+  messages or :data:`WINDOW_BYTES` per write; the replies to one window are read while
+  the next is on the wire. A message is one chunk, so after a 4xx/5xx to it there are no
+  further chunks by construction. RFC 1830/3030 leave the server's state after a failed
+  ``BDAT`` indeterminate and require ``RSET`` before anything else; since the client
+  cannot know, when it writes the next ``MAIL``, whether the previous ``BDAT`` will fail,
+  every transaction whose predecessor's outcome is not yet known is preceded by ``RSET``
+  (cheap: no round trip). Messages over :data:`WINDOW_BYTES`, or with more than
+  :data:`RCPT_GROUP` recipients, are sent on their own: envelope first, and the data
+  only if a recipient was accepted.
+
+* **Bounded writes.** At most :data:`RCPT_GROUP` recipients per write and a bounded
+  window, so the replies owed never exceed what socket buffers hold and the single task
+  cannot deadlock against a server that stops reading until it has written (R29). A
+  large body is written in :data:`DATA_CHUNK` pieces, each ``send_all`` under its own
+  deadline (R46).
+
+* **Failures.** A ``421`` anywhere stops the batch: the message it answered is reported
+  as ``send`` would, the messages already on the wire behind it are transient (the
+  server closes without acting on them) and every later message is transient with an
+  error saying it was never started. A lost connection, a timeout or a protocol error
+  likewise, except that a message whose final octet was written and whose reply was not
+  read is *unknown* (R37). When a write fails, replies the server sent before giving up
+  are still read (briefly) and used, as ``send`` does for an early reply (R46).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
+
+import trio
+
+from ._errors import LocalProtocolError, SMTPDisconnected, SMTPError, SMTPProtocolError
+from ._protocol import Canonical
+from ._reply import Reply
+from ._result import Outcome, RecipientResult, SendResult, outcome_of
+
+if TYPE_CHECKING:
+    from ._connection import DSN, PreparedMessage, SMTPConnection
+
+__all__ = ["send_pipelined"]
+
+log = logging.getLogger("triomail")
+
+#: RCPT commands per write; a bounded group cannot deadlock against a small window (R29).
+RCPT_GROUP = 100
+#: A BDAT window: at most this many messages ...
+WINDOW_MESSAGES = 32
+#: ... or this many octets per write.
+WINDOW_BYTES = 1 << 20
+#: ... or this many replies owed for one window (they must fit in socket buffers).
+WINDOW_REPLIES = 512
+#: Message content larger than this is written in pieces of this size (R46).
+DATA_CHUNK = 256 * 1024
+#: How long to keep reading replies after a write failed (as ``send``'s early reply).
+SALVAGE_SECONDS = 1.0
+
+# Slot kinds: what a pending reply answers.
+_RSET, _MAIL, _RCPT, _DATA, _DOT, _BDAT = range(6)
+_STAGES = ("RSET", "MAIL", "RCPT", "DATA", "end of data", "BDAT")
+
+_RSET_LINE = b"RSET\r\n"
+_DATA_LINE = b"DATA\r\n"
+_DOT_LINE = b".\r\n"
+
+
+class _Stop(Exception):
+    """Internal: the batch cannot go on (421, refused RSET, lost connection)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Txn:
+    """One message's transaction and what the server has said about it so far."""
+
+    __slots__ = (
+        "accepted",
+        "canonical",
+        "clean",
+        "data_reply",
+        "done",
+        "final_maybe",
+        "final_written",
+        "index",
+        "mail",
+        "mail_ok",
+        "mail_reply",
+        "prepared",
+        "rcpt_replies",
+        "rcpts",
+        "rset_failed",
+        "started",
+    )
+
+    def __init__(
+        self,
+        index: int,
+        prepared: PreparedMessage,
+        mail: bytes,
+        rcpts: list[bytes],
+        canonical: Canonical,
+    ) -> None:
+        self.index = index
+        self.prepared = prepared
+        self.mail = mail
+        self.rcpts = rcpts
+        self.canonical = canonical
+        self.rcpt_replies: list[Reply | None] = [None] * len(rcpts)
+        self.mail_reply: Reply | None = None
+        self.mail_ok = False
+        self.accepted = 0
+        self.data_reply: Reply | None = None
+        self.started = False  # MAIL has been (or is being) written
+        self.final_written = False  # the last octet of the content is on the wire
+        self.final_maybe = False  # a write holding the last octet failed part-way
+        self.rset_failed: Reply | None = None  # the RSET in front of it was refused
+        self.clean = False  # BDAT mode: the server is certainly outside any transaction
+        self.done = False
+
+
+def _stuffed(canonical: Canonical) -> tuple[bytes, bytes]:
+    """The DATA content as (body, terminator): ``body + terminator == dot_stuff(canonical)``.
+
+    Kept in two parts so that a message needing no transparency dots is not copied just
+    to append ``.\\r\\n`` (the write that carries it joins the parts anyway).
+    """
+    data = canonical.data
+    if b"\r\n." in data:
+        data = data.replace(b"\r\n.", b"\r\n..")
+    if data[:1] == b".":
+        data = b"." + data
+    return data, _DOT_LINE
+
+
+class _Batch:
+    """The state of one :func:`send_pipelined` call."""
+
+    def __init__(
+        self,
+        conn: SMTPConnection,
+        results: list[SendResult | None],
+        txns: list[_Txn],
+        on_result: Callable[[int, SendResult], None] | None,
+    ) -> None:
+        self.conn = conn
+        self.results = results
+        self.txns = txns
+        self.on_result = on_result
+        self.slots: deque[tuple[int, _Txn, int]] = deque()
+        self.need_rset = False  # DATA mode: the last transaction must be reset
+        self.body_due: _Txn | None = None  # DATA mode: 354 received, body not yet sent
+        t = conn._timeouts
+        self.seconds = (t.rset, t.mail, t.rcpt, t.data_init, t.data_done, t.data_done)
+        self.stop_reason: str | None = None  # set when a refused RSET ends the batch
+        self.awaiting = 0  # messages whose content is written and whose reply is not read
+
+    # ------------------------------------------------------------------ results
+
+    def finish(
+        self, txn: _Txn, outcome: Outcome, reply: Reply | None, error: str | None = None
+    ) -> None:
+        """Record ``txn``'s result the way ``SMTPConnection.send`` builds it."""
+        if txn.done:
+            return
+        txn.done = True
+        prepared = txn.prepared
+        per = []
+        for recipient, rcpt_reply in zip(prepared.recipients, txn.rcpt_replies, strict=True):
+            if rcpt_reply is not None and not rcpt_reply.is_positive:
+                per.append(RecipientResult(recipient, outcome_of(rcpt_reply), rcpt_reply))
+            else:
+                per.append(RecipientResult(recipient, outcome, reply))
+        result = SendResult(
+            prepared.sender,
+            tuple(per),
+            reply,
+            prepared.message_id,
+            error,
+            tag=prepared.tag,
+            mail_accepted=txn.mail_ok,
+        )
+        self.results[txn.index] = result
+        if self.on_result is not None:
+            self.on_result(txn.index, result)
+
+    def settle(self, error: str) -> None:
+        """The connection is gone: classify everything still open (R37)."""
+        for txn in self.txns:
+            if txn.done:
+                continue
+            if not txn.started:
+                self.finish(
+                    txn,
+                    Outcome.TRANSIENT,
+                    None,
+                    f"not sent: never started, the connection ended first ({error})",
+                )
+            elif txn.final_written or txn.final_maybe:
+                self.finish(txn, Outcome.UNKNOWN, None, error)
+            else:
+                self.finish(txn, Outcome.TRANSIENT, None, error)
+        if self.conn.awaiting_final_reply:
+            log.warning(
+                "%s: connection lost with messages awaiting their final reply; "
+                "they may have been delivered",
+                self.conn.host,
+            )
+
+    # ------------------------------------------------------------------ replies
+
+    async def drain(self, keep: int = 0) -> None:
+        """Read and apply replies until only ``keep`` slots are still owed."""
+        slots = self.slots
+        read = self.conn._read
+        seconds = self.seconds
+        while len(slots) > keep:
+            kind, txn, i = slots.popleft()
+            self.apply(kind, txn, i, await read(_STAGES[kind], seconds[kind]))
+
+    def apply(self, kind: int, txn: _Txn, i: int, reply: Reply) -> None:
+        """Apply one reply to the transaction it answers (``send``'s rules, per stage)."""
+        code = reply.code
+        if 300 <= code < 400 and kind != _DATA:
+            # A 354 (or any 3xx) where none can be: the replies are out of step (R24, R47).
+            self.conn._broken = "unexpected intermediate reply"
+            raise SMTPProtocolError(f"unexpected {reply} in reply to {_STAGES[kind]}")
+        if kind == _MAIL:
+            txn.mail_reply = reply
+            if code < 300:
+                txn.mail_ok = True
+            elif code == 421:
+                self.finish(txn, Outcome.TRANSIENT, reply, "server closing (421)")
+                raise _Stop("server closing (421)")
+            elif txn.rset_failed is not None:
+                self.finish(
+                    txn, Outcome.TRANSIENT, txn.rset_failed, f"RSET refused: {txn.rset_failed}"
+                )
+            else:
+                self.finish(txn, outcome_of(reply), reply)
+        elif kind == _RCPT:
+            if not txn.mail_ok:
+                return  # answers to RCPT after a refused MAIL are not the recipient's
+            txn.rcpt_replies[i] = reply
+            if code < 300:
+                txn.accepted += 1
+            elif code == 421:
+                self.finish(txn, Outcome.TRANSIENT, reply, "server closing (421)")
+                raise _Stop("server closing (421)")
+        elif kind == _DATA:
+            txn.data_reply = reply
+            if code == 354:
+                self.body_due = txn  # with no recipient accepted, the body is just "."
+                return
+            if code < 400:
+                # R47: only 354 lets the body go; a 250 here would claim a delivery.
+                self.conn._broken = "unexpected reply to DATA"
+                raise SMTPProtocolError(f"unexpected {reply} in reply to DATA")
+            if not txn.done:
+                self.finish(txn, outcome_of(reply), reply)  # R47: no body after this
+            self.need_rset = txn.mail_ok
+            if code == 421:
+                raise _Stop("server closing (421)")
+        elif kind in (_DOT, _BDAT):
+            if txn.final_written:
+                self.awaiting -= 1
+                self.conn.awaiting_final_reply = self.awaiting > 0
+            if not txn.done:
+                error = None
+                if not txn.final_written:
+                    error = "server replied before the end of data"
+                if txn.mail_ok and txn.accepted and code < 300:
+                    self.conn.messages_sent += 1
+                if txn.accepted == 0:
+                    # R29: every RCPT was refused (each keeps its own reply).
+                    self.finish(txn, Outcome.PERMANENT, reply, error)
+                else:
+                    self.finish(txn, outcome_of(reply), reply, error)
+            if kind == _BDAT and code < 300:
+                txn.clean = True
+            if code == 421:
+                raise _Stop("server closing (421)")
+        else:  # _RSET
+            if code == 421:
+                self.finish(txn, Outcome.TRANSIENT, reply, "server closing (421)")
+                raise _Stop("server closing (421)")
+            if code != 250:
+                txn.rset_failed = reply
+                self.stop_reason = f"RSET refused: {reply}"
+
+    # -------------------------------------------------------------------- writes
+
+    async def write(
+        self, data: bytes, stage: str, seconds: float, finals: Sequence[tuple[_Txn, int]] = ()
+    ) -> None:
+        """One ``send_all``; ``finals`` are the messages whose last octet ends at an offset."""
+        try:
+            await self.conn._write(data, stage, seconds)
+        except SMTPError:
+            for txn, end in finals:
+                # Octets before the failure point may have reached the server.
+                if end < len(data):
+                    txn.final_maybe = True
+            await self.salvage()
+            raise
+        if finals:
+            for txn, _end in finals:
+                txn.final_written = True
+            self.awaiting += len(finals)
+            self.conn.awaiting_final_reply = True
+
+    async def salvage(self) -> None:
+        """After a failed write, read what the server said before it gave up (R46)."""
+        conn = self.conn
+        broken = conn._broken
+        with trio.move_on_after(SALVAGE_SECONDS):
+            try:
+                conn._broken = None
+                await self.drain()
+            except (SMTPError, _Stop):
+                pass
+            finally:
+                conn._broken = broken
+
+
+async def send_pipelined(
+    conn: SMTPConnection,
+    messages: Sequence[PreparedMessage],
+    *,
+    chunking: bool | None = None,
+    dsn: DSN | None = None,
+    requiretls: bool = False,
+    on_result: Callable[[int, SendResult], None] | None = None,
+) -> list[SendResult]:
+    """Send ``messages`` over ``conn``; one :class:`SendResult` per message, in order.
+
+    ``chunking``: ``None`` uses BDAT when the server advertises CHUNKING (and
+    PIPELINING), ``False`` never does, ``True`` requires it (:class:`LocalProtocolError`
+    if not advertised). ``on_result(index, result)`` is called as each result is known
+    (useful if the batch may be cancelled). Without PIPELINING this is ``conn.send`` per
+    message. Raises only what ``send`` raises before writing a byte:
+    :class:`LocalProtocolError` for a message no server could take, and
+    :class:`SMTPDisconnected` if the connection is closed or went stale while idle.
+    """
+    if not conn.is_usable:
+        raise SMTPDisconnected(f"connection is not usable ({conn._broken or 'closed'})")
+    caps = conn.capabilities
+    if chunking and not caps.chunking:
+        raise LocalProtocolError("chunking=True but the server does not advertise CHUNKING")
+    results: list[SendResult | None] = [None] * len(messages)
+    if not caps.pipelining:
+        return await _one_by_one(conn, messages, results, dsn, requiretls, on_result)
+    txns: list[_Txn] = []
+    for index, prepared in enumerate(messages):
+        plan = conn._plan(prepared, dsn=dsn, requiretls=requiretls)
+        if isinstance(plan, SendResult):
+            results[index] = plan  # refused by the client's own checks: nothing written
+            if on_result is not None:
+                on_result(index, plan)
+        else:
+            txns.append(_Txn(index, prepared, *plan))
+    if txns:
+        if conn.is_stale():
+            await conn.abort()
+            raise SMTPDisconnected("server closed or wrote to the connection while it was idle")
+        batch = _Batch(conn, results, txns, on_result)
+        use_bdat = caps.chunking and chunking is not False
+        await _run(batch, _bdat if use_bdat else _data)
+    return [r for r in results if r is not None]
+
+
+async def _one_by_one(
+    conn: SMTPConnection,
+    messages: Sequence[PreparedMessage],
+    results: list[SendResult | None],
+    dsn: DSN | None,
+    requiretls: bool,
+    on_result: Callable[[int, SendResult], None] | None,
+) -> list[SendResult]:
+    """No PIPELINING: ``send`` each message; once the connection is gone, the rest wait."""
+    before = conn.transactions
+    for index, prepared in enumerate(messages):
+        try:
+            result = await conn.send(prepared, dsn=dsn, requiretls=requiretls)
+        except SMTPDisconnected as exc:
+            if conn.transactions == before:
+                raise  # nothing was started: like send()
+            result = _never_started(prepared, str(exc))
+        results[index] = result
+        if on_result is not None:
+            on_result(index, result)
+    return [r for r in results if r is not None]
+
+
+def _never_started(prepared: PreparedMessage, reason: str) -> SendResult:
+    return SendResult(
+        prepared.sender,
+        tuple(RecipientResult(r, Outcome.TRANSIENT, None) for r in prepared.recipients),
+        None,
+        prepared.message_id,
+        f"not sent: never started, the connection ended first ({reason})",
+        tag=prepared.tag,
+    )
+
+
+async def _run(batch: _Batch, driver: Callable[[_Batch], Awaitable[None]]) -> None:
+    conn = batch.conn
+    try:
+        await driver(batch)
+    except _Stop as stop:
+        await conn.abort()
+        batch.settle(stop.reason)
+    except SMTPError as exc:
+        await conn.abort()
+        batch.settle(f"{type(exc).__name__}: {exc}")
+    else:
+        if batch.stop_reason is not None:
+            # A refused RSET leaves the session in an unknown state: like rset(), stop.
+            conn._broken = "RSET failed"
+            batch.settle(batch.stop_reason)
+
+
+# ---------------------------------------------------------------------------- DATA
+
+
+async def _data(batch: _Batch) -> None:
+    """PIPELINING with DATA: each write is [body of the previous | RSET] + next envelope."""
+    conn = batch.conn
+    t = conn._timeouts
+    slots = batch.slots
+    for txn in batch.txns:
+        if batch.stop_reason is not None:
+            return
+        parts: list[bytes] = []
+        finals: list[tuple[_Txn, int]] = []
+        stage, seconds = "MAIL", t.mail
+        due = batch.body_due
+        if due is not None:
+            batch.body_due = None
+            parts += await _body_head(batch, due)
+            slots.append((_DOT, due, 0))
+            finals.append((due, sum(map(len, parts))))
+            stage, seconds = "data block", t.data_block
+        elif batch.need_rset:
+            parts.append(_RSET_LINE)
+            slots.append((_RSET, txn, 0))
+        batch.need_rset = False
+        rcpts = txn.rcpts
+        n = len(rcpts)
+        first = n if n <= RCPT_GROUP else RCPT_GROUP
+        parts.append(txn.mail)
+        slots.append((_MAIL, txn, 0))
+        parts += rcpts[:first]
+        slots.extend([(_RCPT, txn, i) for i in range(first)])
+        if n == first:
+            parts.append(_DATA_LINE)
+            slots.append((_DATA, txn, 0))
+        txn.started = True
+        conn.transactions += 1
+        await batch.write(b"".join(parts), stage, seconds, finals)
+        await batch.drain()
+        # More than one group of recipients: the rest, a group per round trip.
+        start = first
+        while start < n and not txn.done:
+            group = rcpts[start : start + RCPT_GROUP]
+            slots.extend([(_RCPT, txn, i) for i in range(start, start + len(group))])
+            start += len(group)
+            if start == n:
+                group = [*group, _DATA_LINE]
+                slots.append((_DATA, txn, 0))
+            await batch.write(b"".join(group), "RCPT", t.rcpt)
+            await batch.drain()
+        # Nothing may follow the reply to DATA until the body is sent (R24).
+        conn._check_drained("DATA")
+    if batch.stop_reason is not None:
+        return
+    due = batch.body_due
+    if due is not None:
+        batch.body_due = None
+        parts = await _body_head(batch, due)
+        slots.append((_DOT, due, 0))
+        data = b"".join(parts)
+        await batch.write(data, "data block", t.data_block, [(due, len(data))])
+        await batch.drain()
+        conn._check_drained("end of data")
+    if batch.need_rset:
+        batch.need_rset = False
+        slots.append((_RSET, batch.txns[-1], 0))
+        await batch.write(_RSET_LINE, "RSET", t.rset)
+        await batch.drain()
+        conn._check_drained("RSET")
+
+
+async def _body_head(batch: _Batch, txn: _Txn) -> list[bytes]:
+    """Write all but the last piece of ``txn``'s content; return the pieces left to join.
+
+    With no recipient accepted (or MAIL refused) the content is just ``.\\r\\n`` (R29).
+    """
+    if not txn.accepted or txn.done:
+        return [_DOT_LINE]
+    body, end = _stuffed(txn.canonical)
+    size = len(body)
+    if size <= DATA_CHUNK:
+        return [body, end]
+    t = batch.conn._timeouts
+    last = (size - 1) // DATA_CHUNK * DATA_CHUNK
+    for offset in range(0, last, DATA_CHUNK):
+        await batch.write(body[offset : offset + DATA_CHUNK], "data block", t.data_block)
+    return [body[last:], end]
+
+
+# ---------------------------------------------------------------------------- BDAT
+
+
+async def _bdat(batch: _Batch) -> None:
+    """CHUNKING: whole transactions back to back, one window read while the next is sent."""
+    conn = batch.conn
+    t = conn._timeouts
+    slots = batch.slots
+    parts: list[bytes] = []
+    finals: list[tuple[_Txn, int]] = []
+    size = 0
+    owed_before = 0  # slots owed by windows already written
+    prev: _Txn | None = None
+    for txn in batch.txns:
+        if batch.stop_reason is not None:
+            break
+        # RFC 3030: after a failed BDAT the server's state is indeterminate until RSET.
+        rset = prev is not None and not prev.clean
+        prev = txn
+        length = len(txn.canonical)
+        n = len(txn.rcpts)
+        if n > RCPT_GROUP or length > WINDOW_BYTES:
+            if parts:
+                await batch.write(b"".join(parts), "BDAT", t.data_block, finals)
+                parts, finals, size = [], [], 0
+            await batch.drain()
+            await _bdat_alone(batch, txn, rset)
+            owed_before = 0
+            continue
+        if rset:
+            parts.append(_RSET_LINE)
+            slots.append((_RSET, txn, 0))
+        parts.append(txn.mail)
+        slots.append((_MAIL, txn, 0))
+        parts += txn.rcpts
+        slots.extend([(_RCPT, txn, i) for i in range(n)])
+        parts.append(b"BDAT %d LAST\r\n" % length)
+        parts.append(txn.canonical.data)
+        slots.append((_BDAT, txn, 0))
+        txn.started = True
+        conn.transactions += 1
+        size += 60 + length + 40 * n
+        finals.append((txn, -1))
+        if (
+            len(finals) >= WINDOW_MESSAGES
+            or size >= WINDOW_BYTES
+            or len(slots) - owed_before >= WINDOW_REPLIES
+        ):
+            await _flush(batch, parts, finals)
+            parts, finals, size = [], [], 0
+            # Read the previous window while this one is on the wire.
+            await batch.drain(keep=len(slots) - owed_before)
+            owed_before = len(slots)
+    if parts:
+        await _flush(batch, parts, finals)
+    await batch.drain()
+    if batch.stop_reason is None:
+        last = batch.txns[-1]
+        if not last.clean:
+            # Leave the session clean: the last BDAT (or MAIL) failed.
+            slots.append((_RSET, last, 0))
+            await batch.write(_RSET_LINE, "RSET", t.rset)
+            await batch.drain()
+        conn._check_drained("BDAT")
+
+
+async def _flush(batch: _Batch, parts: list[bytes], finals: list[tuple[_Txn, int]]) -> None:
+    data = b"".join(parts)
+    # Each message's data ends where the next transaction's lines begin; only the last
+    # one ends at the end of the write (R37: a failed write may have carried the others).
+    marks = [(txn, len(data) if i == len(finals) - 1 else 0) for i, (txn, _) in enumerate(finals)]
+    await batch.write(data, "BDAT", batch.conn._timeouts.data_block, marks)
+
+
+async def _bdat_alone(batch: _Batch, txn: _Txn, rset: bool) -> None:
+    """A large message: envelope in bounded groups, then the data only if it has takers."""
+    conn = batch.conn
+    t = conn._timeouts
+    slots = batch.slots
+    rcpts = txn.rcpts
+    n = len(rcpts)
+    parts: list[bytes] = []
+    if rset:
+        parts.append(_RSET_LINE)
+        slots.append((_RSET, txn, 0))
+    parts.append(txn.mail)
+    slots.append((_MAIL, txn, 0))
+    txn.started = True
+    conn.transactions += 1
+    start = 0
+    while True:
+        group = rcpts[start : start + RCPT_GROUP]
+        parts += group
+        slots.extend([(_RCPT, txn, i) for i in range(start, start + len(group))])
+        start += len(group)
+        await batch.write(b"".join(parts), "RCPT", t.rcpt)
+        parts = []
+        await batch.drain()
+        if batch.stop_reason is not None:
+            return
+        if txn.done or start >= n:
+            break
+    if txn.done or not txn.accepted:
+        # MAIL refused, or no recipient: no data at all (R41); reset the envelope.
+        if not txn.done:
+            batch.finish(txn, Outcome.PERMANENT, None)
+        if txn.mail_ok:
+            slots.append((_RSET, txn, 0))
+            await batch.write(_RSET_LINE, "RSET", t.rset)
+            await batch.drain()
+        txn.clean = batch.stop_reason is None
+        return
+    data = txn.canonical.data
+    length = len(data)
+    header = b"BDAT %d LAST\r\n" % length
+    slots.append((_BDAT, txn, 0))
+    if length <= DATA_CHUNK:
+        await batch.write(header + data, "BDAT", t.data_block, [(txn, length)])
+    else:
+        await batch.write(header, "BDAT", t.data_block)
+        last = (length - 1) // DATA_CHUNK * DATA_CHUNK
+        for offset in range(0, last, DATA_CHUNK):
+            await batch.write(data[offset : offset + DATA_CHUNK], "data block", t.data_block)
+        tail = data[last:]
+        await batch.write(tail, "data block", t.data_block, [(txn, len(tail))])
+    await batch.drain()
