@@ -591,6 +591,28 @@ class SMTPConnection:
             raise SMTPDisconnected("server closed or wrote to the connection while it was idle")
         return await self._transact(prepared, *plan)
 
+    async def send_many(
+        self,
+        messages: Sequence[PreparedMessage],
+        *,
+        chunking: bool | None = None,
+        dsn: DSN | None = None,
+        requiretls: bool = False,
+        on_result: Callable[[int, SendResult], None] | None = None,
+    ) -> list[SendResult]:
+        """Send a batch of prepared messages; one result per message, in order.
+
+        With PIPELINING the end of data of one message shares a write with the envelope
+        of the next (about one round trip a message); with CHUNKING (unless
+        ``chunking=False``) whole ``BDAT`` transactions are pipelined in bounded windows.
+        Each result is what :meth:`send` would report. See :mod:`triomail._pipeline`.
+        """
+        from ._pipeline import send_pipelined
+
+        return await send_pipelined(
+            self, messages, chunking=chunking, dsn=dsn, requiretls=requiretls, on_result=on_result
+        )
+
     def _plan(
         self, prepared: PreparedMessage, *, dsn: DSN | None, requiretls: bool
     ) -> SendResult | tuple[bytes, list[bytes], Canonical]:
