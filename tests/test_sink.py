@@ -619,6 +619,10 @@ async def test_bad_configurations_are_refused() -> None:
         SMTPSink(tls=False, implicit_tls=True)
     with pytest.raises(ValueError, match="auth_mechanisms"):
         SMTPSink(auth_mechanisms=["CRAM-MD5"])
+    with pytest.raises(ValueError, match="require_tls needs tls"):
+        SMTPSink(tls=False, require_tls=True)
+    with pytest.raises(ValueError, match="require_auth needs auth"):
+        SMTPSink(require_auth=True)
     with pytest.raises(ValueError, match="512"):
         SMTPSink(max_line_length=100)
     with pytest.raises(RuntimeError, match="no generated certificate"):

@@ -100,7 +100,8 @@ class SMTPSink:
         out_dir: also write each message as ``.eml`` (the exact ``data``) here.
         store: keep messages in :attr:`messages`.
         max_stored: with ``store``, at most this many; then ``452 4.3.1``.
-        on_message: called with each accepted message (inside the trio run).
+        on_message: called with each accepted message, inside the trio run; an
+            exception it raises stops the sink.
     """
 
     def __init__(
@@ -139,6 +140,10 @@ class SMTPSink:
         mechanisms = tuple(m.upper() for m in auth_mechanisms)
         if not set(mechanisms) <= set(_MECHANISMS) or not mechanisms:
             raise ValueError(f"auth_mechanisms must be taken from {_MECHANISMS}")
+        if require_tls and not tls:
+            raise ValueError("require_tls needs tls")
+        if require_auth and not auth:
+            raise ValueError("require_auth needs auth")
         if auth and not tls and not allow_insecure_auth:
             raise ValueError("auth without TLS needs allow_insecure_auth=True")
         if max_line_length < 512:  # RFC 5321 §4.5.3.1.4

@@ -131,26 +131,24 @@ class Session:
 
     async def run(self) -> None:
         """Serve until QUIT, EOF, an error or a fault; always closes the stream."""
-        graceful = True
+        broken = (trio.BrokenResourceError, trio.ClosedResourceError)
         try:
-            await self._serve()
-        except _Close:
-            pass
-        except _Drop:
-            graceful = False
-            # Replies already due (earlier pipelined commands) still go out.
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await self._flush()
-        except (_PeerGone, trio.BrokenResourceError, trio.ClosedResourceError):
-            graceful = False
-        if graceful:
             try:
-                await self._flush()
-                with trio.move_on_after(1.0):
-                    await self._stream.aclose()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._serve()
+            except _Close:
+                with contextlib.suppress(*broken):
+                    await self._flush()
+                    with trio.move_on_after(1.0):
+                        await self._stream.aclose()  # TLS: sends close_notify
+            except _Drop:
+                # Replies already due (earlier pipelined commands) still go out.
+                with contextlib.suppress(*broken):
+                    await self._flush()
+            except (_PeerGone, *broken):
                 pass
-        await trio.aclose_forcefully(self._stream)
+        finally:
+            # Also on cancellation (the sink is closing); no TLS close_notify here.
+            await trio.aclose_forcefully(self._stream)
 
     async def _serve(self) -> None:
         if self._settings.implicit_tls:
