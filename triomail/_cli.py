@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 
-from . import _cli_sink
+from . import _cli_send, _cli_sink
 
 __all__ = ["build_parser", "main"]
 
@@ -21,7 +21,7 @@ Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], No
 
 # Subcommands, in the order `triomail --help` lists them. `triomail send` (the bulk
 # mailer, `_cli_send.register`) goes here.
-REGISTRARS: tuple[Registrar, ...] = (_cli_sink.register,)
+REGISTRARS: tuple[Registrar, ...] = (_cli_sink.register, _cli_send.register)
 
 
 def build_parser() -> argparse.ArgumentParser:

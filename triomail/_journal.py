@@ -216,6 +216,13 @@ class Journal:
                 found[row[0]] = Record(row[0], row[1], row[2], row[3], row[4], row[5], done, row[7])
         return found
 
+    def records(self) -> list[Record]:
+        """Every record, in line order (for tests and inspection; loads them all)."""
+        self.flush()
+        keys = [k for (k,) in self._conn.execute("SELECT key FROM messages ORDER BY line")]
+        found = self.lookup(keys)
+        return [found[k] for k in keys]
+
     def claim(self, entries: Iterable[tuple[str, int, str, str]]) -> None:
         """Mark messages in-flight and commit (with any buffered outcomes) at once.
 
