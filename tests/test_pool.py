@@ -357,7 +357,9 @@ async def test_queue_timeout_says_why(faulty: tuple[FaultyHandler, Server]) -> N
         await asyncio.sleep(0.5)
 
     handler.on_data = lambda srv, data: slow(srv, data)
-    async with triomail.open_pool(server, connections=1, queue_timeout=0.1) as pool:
+    async with triomail.open_pool(
+        server, connections=1, queue_timeout=0.1, pipeline_depth=1
+    ) as pool:
         async with trio.open_nursery() as nursery:
             results: list[triomail.SendResult] = []
 
@@ -407,7 +409,10 @@ async def test_r48_cancelling_the_pool_leaves_nothing_behind(
                     pass
     assert scope.cancelled_caught
     # Every started message is reported, as unknown (past the final dot) here.
-    assert len(pool.interrupted) == 3
+    # (a pipelined batch cut short is unknown as a whole: which message was past its
+    # final dot is not known, and unknown is the answer that cannot lose mail)
+    tags = [r.tag for r in pool.interrupted]
+    assert len(tags) >= 3 and len(set(tags)) == len(tags)
     assert {r.outcome for r in pool.interrupted} == {Outcome.UNKNOWN}
     assert pool.statistics().connections_open == 0
     assert server.port is not None and _client_sockets_to(server.port) == 0

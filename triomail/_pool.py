@@ -244,6 +244,16 @@ class _Job:
     last: SendResult | None = None
 
 
+@dataclass
+class _Worker:
+    """What one worker task holds: at most one connection (never shared)."""
+
+    conn: SMTPConnection | None = None
+    state: _ServerState | None = None
+    #: Messages sent on this connection so far.
+    sent: int = 0
+
+
 class _Tally:
     """Counters behind :meth:`Pool.statistics`."""
 
@@ -273,6 +283,7 @@ class Pool:
         retry: RetryPolicy,
         message_deadline: float | None,
         queue_timeout: float | None,
+        pipeline_depth: int = 16,
     ) -> None:
         if connections < 1:
             raise ValueError("connections must be at least 1")
@@ -287,7 +298,12 @@ class Pool:
         self._retry = retry
         self._message_deadline = message_deadline
         self._queue_timeout = queue_timeout
-        self._jobs_send, self._jobs_receive = trio.open_memory_channel[_Job](0)
+        # A worker takes up to pipeline_depth queued messages at once and pipelines them
+        # on its connection (RFC 2920); a per-message deadline needs one at a time.
+        self._batch_size = 1 if message_deadline else max(1, pipeline_depth)
+        # Bounded hand-over: a producer runs at most this far ahead of the workers.
+        buffer = 0 if self._batch_size == 1 else connections * self._batch_size
+        self._jobs_send, self._jobs_receive = trio.open_memory_channel[_Job](buffer)
         self._tally = _Tally()
         self._outstanding = 0
         self._all_done = trio.Event()
@@ -428,6 +444,10 @@ class Pool:
         self._tally.queued += 1
         await self._jobs_send.send(job)
 
+    def _another_server_up(self) -> bool:
+        now = trio.current_time()
+        return any(s.fatal is None and s.down_until <= now for s in self._servers)
+
     def _pick_server(self) -> _ServerState | None:
         usable = [s for s in self._servers if s.fatal is None]
         if not usable:
@@ -437,50 +457,71 @@ class Pool:
         return random.choices(up, weights=[s.server.weight for s in up])[0]
 
     async def _worker(self) -> None:
-        conn: SMTPConnection | None = None
-        state: _ServerState | None = None
-        sent = 0
+        worker = _Worker()
         try:
             while True:
-                job: _Job | None = None
-                if conn is None:
-                    try:
-                        job = await self._jobs_receive.receive()
-                    except trio.EndOfChannel:
-                        return
-                else:
-                    with trio.move_on_after(self._idle_timeout):
-                        try:
-                            job = await self._jobs_receive.receive()
-                        except trio.EndOfChannel:
-                            return
-                    if job is None:  # idle past idle_timeout: QUIT and wait unconnected
-                        conn, state = await self._release(conn, state)
-                        continue
-                self._tally.queued -= 1
-                self._tally.in_flight += 1
+                jobs = await self._next_jobs(worker)
+                if jobs is None:
+                    return
+                if not jobs:
+                    continue
+                self._tally.queued -= len(jobs)
+                self._tally.in_flight += len(jobs)
                 self._tally.busy += 1
                 try:
-                    # The job owns the connection while it runs, and closes it if it fails.
-                    held, conn = conn, None
-                    conn, state, sent = await self._run_job(job, held, state, sent)
+                    await self._run(worker, jobs)
                 finally:
                     self._tally.busy -= 1
-                    self._tally.in_flight -= 1
+                    self._tally.in_flight -= len(jobs)
         finally:
-            if conn is not None:
-                await self._release(conn, state)
+            await self._release(worker)
 
-    async def _release(self, conn: SMTPConnection, state: _ServerState | None) -> tuple[None, None]:
+    async def _next_jobs(self, worker: _Worker) -> list[_Job] | None:
+        """Wait for work: one job, plus as many queued ones as one batch may carry.
+
+        Returns None when the pool closes, and an empty list after closing an idle
+        connection.
+        """
+        try:
+            if worker.conn is None:
+                first = await self._jobs_receive.receive()
+            else:
+                with trio.move_on_after(self._idle_timeout):
+                    first = await self._jobs_receive.receive()
+                    return self._more_jobs(worker, first)
+                await self._release(worker)  # idle past idle_timeout: QUIT
+                return []
+        except trio.EndOfChannel:
+            return None
+        return self._more_jobs(worker, first)
+
+    def _more_jobs(self, worker: _Worker, first: _Job) -> list[_Job]:
+        batch = [first]
+        room = self._batch_size
+        if self._max_per_connection is not None:
+            room = min(room, max(1, self._max_per_connection - worker.sent))
+        while len(batch) < room:
+            try:
+                batch.append(self._jobs_receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+        return batch
+
+    async def _release(self, worker: _Worker) -> None:
+        """QUIT and close the worker's connection, if any (shielded, bounded)."""
+        conn, state = worker.conn, worker.state
+        worker.conn = worker.state = None
+        worker.sent = 0
+        if conn is None:
+            return
         with trio.CancelScope(shield=True):
             await conn.aclose()
-            if state is not None:
-                state.limiter.release()
-                state.open -= 1
-            self._tally.open -= 1
-        return None, None
+        if state is not None:
+            state.limiter.release()
+            state.open -= 1
+        self._tally.open -= 1
 
-    async def _connect(self, state: _ServerState) -> SMTPConnection:
+    async def _connect(self, worker: _Worker, state: _ServerState) -> None:
         server = state.server
         await state.limiter.acquire()
         try:
@@ -504,110 +545,128 @@ class Pool:
             raise
         state.open += 1
         self._tally.open += 1
-        return conn
+        worker.conn, worker.state, worker.sent = conn, state, 0
 
-    async def _run_job(
-        self, job: _Job, conn: SMTPConnection | None, state: _ServerState | None, sent: int
-    ) -> tuple[SMTPConnection | None, _ServerState | None, int]:
-        """One attempt (plus transparent reconnects); returns the worker's connection."""
-        holder: list[tuple[SMTPConnection | None, _ServerState | None]] = [(conn, state)]
-        try:
-            return await self._attempt(job, conn, state, sent, holder)
-        except BaseException:
-            held, held_state = holder[0]
-            if held is not None:
-                await self._release(held, held_state)
-            raise
+    async def _run(self, worker: _Worker, jobs: list[_Job]) -> None:
+        """One attempt for each job, on the worker's connection (opened if needed).
 
-    async def _attempt(
-        self,
-        job: _Job,
-        conn: SMTPConnection | None,
-        state: _ServerState | None,
-        sent: int,
-        holder: list[tuple[SMTPConnection | None, _ServerState | None]],
-    ) -> tuple[SMTPConnection | None, _ServerState | None, int]:
+        A reused connection that turns out dead before anything was started is replaced
+        and the jobs go again without counting an attempt (R45).
+        """
         if self._rate is not None:
-            await self._rate.acquire()
-        while True:
-            reused = conn is not None
-            if conn is None:
+            for _ in jobs:
+                await self._rate.acquire()
+        while jobs:
+            if worker.conn is None:
                 state = self._pick_server()
                 if state is None:
                     # R10, R35: a configuration error; every message fails, none loops.
-                    failed = _synthetic(job, Outcome.PERMANENT, self._fatal_reason())
-                    await self._settle(job, failed, final=True)
-                    return None, None, 0
+                    for job in jobs:
+                        failed = _synthetic(job, Outcome.PERMANENT, self._fatal_reason())
+                        await self._settle(job, failed, final=True)
+                    return
                 try:
-                    conn = await self._connect(state)
-                    holder[0] = (conn, state)
-                    sent = 0
+                    await self._connect(worker, state)
                 except (SMTPAuthenticationError, SMTPCertificateError) as exc:
                     if isinstance(exc, SMTPCertificateError) or exc.permanent:
-                        # R10, R35: configuration errors; never retried in a loop.
                         state.fatal = f"{state.server.label}: {exc}"
                         continue
                     state.record_connect_failure(self._retry)
-                    await self._attempt_failed(job, str(exc))
-                    return None, None, 0
+                    for job in jobs:
+                        await self._settle(job, _no_send(job, str(exc)))
+                    return
                 except SMTPError as exc:
                     if isinstance(exc, SMTPResponseError) and exc.reply.code == 421:
                         state.throttle()
                     state.record_connect_failure(self._retry)
-                    await self._attempt_failed(job, f"{state.server.label}: {exc}")
-                    return None, None, 0
-            assert state is not None
+                    if self._another_server_up():
+                        continue  # failover: the same jobs, at once, elsewhere
+                    for job in jobs:
+                        await self._settle(job, _no_send(job, f"{state.server.label}: {exc}"))
+                    return
+            conn, state = worker.conn, worker.state
+            assert conn is not None and state is not None
+            reused = conn.transactions > 0
+            if reused and conn.is_stale():
+                # R24, R45: it closed or spoke while idle; nothing was started.
+                self._tally.transparent_retries += 1
+                await self._release(worker)
+                continue
+            ready: list[tuple[_Job, PreparedMessage]] = []
+            for job in jobs:
+                try:
+                    ready.append((job, _as_prepared(job.message, None, job.pending, conn)))
+                except LocalProtocolError as exc:
+                    await self._settle(job, _local_error(job, str(exc)), final=True)
+            if not ready:
+                return
             if state.bucket is not None:
-                await state.bucket.acquire()
-            message = job.message
-            recipients = job.pending
+                for _ in ready:
+                    await state.bucket.acquire()
+            results = await self._send(worker, ready)
+            if results is None:  # died before anything started: go again, uncounted
+                self._tally.transparent_retries += 1
+                await self._release(worker)
+                continue
+            worker.sent += len(results)
+            jobs = []
+            for index, ((job, _), result) in enumerate(zip(ready, results, strict=True)):
+                if (
+                    (reused or index > 0)
+                    and not result.mail_accepted
+                    and result.outcome is Outcome.TRANSIENT
+                    and (result.reply is None or result.reply.code == 421)
+                    and not conn.is_usable
+                ):
+                    # R45: refused (421) or never started on a connection that is gone.
+                    self._tally.transparent_retries += 1
+                    jobs.append(job)
+                    continue
+                if any(_throttles(r.reply) for r in result.recipients) or _throttles(result.reply):
+                    state.throttle()
+                elif result.ok:
+                    state.record_success()
+                await self._settle(job, result)
+            if not conn.is_usable or (
+                self._max_per_connection is not None and worker.sent >= self._max_per_connection
+            ):
+                await self._release(worker)
+
+    async def _send(
+        self, worker: _Worker, ready: list[tuple[_Job, PreparedMessage]]
+    ) -> list[SendResult] | None:
+        """Send on the worker's connection; None if it was dead before MAIL (R45)."""
+        conn = worker.conn
+        assert conn is not None
+        if len(ready) == 1:
+            job, message = ready[0]
             try:
-                if recipients is not None or not isinstance(message, PreparedMessage):
-                    message = _as_prepared(message, None, recipients, conn)
                 with trio.move_on_after(self._message_deadline or math.inf) as scope:
                     result = await conn.send(message)
-                if scope.cancelled_caught:
-                    result = _cut_off(
-                        job, conn, f"message_deadline of {self._message_deadline:g} s"
-                    )
             except SMTPDisconnected as exc:
-                if reused:
-                    # R45: the idle connection had died before MAIL; nothing started.
-                    self._tally.transparent_retries += 1
-                    holder[0] = (None, None)
-                    conn, state = await self._release(conn, state)
-                    continue
-                result = _no_send(job, str(exc))
-            except LocalProtocolError as exc:
-                await self._settle(job, _local_error(job, str(exc)), final=True)
-                return conn, state, sent
+                if conn.transactions > 0:
+                    return None
+                return [_no_send(job, str(exc))]
             except trio.Cancelled:
                 self.interrupted.append(_cut_off(job, conn, "pool cancelled"))
                 raise
-            sent += 1
-            if (
-                reused
-                and not result.mail_accepted
-                and result.reply is not None
-                and result.reply.code == 421
-            ):
-                # R45: 421 on reuse before MAIL was accepted: retry on a fresh connection.
-                self._tally.transparent_retries += 1
-                holder[0] = (None, None)
-                conn, state = await self._release(conn, state)
-                continue
-            if any(_throttles(r.reply) for r in result.recipients) or _throttles(result.reply):
-                state.throttle()
-            elif result.ok:
-                state.record_success()
-            await self._settle(job, result)
-            if not conn.is_usable or (
-                self._max_per_connection is not None and sent >= self._max_per_connection
-            ):
-                holder[0] = (None, None)
-                conn, state = await self._release(conn, state)
-                sent = 0
-            return conn, state, sent
+            if scope.cancelled_caught:
+                reason = f"message_deadline of {self._message_deadline:g} s"
+                return [_cut_off(job, conn, reason)]
+            return [result]
+        finished: dict[int, SendResult] = {}
+        try:
+            return await conn.send_many(
+                [message for _, message in ready],
+                on_result=lambda i, result: finished.__setitem__(i, result),
+            )
+        except trio.Cancelled:
+            # Which unfinished message was past its final dot is not known: report
+            # them all as unknown rather than risk calling a delivered one transient.
+            for i, (job, _) in enumerate(ready):
+                if i not in finished:
+                    self.interrupted.append(_synthetic(job, Outcome.UNKNOWN, "pool cancelled"))
+            raise
 
     def _fatal_reason(self) -> str:
         return "; ".join(s.fatal for s in self._servers if s.fatal) or "no server available"
@@ -753,6 +812,7 @@ async def open_pool(
     retry: RetryPolicy = RetryPolicy(),
     message_deadline: float | None = None,
     queue_timeout: float | None = None,
+    pipeline_depth: int = 16,
 ) -> AsyncIterator[Pool]:
     """Run a pool in its own nursery; leaving the block drains, then QUITs every connection.
 
@@ -770,6 +830,7 @@ async def open_pool(
             retry=retry,
             message_deadline=message_deadline,
             queue_timeout=queue_timeout,
+            pipeline_depth=pipeline_depth,
         )
         try:
             yield pool
@@ -789,6 +850,7 @@ def connect_pool(
     retry: RetryPolicy = RetryPolicy(),
     message_deadline: float | None = None,
     queue_timeout: float | None = None,
+    pipeline_depth: int = 16,
 ) -> Pool:
     """Start a pool whose workers run in the caller's ``nursery``.
 
@@ -806,6 +868,7 @@ def connect_pool(
         retry=retry,
         message_deadline=message_deadline,
         queue_timeout=queue_timeout,
+        pipeline_depth=pipeline_depth,
     )
     for _ in range(connections):
         nursery.start_soon(pool._worker)
