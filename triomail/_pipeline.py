@@ -94,7 +94,7 @@ _DOT_LINE = b".\r\n"
 
 
 class _Stop(Exception):
-    """Internal: the batch cannot go on (421, refused RSET, lost connection)."""
+    """Internal: the server said 421; it acts on nothing after that reply."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -214,8 +214,12 @@ class _Batch:
         if self.on_result is not None:
             self.on_result(txn.index, result)
 
-    def settle(self, error: str) -> None:
-        """The connection is gone: classify everything still open (R37)."""
+    def settle(self, error: str, *, closing: bool = False) -> None:
+        """The connection is gone: classify everything still open (R37).
+
+        ``closing``: the server said 421, so it acted on nothing behind that reply and
+        no message in flight can have been delivered.
+        """
         for txn in self.txns:
             if txn.done:
                 continue
@@ -226,10 +230,11 @@ class _Batch:
                     None,
                     f"not sent: never started, the connection ended first ({error})",
                 )
-            elif txn.final_written or txn.final_maybe:
+            elif (txn.final_written or txn.final_maybe) and not closing:
                 self.finish(txn, Outcome.UNKNOWN, None, error)
             else:
                 self.finish(txn, Outcome.TRANSIENT, None, error)
+        self.conn.awaiting_final_reply = self.awaiting > 0 and not closing
         if self.conn.awaiting_final_reply:
             log.warning(
                 "%s: connection lost with messages awaiting their final reply; "
@@ -439,7 +444,7 @@ async def _run(batch: _Batch, driver: Callable[[_Batch], Awaitable[None]]) -> No
         await driver(batch)
     except _Stop as stop:
         await conn.abort()
-        batch.settle(stop.reason)
+        batch.settle(stop.reason, closing=True)
     except SMTPError as exc:
         await conn.abort()
         batch.settle(f"{type(exc).__name__}: {exc}")
@@ -467,8 +472,8 @@ async def _data(batch: _Batch) -> None:
         due = batch.body_due
         if due is not None:
             batch.body_due = None
+            slots.append((_DOT, due, 0))  # first: a reply to a failed write is its answer
             parts += await _body_head(batch, due)
-            slots.append((_DOT, due, 0))
             finals.append((due, sum(map(len, parts))))
             stage, seconds = "data block", t.data_block
         elif batch.need_rset:
@@ -507,8 +512,8 @@ async def _data(batch: _Batch) -> None:
     due = batch.body_due
     if due is not None:
         batch.body_due = None
-        parts = await _body_head(batch, due)
         slots.append((_DOT, due, 0))
+        parts = await _body_head(batch, due)
         data = b"".join(parts)
         await batch.write(data, "data block", t.data_block, [(due, len(data))])
         await batch.drain()
@@ -555,19 +560,21 @@ async def _bdat(batch: _Batch) -> None:
     for txn in batch.txns:
         if batch.stop_reason is not None:
             break
-        # RFC 3030: after a failed BDAT the server's state is indeterminate until RSET.
-        rset = prev is not None and not prev.clean
-        prev = txn
+        before, prev = prev, txn
         length = len(txn.canonical)
         n = len(txn.rcpts)
         if n > RCPT_GROUP or length > WINDOW_BYTES:
             if parts:
-                await batch.write(b"".join(parts), "BDAT", t.data_block, finals)
+                await _flush(batch, parts, finals)
                 parts, finals, size = [], [], 0
             await batch.drain()
-            await _bdat_alone(batch, txn, rset)
+            if batch.stop_reason is not None:
+                break
+            await _bdat_alone(batch, txn, before is not None and not before.clean)
             owed_before = 0
             continue
+        # RFC 3030: after a failed BDAT the server's state is indeterminate until RSET.
+        rset = before is not None and not before.clean
         if rset:
             parts.append(_RSET_LINE)
             slots.append((_RSET, txn, 0))
