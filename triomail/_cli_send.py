@@ -163,6 +163,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="SECONDS",
         help="first retry delay, doubled each time (1.0)",
     )
+    speed.add_argument(
+        "--retry-max-backoff",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="longest retry delay, also for an unreachable server (300)",
+    )
     record = p.add_argument_group("records")
     record.add_argument(
         "--report", type=Path, metavar="FILE.jsonl", help="one JSON line per message and recipient"
@@ -228,6 +234,7 @@ class Settings:
     max_per_connection: int | None = None
     retries: int = 4
     retry_backoff: float = 1.0
+    retry_max_backoff: float = 300.0
     report: Path | None = None
     journal: Path | None = None
     resume: bool = False
@@ -248,6 +255,7 @@ _CONFIG_TYPES: dict[str, tuple[type, ...]] = {
     "max_per_connection": (int,),
     "retries": (int,),
     "retry_backoff": (int, float),
+    "retry_max_backoff": (int, float),
     "report": (str,),
     "journal": (str,),
     "resume": (bool,),
@@ -850,6 +858,7 @@ class _Batch:
         retry = RetryPolicy(
             max_attempts=s.retries + 1,
             initial_backoff=s.retry_backoff,
+            max_backoff=max(s.retry_max_backoff, s.retry_backoff),
             unknown="at-most-once" if s.at_most_once else "at-least-once",
         )
         pool_ref: list[Pool] = []

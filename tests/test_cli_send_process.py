@@ -1,0 +1,244 @@
+"""``triomail send`` as a process: kill -9 and --resume, Ctrl-C, and real Postfix.
+
+The capture server runs in the test's trio loop and ``python -m triomail send`` in a
+child process, so the child can be killed or interrupted while the server keeps count.
+Messages are identified by their Message-ID, which the journal keeps stable across
+retries and runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trustme
+from postfix import POSTFIX, PostfixInstance, _wait_greeting, start_postfix
+from test_cli_send import batch, ca_file, message_id, report_lines, server, sink_ids
+
+from triomail._journal import Journal, Record
+from triomail.testing import Fault, SMTPSink
+
+
+class Child:
+    """``python -m triomail send ...`` with its output in files."""
+
+    def __init__(self, proc: trio.Process, out: Path, err: Path) -> None:
+        self.proc = proc
+        self.out = out
+        self.err = err
+
+    @property
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace")
+
+    @property
+    def stdout(self) -> str:
+        return self.out.read_text(errors="replace")
+
+
+async def start(tmp_path: Path, name: str, *args: object) -> Child:
+    out = tmp_path / f"{name}.out"
+    err = tmp_path / f"{name}.err"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with out.open("wb") as o, err.open("wb") as e:
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "triomail", "send", *(str(a) for a in args)],
+            stdin=subprocess.DEVNULL,
+            stdout=o,
+            stderr=e,
+            env=env,
+        )
+    return Child(proc, out, err)
+
+
+async def finish(child: Child, timeout: float = 60.0) -> int:
+    with trio.fail_after(timeout):
+        return await child.proc.wait()
+
+
+async def wait_until(predicate: Any, timeout: float = 30.0) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():  # noqa: ASYNC110 - polling another process's output
+            await trio.sleep(0.01)
+
+
+def records(path: Path) -> list[Record]:
+    journal, _ = Journal.open(path, resume=True)
+    try:
+        return journal.records()
+    finally:
+        journal.close()
+
+
+def previous_unknown(report: Path) -> set[str]:
+    return {
+        x["message_id"]
+        for x in report_lines(report)
+        if x["type"] == "message" and x.get("previous") == "unknown"
+    }
+
+
+# --------------------------------------------------------------------------- kill -9
+
+
+async def test_kill_9_mid_batch_then_resume(tmp_path: Path) -> None:
+    """Every row ends accepted exactly once, except rows whose outcome was unknown."""
+    n = 150
+    rows, tpl = batch(tmp_path, n)
+    journal = tmp_path / "j.sqlite3"
+    report = tmp_path / "r.jsonl"
+    async with SMTPSink(faults=[Fault(".", delay=0.02)]) as sink:
+        common = (rows, tpl, "--server", server(sink), "--ca-file", ca_file(sink, tmp_path))
+        common += ("--journal", journal, "--connections", "4", "--yes")
+        child = await start(tmp_path, "first", *common)
+        await wait_until(lambda: sink.received >= 40)
+        child.proc.kill()
+        assert await finish(child) == -signal.SIGKILL
+        before = records(journal)
+        in_flight = {r.message_id for r in before if r.state == "in-flight"}
+        accepted = {r.message_id for r in before if r.state == "accepted"}
+        assert accepted <= set(sink_ids(sink))  # nothing recorded accepted was not received
+        assert in_flight  # the kill landed mid-batch
+        child = await start(tmp_path, "resume", *common, "--resume", "--report", report)
+        assert await finish(child) == 0, child.stderr
+        assert f"{len(in_flight)} with an unknown outcome" in child.stderr
+    after = records(journal)
+    assert len(after) == n and all(r.state == "accepted" for r in after)
+    counts = Counter(sink_ids(sink))
+    assert set(counts) == {r.message_id for r in after}
+    duplicated = {mid for mid, c in counts.items() if c > 1}
+    assert all(c <= 2 for c in counts.values())
+    assert duplicated <= in_flight
+    assert duplicated <= previous_unknown(report)
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+
+async def test_ctrl_c_finishes_in_flight_then_resume(tmp_path: Path) -> None:
+    """The first Ctrl-C stops reading rows; what the pool holds is sent and recorded."""
+    n = 400
+    rows, tpl = batch(tmp_path, n)
+    journal = tmp_path / "j.sqlite3"
+    async with SMTPSink(faults=[Fault(".", delay=0.01)]) as sink:
+        common = (rows, tpl, "--server", server(sink), "--ca-file", ca_file(sink, tmp_path))
+        common += ("--journal", journal, "--connections", "2", "--yes")
+        child = await start(tmp_path, "first", *common)
+        await wait_until(lambda: sink.received >= 20)
+        child.proc.send_signal(signal.SIGINT)
+        assert await finish(child, 15) == 130, child.stderr
+        assert "finishing the" in child.stderr
+        assert "continue with --resume" in child.stderr
+        assert "Traceback" not in child.stderr
+        assert "Summary" in child.stdout
+        state = Counter(r.state for r in records(journal))
+        assert state["in-flight"] == 0  # every transaction on the wire was finished
+        assert state["accepted"] == sink.received  # and recorded
+        assert sink.received < n
+        child = await start(tmp_path, "resume", *common, "--resume")
+        assert await finish(child) == 0, child.stderr
+    counts = Counter(sink_ids(sink))
+    assert len(counts) == n and set(counts.values()) == {1}
+
+
+async def test_second_ctrl_c_aborts(tmp_path: Path) -> None:
+    n = 20
+    rows, tpl = batch(tmp_path, n)
+    journal = tmp_path / "j.sqlite3"
+    report = tmp_path / "r.jsonl"
+    async with SMTPSink(faults=[Fault(".", delay=5.0, times=4)]) as sink:
+        common = (rows, tpl, "--server", server(sink), "--ca-file", ca_file(sink, tmp_path))
+        common += ("--journal", journal, "--connections", "4", "--yes")
+        child = await start(tmp_path, "first", *common, "--report", report)
+        await wait_until(lambda: sink.active_connections >= 4 and "capture" not in child.stderr)
+        await trio.sleep(0.5)  # four final dots are out, their replies 5 s away
+        child.proc.send_signal(signal.SIGINT)
+        await wait_until(lambda: "press Ctrl-C again" in child.stderr, 10)
+        child.proc.send_signal(signal.SIGINT)
+        with trio.fail_after(3):  # well before the delayed replies
+            assert await child.proc.wait() == 130
+        assert "aborting" in child.stderr
+        assert "Traceback" not in child.stderr
+        before = records(journal)
+        unknown = {r.message_id for r in before if r.state == "unknown"}
+        assert len(unknown) >= 4  # cut off after the final dot: recorded as unknown
+        cut = [x for x in report_lines(report) if x.get("note") == "cut off by an abort"]
+        assert unknown <= {x["message_id"] for x in cut}
+        # Messages the pool held without a result stay in-flight: unknown to --resume.
+        unsure = unknown | {r.message_id for r in before if r.state == "in-flight"}
+        child = await start(tmp_path, "resume", *common, "--resume")
+        assert await finish(child) == 0, child.stderr
+    counts = Counter(sink_ids(sink))
+    assert len(counts) == n
+    assert {mid for mid, c in counts.items() if c > 1} <= unsure
+
+
+# --------------------------------------------------------------------------- Postfix
+
+
+def _postfix_ca(pf: PostfixInstance, tmp_path: Path) -> Path:
+    path = tmp_path / "postfix-ca.pem"
+    pf.ca.cert_pem.write_to_path(str(path))
+    return path
+
+
+async def test_against_postfix(postfix_store: PostfixInstance, tmp_path: Path) -> None:
+    rows, tpl = batch(tmp_path, 25)
+    cp = postfix_store.checkpoint()
+    child = await start(
+        tmp_path, "pf", rows, tpl, "--server", f"smtp://127.0.0.1:{postfix_store.port}",
+        "--ca-file", _postfix_ca(postfix_store, tmp_path), "--yes", "--connections", "5",
+    )  # fmt: skip
+    assert await finish(child) == 0, child.stderr
+    stored = await postfix_store.await_received(25, since=cp)
+    ids = [message_id(m.raw.replace(b"\n", b"\r\n")) for m in stored]
+    assert len(set(ids)) == 25
+    assert sorted(m.recipients[0] for m in stored) == sorted(
+        f"user{i}@example.com" for i in range(25)
+    )
+
+
+@pytest.mark.skipif(not POSTFIX.exists(), reason="postfix not installed")
+async def test_postfix_stopped_mid_batch_then_resume(tls_ca: trustme.CA, tmp_path: Path) -> None:
+    n = 120
+    rows, tpl = batch(tmp_path, n)
+    journal = tmp_path / "j.sqlite3"
+    report = tmp_path / "r.jsonl"
+    with start_postfix(tls_ca, mode="store") as pf:
+        config = str(pf.config_directory)
+        common = (rows, tpl, "--server", f"smtp://127.0.0.1:{pf.port}")
+        common += ("--ca-file", _postfix_ca(pf, tmp_path), "--journal", journal, "--yes")
+        common += ("--retries", "2", "--retry-backoff", "0.1", "--retry-max-backoff", "0.3")
+        child = await start(tmp_path, "first", *common, "--rate", "40", "--connections", "4")
+        await pf.await_received(20, timeout=20)
+        await trio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [str(POSTFIX), "-c", config, "stop"], check=True, capture_output=True
+            )
+        )
+        assert await finish(child) == 1, child.stderr
+        first = records(journal)
+        transient = [r for r in first if r.state == "transient"]
+        assert transient, Counter(r.state for r in first)
+        assert "retry with --resume" in child.stdout
+        unknown = {r.message_id for r in first if r.state in ("unknown", "in-flight")}
+        await trio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [str(POSTFIX), "-c", config, "start"], check=True, capture_output=True
+            )
+        )
+        await trio.to_thread.run_sync(_wait_greeting, pf, 30.0)
+        child = await start(tmp_path, "resume", *common, "--resume", "--report", report)
+        assert await finish(child) == 0, child.stderr
+        assert all(r.state == "accepted" for r in records(journal))
+        stored = await pf.await_received(n, timeout=30)
+        counts = Counter(message_id(m.raw.replace(b"\n", b"\r\n")) for m in stored)
+        assert len(counts) == n
+        assert {mid for mid, c in counts.items() if c > 1} <= unknown
