@@ -487,6 +487,8 @@ class _Batch:
     outstanding: dict[str, _Tag] = field(default_factory=dict)
     unhanded: list[str] = field(default_factory=list)
     errors_printed: int = 0
+    #: Retries that the results seen so far took (attempts beyond the first).
+    retries_done: int = 0
     report: IO[str] | None = None
     display: Display | None = None
     progress: Progress | None = None
@@ -673,6 +675,7 @@ class _Batch:
         if not isinstance(tag, _Tag):
             return
         self.outstanding.pop(tag.key, None)
+        self.retries_done += max(0, result.attempts - 1)
         outcome = result.outcome
         finished = time.time()
         final = {Outcome.ACCEPTED, Outcome.PERMANENT}
@@ -942,9 +945,9 @@ class _Batch:
         while True:
             await trio.sleep(period)
             if pool_ref:
-                stats = pool_ref[0].statistics()
-                waiting = len(self.outstanding) - stats.in_flight - stats.queued
-                self.progress.retrying = max(0, waiting)
+                # Retries scheduled by the pool, minus those already behind a result.
+                scheduled = pool_ref[0].statistics().retries
+                self.progress.retrying = max(0, scheduled - self.retries_done)
             self.display.tick()
 
     def _finish(self) -> None:
