@@ -652,6 +652,26 @@ async def test_fault_rules_are_validated() -> None:
             Fault(**bad)  # type: ignore[arg-type]
 
 
+async def test_ehlo_refused_or_starttls_stripped() -> None:
+    """The server shapes of R3/R4: no ESMTP at all, or STARTTLS hidden / refused."""
+    faults = [Fault("EHLO", code=502, text="5.5.1 no ESMTP here", times=1)]
+    async with SMTPSink(faults=faults) as sink:
+        client = await RawClient.connect(sink, ehlo=None)
+        assert (await client.cmd("EHLO x")).code == 502
+        assert (await client.cmd("HELO x")).code == 250
+        assert (await client.cmd("STARTTLS")).code == 502  # no extensions after HELO
+    async with SMTPSink(hide_extensions=["STARTTLS"]) as sink:
+        client = await RawClient.connect(sink)
+        assert "STARTTLS" not in client.received.decode()
+        assert (await client.cmd("STARTTLS")).code == 502
+    async with SMTPSink(
+        faults=[Fault("STARTTLS", code=454, text="4.7.0 TLS not available")]
+    ) as sink:
+        client = await RawClient.connect(sink)
+        assert str(await client.cmd("STARTTLS")) == "454 4.7.0 TLS not available"
+        assert (await client.cmd("NOOP")).code == 250  # still plaintext, still talking
+
+
 async def test_fault_replaces_a_reply_and_the_command_has_no_effect() -> None:
     fault = Fault("MAIL", code=451, text="4.3.0 Try again later")
     async with SMTPSink(tls=False, faults=[fault]) as sink:
