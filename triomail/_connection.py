@@ -9,10 +9,12 @@ caller chose, never by what the server offers: ``starttls`` without a 220 to STA
 or with bytes queued behind that 220, ends the connection before AUTH or MAIL (R3-R6).
 
 Every exchange runs under an absolute deadline (``trio.fail_after``, R26) and through
-:meth:`SMTPConnection._guard`, which is the one place where trio and ssl errors become
+:meth:`SMTPConnection._io`, which is the one place where trio and ssl errors become
 :class:`~triomail.SMTPError`. When anything goes wrong mid-command -- timeout,
-cancellation, a broken stream, a protocol violation -- the connection is marked broken
-and closed at once; it is never used again (R24, R27).
+cancellation, a broken stream, a protocol violation, a 421 -- the connection is marked
+broken and its stream closed at once; it is never used again (R24, R27, R40). The one
+exception is a failed body write: the stream stays open for a single short read of the
+server's reason (R46) before it is closed.
 
 :meth:`SMTPConnection.send` runs one transaction. SMTP refusals and lost connections are
 *values* on the :class:`~triomail.SendResult` (R37): transient before the final dot was
@@ -29,11 +31,12 @@ import logging
 import select
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from email.message import Message
-from typing import Literal
+from functools import partial
+from typing import Literal, TypeVar
 
 import trio
 
@@ -81,6 +84,11 @@ _RCPT_GROUP = 100
 _MAX_CHALLENGES = 5
 # RFC 4954 §4: the AUTH line may be at most 12288 octets with its initial response.
 _MAX_AUTH_LINE = 12288
+# After a failed body write, how long to wait for the server's reason (R46).
+_EARLY_REPLY_SECONDS = 1.0
+_HANDSHAKE = "TLS handshake"
+
+_T = TypeVar("_T")
 
 
 def default_ssl_context() -> ssl.SSLContext:
@@ -253,66 +261,102 @@ class SMTPConnection:
 
     # ------------------------------------------------------------------ low level
 
-    @contextmanager
-    def _guard(self, stage: str, seconds: float) -> Iterator[None]:
-        """Run I/O under a stage deadline; translate and poison on any failure (R26, R27)."""
+    async def _io(
+        self,
+        stage: str,
+        seconds: float,
+        operation: Callable[[], Awaitable[_T]],
+        *,
+        keep_open: bool = False,
+    ) -> _T:
+        """Run one I/O operation under the stage deadline (R26).
+
+        This is the one place where trio and ssl errors become :class:`SMTPError`. Any
+        failure marks the connection broken and closes it (R24, R27); a failed *write*
+        may ask to ``keep_open`` (as an :class:`SMTPError`) so the caller can still read
+        what the server said before it gave up (R46). Cancellation always closes.
+        """
         if not self.is_usable:
             raise SMTPDisconnected(f"connection is not usable ({self._broken or 'closed'})")
         try:
             with trio.fail_after(seconds):
-                yield
-        except trio.TooSlowError:
-            self._broken = f"timeout in {stage}"
-            raise SMTPTimeoutError(
-                f"{stage}: no complete reply within {seconds:g} s", stage=stage
-            ) from None
-        except trio.BrokenResourceError as exc:
-            self._broken = f"broken in {stage}"
-            if _is_cert_error(exc):
-                raise SMTPCertificateError(
-                    f"certificate verification failed: {exc.__cause__}"
-                ) from exc
-            if isinstance(exc.__cause__, ssl.SSLError):
-                raise SMTPSecurityError(f"TLS failed during {stage}: {exc.__cause__}") from exc
-            raise SMTPDisconnected(f"connection lost during {stage}") from exc
-        except (trio.ClosedResourceError, OSError) as exc:
-            self._broken = f"closed in {stage}"
-            raise SMTPDisconnected(f"connection lost during {stage}: {exc}") from exc
+                return await operation()
         except BaseException as exc:
-            # Cancelled, protocol errors, bugs: a command is in flight, so never reuse.
-            self._broken = f"{type(exc).__name__} in {stage}"
-            raise
+            error = self._failure(exc, stage, seconds)
+            if error is None or not keep_open:
+                await self.abort()
+            if error is None:
+                raise
+            raise error from (None if isinstance(exc, trio.TooSlowError) else exc)
+
+    def _failure(self, exc: BaseException, stage: str, seconds: float) -> SMTPError | None:
+        """Mark the connection broken; the error to raise for ``exc`` (None: ``exc`` itself)."""
+        if isinstance(exc, trio.TooSlowError):
+            self._broken = f"timeout in {stage}"
+            return SMTPTimeoutError(f"{stage}: not done within {seconds:g} s", stage=stage)
+        if isinstance(exc, trio.BrokenResourceError):
+            self._broken = f"broken in {stage}"
+            cause = exc.__cause__
+            if _is_cert_error(exc):
+                return SMTPCertificateError(f"certificate verification failed: {cause}")
+            if isinstance(cause, ssl.SSLError) and (
+                stage == _HANDSHAKE or not isinstance(cause, ssl.SSLEOFError)
+            ):
+                return SMTPSecurityError(f"TLS failed during {stage}: {cause}")
+            # Includes EOF without close_notify once TLS is up: a lost connection (R11).
+            return SMTPDisconnected(f"connection lost during {stage}")
+        if isinstance(exc, trio.ClosedResourceError | OSError):
+            self._broken = f"closed in {stage}"
+            return SMTPDisconnected(f"connection lost during {stage}: {exc}")
+        # Cancelled, protocol errors, bugs: a command is in flight, so never reuse.
+        self._broken = self._broken or f"{type(exc).__name__} in {stage}"
+        return None
 
     async def _write(self, data: bytes, stage: str, seconds: float) -> None:
+        """Write under a deadline; on an SMTPError the stream stays open for the caller
+        to read a last reply (R46) and close."""
         if log.isEnabledFor(logging.DEBUG):
             self._log_out(data)
-        with self._guard(stage, seconds):
-            await self._stream.send_all(data)
+        await self._io(stage, seconds, partial(self._stream.send_all, data), keep_open=True)
 
     async def _read(self, stage: str, seconds: float) -> Reply:
-        parser = self._parser
-        reply = parser.next_reply() if parser.has_unprocessed else None
-        if reply is None:
-            with self._guard(stage, seconds):
-                while reply is None:
-                    data = await self._stream.receive_some(_RECEIVE_SIZE)
-                    if not data:
-                        raise trio.ClosedResourceError("server closed the connection")
-                    parser.feed(data)
-                    reply = parser.next_reply()
+        """The next reply, whole, within ``seconds`` (not an idle timer, R26). More
+        replies may follow when pipelining; :meth:`_command` checks there are none."""
+        reply = await self._io(stage, seconds, self._receive_reply)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s < %s", self._host, self._phase, reply)
         if reply.code == 421:
             # RFC 5321 §3.8: the server is closing; stop using the connection (R40).
             self._broken = "server sent 421"
+            await self.abort()
         return reply
 
-    async def _command(self, line: bytes, stage: str, seconds: float) -> Reply:
-        """One command, one reply; anything more in the buffer is a desync (R24)."""
+    async def _receive_reply(self) -> Reply:
+        parser = self._parser
+        reply = parser.next_reply()
+        while reply is None:
+            data = await self._stream.receive_some(_RECEIVE_SIZE)
+            if not data:
+                raise trio.ClosedResourceError("server closed the connection")
+            parser.feed(data)
+            reply = parser.next_reply()
+        return reply
+
+    async def _command(
+        self, line: bytes, stage: str, seconds: float, *, alone: bool = True
+    ) -> Reply:
+        """One command, one reply under one deadline. With ``alone`` anything more in the
+        buffer is a desync (R24): the connection is closed."""
         deadline = trio.current_time() + seconds
-        await self._write(line, stage, seconds)
+        try:
+            await self._write(line, stage, seconds)
+        except SMTPError:
+            await self.abort()
+            raise
         reply = await self._read(stage, max(0.0, deadline - trio.current_time()))
-        self._check_drained(stage)
+        if alone and self._parser.has_unprocessed:
+            await self.abort()
+            self._check_drained(stage)
         return reply
 
     def _check_drained(self, stage: str) -> None:
@@ -333,25 +377,32 @@ class SMTPConnection:
     _redact_next = False
 
     async def abort(self) -> None:
-        """Close the stream at once, without QUIT."""
+        """Close the stream at once, without QUIT (safe in a cancelled scope)."""
         self._closed = True
-        await trio.aclose_forcefully(self._stream)
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(self._stream)
 
     async def aclose(self) -> None:
-        """QUIT under a shielded, short deadline, then close (R11, R48)."""
+        """QUIT under a shielded, short deadline, then close (R11, R48).
+
+        A connection that broke mid-command, or was told 421, is closed without QUIT.
+        """
         if self._closed:
             return
+        if self._broken is not None:
+            await self.abort()
+            return
         with trio.move_on_after(self._timeouts.quit, shield=True) as scope:
-            if self._broken is None:
-                try:
-                    await self._write(b"QUIT\r\n", "QUIT", self._timeouts.quit)
-                    # A server may close right after 221, TLS without close_notify (R11).
-                    await self._read("QUIT", self._timeouts.quit)
-                except SMTPError:
-                    pass
-            self._closed = True
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                await self._stream.aclose()
+            # A server may close right after 221, TLS without close_notify (R11); a
+            # strange reply to QUIT (R47) changes nothing either.
+            with contextlib.suppress(SMTPError):
+                await self._command(b"QUIT\r\n", "QUIT", self._timeouts.quit, alone=False)
+            if not self._closed:
+                self._closed = True
+                with contextlib.suppress(
+                    trio.BrokenResourceError, trio.ClosedResourceError, OSError
+                ):
+                    await self._stream.aclose()
         if scope.cancelled_caught:
             await self.abort()
 
@@ -389,7 +440,7 @@ class SMTPConnection:
         if tls == "implicit":
             await self._start_tls()  # R8: the handshake comes before the greeting
         greeting = await self._read("greeting", t.greeting)
-        self._check_drained("greeting")
+        self._check_drained("greeting")  # R25: nothing may precede our first command
         if greeting.code != 220:
             if greeting.code == 554 or greeting.is_transient:
                 # §3.1: 554 means no service here; QUIT and report (R25).
@@ -434,7 +485,7 @@ class SMTPConnection:
                 + "; refusing to continue in plaintext"
             )
         # R5: STARTTLS is the last command of any group; wait for its reply.
-        reply = await self._write_then_read(b"STARTTLS\r\n", "STARTTLS", t.starttls)
+        reply = await self._command(b"STARTTLS\r\n", "STARTTLS", t.starttls, alone=False)
         if reply.code != 220:
             self._broken = "STARTTLS refused"
             raise SMTPSecurityError(f"STARTTLS refused: {reply}; refusing to continue in plaintext")
@@ -449,17 +500,12 @@ class SMTPConnection:
         self.capabilities = Capabilities()
         await self._ehlo()
 
-    async def _write_then_read(self, line: bytes, stage: str, seconds: float) -> Reply:
-        await self._write(line, stage, seconds)
-        return await self._read(stage, seconds)
-
     async def _start_tls(self) -> None:
         context = self._ssl_context or default_ssl_context()
         self._parser = ReplyParser()
         ssl_stream = trio.SSLStream(self._stream, context, server_hostname=self._host)
         self._stream = ssl_stream
-        with self._guard("TLS handshake", self._timeouts.tls_handshake):
-            await ssl_stream.do_handshake()
+        await self._io(_HANDSHAKE, self._timeouts.tls_handshake, ssl_stream.do_handshake)
         version = ssl_stream.version()
         if version in ("SSLv3", "TLSv1", "TLSv1.1"):  # a caller's context may allow them
             self._broken = "old TLS"
@@ -509,7 +555,7 @@ class SMTPConnection:
                 line += b" " + encoded
             else:
                 initial = None  # §4: too long; answer the first 334 instead
-        reply = await self._write_then_read(line + b"\r\n", "AUTH", t)
+        reply = await self._command(line + b"\r\n", "AUTH", t, alone=False)
         challenges = 0
         while reply.code == 334:
             challenges += 1
@@ -519,12 +565,14 @@ class SMTPConnection:
                     raise ValueError("too many challenges")
                 answer = mechanism.respond(challenge)
             except (binascii.Error, ValueError):
-                reply = await self._write_then_read(b"*\r\n", "AUTH", t)  # cancel (R35)
+                reply = await self._command(b"*\r\n", "AUTH", t, alone=False)  # cancel (R35)
                 self._broken = "AUTH exchange failed"
                 raise SMTPAuthenticationError("AUTH", reply) from None
             self._redact_next = True
             try:
-                reply = await self._write_then_read(base64.b64encode(answer) + b"\r\n", "AUTH", t)
+                reply = await self._command(
+                    base64.b64encode(answer) + b"\r\n", "AUTH", t, alone=False
+                )
             finally:
                 self._redact_next = False
         self._check_drained("AUTH")
@@ -539,8 +587,10 @@ class SMTPConnection:
 
     async def rset(self) -> Reply:
         reply = await self._command(b"RSET\r\n", "RSET", self._timeouts.rset)
-        if reply.code != 250:
+        if reply.code != 250 and self.is_usable:
+            # The session state is unknown now; never reuse it.
             self._broken = "RSET failed"
+            await self.abort()
         return reply
 
     def prepare(
@@ -674,124 +724,116 @@ class SMTPConnection:
         t = self._timeouts
         recipients = prepared.recipients
         replies: list[Reply | None] = [None] * len(recipients)
+        mail_ok = False
         self.transactions += 1
+        self.awaiting_final_reply = False
 
-        def result(
-            outcomes: dict[int, Outcome] | Outcome, reply: Reply | None, error: str | None = None
-        ) -> SendResult:
-            per: list[RecipientResult] = []
-            for i, rcpt in enumerate(recipients):
-                rcpt_reply = replies[i]
-                if rcpt_reply is not None and not rcpt_reply.is_positive:
-                    per.append(RecipientResult(rcpt, outcome_of(rcpt_reply), rcpt_reply))
-                else:
-                    outcome = outcomes if isinstance(outcomes, Outcome) else outcomes[i]
-                    per.append(RecipientResult(rcpt, outcome, reply))
+        def result(outcome: Outcome, reply: Reply | None, error: str | None = None) -> SendResult:
+            """Refused recipients keep their own reply (R41); the others get ``outcome``."""
+            per = tuple(
+                RecipientResult(rcpt, outcome_of(own), own)
+                if own is not None and not own.is_positive
+                else RecipientResult(rcpt, outcome, reply)
+                for rcpt, own in zip(recipients, replies, strict=True)
+            )
             return SendResult(
-                prepared.sender, tuple(per), reply, prepared.message_id, error,
-                tag=prepared.tag, mail_accepted=mail_ok,
+                prepared.sender,
+                per,
+                reply,
+                prepared.message_id,
+                error,
+                tag=prepared.tag,
+                mail_accepted=mail_ok,
             )
 
-        def lost(exc: SMTPError, outcome: Outcome) -> SendResult:
-            self._broken = self._broken or str(exc)
+        async def lost(exc: SMTPError, outcome: Outcome) -> SendResult:
+            await self.abort()
             return result(outcome, None, f"{type(exc).__name__}: {exc}")
 
         pipelining = self.capabilities.pipelining
-        mail_ok = False
+        group = _RCPT_GROUP if pipelining else 1
         try:
             # ---- envelope: MAIL, RCPT..., DATA; one write when PIPELINING (RFC 2920)
             if pipelining:
-                first = rcpts[:_RCPT_GROUP]
-                tail = b"DATA\r\n" if len(rcpts) <= _RCPT_GROUP else b""
-                await self._write(mail + b"".join(first) + tail, "MAIL", t.mail)
-                mail_reply = await self._read("MAIL", t.mail)
+                with_data = len(rcpts) <= group
+                first = mail + b"".join(rcpts[:group]) + (b"DATA\r\n" if with_data else b"")
+                await self._write(first, "MAIL", t.mail)
+                mail_reply = _final_or_refusal(await self._read("MAIL", t.mail), "MAIL")
             else:
-                mail_reply = await self._command(mail, "MAIL", t.mail)
+                mail_reply = _final_or_refusal(await self._command(mail, "MAIL", t.mail), "MAIL")
             if not mail_reply.is_positive:
-                if pipelining:
-                    await self._drain_group(len(rcpts[:_RCPT_GROUP]) + (len(rcpts) <= _RCPT_GROUP))
-                await self._reset_after_failure(mail_reply)
+                if pipelining and self.is_usable:
+                    await self._drain_group(len(rcpts[:group]) + with_data)
+                await self._reset_after_failure()
                 return result(outcome_of(mail_reply), mail_reply)
             mail_ok = True
-            data_reply: Reply | None = None
-            for start in range(0, len(rcpts), _RCPT_GROUP if pipelining else 1):
+            for start in range(0, len(rcpts), group):
+                lines = rcpts[start : start + group]
                 if pipelining and start:
-                    group = rcpts[start : start + _RCPT_GROUP]
-                    last = start + _RCPT_GROUP >= len(rcpts)
+                    last = start + group >= len(rcpts)
                     await self._write(
-                        b"".join(group) + (b"DATA\r\n" if last else b""), "RCPT", t.rcpt
+                        b"".join(lines) + (b"DATA\r\n" if last else b""), "RCPT", t.rcpt
                     )
-                for i in range(start, min(start + (_RCPT_GROUP if pipelining else 1), len(rcpts))):
-                    if pipelining:
-                        reply = await self._read("RCPT", t.rcpt)
-                    else:
-                        reply = await self._command(rcpts[i], "RCPT", t.rcpt)
-                    replies[i] = reply
-                    if reply.code == 421:
-                        await self.abort()
+                for i, line in enumerate(lines, start):
+                    reply = await (
+                        self._read("RCPT", t.rcpt)
+                        if pipelining
+                        else self._command(line, "RCPT", t.rcpt)
+                    )
+                    replies[i] = _final_or_refusal(reply, "RCPT")
+                    if reply.code == 421:  # _read closed the connection (R40)
                         return result(Outcome.TRANSIENT, reply, "server closing (421)")
-            accepted = [i for i, r in enumerate(replies) if r is not None and r.is_positive]
+            accepted = any(r is not None and r.is_positive for r in replies)
             if pipelining:
                 data_reply = await self._read("DATA", t.data_init)
                 self._check_drained("DATA")
             elif accepted:
                 data_reply = await self._command(b"DATA\r\n", "DATA", t.data_init)
-            if data_reply is None:
+            else:
                 # R41: nobody accepted, so no DATA; RSET and report per recipient.
-                await self.rset()
+                await self._reset_after_failure()
                 return result(Outcome.PERMANENT, None)
             if data_reply.code != 354:
-                # R47: no body after anything but 354.
-                if data_reply.code == 421:
-                    await self.abort()
-                else:
-                    await self._reset_after_failure(data_reply)
+                # R47: no body after anything but 354; a 250 here would claim a delivery.
+                if data_reply.is_positive:
+                    raise SMTPProtocolError(f"DATA answered {data_reply}, not 354")
+                await self._reset_after_failure()
                 return result(outcome_of(data_reply), data_reply)
             if not accepted:
                 # R29: DATA got 354 although every RCPT failed: end the data at once.
                 await self._write(b".\r\n", "DATA", t.data_block)
-                end = await self._read("DATA", t.data_done)
-                self._check_drained("DATA")
+                end = await self._read("end of data", t.data_done)
+                self._check_drained("end of data")
                 return result(Outcome.PERMANENT, end)
         except SMTPError as exc:
-            if isinstance(exc, SMTPProtocolError | SMTPTimeoutError | SMTPDisconnected):
-                await self.abort()
-                return lost(exc, Outcome.TRANSIENT)
-            raise
+            return await lost(exc, Outcome.TRANSIENT)
         # ---- content: R39 before the final dot is written, R37 after it.
         payload = dot_stuff(canonical)
         try:
-            view = memoryview(payload)
-            for offset in range(0, len(view), _DATA_CHUNK):
+            for offset in range(0, len(payload), _DATA_CHUNK):
+                # One deadline per chunk (R46); slicing all of it returns the same bytes.
                 await self._write(
-                    view[offset : offset + _DATA_CHUNK].tobytes()
-                    if len(view) > _DATA_CHUNK
-                    else payload,
-                    "data block",
-                    t.data_block,
+                    payload[offset : offset + _DATA_CHUNK], "data block", t.data_block
                 )
         except SMTPError as exc:
             early = await self._early_reply()
-            await self.abort()
             if early is not None:
+                await self.abort()
                 return result(outcome_of(early), early, "server replied before the end of data")
-            return lost(exc, Outcome.TRANSIENT)
+            return await lost(exc, Outcome.TRANSIENT)
         # Between the final dot and its reply lies RFC 1047's synchronisation gap.
         self.awaiting_final_reply = True
         try:
-            final = await self._read("end of data", t.data_done)
+            final = _final_or_refusal(await self._read("end of data", t.data_done), "end of data")
             self._check_drained("end of data")
         except SMTPError as exc:
-            await self.abort()
             log.warning(
                 "%s: no reply to the final dot; message %s may have been delivered",
                 self._host,
                 prepared.message_id or "",
             )
-            return lost(exc, Outcome.UNKNOWN)
+            return await lost(exc, Outcome.UNKNOWN)
         self.awaiting_final_reply = False
-        if final.code == 421:
-            await self.abort()
         if final.is_positive:
             self.messages_sent += 1
         return result(outcome_of(final), final)
@@ -800,28 +842,42 @@ class SMTPConnection:
         """Read the replies still due for a pipelined group (R29: check all of them)."""
         for _ in range(count):
             reply = await self._read("pipelined group", self._timeouts.rcpt)
-            if reply.code == 421:
-                break
+            if reply.code == 354:
+                # DATA accepted although MAIL was refused: the state is unknown; close.
+                self._broken = "354 to DATA after a refused MAIL"
+                await self.abort()
+            if not self.is_usable:
+                return
 
-    async def _reset_after_failure(self, reply: Reply) -> None:
-        """RSET after a failed transaction so the session is clean for reuse (R45)."""
-        if reply.code == 421 or not self.is_usable:
-            await self.abort()
-            return
-        try:
-            await self.rset()
-        except SMTPError:
-            await self.abort()
+    async def _reset_after_failure(self) -> None:
+        """RSET after a failed transaction so the session is clean for reuse (R45).
+
+        A connection already closed (421) stays closed; a failed RSET closes it.
+        """
+        if self.is_usable:
+            with contextlib.suppress(SMTPError):
+                await self.rset()
 
     async def _early_reply(self) -> Reply | None:
-        """A reply the server sent while we were still writing the body (R46)."""
-        with trio.move_on_after(1.0):
-            try:
-                self._broken = None
-                return await self._read("early reply", 1.0)
-            except SMTPError:
-                return None
-        return None
+        """After a failed body write: a refusal the server sent before giving up (R46).
+
+        The write left the stream open for this one read; the caller closes it.
+        """
+        broken, self._broken = self._broken, None
+        try:
+            reply = await self._read("early reply", _EARLY_REPLY_SECONDS)
+        except SMTPError:
+            return None
+        finally:
+            self._broken = self._broken or broken
+        return reply if not reply.is_positive else None
+
+
+def _final_or_refusal(reply: Reply, stage: str) -> Reply:
+    """MAIL, RCPT and the final dot are answered 2xx, 4xx or 5xx; a 3xx is a desync."""
+    if 300 <= reply.code < 400:
+        raise SMTPProtocolError(f"unexpected {reply} in reply to {stage}")
+    return reply
 
 
 def _local_name() -> str:
@@ -938,9 +994,18 @@ async def start_session(
     ``host`` is the name the certificate must match (R2). On failure the stream is
     closed and the error raised.
     """
-    conn = SMTPConnection(
-        stream, host=host, timeouts=timeouts, local_hostname=local_hostname, ssl_context=ssl_context
-    )
+    try:
+        conn = SMTPConnection(
+            stream,
+            host=host,
+            timeouts=timeouts,
+            local_hostname=local_hostname,
+            ssl_context=ssl_context,
+        )
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(stream)  # R13: a bad EHLO name; nothing written
+        raise
     try:
         await conn._start(
             tls=tls,
@@ -950,9 +1015,8 @@ async def start_session(
             allow_insecure_auth=allow_insecure_auth,
         )
     except BaseException:
-        if conn.is_usable:
-            await conn.aclose()  # e.g. AUTH refused: a clean QUIT is still possible
-        else:
-            await conn.abort()  # R3: after a TLS failure, nothing more on the wire
+        # QUIT if the session is still sound (AUTH refused); after a TLS failure or any
+        # broken state, close without another byte (R3, R10).
+        await conn.aclose()
         raise
     return conn
