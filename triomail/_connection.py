@@ -233,6 +233,8 @@ class SMTPConnection:
         self.authenticated = False
         self._broken: str | None = None
         self._closed = False
+        self._in_auth = False  # redact the AUTH exchange in the log (R36)
+        self._allow_insecure_auth = False  # R9
         self.messages_sent = 0
         self.transactions = 0
         #: True from the final dot until its reply: a loss now is an unknown outcome (R37).
@@ -324,7 +326,8 @@ class SMTPConnection:
         replies may follow when pipelining; :meth:`_command` checks there are none."""
         reply = await self._io(stage, seconds, self._receive_reply)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s %s < %s", self._host, self._phase, reply)
+            shown = "334 <redacted>" if self._in_auth and reply.code == 334 else str(reply)
+            log.debug("%s %s < %s", self._host, self._phase, shown)
         if reply.code == 421:
             # RFC 5321 §3.8: the server is closing; stop using the connection (R40).
             self._broken = "server sent 421"
@@ -367,14 +370,15 @@ class SMTPConnection:
             )
 
     def _log_out(self, data: bytes) -> None:
+        if self._in_auth and data != b"*\r\n":
+            # R36: the AUTH line keeps its mechanism; no payload reaches the log.
+            parts = data.split(b" ", 2)
+            if parts[0] != b"AUTH":
+                data = b"<redacted>"
+            elif len(parts) == 3:
+                data = parts[0] + b" " + parts[1] + b" <redacted>"
         head = data[:200]
-        if head.startswith(b"AUTH ") or self._redact_next:
-            head = (
-                head.split(b" ")[0] + b" <redacted>" if head.startswith(b"AUTH ") else b"<redacted>"
-            )
         log.debug("%s %s > %r%s", self._host, self._phase, head, "..." if len(data) > 200 else "")
-
-    _redact_next = False
 
     async def abort(self) -> None:
         """Close the stream at once, without QUIT (safe in a cancelled scope)."""
@@ -437,6 +441,7 @@ class SMTPConnection:
         allow_insecure_auth: bool,
     ) -> None:
         t = self._timeouts
+        self._allow_insecure_auth = allow_insecure_auth
         if tls == "implicit":
             await self._start_tls()  # R8: the handshake comes before the greeting
         greeting = await self._read("greeting", t.greeting)
@@ -454,7 +459,7 @@ class SMTPConnection:
         if tls == "starttls":
             await self._starttls()
         if username is not None:
-            await self._login(username, password, oauth_token, allow_insecure_auth)
+            await self._login(username, password, oauth_token)
 
     async def _ehlo(self) -> None:
         t = self._timeouts
@@ -496,8 +501,9 @@ class SMTPConnection:
                 "bytes received after the 220 to STARTTLS (response injection); aborted"
             )
         await self._start_tls()
-        # R7: forget all that was learnt in plaintext and ask again.
+        # R7: forget all that was learnt in plaintext, greeting included (R12), and ask again.
         self.capabilities = Capabilities()
+        self.greeting = None
         await self._ehlo()
 
     async def _start_tls(self) -> None:
@@ -517,13 +523,8 @@ class SMTPConnection:
         username: str,
         password: str | None,
         oauth_token: TokenSource | None,
-        allow_insecure_auth: bool,
     ) -> None:
-        if not self.tls_active and not allow_insecure_auth:
-            # R9: credentials only over TLS.
-            raise SMTPSecurityError(
-                "refusing to send credentials without TLS (allow_insecure_auth=True to override)"
-            )
+        self._check_auth_allowed()
         advertised = self.capabilities.auth_mechanisms
         mechanism: SASLMechanism | None
         if oauth_token is not None:
@@ -542,10 +543,32 @@ class SMTPConnection:
                 )
         await self.auth(mechanism)
 
-    async def auth(self, mechanism: SASLMechanism) -> None:
-        """Run one AUTH exchange (RFC 4954); raises :class:`SMTPAuthenticationError`."""
+    def _check_auth_allowed(self) -> None:
         if self.authenticated:
             raise LocalProtocolError("already authenticated (RFC 4954 §4: AUTH only once)")
+        if not self.tls_active and not self._allow_insecure_auth:
+            # R9: credentials only over TLS.
+            raise SMTPSecurityError(
+                "refusing to send credentials without TLS (allow_insecure_auth=True to override)"
+            )
+
+    async def auth(self, mechanism: SASLMechanism) -> None:
+        """Run one AUTH exchange (RFC 4954); raises :class:`SMTPAuthenticationError`.
+
+        Refused without TLS unless the session was opened with ``allow_insecure_auth``
+        (R9). The exchange is redacted in the debug log (R36).
+        """
+        self._check_auth_allowed()
+        self._in_auth = True
+        try:
+            reply = await self._auth_exchange(mechanism)
+        finally:
+            self._in_auth = False
+        if reply.code != 235:
+            raise SMTPAuthenticationError("AUTH", reply)
+        self.authenticated = True
+
+    async def _auth_exchange(self, mechanism: SASLMechanism) -> Reply:
         t = self._timeouts.auth
         initial = mechanism.initial_response()
         line = b"AUTH " + mechanism.name.encode("ascii")
@@ -555,7 +578,7 @@ class SMTPConnection:
                 line += b" " + encoded
             else:
                 initial = None  # §4: too long; answer the first 334 instead
-        reply = await self._command(line + b"\r\n", "AUTH", t, alone=False)
+        reply = await self._command(line + b"\r\n", "AUTH", t)
         challenges = 0
         while reply.code == 334:
             challenges += 1
@@ -565,20 +588,12 @@ class SMTPConnection:
                     raise ValueError("too many challenges")
                 answer = mechanism.respond(challenge)
             except (binascii.Error, ValueError):
-                reply = await self._command(b"*\r\n", "AUTH", t, alone=False)  # cancel (R35)
-                self._broken = "AUTH exchange failed"
+                reply = await self._command(b"*\r\n", "AUTH", t)  # cancel (R35)
+                self._broken = "AUTH exchange cancelled"
+                await self.abort()
                 raise SMTPAuthenticationError("AUTH", reply) from None
-            self._redact_next = True
-            try:
-                reply = await self._command(
-                    base64.b64encode(answer) + b"\r\n", "AUTH", t, alone=False
-                )
-            finally:
-                self._redact_next = False
-        self._check_drained("AUTH")
-        if reply.code != 235:
-            raise SMTPAuthenticationError("AUTH", reply)
-        self.authenticated = True
+            reply = await self._command(base64.b64encode(answer) + b"\r\n", "AUTH", t)
+        return reply
 
     # --------------------------------------------------------------- transactions
 
