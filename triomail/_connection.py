@@ -574,10 +574,9 @@ class SMTPConnection:
         line = b"AUTH " + mechanism.name.encode("ascii")
         if initial is not None:
             encoded = base64.b64encode(initial) or b"="  # §4: an empty response is "="
+            # §4: a response too long for the AUTH line answers the first 334 instead.
             if len(line) + 1 + len(encoded) + 2 <= _MAX_AUTH_LINE:
                 line += b" " + encoded
-            else:
-                initial = None  # §4: too long; answer the first 334 instead
         reply = await self._command(line + b"\r\n", "AUTH", t)
         challenges = 0
         while reply.code == 334:
