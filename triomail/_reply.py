@@ -36,6 +36,14 @@ MAX_REPLY_LENGTH = 32 * 1024
 # An EHLO reply has a few dozen lines; nothing legitimate comes near this.
 MAX_REPLY_LINES = 256
 
+# Single-line replies already parsed, by their exact octets (without CRLF). A server says
+# "250 2.1.5 Ok" thousands of times; a Reply is immutable, so one value serves them all.
+# Only short lines are kept, and the table is emptied when full (unique texts such as
+# "250 2.0.0 Ok: queued as ..." would otherwise fill it): memory stays bounded (R22).
+_CACHE: dict[bytes, Reply] = {}
+_CACHE_LINE = 128
+_CACHE_SIZE = 512
+
 # RFC 3463 §2: class.subject.detail, ASCII digits only (``\d`` would take any Unicode digit).
 _ENHANCED = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})(?: |\Z)")
 
@@ -127,6 +135,15 @@ class ReplyParser:
         Raises :class:`~triomail.SMTPProtocolError` on a grammar or size violation.
         """
         buf = self._buffer
+        if self._pos == 0 and not self._lines:
+            # At a reply boundary: a line seen before is that same reply again.
+            end = buf.find(b"\r\n", self._scan)
+            if 0 <= end <= _CACHE_LINE:
+                cached = _CACHE.get(bytes(buf[:end]))
+                if cached is not None:
+                    del buf[: end + 2]
+                    self._scan = 0
+                    return cached
         while True:
             start = self._pos
             end = buf.find(b"\r\n", self._scan)
@@ -157,6 +174,10 @@ class ReplyParser:
                 raise SMTPProtocolError(f"reply has more than {MAX_REPLY_LINES} lines")
             if last:
                 reply = Reply.from_lines(code, tuple(self._lines))
+                if start == 0 and end <= _CACHE_LINE:  # a whole single-line reply
+                    if len(_CACHE) >= _CACHE_SIZE:
+                        _CACHE.clear()
+                    _CACHE[line] = reply
                 del buf[: self._pos]
                 self._pos = self._scan = 0
                 self._lines = []
