@@ -59,7 +59,13 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ._errors import LocalProtocolError, SMTPDisconnected, SMTPError, SMTPProtocolError
+from ._errors import (
+    LocalProtocolError,
+    SMTPDisconnected,
+    SMTPError,
+    SMTPProtocolError,
+    SMTPTimeoutError,
+)
 from ._protocol import Canonical
 from ._reply import Reply
 from ._result import Outcome, RecipientResult, SendResult, outcome_of
@@ -87,6 +93,9 @@ SALVAGE_SECONDS = 1.0
 # Slot kinds: what a pending reply answers.
 _RSET, _MAIL, _RCPT, _DATA, _DOT, _BDAT = range(6)
 _STAGES = ("RSET", "MAIL", "RCPT", "DATA", "end of data", "BDAT")
+
+_RECEIVE_SIZE = 65536
+_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 _RSET_LINE = b"RSET\r\n"
 _DATA_LINE = b"DATA\r\n"
@@ -183,6 +192,10 @@ class _Batch:
         t = conn._timeouts
         self.seconds = (t.rset, t.mail, t.rcpt, t.data_init, t.data_done, t.data_done)
         self.stop_reason: str | None = None  # set when a refused RSET ends the batch
+        self.scope = trio.CancelScope()  # replaced by the running batch's scope
+        self.stage = "MAIL"
+        self.stage_seconds = t.mail
+        self.debug = log.isEnabledFor(logging.DEBUG)
         self.awaiting = 0  # messages whose content is written and whose reply is not read
 
     # ------------------------------------------------------------------ results
@@ -247,11 +260,54 @@ class _Batch:
     async def drain(self, keep: int = 0) -> None:
         """Read and apply replies until only ``keep`` slots are still owed."""
         slots = self.slots
-        read = self.conn._read
-        seconds = self.seconds
+        read = self.read
+        apply = self.apply
         while len(slots) > keep:
             kind, txn, i = slots.popleft()
-            self.apply(kind, txn, i, await read(_STAGES[kind], seconds[kind]))
+            apply(kind, txn, i, await read(kind))
+
+    async def read(self, kind: int) -> Reply:
+        """The next reply. Pipelined replies mostly arrive together: one already in the
+        parser's buffer costs no wait and no deadline; otherwise the stream is read
+        under the stage's deadline (R26), set on the batch's cancel scope."""
+        conn = self.conn
+        parser = conn._parser
+        stage = _STAGES[kind]
+        try:
+            reply = parser.next_reply()
+            if reply is None:
+                if not conn.is_usable:
+                    raise SMTPDisconnected(
+                        f"connection is not usable ({conn._broken or 'closed'})"
+                    )
+                self.arm(stage, self.seconds[kind])
+                receive = conn._stream.receive_some
+                while reply is None:
+                    data = await receive(_RECEIVE_SIZE)
+                    if not data:
+                        raise SMTPDisconnected(
+                            f"connection lost during {stage}: server closed the connection"
+                        )
+                    parser.feed(data)
+                    reply = parser.next_reply()
+        except _GONE as exc:
+            conn._broken = f"broken in {stage}"
+            raise SMTPDisconnected(f"connection lost during {stage}: {exc!r}") from exc
+        except BaseException as exc:
+            # Protocol errors, cancellation, bugs: a reply is half read; never reuse.
+            conn._broken = conn._broken or f"{type(exc).__name__} in {stage}"
+            raise
+        if self.debug:
+            log.debug("%s %s < %s", conn.host, conn._phase, reply)
+        if reply.code == 421:
+            conn._broken = "server sent 421"  # RFC 5321 §3.8 (R40)
+        return reply
+
+    def arm(self, stage: str, seconds: float) -> None:
+        """Point the batch's deadline at this operation (one scope, not one per I/O)."""
+        self.stage = stage
+        self.stage_seconds = seconds
+        self.scope.deadline = trio.current_time() + seconds
 
     def apply(self, kind: int, txn: _Txn, i: int, reply: Reply) -> None:
         """Apply one reply to the transaction it answers (``send``'s rules, per stage)."""
@@ -328,21 +384,32 @@ class _Batch:
     async def write(
         self, data: bytes, stage: str, seconds: float, finals: Sequence[tuple[_Txn, int]] = ()
     ) -> None:
-        """One ``send_all``; ``finals`` are the messages whose last octet ends at an offset."""
+        """One ``send_all`` under its own deadline (R46); ``finals`` are the messages
+        whose last octet this write carries, with the offset where it ends."""
+        conn = self.conn
+        if not conn.is_usable:
+            raise SMTPDisconnected(f"connection is not usable ({conn._broken or 'closed'})")
+        if self.debug:
+            conn._log_out(data)
+        self.arm(stage, seconds)
         try:
-            await self.conn._write(data, stage, seconds)
-        except SMTPError:
+            await conn._stream.send_all(data)
+        except _GONE as exc:
+            conn._broken = f"broken in {stage}"
             for txn, end in finals:
                 # Octets before the failure point may have reached the server.
                 if end < len(data):
                     txn.final_maybe = True
             await self.salvage()
+            raise SMTPDisconnected(f"connection lost during {stage}: {exc!r}") from exc
+        except BaseException as exc:
+            conn._broken = conn._broken or f"{type(exc).__name__} in {stage}"
             raise
         if finals:
             for txn, _end in finals:
                 txn.final_written = True
             self.awaiting += len(finals)
-            self.conn.awaiting_final_reply = True
+            conn.awaiting_final_reply = True
 
     async def salvage(self) -> None:
         """After a failed write, read what the server said before it gave up (R46)."""
@@ -439,20 +506,32 @@ def _never_started(prepared: PreparedMessage, reason: str) -> SendResult:
 
 
 async def _run(batch: _Batch, driver: Callable[[_Batch], Awaitable[None]]) -> None:
+    """Run a driver under the batch's cancel scope; settle whatever it leaves open."""
     conn = batch.conn
-    try:
-        await driver(batch)
-    except _Stop as stop:
+    failure: str | None = None
+    closing = False
+    with trio.CancelScope() as scope:
+        batch.scope = scope
+        try:
+            await driver(batch)
+        except _Stop as stop:
+            failure, closing = stop.reason, True
+        except SMTPError as exc:
+            failure = f"{type(exc).__name__}: {exc}"
+    if scope.cancelled_caught:
+        # The deadline of the operation under way passed (R26).
+        conn._broken = f"timeout in {batch.stage}"
+        error = SMTPTimeoutError(
+            f"{batch.stage}: not done within {batch.stage_seconds:g} s", stage=batch.stage
+        )
+        failure = f"{type(error).__name__}: {error}"
+    if failure is not None:
         await conn.abort()
-        batch.settle(stop.reason, closing=True)
-    except SMTPError as exc:
-        await conn.abort()
-        batch.settle(f"{type(exc).__name__}: {exc}")
-    else:
-        if batch.stop_reason is not None:
-            # A refused RSET leaves the session in an unknown state: like rset(), stop.
-            conn._broken = "RSET failed"
-            batch.settle(batch.stop_reason)
+        batch.settle(failure, closing=closing)
+    elif batch.stop_reason is not None:
+        # A refused RSET leaves the session in an unknown state: like rset(), stop.
+        conn._broken = "RSET failed"
+        batch.settle(batch.stop_reason)
 
 
 # ---------------------------------------------------------------------------- DATA
