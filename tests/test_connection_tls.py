@@ -266,7 +266,8 @@ async def test_R2_default_context_verifies(server_ssl_ctx: ssl.SSLContext) -> No
 async def test_R2_trustme_certificate_succeeds(
     server_ssl_ctx: ssl.SSLContext, client_ssl_ctx: ssl.SSLContext
 ) -> None:
-    """R2: a valid certificate for the configured host name: TLS, then EHLO again."""
+    """R2: a valid certificate for the configured host name (sent as SNI): TLS, then
+    EHLO again."""
     script = [
         GREETING,
         expect_line(EHLO),
@@ -278,10 +279,19 @@ async def test_R2_trustme_certificate_succeeds(
         ehlo_reply("PIPELINING"),
         *QUIT,
     ]
+    sni: list[str | None] = []
+
+    def record_sni(_obj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+        sni.append(name)
+
+    server_ssl_ctx.sni_callback = record_sni  # type: ignore[assignment]
     async with scripted_server(script, server_ssl_context=server_ssl_ctx) as srv:
-        conn = await open_conn(srv, client_ssl_ctx)
+        conn = await triomail.open_connection(
+            "localhost", srv.port, ssl_context=client_ssl_ctx, local_hostname="client.test"
+        )
         assert conn.tls_active
         await conn.aclose()
+    assert sni == ["localhost"]
     assert srv.transcript.data("plain") == EHLO + b"STARTTLS\r\n"
     assert srv.transcript.data("tls") == EHLO + b"QUIT\r\n"
 
