@@ -90,11 +90,28 @@ class Path:
         return f"<{self.address}>"
 
 
+# Paths already checked: bulk mail names the same sender on every message. A Path is
+# immutable; the table is emptied when full, so memory stays bounded.
+_PATHS: dict[tuple[str, bool], Path] = {}
+_PATHS_SIZE = 4096
+
+
 def format_path(address: str, *, allow_null: bool = False) -> Path:
     """Check an envelope address and return its wire form (R14, R32).
 
     ``allow_null`` permits the null reverse-path ``<>`` (MAIL FROM only, §4.5.5).
     """
+    key = (address, allow_null)
+    path = _PATHS.get(key)
+    if path is None:
+        path = _format_path(address, allow_null)  # raises for a bad one: never kept
+        if len(_PATHS) >= _PATHS_SIZE:
+            _PATHS.clear()
+        _PATHS[key] = path
+    return path
+
+
+def _format_path(address: str, allow_null: bool) -> Path:
     check_argument(address, "address")
     if address.startswith("<") and address.endswith(">"):
         address = address[1:-1]
