@@ -328,6 +328,7 @@ def test_exit_2_for_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[
         ([rows, tpl, "--sink", tmp_path / "o", "--server", "smtp://h"], "not both"),
         ([rows, tpl, "--sink", tmp_path / "o", "--at-most-once"], "only applies with --resume"),
         ([rows, tpl, "--sink", tmp_path / "o", "--resume", "--journal", tmp_path / "j"], "nothing"),
+        ([rows, tpl, "--sink", tmp_path / "o", "--resume"], "needs --journal"),
     ]
     for args, message in cases:
         assert send(*args) == 2, args
@@ -393,6 +394,13 @@ async def test_exit_1_when_a_recipient_is_refused(tmp_path: Path) -> None:
     journal, counts = Journal.open(tmp_path / "j", resume=True)
     journal.close()
     assert counts["accepted"] == 2 and counts["permanent"] == 1
+    async with SMTPSink() as sink:
+        code = await send_async(
+            rows, tpl, "--server", server(sink), "--ca-file", ca_file(sink, tmp_path),
+            "--journal", tmp_path / "j", "--resume",
+        )  # fmt: skip
+        assert code == 1  # a refusal recorded earlier is still a failure of the batch
+        assert sink.received == 0  # and it is not sent again
 
 
 def test_confirmation_without_a_terminal_is_refused(

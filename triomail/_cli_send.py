@@ -313,6 +313,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise CannotRun("no server: give --server URL, --config FILE.toml or --sink DIR")
     if settings.at_most_once and not settings.resume:
         raise CannotRun("--at-most-once only applies with --resume")
+    if settings.resume and settings.journal is None and settings.sink is not None:
+        raise CannotRun("--resume with --sink needs --journal (the default journal is in memory)")
     return settings
 
 
@@ -561,6 +563,8 @@ class _Batch:
             if record is not None:
                 if record.state in ("accepted", "permanent"):
                     self.progress.earlier += 1
+                    if record.state == "permanent":
+                        self.progress.earlier_failed += 1
                     continue
                 if record.state in ("in-flight", "unknown") and self.settings.at_most_once:
                     skipped_unknown.append((item.key, item.line, record.content, record.message_id))
@@ -819,6 +823,12 @@ class _Batch:
             f"resume: {c['accepted']} accepted and {c['permanent']} refused earlier (not resent), "
             f"{c['transient'] + c['pending']} to retry, {unknown} with an unknown outcome: {policy}"
         )
+        previous = self.journal.previous_content
+        if previous and previous != self.template.digest:
+            self._note(
+                "resume: the template changed since the last run; messages not accepted yet "
+                "are sent with the new version"
+            )
 
     async def _run(self, server: Server, signals: AsyncIterator[int]) -> int:
         assert self.progress is not None and self.display is not None
@@ -848,7 +858,7 @@ class _Batch:
             )
             return EXIT_INTERRUPTED
         p = self.progress
-        if p.failed or p.deferred or p.unknown or p.skipped:
+        if p.failed or p.deferred or p.unknown or p.skipped or p.earlier_failed:
             return EXIT_FAILED
         return EXIT_OK
 

@@ -43,6 +43,8 @@ class Progress:
     skipped: int = 0
     #: Rows already accepted or refused in an earlier run (``--resume``).
     earlier: int = 0
+    #: Of those, the ones refused (permanently).
+    earlier_failed: int = 0
     #: Messages handed to the pool in this run.
     started: int = 0
     #: Retries the pool has scheduled (from its statistics).
@@ -120,7 +122,10 @@ class Progress:
             ("bad rows skipped", f"{self.skipped:,}"),
         ]
         if self.earlier:
-            rows.append(("done in an earlier run", f"{self.earlier:,}"))
+            done = f"{self.earlier:,}"
+            if self.earlier_failed:
+                done += f" ({self.earlier_failed:,} of them refused)"
+            rows.append(("done in an earlier run", done))
         if self.recipients:
             per = ", ".join(f"{n:,} {k}" for k, n in sorted(self.recipients.items()))
             rows.append(("recipients", per))
