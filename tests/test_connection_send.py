@@ -317,6 +317,43 @@ async def test_R32_utf8_address_without_smtputf8_is_not_sent() -> None:
     assert srv.transcript.data().isascii()
 
 
+async def test_R32_utf8_header_address_to_a_server_without_smtputf8_is_a_553_value() -> None:
+    """R32: an EmailMessage whose From has a UTF-8 local part cannot be written without
+    RFC 6532; against a server without SMTPUTF8 it is a 553 5.6.7 result, no MAIL."""
+    msg = EmailMessage()
+    msg["From"] = UTF8_LOCAL
+    msg["To"] = "b@x.test"
+    msg["Subject"] = "hi"
+    msg.set_content("hello\n")
+    script = [*prelude("8BITMIME"), *QUIT]
+    async with scripted_stream(script) as (stream, srv):
+        conn = await session(stream)
+        result = await conn.send(msg)
+        assert result.outcome is Outcome.PERMANENT
+        assert result.reply is not None and result.reply.enhanced_code == "5.6.7"
+        await conn.aclose()
+    assert b"MAIL" not in srv.transcript.data()
+
+
+async def test_R33_orcpt_for_a_utf8_recipient_is_utf8_addr_xtext() -> None:
+    """R33 / RFC 6533 §3: ORCPT=utf-8; with \\x{HEX} for non-ASCII, + and =."""
+    orcpt = "ORCPT=utf-8;\\x{7528}\\x{6237}@\\x{4F8B}\\x{5B50}.\\x{6D4B}\\x{8BD5}"
+    script = [
+        *prelude("DSN", "SMTPUTF8", "8BITMIME"),
+        expect_line("MAIL FROM:<s@x.test> SMTPUTF8"),
+        reply(250, "ok"),
+        expect_line(rcpt(UTF8_LOCAL, orcpt)),
+        reply(250, "ok"),
+        *accept_data(),
+        *QUIT,
+    ]
+    async with scripted_stream(script) as (stream, _):
+        conn = await session(stream)
+        dsn = triomail.DSN(orcpt=True)
+        assert (await conn.send(MSG, sender="s@x.test", recipients=[UTF8_LOCAL], dsn=dsn)).ok
+        await conn.aclose()
+
+
 async def test_R32_smtputf8_parameter_when_needed_and_offered() -> None:
     """R32: with SMTPUTF8 advertised, a UTF-8 address goes out as UTF-8 with the
     SMTPUTF8 parameter on MAIL FROM; the EHLO name stays ASCII."""

@@ -500,22 +500,12 @@ def test_r18_prepare_keeps_a_7bit_form_of_an_8bit_message() -> None:
     assert not seven.canonical.eight_bit
 
 
-@pytest.mark.xfail(
-    reason="_connection.prepare: tuple(recipients) splits a str into characters before the "
-    "str check, so the error is 'not a mailbox' for 'b'",
-    strict=True,
-)
 def test_prepare_email_message_recipients_as_one_string() -> None:
     msg = make(From="a@example.com", To="b@example.com")
     with pytest.raises(LocalProtocolError, match="one string"):
         triomail.prepare(msg, recipients="x@example.com")
 
 
-@pytest.mark.xfail(
-    reason="_connection.prepare: envelope_of() runs even when sender= and recipients= are "
-    "given, so a message without To/Cc/Bcc (or From) is refused",
-    strict=True,
-)
 def test_prepare_email_message_explicit_envelope_without_headers() -> None:
     msg = EmailMessage()
     msg["Subject"] = "no From, no To"

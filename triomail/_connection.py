@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import logging
 import select
 import socket
@@ -61,6 +62,7 @@ from ._protocol import (
     dot_stuff,
     encode_command,
     format_path,
+    utf8_addr_xtext,
     xtext,
 )
 from ._reply import Reply, ReplyParser
@@ -141,24 +143,31 @@ def prepare(
     """
     message_id = None
     canonical_7bit = None
+    if isinstance(recipients, str):
+        raise LocalProtocolError("recipients must be a sequence of addresses, not one string")
     if isinstance(message, Message):
-        envelope = envelope_of(message)
-        sender = envelope.sender if sender is None else sender
-        recipients = envelope.recipients if recipients is None else tuple(recipients)
+        if sender is None or recipients is None:
+            envelope = envelope_of(message)
+            sender = envelope.sender if sender is None else sender
+            recipients = envelope.recipients if recipients is None else recipients
+        recipients = tuple(recipients)
         message_id = message_id_of(message)
-        utf8 = smtputf8 and needs_utf8_headers(message)
-        canonical = canonicalize(flatten(message, utf8=utf8, eight_bit=eight_bit))
+        # UTF-8 addresses in headers can only be written raw (RFC 6532); whether the
+        # server takes that is decided per server by _plan (553 5.6.7, R32).
+        utf8 = needs_utf8_headers(message)
+        canonical = canonicalize(flatten(message, utf8=utf8, eight_bit=eight_bit or utf8))
         if canonical.eight_bit and not utf8:
-            canonical_7bit = canonicalize(flatten(message, utf8=False, eight_bit=False))
-        header_utf8 = utf8 and canonical.eight_bit
+            try:
+                canonical_7bit = canonicalize(flatten(message, utf8=False, eight_bit=False))
+            except (LocalProtocolError, UnicodeError, LookupError):
+                canonical_7bit = None  # not expressible in 7 bit: 554 5.6.3 if needed
+        header_utf8 = utf8
     else:
         if sender is None or recipients is None:
             raise LocalProtocolError("raw messages need sender= and recipients=")
         canonical = canonicalize(message)
         header_utf8 = False
         message_id = _raw_message_id(canonical.data)
-    if isinstance(recipients, str):
-        raise LocalProtocolError("recipients must be a sequence of addresses, not one string")
     if not recipients:
         raise LocalProtocolError("no recipients")
     sender_path = format_path(sender, allow_null=True)
@@ -727,8 +736,10 @@ class SMTPConnection:
         for recipient in prepared.recipients:
             extra = list(rcpt_params)
             if dsn is not None and dsn.orcpt and caps.dsn:
-                kind = "utf-8" if not recipient.isascii() else "rfc822"
-                extra.append(f"ORCPT={kind};{xtext(recipient)}")
+                if recipient.isascii():
+                    extra.append(f"ORCPT=rfc822;{xtext(recipient)}")
+                else:
+                    extra.append(f"ORCPT=utf-8;{utf8_addr_xtext(recipient)}")
             rcpts.append(encode_command("RCPT", f"TO:<{recipient}>", *extra))
         return mail, rcpts, canonical
 
@@ -894,6 +905,7 @@ def _final_or_refusal(reply: Reply, stage: str) -> Reply:
     return reply
 
 
+@functools.lru_cache(maxsize=1)
 def _local_name() -> str:
     """The EHLO name: the FQDN in A-label form, or an address literal (R32)."""
     name = socket.getfqdn()
@@ -1009,6 +1021,9 @@ async def start_session(
     closed and the error raised.
     """
     try:
+        if local_hostname is None and not _local_name.cache_info().currsize:
+            # The first look-up of our FQDN may block on DNS: keep it off the trio thread.
+            await trio.to_thread.run_sync(_local_name)
         conn = SMTPConnection(
             stream,
             host=host,

@@ -187,6 +187,15 @@ def xtext(value: str) -> str:
     return "".join(out)
 
 
+def utf8_addr_xtext(value: str) -> str:
+    """RFC 6533 §3 utf-8-addr-xtext: ``\\x{HEX}`` for non-ASCII, ``+``, ``=``, ``\\``
+    and characters outside 33-126 (R33)."""
+    return "".join(
+        ch if 0x21 <= ord(ch) <= 0x7E and ch not in "+=\\" else f"\\x{{{ord(ch):X}}}"
+        for ch in value
+    )
+
+
 # ---------------------------------------------------------------------- capabilities
 
 
