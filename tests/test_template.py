@@ -231,6 +231,14 @@ def test_cc_bcc_envelope_and_bcc_stripped(tmp_path: Path) -> None:
     assert [a.addr_spec for a in msg["Cc"].addresses] == ["b@example.com", "c@example.com"]
 
 
+def test_undisclosed_recipients_group(tmp_path: Path) -> None:
+    t = make(tmp_path, "To: undisclosed-recipients:;\nBcc: {{e}}\nFrom: s@example.com\n\nx\n")
+    r = t.render({"e": "hidden@example.com"}, message_id=MID)
+    assert r.recipients == ("hidden@example.com",)
+    assert b"\r\nTo: undisclosed-recipients:;\r\n" in b"\r\n" + r.data
+    assert b"hidden@" not in r.data
+
+
 def test_template_message_id_and_date_are_kept(tmp_path: Path) -> None:
     t = make(
         tmp_path,

@@ -232,7 +232,7 @@ def _parse_addresses(value: str, what: str) -> list[tuple[str, str]]:
         raise RowError(f"{what}: cannot parse the addresses in {value!r} ({exc})") from None
     invalid = [d for d in header.defects if isinstance(d, email.errors.InvalidHeaderDefect)]
     addresses = getattr(header, "addresses", ())
-    if invalid or not addresses:
+    if invalid or not (addresses or getattr(header, "groups", ())):
         reason = f" ({invalid[0]})" if invalid else ""
         raise RowError(f"{what}: cannot parse the addresses in {value!r}{reason}")
     return [(a.display_name, a.addr_spec) for a in addresses]
@@ -241,6 +241,11 @@ def _parse_addresses(value: str, what: str) -> list[tuple[str, str]]:
 def _address_list(value: str, what: str) -> _AddressList:
     """Parse, check (RFC 5321 paths, R14) and encode an address field."""
     pairs = _parse_addresses(value, what)
+    if not pairs and value.strip():
+        # An empty group such as "undisclosed-recipients:;" (the recipients are in Bcc).
+        if not value.isascii():
+            raise RowError(f"{what}: a group name must be ASCII: {value!r}")
+        return _AddressList((value.strip(),), (), False)
     addresses = []
     utf8 = False
     for _, addr in pairs:
