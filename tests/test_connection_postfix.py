@@ -794,15 +794,6 @@ async def test_dsn_parameters_pass_postfix_syntax_checks(
     await _stored(pf, cp, [ascii_result, utf8_result])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "triomail.DSN values are not checked: NOTIFY=NEVER combined with another keyword"
-        " (RFC 3461 §4.1), an unknown NOTIFY keyword and a non-ASCII ENVID (§4.4) are"
-        " written to the wire instead of raising LocalProtocolError before any byte;"
-        " Postfix answers 501 5.5.4 to the RCPT (MAIL for ENVID)"
-    ),
-)
 @pytest.mark.parametrize(
     "dsn",
     [

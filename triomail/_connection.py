@@ -111,6 +111,29 @@ class DSN:
     envid: str | None = None
     orcpt: bool = False  # send ORCPT=rfc822;<recipient> for each recipient
 
+    def __post_init__(self) -> None:
+        # The caller's mistakes are refused here, before any byte is written (R13, R33).
+        if self.notify is not None:
+            if isinstance(self.notify, str):
+                raise LocalProtocolError("DSN notify must be a sequence, e.g. ('FAILURE',)")
+            words = [w.upper() for w in self.notify]
+            if not words or not set(words) <= _NOTIFY_WORDS:
+                raise LocalProtocolError(
+                    f"DSN notify must be NEVER or any of SUCCESS, FAILURE, DELAY: {self.notify!r}"
+                )
+            if "NEVER" in words and len(words) > 1:  # RFC 3461 §4.1
+                raise LocalProtocolError("DSN notify NEVER cannot be combined with others")
+        if self.ret is not None and self.ret not in ("FULL", "HDRS"):
+            raise LocalProtocolError(f"DSN ret must be 'FULL' or 'HDRS', not {self.ret!r}")
+        if self.envid is not None and not (
+            self.envid.isascii() and self.envid.isprintable() and 0 < len(self.envid) <= 100
+        ):
+            # RFC 3461 §4.4: printable US-ASCII, at most 100 characters.
+            raise LocalProtocolError(f"DSN envid must be printable ASCII: {self.envid!r}")
+
+
+_NOTIFY_WORDS = frozenset({"NEVER", "SUCCESS", "FAILURE", "DELAY"})
+
 
 @dataclass(frozen=True, slots=True)
 class PreparedMessage:
