@@ -120,6 +120,21 @@ class Server:
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
 
+    async def open(self) -> SMTPConnection:
+        """Open one connection to this server; the caller must ``await conn.aclose()``."""
+        return await open_connection(
+            self.host,
+            self.port,
+            tls=self.tls,
+            ssl_context=self.ssl_context,
+            username=self.username,
+            password=self.password,
+            oauth_token=self.oauth_token,
+            local_hostname=self.local_hostname,
+            timeouts=self.timeouts,
+            allow_insecure_auth=self.allow_insecure_auth,
+        )
+
     @property
     def label(self) -> str:
         return f"{self.host}:{self.port or '-'}"
@@ -528,18 +543,7 @@ class Pool:
             wait = state.down_until - trio.current_time()
             if wait > 0:
                 await trio.sleep(wait)
-            conn = await open_connection(
-                server.host,
-                server.port,
-                tls=server.tls,
-                ssl_context=server.ssl_context,
-                username=server.username,
-                password=server.password,
-                oauth_token=server.oauth_token,
-                local_hostname=server.local_hostname,
-                timeouts=server.timeouts,
-                allow_insecure_auth=server.allow_insecure_auth,
-            )
+            conn = await server.open()
         except BaseException:
             state.limiter.release()
             raise
