@@ -119,6 +119,32 @@ async def scripted(
             await conn.aclose()
 
 
+@asynccontextmanager
+async def session(
+    script: Sequence[Step], *, caps: Sequence[str] = ("PIPELINING",), transport: str = "memory"
+) -> AsyncIterator[tuple[SMTPConnection, ScriptedServer]]:
+    """Like :func:`scripted`, over memory streams or over TCP on 127.0.0.1 (where the
+    pipeline drives the socket itself)."""
+    if transport == "memory":
+        async with scripted(script, caps=caps) as (conn, _rec, srv):
+            yield conn, srv
+        return
+    full = [
+        send_lines("220 scripted ESMTP"),
+        expect_line("EHLO client.test"),
+        ehlo_reply(*caps),
+        *script,
+    ]
+    async with scripted_server(full) as srv:
+        conn = await triomail.open_connection(
+            srv.host, srv.port, tls="none", local_hostname="client.test"
+        )
+        try:
+            yield conn, srv
+        finally:
+            await conn.aclose()
+
+
 def summary(result: SendResult) -> list[tuple[str, str, int | None]]:
     return [(r.recipient, r.outcome.value, r.code) for r in result.recipients]
 
@@ -292,7 +318,8 @@ async def test_reply_mapping_every_mix(codes: tuple[str, str, str]) -> None:
     assert second.ok and second.reply is not None and second.reply.text == "queued next"
 
 
-async def test_452_then_250_maps_exactly() -> None:
+@pytest.mark.parametrize("transport", ["memory", "tcp"])
+async def test_452_then_250_maps_exactly(transport: str) -> None:
     """R42 (Exim bug 2692): 250 x3, 452, 250 -- each reply to its own recipient."""
     rcpts = [f"r{i}@example.com" for i in range(5)]
     codes = ["250 ok", "250 ok", "250 ok", "452 4.5.3 too many recipients", "250 ok"]
@@ -302,7 +329,7 @@ async def test_452_then_250_maps_exactly() -> None:
         expect_data(), send_lines("250 queued"),
         *quit_steps(),
     ]  # fmt: skip
-    async with scripted(script) as (conn, _rec, _srv):
+    async with session(script, transport=transport) as (conn, _srv):
         [result] = await conn.send_many([prep(body(0), *rcpts)])
     assert summary(result) == [
         ("r0@example.com", "accepted", 250),
@@ -338,7 +365,8 @@ async def test_final_reply_failure_does_not_leak_into_the_next() -> None:
 # -- DATA: 421 and lost connections --------------------------------------------------------
 
 
-async def test_421_to_rcpt_in_the_middle_of_a_group() -> None:
+@pytest.mark.parametrize("transport", ["memory", "tcp"])
+async def test_421_to_rcpt_in_the_middle_of_a_group(transport: str) -> None:
     m = [prep(body(i), f"b{i}@example.com", f"c{i}@example.com") for i in range(4)]
     script = [
         expect_line(MAIL), expect_line(rcpt("b0@example.com")), expect_line(rcpt("c0@example.com")),
@@ -349,7 +377,7 @@ async def test_421_to_rcpt_in_the_middle_of_a_group() -> None:
         send_lines("250 queued 0", "250 ok", "550 no b1", "421 4.3.2 shutting down"),
         expect_eof(allow_quit=False),
     ]  # fmt: skip
-    async with scripted(script) as (conn, _rec, _srv):
+    async with session(script, transport=transport) as (conn, _srv):
         results = await conn.send_many(m)
         assert not conn.is_usable
     assert results[0].ok
@@ -363,7 +391,8 @@ async def test_421_to_rcpt_in_the_middle_of_a_group() -> None:
         assert r.error is not None and "never started" in r.error
 
 
-async def test_421_to_final_dot_with_next_envelope_in_flight() -> None:
+@pytest.mark.parametrize("transport", ["memory", "tcp"])
+async def test_421_to_final_dot_with_next_envelope_in_flight(transport: str) -> None:
     m = [prep(body(i), f"b{i}@example.com") for i in range(3)]
     script = [
         expect_line(MAIL), expect_line(rcpt("b0@example.com")), expect_line("DATA"),
@@ -373,7 +402,7 @@ async def test_421_to_final_dot_with_next_envelope_in_flight() -> None:
         send_lines("421 4.3.2 going down"),
         expect_eof(allow_quit=False),
     ]  # fmt: skip
-    async with scripted(script) as (conn, _rec, _srv):
+    async with session(script, transport=transport) as (conn, _srv):
         results = await conn.send_many(m)
     assert summary(results[0]) == [("b0@example.com", "transient", 421)]
     assert summary(results[1]) == [("b1@example.com", "transient", None)]
@@ -382,21 +411,23 @@ async def test_421_to_final_dot_with_next_envelope_in_flight() -> None:
     assert results[2].error is not None and "never started" in results[2].error
 
 
-async def test_421_to_mail() -> None:
+@pytest.mark.parametrize("transport", ["memory", "tcp"])
+async def test_421_to_mail(transport: str) -> None:
     m = [prep(body(i), f"b{i}@example.com") for i in range(2)]
     script = [
         expect_line(MAIL), expect_line(rcpt("b0@example.com")), expect_line("DATA"),
         send_lines("421 4.7.0 too busy"),
         expect_eof(allow_quit=False),
     ]  # fmt: skip
-    async with scripted(script) as (conn, _rec, _srv):
+    async with session(script, transport=transport) as (conn, _srv):
         results = await conn.send_many(m)
     assert summary(results[0]) == [("b0@example.com", "transient", 421)]
     assert not results[0].mail_accepted
     assert "never started" in (results[1].error or "")
 
 
-async def test_connection_lost_after_final_dot_is_unknown() -> None:
+@pytest.mark.parametrize("transport", ["memory", "tcp"])
+async def test_connection_lost_after_final_dot_is_unknown(transport: str) -> None:
     m = [prep(body(i), f"b{i}@example.com") for i in range(3)]
     script = [
         expect_line(MAIL), expect_line(rcpt("b0@example.com")), expect_line("DATA"),
@@ -406,7 +437,7 @@ async def test_connection_lost_after_final_dot_is_unknown() -> None:
         abort(),
     ]  # fmt: skip
     seen: list[int] = []
-    async with scripted(script) as (conn, _rec, _srv):
+    async with session(script, transport=transport) as (conn, _srv):
         results = await conn.send_many(m, on_result=lambda i, r: seen.append(i))
         assert not conn.is_usable
     assert [r.outcome for r in results] == [Outcome.UNKNOWN, Outcome.TRANSIENT, Outcome.TRANSIENT]
@@ -449,7 +480,8 @@ async def test_early_reply_while_the_body_is_written() -> None:
     assert result.error == "server replied before the end of data"
 
 
-async def test_refused_rset_stops_the_batch() -> None:
+@pytest.mark.parametrize("transport", ["memory", "tcp"])
+async def test_refused_rset_stops_the_batch(transport: str) -> None:
     m = [prep(body(i), f"b{i}@example.com") for i in range(3)]
     script = [
         expect_line(MAIL), expect_line(rcpt("b0@example.com")), expect_line("DATA"),
@@ -459,7 +491,7 @@ async def test_refused_rset_stops_the_batch() -> None:
         send_lines("500 5.5.2 what?", "503 5.5.1 nested MAIL", "503 need MAIL", "503 need MAIL"),
         expect_eof(allow_quit=False),
     ]  # fmt: skip
-    async with scripted(script) as (conn, _rec, _srv):
+    async with session(script, transport=transport) as (conn, _srv):
         results = await conn.send_many(m)
         assert not conn.is_usable
     assert results[0].outcome is Outcome.PERMANENT
@@ -708,7 +740,8 @@ async def test_bdat_last_failure_resets_the_session() -> None:
     assert result.outcome is Outcome.PERMANENT
 
 
-async def test_bdat_reply_mapping_with_refused_mail_and_recipients() -> None:
+@pytest.mark.parametrize("transport", ["memory", "tcp"])
+async def test_bdat_reply_mapping_with_refused_mail_and_recipients(transport: str) -> None:
     m = [
         prep(body(0), "b0@example.com", "x@example.com"),
         prep(body(1), "b1@example.com"),
@@ -725,7 +758,7 @@ async def test_bdat_reply_mapping_with_refused_mail_and_recipients() -> None:
         expect_line("RSET"), send_lines("250 reset"),
         *quit_steps(),
     ]  # fmt: skip
-    async with scripted(script, caps=CHUNKING) as (conn, _rec, _srv):
+    async with session(script, caps=CHUNKING, transport=transport) as (conn, _srv):
         results = await conn.send_many(m)
     assert summary(results[0]) == [
         ("b0@example.com", "transient", 452),
@@ -736,7 +769,8 @@ async def test_bdat_reply_mapping_with_refused_mail_and_recipients() -> None:
     assert summary(results[2]) == [("b2@example.com", "permanent", 550)]
 
 
-async def test_bdat_421_stops_the_window() -> None:
+@pytest.mark.parametrize("transport", ["memory", "tcp"])
+async def test_bdat_421_stops_the_window(transport: str) -> None:
     m = [prep(body(i), f"b{i}@example.com") for i in range(3)]
     script = [
         *bdat_txn(0, body(0), rset=False),
@@ -745,7 +779,7 @@ async def test_bdat_421_stops_the_window() -> None:
         send_lines("250 ok", "250 ok", "250 queued 0", "421 4.3.2 bye"),
         expect_eof(allow_quit=False),
     ]
-    async with scripted(script, caps=CHUNKING) as (conn, _rec, _srv):
+    async with session(script, caps=CHUNKING, transport=transport) as (conn, _srv):
         results = await conn.send_many(m)
     assert results[0].ok
     assert summary(results[1]) == [("b1@example.com", "transient", 421)]
@@ -753,7 +787,8 @@ async def test_bdat_421_stops_the_window() -> None:
     assert summary(results[2]) == [("b2@example.com", "transient", None)]
 
 
-async def test_bdat_connection_lost_with_a_window_in_flight() -> None:
+@pytest.mark.parametrize("transport", ["memory", "tcp"])
+async def test_bdat_connection_lost_with_a_window_in_flight(transport: str) -> None:
     m = [prep(body(i), f"b{i}@example.com") for i in range(3)]
     script = [
         *bdat_txn(0, body(0), rset=False),
@@ -762,7 +797,7 @@ async def test_bdat_connection_lost_with_a_window_in_flight() -> None:
         send_lines("250 ok", "250 ok", "250 queued 0"),
         abort(),
     ]
-    async with scripted(script, caps=CHUNKING) as (conn, _rec, _srv):
+    async with session(script, caps=CHUNKING, transport=transport) as (conn, _srv):
         results = await conn.send_many(m)
         assert not conn.is_usable
     assert [r.outcome for r in results] == [Outcome.ACCEPTED, Outcome.UNKNOWN, Outcome.UNKNOWN]
