@@ -134,13 +134,18 @@ class Rendered:
 # ----------------------------------------------------------------- header encoding
 
 
-def _encoded_words(text: str) -> list[str]:
-    """``text`` as RFC 2047 "B" encoded words, split on character boundaries."""
+def _encoded_words(text: str, first: int = _EW_BYTES) -> list[str]:
+    """``text`` as RFC 2047 "B" encoded words, split on character boundaries.
+
+    ``first`` is the UTF-8 budget of the first word (shorter after a long field name).
+    """
     data = text.encode("utf-8")
     words = []
     start = 0
+    budget = first
     while start < len(data):
-        end = min(start + _EW_BYTES, len(data))
+        end = min(start + budget, len(data))
+        budget = _EW_BYTES
         # Never split a UTF-8 sequence: back off continuation bytes (10xxxxxx).
         while end < len(data) and (data[end] & 0xC0) == 0x80:
             end -= 1
@@ -194,10 +199,18 @@ def _fold(name: str, tokens: Sequence[str], separator: str = " ") -> str:
 
 
 def encode_unstructured(name: str, value: str) -> str:
-    """``Name: value\\r\\n`` with RFC 2047 words for non-ASCII text, folded at 78."""
-    if value.isascii() and len(name) + len(value) + 2 <= _FOLD_AT and "=?" not in value:
-        return f"{name}: {value}\r\n"
-    return _fold(name, _unstructured_tokens(value))
+    """``Name: value\\r\\n`` with RFC 2047 words for non-ASCII text, folded at 78.
+
+    A non-ASCII value is encoded whole (as mailmerge and the email package do): one
+    pass, and its white space survives exactly. ASCII values are folded at spaces.
+    """
+    if value.isascii():
+        if len(name) + len(value) + 2 <= _FOLD_AT and "=?" not in value:
+            return f"{name}: {value}\r\n"
+        return _fold(name, _unstructured_tokens(value))
+    # "Name: =?utf-8?b?" + base64 + "?=" within 78: 4 base64 characters per 3 bytes.
+    first = max(3, (_FOLD_AT - len(name) - 2 - 12) // 4 * 3)
+    return f"{name}: " + "\r\n ".join(_encoded_words(value, first)) + "\r\n"
 
 
 def _quote_phrase(name: str) -> str:
@@ -459,6 +472,14 @@ def _link_inline_images(html: str, base: Path, attachments: Sequence[_Attachment
 Piece = str | int
 
 
+def _format(pieces: Sequence[Piece]) -> str:
+    """The pieces as a :meth:`str.format` string: one C call per message to join them."""
+    return "".join(
+        p.replace("{", "{{").replace("}", "}}") if isinstance(p, str) else f"{{{p}}}"
+        for p in pieces
+    )
+
+
 def _join(pieces: Sequence[Piece], values: Sequence[str]) -> str:
     return "".join(p if isinstance(p, str) else values[p] for p in pieces)
 
@@ -566,6 +587,8 @@ class _Header:
     encoded: bytes | None = None
     #: The parsed mailboxes, for a constant address field.
     addresses: _AddressList | None = None
+    #: The value's pieces as a format string (see :func:`_format`).
+    fmt: str = ""
 
 
 @dataclass(slots=True)
@@ -579,6 +602,8 @@ class _Plan:
     attachments: list[_Field]
     constant_attachments: list[_Attachment] | None
     html: list[Piece] | None  # markdown converted once with placeholders
+    body_fmt: str
+    html_fmt: str | None
     html_checks: dict[int, tuple[bool, bool]]  # expr -> (inside a tag, at line start)
     boundaries: tuple[str, str]
     has_date: bool
@@ -627,7 +652,7 @@ def _build_plan(fields: list[_Field], body: list[Piece], base: Path) -> _Plan:
         elif key == "from" and from_field is None:
             from_field = f
         f.name = _CANONICAL_NAMES.get(key, f.name)
-        header = _Header(f)
+        header = _Header(f, fmt=_format(f.pieces))
         if f.constant:
             value = _join(f.pieces, [])
             try:
@@ -661,6 +686,8 @@ def _build_plan(fields: list[_Field], body: list[Piece], base: Path) -> _Plan:
         attachments=attachments,
         constant_attachments=constant_attachments,
         html=html,
+        body_fmt=_format(body),
+        html_fmt=None if html is None else _format(html),
         html_checks=checks,
         boundaries=(_boundary(), _boundary()),
         has_date=has_date,
@@ -764,11 +791,11 @@ def _render_plan(plan: _Plan, values: Sequence[str], message_id: str) -> Rendere
         if header.encoded is not None:
             lines.append(header.encoded)
             if f is plan.message_id_field:
-                mid = _join(f.pieces, values)
+                mid = header.fmt.format(*values)
             continue
         addresses = header.addresses
         if addresses is None:
-            value = _join(f.pieces, values).strip()
+            value = header.fmt.format(*values).strip()
             _check_header_value(f.name, value)
             if f.key not in _ADDRESS_FIELDS:
                 if f is plan.message_id_field:
@@ -801,17 +828,17 @@ def _render_plan(plan: _Plan, values: Sequence[str], message_id: str) -> Rendere
     out.append(b"MIME-Version: 1.0\r\n")
 
     # ---- body
-    text = _join(plan.body, values)
+    text = plan.body_fmt.format(*values)
     attachments = plan.constant_attachments
     if attachments is None:
         attachments = [attachment_for(plan.base, _join(a.pieces, values)) for a in plan.attachments]
     outer, inner = plan.boundaries
     if plan.subtype == "markdown":
         html: str | None = None
-        if plan.html is not None and all(
+        if plan.html_fmt is not None and all(
             _inert(values[i], *check) for i, check in plan.html_checks.items()
         ):
-            html = _join(plan.html, values)
+            html = plan.html_fmt.format(*values)
         if html is None:
             html = _link_inline_images(_markdown_to_html(text), plan.base, attachments)
         t_head, t_body = _text_part("plain", text, plan.boundaries)
