@@ -98,7 +98,7 @@ class Progress:
             if bar:
                 filled = int(fraction * _BAR)
                 parts.append("[" + "#" * filled + "-" * (_BAR - filled) + "]")
-            parts.append(f"{fraction * 100:3.0f}% {done:,}/{total:,}")
+            parts.append(f"{fraction * 100:.0f}% {done:,}/{total:,}")
         else:
             parts.append(f"{done:,}")
         parts.append(f"{rate:,.0f} msg/s")
