@@ -69,7 +69,7 @@ from ._errors import (
     SMTPTimeoutError,
 )
 from ._protocol import Canonical
-from ._reply import Reply
+from ._reply import Reply, ReplyParser
 from ._result import Outcome, RecipientResult, SendResult, outcome_of
 
 if TYPE_CHECKING:
@@ -267,11 +267,28 @@ class _Batch:
     async def drain(self, keep: int = 0) -> None:
         """Read and apply replies until only ``keep`` slots are still owed."""
         slots = self.slots
-        read = self.read
         apply = self.apply
+        parser = self.conn._parser
         while len(slots) > keep:
             kind, txn, i = slots.popleft()
-            apply(kind, txn, i, await read(kind))
+            # Most replies of a group are already buffered: no coroutine for those.
+            reply = self.buffered(parser, kind) if parser.has_unprocessed else None
+            apply(kind, txn, i, reply if reply is not None else await self.read(kind))
+
+    def buffered(self, parser: ReplyParser, kind: int) -> Reply | None:
+        """A complete reply already in the parser's buffer, if there is one."""
+        conn = self.conn
+        try:
+            reply = parser.next_reply()
+        except BaseException:
+            conn._broken = conn._broken or f"protocol error in {_STAGES[kind]}"
+            raise
+        if reply is not None:
+            if self.debug:
+                log.debug("%s %s < %s", conn.host, conn._phase, reply)
+            if reply.code == 421:
+                conn._broken = "server sent 421"  # RFC 5321 §3.8 (R40)
+        return reply
 
     async def read(self, kind: int) -> Reply:
         """The next reply. Pipelined replies mostly arrive together: one already in the
@@ -418,7 +435,14 @@ class _Batch:
                 self.arm(stage, seconds)
                 await conn._stream.send_all(data)
             else:
-                await self._send_raw(fd, data, stage, seconds)
+                # send_all on the socket itself: one write when the kernel takes it all
+                # (the usual case; nothing waited, so no deadline), else wait for room.
+                try:
+                    sent = os.write(fd, data)
+                except BlockingIOError:
+                    sent = 0
+                if sent < len(data):
+                    await self._send_rest(fd, memoryview(data)[sent:], stage, seconds)
         except _GONE as exc:
             conn._broken = f"broken in {stage}"
             for txn, end in finals:
@@ -436,17 +460,9 @@ class _Batch:
             self.awaiting += len(finals)
             conn.awaiting_final_reply = True
 
-    async def _send_raw(self, fd: int, data: bytes, stage: str, seconds: float) -> None:
-        """``send_all`` on the socket itself: one ``write`` when the kernel takes it all
-        (the usual case), otherwise wait for room under the deadline (R46)."""
-        try:
-            sent = os.write(fd, data)
-        except BlockingIOError:
-            sent = 0
-        if sent == len(data):
-            return
+    async def _send_rest(self, fd: int, view: memoryview, stage: str, seconds: float) -> None:
+        """The rest of a write the kernel could not take at once, under the deadline (R46)."""
         self.arm(stage, seconds)
-        view = memoryview(data)[sent:]
         while view:
             await trio.lowlevel.wait_writable(fd)
             with contextlib.suppress(BlockingIOError):
@@ -593,7 +609,7 @@ async def _data(batch: _Batch) -> None:
         if due is not None:
             batch.body_due = None
             slots.append((_DOT, due, 0))  # first: a reply to a failed write is its answer
-            parts += await _body_head(batch, due)
+            parts = _small_body(due) or await _body_head(batch, due)
             finals.append((due, sum(map(len, parts))))
             stage, seconds = "data block", t.data_block
         elif batch.need_rset:
@@ -605,8 +621,12 @@ async def _data(batch: _Batch) -> None:
         first = n if n <= RCPT_GROUP else RCPT_GROUP
         parts.append(txn.mail)
         slots.append((_MAIL, txn, 0))
-        parts += rcpts[:first]
-        slots.extend([(_RCPT, txn, i) for i in range(first)])
+        if n == 1:
+            parts.append(rcpts[0])
+            slots.append((_RCPT, txn, 0))
+        else:
+            parts += rcpts[:first]
+            slots.extend([(_RCPT, txn, i) for i in range(first)])
         if n == first:
             parts.append(_DATA_LINE)
             slots.append((_DATA, txn, 0))
@@ -633,7 +653,7 @@ async def _data(batch: _Batch) -> None:
     if due is not None:
         batch.body_due = None
         slots.append((_DOT, due, 0))
-        parts = await _body_head(batch, due)
+        parts = _small_body(due) or await _body_head(batch, due)
         data = b"".join(parts)
         await batch.write(data, "data block", t.data_block, [(due, len(data))])
         await batch.drain()
@@ -644,6 +664,19 @@ async def _data(batch: _Batch) -> None:
         await batch.write(_RSET_LINE, "RSET", t.rset)
         await batch.drain()
         conn._check_drained("RSET")
+
+
+def _small_body(txn: _Txn) -> list[bytes] | None:
+    """``txn``'s content to join into one write, or None if it must be streamed.
+
+    With no recipient accepted (or MAIL refused) the content is just ``.\r\n`` (R29).
+    """
+    if not txn.accepted or txn.done:
+        return [_DOT_LINE]
+    if len(txn.canonical) > DATA_CHUNK - 1024:  # leave room for the transparency dots
+        return None
+    body, end = _stuffed(txn.canonical)
+    return [body, end] if len(body) <= DATA_CHUNK else None
 
 
 async def _body_head(batch: _Batch, txn: _Txn) -> list[bytes]:
