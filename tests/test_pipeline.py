@@ -49,6 +49,7 @@ import triomail
 from triomail import Outcome, PreparedMessage, SendResult, SMTPConnection
 from triomail._pipeline import RCPT_GROUP, WINDOW_MESSAGES
 from triomail._protocol import dot_stuff
+from triomail.testing import Fault, SMTPSink
 
 # -- helpers ------------------------------------------------------------------------------
 
@@ -1197,3 +1198,110 @@ async def test_postfix_many_messages_and_a_thousand_recipients(
     assert all(r.ok for r in results)
     assert len(results[100].accepted) == 1000
     await postfix.await_delivered(1200, since=cp, timeout=60)
+
+
+# -- the capture sink (triomail.testing.SMTPSink, strict) -------------------------------------
+
+SINK_RAWS = [
+    b".leading dot\nbare LF\rbare CR\r\n.\r\n..\r\nend",
+    b"Subject: plain\r\n\r\nhello\r\n",
+    b"",
+    "Subject: caf\u00e9\r\n\r\nd\u00e9j\u00e0 vu\r\n".encode(),
+]
+
+
+@asynccontextmanager
+async def sink_connection(**options: object) -> AsyncIterator[tuple[SMTPConnection, SMTPSink]]:
+    async with SMTPSink(tls=False, **options) as sink:  # type: ignore[arg-type]
+        async with triomail.connect(
+            sink.host, sink.port, tls="none", local_hostname="client.test"
+        ) as conn:
+            yield conn, sink
+
+
+@pytest.mark.parametrize("chunking", [False, True])
+async def test_sink_batch_arrives_intact_with_no_sync_error(chunking: bool) -> None:
+    raws = [raw + b"n%d\r\n" % i for i, raw in enumerate(SINK_RAWS * 10)]
+    async with sink_connection() as (conn, sink):
+        messages = [prep(raw, f"r{i}@example.com") for i, raw in enumerate(raws)]
+        results = await conn.send_many(messages, chunking=chunking)
+        assert conn.is_usable
+        stored = await sink.wait_for_messages(len(raws))
+    assert all(r.ok for r in results), [str(r.reply) for r in results if not r.ok]
+    assert [m.rcpt_to for m in stored] == [[f"r{i}@example.com"] for i in range(len(raws))]
+    assert [m.data for m in stored] == [m.canonical.data for m in messages]
+    assert {m.transfer for m in stored} == {"BDAT" if chunking else "DATA"}
+
+
+@pytest.mark.parametrize("chunking", [False, True])
+async def test_sink_faults_map_to_their_messages(chunking: bool) -> None:
+    faults = [
+        Fault("RCPT", code=452, recipient="c2@example.com"),
+        Fault("MAIL", code=550, message=3),
+        Fault(".", code=554, message=5),
+        Fault("RCPT", code=550, recipient="only6@example.com"),
+        Fault("BDAT" if chunking else "DATA", code=451, message=7),
+    ]
+    async with sink_connection(faults=faults) as (conn, sink):
+        messages = [
+            prep(body(1), "b1@example.com"),
+            prep(body(2), "b2@example.com", "c2@example.com", "d2@example.com"),
+            prep(body(3), "b3@example.com"),
+            prep(body(4), "b4@example.com"),
+            prep(body(5), "b5@example.com"),
+            prep(body(6), "only6@example.com"),
+            prep(body(7), "b7@example.com"),
+            prep(body(8), "b8@example.com"),
+        ]
+        results = await conn.send_many(messages, chunking=chunking)
+        assert conn.is_usable
+    assert summary(results[1]) == [
+        ("b2@example.com", "accepted", 250),
+        ("c2@example.com", "transient", 452),
+        ("d2@example.com", "accepted", 250),
+    ]
+    assert summary(results[2]) == [("b3@example.com", "permanent", 550)]
+    assert not results[2].mail_accepted
+    assert summary(results[4]) == [("b5@example.com", "permanent", 554)]
+    assert summary(results[5]) == [("only6@example.com", "permanent", 550)]
+    assert summary(results[6]) == [("b7@example.com", "transient", 451)]
+    assert [r.ok for r in results] == [True, False, False, True, False, False, False, True]
+    assert [m.rcpt_to for m in sink.messages] == [
+        ["b1@example.com"],
+        ["b2@example.com", "d2@example.com"],
+        ["b4@example.com"],
+        ["b8@example.com"],
+    ]
+
+
+@pytest.mark.parametrize("chunking", [False, True])
+async def test_sink_421_in_the_middle(chunking: bool) -> None:
+    async with sink_connection(faults=[Fault("MAIL", code=421, message=3)]) as (conn, sink):
+        results = await conn.send_many(
+            [prep(body(i), f"b{i}@example.com") for i in range(5)], chunking=chunking
+        )
+        assert not conn.is_usable
+    assert [r.ok for r in results[:2]] == [True, True]
+    assert summary(results[2]) == [("b2@example.com", "transient", 421)]
+    assert all(r.outcome is Outcome.TRANSIENT for r in results[3:])
+    assert len(sink.messages) == 2
+
+
+@pytest.mark.parametrize("chunking", [False, True])
+async def test_sink_hang_up_before_the_final_reply(chunking: bool) -> None:
+    fault = Fault(".", drop="before_reply", message=3)
+    async with sink_connection(faults=[fault]) as (conn, sink):
+        results = await conn.send_many(
+            [prep(body(i), f"b{i}@example.com") for i in range(5)], chunking=chunking
+        )
+    assert [r.outcome for r in results[:3]] == [Outcome.ACCEPTED, Outcome.ACCEPTED, Outcome.UNKNOWN]
+    assert all(r.outcome in (Outcome.TRANSIENT, Outcome.UNKNOWN) for r in results[3:])
+    # The sink did store message 3: exactly why its outcome is unknown, not transient.
+    assert [m.rcpt_to for m in sink.messages][:3] == [[f"b{i}@example.com"] for i in range(3)]
+
+
+async def test_sink_without_pipelining_gets_one_command_at_a_time() -> None:
+    async with sink_connection(hide_extensions=["PIPELINING", "CHUNKING"]) as (conn, sink):
+        results = await conn.send_many([prep(body(i), f"b{i}@example.com") for i in range(4)])
+    assert all(r.ok for r in results)
+    assert len(sink.messages) == 4
