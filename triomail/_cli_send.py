@@ -679,12 +679,16 @@ class _Batch:
         if not isinstance(tag, _Tag):
             return
         self.outstanding.pop(tag.key, None)
-        self.retries_done += max(0, result.attempts - 1)
+        if result.attempts > 1:
+            self.retries_done += result.attempts - 1
         outcome = result.outcome
         finished = time.time()
-        final = {Outcome.ACCEPTED, Outcome.PERMANENT}
-        settled = [r.recipient for r in result.recipients if r.outcome in final]
-        done = tuple(dict.fromkeys([*tag.done, *settled]))
+        done: tuple[str, ...] = ()
+        if outcome is not Outcome.ACCEPTED and outcome is not Outcome.PERMANENT:
+            # Only a message sent again needs to know who already has a final outcome.
+            final = (Outcome.ACCEPTED, Outcome.PERMANENT)
+            settled = [r.recipient for r in result.recipients if r.outcome in final]
+            done = tuple(dict.fromkeys([*tag.done, *settled]))
         reply = result.reply
         code = reply.code if reply is not None else None
         enhanced = reply.enhanced_code if reply is not None else None
