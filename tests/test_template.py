@@ -403,6 +403,20 @@ def test_inline_image_links_to_attachment(tmp_path: Path) -> None:
     assert f'src="cid:{cid}"' in html
 
 
+def test_inline_image_in_an_html_template(tmp_path: Path) -> None:
+    (tmp_path / "logo.png").write_bytes(b"\x89PNG fake")
+    t = make(
+        tmp_path,
+        "To: {{e}}\nFrom: s@example.com\nSubject: s\nContent-Type: text/html\n"
+        'ATTACHMENT: logo.png\n\n<p><img src="logo.png"> Hi {{e}}</p>\n',
+    )
+    msg = parse(t.render({"e": "a@example.com"}, message_id=MID))
+    html = next(p for p in msg.walk() if p.get_content_type() == "text/html")
+    [att] = list(msg.iter_attachments())
+    assert isinstance(html, EmailMessage)
+    assert f'src="cid:{att["Content-ID"].strip("<>")}"' in html.get_content()
+
+
 # ----------------------------------------------------------------- other structures
 
 

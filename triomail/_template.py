@@ -853,6 +853,8 @@ def _render_plan(plan: _Plan, values: Sequence[str], message_id: str) -> Rendere
         out.append(f"--{outer}\r\n".encode("ascii"))
         out.extend(alt)
     else:
+        if plan.subtype == "html" and attachments:
+            text = _link_inline_images(text, plan.base, attachments)
         head, body = _text_part(plan.subtype, text, plan.boundaries)
         if not attachments:
             out.append(head)
