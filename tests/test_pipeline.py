@@ -1031,9 +1031,9 @@ batches = st.lists(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(batch=batches, chunking=st.booleans())
+@given(batch=batches, chunking=st.booleans(), lazy=st.booleans())
 def test_send_many_reports_what_send_reports(
-    batch: list[tuple[str, list[str]]], chunking: bool
+    batch: list[tuple[str, list[str]]], chunking: bool, lazy: bool
 ) -> None:
     messages = [
         prep(body(i), *[f"{k}@example.com" for k in kinds], sender=f"{s}@example.com")
@@ -1044,7 +1044,7 @@ def test_send_many_reports_what_send_reports(
     async def main() -> tuple[list[SendResult], list[SendResult], int]:
         expected = await _via_send(messages)
         async with rule_session(chunking=chunking) as (conn, server):
-            got = await conn.send_many(messages)
+            got = await conn.send_many(iter(messages) if lazy else messages)
         return expected, got, len(server.delivered)
 
     expected, got, delivered = trio.run(main)
@@ -1305,3 +1305,94 @@ async def test_sink_without_pipelining_gets_one_command_at_a_time() -> None:
         results = await conn.send_many([prep(body(i), f"b{i}@example.com") for i in range(4)])
     assert all(r.ok for r in results)
     assert len(sink.messages) == 4
+
+
+# -- lazily consumed iterables ------------------------------------------------------------
+
+
+async def test_a_generator_gives_the_same_groups_as_a_list() -> None:
+    taken: list[int] = []
+
+    def messages() -> Iterator[PreparedMessage]:
+        for i in range(3):
+            taken.append(i)
+            yield prep(body(i), f"b{i}@example.com")
+
+    script = [
+        expect_line(MAIL), expect_line(rcpt("b0@example.com")), expect_line("DATA"),
+        send_lines("250 ok", "250 ok", "354 go"),
+        expect_data(), expect_line(MAIL), expect_line(rcpt("b1@example.com")),
+        expect_line("DATA"),
+        send_lines("250 queued 0", "250 ok", "250 ok", "354 go"),
+        expect_data(), expect_line(MAIL), expect_line(rcpt("b2@example.com")),
+        expect_line("DATA"),
+        send_lines("250 queued 1", "250 ok", "250 ok", "354 go"),
+        expect_data(), send_lines("250 queued 2"),
+        *quit_steps(),
+    ]  # fmt: skip
+    gen = messages()
+    async with scripted(script) as (conn, rec, _srv):
+        results = await conn.send_many(gen)
+        assert rec.writes[1] == body(0) + b".\r\n" + MAIL + rcpt("b1@example.com") + b"DATA\r\n"
+    assert [r.reply.text for r in results if r.reply] == ["queued 0", "queued 1", "queued 2"]
+    assert taken == [0, 1, 2]
+
+
+@pytest.mark.parametrize("chunking", [False, True])
+async def test_a_generator_is_drained_into_never_started_results(chunking: bool) -> None:
+    fault = Fault("MAIL", code=421, message=2)
+    async with sink_connection(faults=[fault]) as (conn, _sink):
+        results = await conn.send_many(
+            (prep(body(i), f"b{i}@example.com", tag=i) for i in range(6)), chunking=chunking
+        )
+    assert [r.tag for r in results] == list(range(6))
+    assert results[0].ok
+    assert summary(results[1]) == [("b1@example.com", "transient", 421)]
+    assert all(r.outcome is Outcome.TRANSIENT for r in results[2:])
+    if not chunking:  # with BDAT the rest of the window was already on the wire
+        assert all("never started" in (r.error or "") for r in results[2:])
+
+
+async def test_a_lazily_refused_message_is_a_result_not_an_exception() -> None:
+    eight_bit = prep("Subject: caf\u00e9\r\n\r\nd\u00e9j\u00e0\r\n", "x@example.com")
+    script = [
+        expect_line(MAIL), expect_line(rcpt("b@example.com")), expect_line("DATA"),
+        send_lines("250 ok", "250 ok", "354 go"),
+        expect_data(), send_lines("250 queued"),
+        *quit_steps(),
+    ]  # fmt: skip
+    async with scripted(script) as (conn, _rec, _srv):
+        real_plan = conn._plan
+
+        def plan(prepared: PreparedMessage, **kw: object) -> object:
+            if prepared.sender == "bad@example.com":
+                raise triomail.LocalProtocolError("no such thing")
+            return real_plan(prepared, **kw)  # type: ignore[arg-type]
+
+        conn._plan = plan  # type: ignore[method-assign]
+        results = await conn.send_many(
+            iter([prep(body(0), "b@example.com"), eight_bit, prep(body(1), "c@x.example",
+                 sender="bad@example.com")])
+        )  # fmt: skip
+    assert [r.ok for r in results] == [True, False, False]
+    assert results[1].reply is not None and results[1].reply.enhanced_code == "5.6.3"
+    assert results[2].error == "not sent: no such thing"
+    assert results[2].outcome is Outcome.PERMANENT
+
+
+async def test_an_iterable_that_raises_leaves_the_connection_unusable() -> None:
+    def messages() -> Iterator[PreparedMessage]:
+        yield prep(body(0), "b@example.com")
+        raise RuntimeError("the caller's bug")
+
+    seen: list[int] = []
+    script = [
+        expect_line(MAIL), expect_line(rcpt("b@example.com")), expect_line("DATA"),
+        send_lines("250 ok", "250 ok", "354 go"),
+        expect_eof(allow_quit=False),
+    ]  # fmt: skip
+    async with scripted(script) as (conn, _rec, _srv):
+        with pytest.raises(RuntimeError, match="the caller's bug"):
+            await conn.send_many(messages(), on_result=lambda i, r: seen.append(i))
+        assert not conn.is_usable
+    assert seen == []

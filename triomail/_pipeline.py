@@ -56,7 +56,7 @@ import contextlib
 import logging
 import os
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import trio
@@ -183,11 +183,18 @@ class _Batch:
         results: list[SendResult | None],
         txns: list[_Txn],
         on_result: Callable[[int, SendResult], None] | None,
+        lazy: Iterator[PreparedMessage] | None = None,
+        dsn: DSN | None = None,
+        requiretls: bool = False,
     ) -> None:
         self.conn = conn
         self.results = results
-        self.txns = txns
+        self.txns = txns  # every transaction taken so far (all of them for a Sequence)
         self.on_result = on_result
+        self.lazy = lazy  # messages not taken yet, for an iterable that is not a Sequence
+        self.dsn = dsn
+        self.requiretls = requiretls
+        self.last: _Txn | None = None  # the transaction taken last
         self.slots: deque[tuple[int, _Txn, int]] = deque()
         self.need_rset = False  # DATA mode: the last transaction must be reset
         self.body_due: _Txn | None = None  # DATA mode: 354 received, body not yet sent
@@ -204,6 +211,37 @@ class _Batch:
         stream = conn._stream
         self.fd: int | None = stream.socket.fileno() if type(stream) is trio.SocketStream else None
         self.awaiting = 0  # messages whose content is written and whose reply is not read
+
+    # ------------------------------------------------------------------ messages
+
+    def pending(self) -> Iterator[_Txn]:
+        """The transactions in order; from an iterator, each planned only when reached."""
+        if self.lazy is None:
+            for txn in self.txns:
+                self.last = txn
+                yield txn
+            return
+        conn = self.conn
+        for prepared in self.lazy:
+            index = len(self.results)
+            self.results.append(None)
+            try:
+                plan = conn._plan(prepared, dsn=self.dsn, requiretls=self.requiretls)
+            except LocalProtocolError as exc:
+                # Earlier messages may be on the wire already: report it, do not raise.
+                plan = _refused(prepared, str(exc))
+            if isinstance(plan, SendResult):
+                self.record(index, plan)
+                continue
+            txn = _Txn(index, prepared, *plan)
+            self.txns.append(txn)
+            self.last = txn
+            yield txn
+
+    def record(self, index: int, result: SendResult) -> None:
+        self.results[index] = result
+        if self.on_result is not None:
+            self.on_result(index, result)
 
     # ------------------------------------------------------------------ results
 
@@ -230,9 +268,7 @@ class _Batch:
             tag=prepared.tag,
             mail_accepted=txn.mail_ok,
         )
-        self.results[txn.index] = result
-        if self.on_result is not None:
-            self.on_result(txn.index, result)
+        self.record(txn.index, result)
 
     def settle(self, error: str, *, closing: bool = False) -> None:
         """The connection is gone: classify everything still open (R37).
@@ -254,6 +290,11 @@ class _Batch:
                 self.finish(txn, Outcome.UNKNOWN, None, error)
             else:
                 self.finish(txn, Outcome.TRANSIENT, None, error)
+        if self.lazy is not None:
+            # One result per message: those not taken yet were never started either.
+            for prepared in self.lazy:
+                self.results.append(None)
+                self.record(len(self.results) - 1, _never_started(prepared, error))
         self.conn.awaiting_final_reply = self.awaiting > 0 and not closing
         if self.conn.awaiting_final_reply:
             log.warning(
@@ -484,7 +525,7 @@ class _Batch:
 
 async def send_pipelined(
     conn: SMTPConnection,
-    messages: Sequence[PreparedMessage],
+    messages: Iterable[PreparedMessage],
     *,
     chunking: bool | None = None,
     dsn: DSN | None = None,
@@ -497,32 +538,46 @@ async def send_pipelined(
     PIPELINING), ``False`` never does, ``True`` requires it (:class:`LocalProtocolError`
     if not advertised). ``on_result(index, result)`` is called as each result is known
     (useful if the batch may be cancelled). Without PIPELINING this is ``conn.send`` per
-    message. Raises only what ``send`` raises before writing a byte:
+    message.
+
+    A :class:`~collections.abc.Sequence` is checked whole before the first byte is
+    written, so this raises only what ``send`` raises before writing:
     :class:`LocalProtocolError` for a message no server could take, and
     :class:`SMTPDisconnected` if the connection is closed or went stale while idle.
+    Any other iterable (a generator preparing each message, say) is consumed lazily,
+    each message planned just before it is written, with no pause between messages; a
+    message then found unsendable gets a failed result instead of an exception, and
+    if the connection is lost the rest of the iterable is consumed into "never started"
+    results. An exception raised by the iterable itself ends the batch mid-way: the
+    connection is left unusable and the results so far reach only ``on_result``.
     """
     if not conn.is_usable:
         raise SMTPDisconnected(f"connection is not usable ({conn._broken or 'closed'})")
     caps = conn.capabilities
     if chunking and not caps.chunking:
         raise LocalProtocolError("chunking=True but the server does not advertise CHUNKING")
-    results: list[SendResult | None] = [None] * len(messages)
     if not caps.pipelining:
-        return await _one_by_one(conn, messages, results, dsn, requiretls, on_result)
+        return await _one_by_one(conn, messages, dsn, requiretls, on_result)
+    results: list[SendResult | None] = []
     txns: list[_Txn] = []
-    for index, prepared in enumerate(messages):
-        plan = conn._plan(prepared, dsn=dsn, requiretls=requiretls)
-        if isinstance(plan, SendResult):
-            results[index] = plan  # refused by the client's own checks: nothing written
-            if on_result is not None:
-                on_result(index, plan)
-        else:
-            txns.append(_Txn(index, prepared, *plan))
-    if txns:
+    lazy: Iterator[PreparedMessage] | None = None
+    if isinstance(messages, Sequence):
+        results = [None] * len(messages)
+        for index, prepared in enumerate(messages):
+            plan = conn._plan(prepared, dsn=dsn, requiretls=requiretls)
+            if isinstance(plan, SendResult):
+                results[index] = plan  # refused by the client's own checks: nothing written
+                if on_result is not None:
+                    on_result(index, plan)
+            else:
+                txns.append(_Txn(index, prepared, *plan))
+    else:
+        lazy = iter(messages)
+    if txns or lazy is not None:
         if conn.is_stale():
             await conn.abort()
             raise SMTPDisconnected("server closed or wrote to the connection while it was idle")
-        batch = _Batch(conn, results, txns, on_result)
+        batch = _Batch(conn, results, txns, on_result, lazy, dsn, requiretls)
         use_bdat = caps.chunking and chunking is not False
         await _run(batch, _bdat if use_bdat else _data)
     return [r for r in results if r is not None]
@@ -530,14 +585,14 @@ async def send_pipelined(
 
 async def _one_by_one(
     conn: SMTPConnection,
-    messages: Sequence[PreparedMessage],
-    results: list[SendResult | None],
+    messages: Iterable[PreparedMessage],
     dsn: DSN | None,
     requiretls: bool,
     on_result: Callable[[int, SendResult], None] | None,
 ) -> list[SendResult]:
     """No PIPELINING: ``send`` each message; once the connection is gone, the rest wait."""
     before = conn.transactions
+    results: list[SendResult] = []
     for index, prepared in enumerate(messages):
         try:
             result = await conn.send(prepared, dsn=dsn, requiretls=requiretls)
@@ -545,10 +600,23 @@ async def _one_by_one(
             if conn.transactions == before:
                 raise  # nothing was started: like send()
             result = _never_started(prepared, str(exc))
-        results[index] = result
+        results.append(result)
         if on_result is not None:
             on_result(index, result)
-    return [r for r in results if r is not None]
+    return results
+
+
+def _refused(prepared: PreparedMessage, reason: str) -> SendResult:
+    """A lazily taken message the client cannot send (``send`` would have raised)."""
+    reply = Reply.from_lines(554, (f"5.6.0 {reason}",))
+    return SendResult(
+        prepared.sender,
+        tuple(RecipientResult(r, Outcome.PERMANENT, reply) for r in prepared.recipients),
+        reply,
+        prepared.message_id,
+        f"not sent: {reason}",
+        tag=prepared.tag,
+    )
 
 
 def _never_started(prepared: PreparedMessage, reason: str) -> SendResult:
@@ -575,6 +643,11 @@ async def _run(batch: _Batch, driver: Callable[[_Batch], Awaitable[None]]) -> No
             failure, closing = stop.reason, True
         except SMTPError as exc:
             failure = f"{type(exc).__name__}: {exc}"
+        except BaseException:
+            # Cancelled, or the caller's iterable raised: replies may be owed, so the
+            # session cannot be reused (the pool closes it; awaiting_final_reply tells).
+            conn._broken = conn._broken or "batch interrupted"
+            raise
     if scope.cancelled_caught:
         # The deadline of the operation under way passed (R26).
         conn._broken = f"timeout in {batch.stage}"
@@ -599,7 +672,7 @@ async def _data(batch: _Batch) -> None:
     conn = batch.conn
     t = conn._timeouts
     slots = batch.slots
-    for txn in batch.txns:
+    for txn in batch.pending():
         if batch.stop_reason is not None:
             return
         parts: list[bytes] = []
@@ -658,9 +731,9 @@ async def _data(batch: _Batch) -> None:
         await batch.write(data, "data block", t.data_block, [(due, len(data))])
         await batch.drain()
         conn._check_drained("end of data")
-    if batch.need_rset:
+    if batch.need_rset and batch.last is not None:
         batch.need_rset = False
-        slots.append((_RSET, batch.txns[-1], 0))
+        slots.append((_RSET, batch.last, 0))
         await batch.write(_RSET_LINE, "RSET", t.rset)
         await batch.drain()
         conn._check_drained("RSET")
@@ -710,7 +783,7 @@ async def _bdat(batch: _Batch) -> None:
     size = 0
     owed_before = 0  # slots owed by windows already written
     prev: _Txn | None = None
-    for txn in batch.txns:
+    for txn in batch.pending():
         if batch.stop_reason is not None:
             break
         before, prev = prev, txn
@@ -755,8 +828,8 @@ async def _bdat(batch: _Batch) -> None:
     if parts:
         await _flush(batch, parts, finals)
     await batch.drain()
-    if batch.stop_reason is None:
-        last = batch.txns[-1]
+    last = batch.last
+    if batch.stop_reason is None and last is not None:
         if not last.clean:
             # Leave the session clean: the last BDAT (or MAIL) failed.
             slots.append((_RSET, last, 0))
