@@ -32,7 +32,7 @@ import logging
 import select
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from email.message import Message
@@ -689,19 +689,21 @@ class SMTPConnection:
 
     async def send_many(
         self,
-        messages: Sequence[PreparedMessage],
+        messages: Iterable[PreparedMessage],
         *,
         chunking: bool | None = None,
         dsn: DSN | None = None,
         requiretls: bool = False,
         on_result: Callable[[int, SendResult], None] | None = None,
     ) -> list[SendResult]:
-        """Send a batch of prepared messages; one result per message, in order.
+        """Send prepared messages; one result per message, in order.
 
         With PIPELINING the end of data of one message shares a write with the envelope
         of the next (about one round trip a message); with CHUNKING (unless
         ``chunking=False``) whole ``BDAT`` transactions are pipelined in bounded windows.
-        Each result is what :meth:`send` would report. See :mod:`triomail._pipeline`.
+        Each result is what :meth:`send` would report. A list is checked whole before
+        the first byte; a generator is consumed lazily (each message prepared just before
+        it goes out). See :func:`triomail._pipeline.send_pipelined`.
         """
         from ._pipeline import send_pipelined
 
