@@ -94,7 +94,7 @@ def run_pool(port: int, total: int, connections: int, batch: int, chunking: str)
     async def main() -> None:
         nonlocal accepted
         async with (
-            triomail.open_pool(server, connections=connections, pipeline_depth=batch) as pool,
+            triomail.open_pool(server, connections=connections) as pool,  # default depth
             pool.send_all(messages()) as results,  # type: ignore[arg-type]
         ):
             async for result in results:
