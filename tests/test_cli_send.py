@@ -495,6 +495,39 @@ async def test_resume_sends_only_what_is_left(
     assert sorted(x["line"] for x in retried) == [4, 7]
 
 
+async def test_unknown_then_transient_is_recorded_unknown(tmp_path: Path) -> None:
+    """R38: a retry that fails transiently does not hide an earlier unknown outcome."""
+    rows, tpl = batch(tmp_path, 1)
+    journal_path = tmp_path / "j.sqlite3"
+    report = tmp_path / "r.jsonl"
+    faults = [
+        Fault(".", drop="before_reply", message=1),  # stored, reply lost: unknown
+        Fault("MAIL", code=451, text="4.3.0 Try later", message=2),  # the retry: transient
+    ]
+    async with SMTPSink(faults=faults) as sink:
+        common = ("--server", server(sink), "--ca-file", ca_file(sink, tmp_path))
+        code = await send_async(
+            rows, tpl, *common, "--journal", journal_path, "--retries", "1",
+            "--retry-backoff", "0.01", "--report", report,
+        )  # fmt: skip
+        assert code == 1
+        assert sink.received == 1
+        journal, _ = Journal.open(journal_path, resume=True)
+        [record] = journal.records()
+        journal.close()
+        assert record.state == "unknown"
+        [message] = [x for x in report_lines(report) if x["type"] == "message"]
+        assert message["outcome"] == "unknown"
+        assert "possible duplicate" in message["error"]
+        # --at-most-once leaves it alone; the default resends it with the same Message-ID.
+        code = await send_async(
+            rows, tpl, *common, "--journal", journal_path, "--resume", "--at-most-once"
+        )
+        assert code == 1 and sink.received == 1
+        assert await send_async(rows, tpl, *common, "--journal", journal_path, "--resume") == 0
+        assert sink_ids(sink) == [record.message_id, record.message_id]
+
+
 async def test_resume_unknown_outcomes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """In-flight messages of a crashed run: resent with the same Message-ID, or skipped."""
     rows, tpl = batch(tmp_path, 4)

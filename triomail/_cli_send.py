@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from ._pool import Pool, Server
     from ._progress import Display, Progress
     from ._recipients import BadRow, RecipientsReader, Row
-    from ._result import SendResult
+    from ._result import RecipientResult, SendResult
     from ._template import CompiledTemplate, Rendered
 
 __all__ = ["register", "run"]
@@ -682,6 +682,18 @@ class _Batch:
         if result.attempts > 1:
             self.retries_done += result.attempts - 1
         outcome = result.outcome
+        downgraded = outcome is Outcome.TRANSIENT and _possible_duplicate(result)
+        if downgraded:
+            # An earlier attempt lost the reply to its final dot, a later one failed
+            # before it: the message may have been delivered. --resume must treat it
+            # as unknown (resend at least once, or skip with --at-most-once).
+            outcome = Outcome.UNKNOWN
+
+        def recipient_outcome(r: RecipientResult) -> str:
+            if downgraded and r.outcome is Outcome.TRANSIENT:
+                return "unknown"
+            return r.outcome.value
+
         finished = time.time()
         done: tuple[str, ...] = ()
         if outcome is not Outcome.ACCEPTED and outcome is not Outcome.PERMANENT:
@@ -705,7 +717,8 @@ class _Batch:
         else:
             p.unknown += 1
         for r in result.recipients:
-            p.recipients[r.outcome.value] = p.recipients.get(r.outcome.value, 0) + 1
+            value = recipient_outcome(r)
+            p.recipients[value] = p.recipients.get(value, 0) + 1
         if self.report is None:
             return
         started = _iso(tag.started or finished)
@@ -738,7 +751,7 @@ class _Batch:
                     "line": tag.line,
                     "message_id": tag.message_id,
                     "recipient": r.recipient,
-                    "outcome": r.outcome.value,
+                    "outcome": recipient_outcome(r),
                     "code": r.code,
                     "enhanced_code": r.enhanced_code,
                     "text": r.text if r.reply is not None else None,
@@ -991,6 +1004,11 @@ def _signal_receiver() -> Iterator[AsyncIterator[int]]:
         yield 0  # pragma: no cover
 
     yield never()
+
+
+def _possible_duplicate(result: SendResult) -> bool:
+    """The pool says an earlier attempt of this message had an unknown outcome (R38)."""
+    return result.error is not None and "earlier attempt had an unknown outcome" in result.error
 
 
 def _ask(prompt: str) -> str:
