@@ -106,8 +106,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = subparsers.add_parser(
         "send",
         help="send a templated message to every row of a recipients file",
-        description="Render TEMPLATE (a mailmerge-compatible Jinja2 message) for every row "
-        "of RECIPIENTS (CSV or JSON Lines) and send the messages through a connection pool, "
+        description="Render TEMPLATE (a mailmerge-compatible Jinja2 message) for every row of\n"
+        "RECIPIENTS (CSV or JSON Lines) and send the messages through a connection pool,\n"
         "recording each outcome in a journal so that an interrupted batch can be resumed.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -471,8 +471,8 @@ def _message_domain(template: CompiledTemplate) -> str:
     domain = template.sender_domain()
     if domain:
         return domain
-    fqdn = socket.getfqdn()
-    return fqdn if "." in fqdn and fqdn.isascii() else "triomail.invalid"
+    host = socket.gethostname()  # no DNS lookup, unlike getfqdn()
+    return host if "." in host and host.isascii() else "triomail.invalid"
 
 
 @dataclass
