@@ -16,6 +16,7 @@ import collections
 import random
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 
@@ -74,7 +75,11 @@ def plan_faults(messages: int, share: float, seed: int) -> list[Fault]:
     return faults
 
 
-async def run_soak(messages: int = 10_000, share: float = 0.05, seed: int = 1) -> SoakReport:
+async def run_soak(
+    messages: int = 10_000, share: float = 0.05, seed: int = 1, *, pipelined: bool = False
+) -> SoakReport:
+    """Run the soak; ``pipelined`` drops the per-message deadline, so workers pipeline
+    batches of messages (stalls then just take their time)."""
     faults = plan_faults(messages, share, seed)
     report = SoakReport(messages, len(faults))
     started = time.perf_counter()
@@ -93,7 +98,7 @@ async def run_soak(messages: int = 10_000, share: float = 0.05, seed: int = 1) -
             for i in range(messages)
         )
         async with triomail.open_pool(
-            server, connections=20, retry=policy, message_deadline=1.0
+            server, connections=20, retry=policy, message_deadline=None if pipelined else 1.0
         ) as pool:
             async with pool.send_all(prepared) as stream:
                 async for result in stream:
@@ -123,8 +128,13 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.05, help="share of faulty transactions")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
-    report = trio.run(run_soak, args.messages, args.rate, args.seed)
-    print("\n".join(report.lines()))
+    for pipelined in (False, True):
+        mode = "pipelined batches" if pipelined else "one at a time, 1 s message_deadline"
+        print(f"-- {mode}")
+        report = trio.run(
+            partial(run_soak, args.messages, args.rate, args.seed, pipelined=pipelined)
+        )
+        print("\n".join(report.lines()))
 
 
 if __name__ == "__main__":

@@ -9,11 +9,12 @@ import pytest
 from bench.soak import run_soak
 
 
+@pytest.mark.parametrize("pipelined", [False, True], ids=["deadline", "pipelined"])
 async def test_soak_loses_nothing_and_flags_every_duplicate(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, pipelined: bool
 ) -> None:
     caplog.set_level(logging.ERROR, logger="triomail")
-    report = await run_soak(messages=10_000, share=0.05, seed=7)
+    report = await run_soak(messages=10_000, share=0.05, seed=7, pipelined=pipelined)
     print("\n".join(report.lines()))
     assert report.faults_planned > 400  # the faults really were there
     assert report.lost == 0

@@ -37,7 +37,7 @@ import dataclasses
 import math
 import random
 import ssl
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from email.message import Message
@@ -313,9 +313,11 @@ class Pool:
         self._retry = retry
         self._message_deadline = message_deadline
         self._queue_timeout = queue_timeout
-        # A worker takes up to pipeline_depth queued messages at once and pipelines them
-        # on its connection (RFC 2920); a per-message deadline needs one at a time.
-        self._batch_size = 1 if message_deadline else max(1, pipeline_depth)
+        # A worker pipelines up to pipeline_depth queued messages on its connection
+        # (RFC 2920), taking more from the queue as the pipeline goes.
+        # A per-message deadline or a rate is kept per message: one at a time then.
+        one_by_one = message_deadline or rate or any(srv.rate for srv in servers)
+        self._batch_size = 1 if one_by_one else max(1, pipeline_depth)
         # Bounded hand-over: a producer runs at most this far ahead of the workers.
         buffer = 0 if self._batch_size == 1 else connections * self._batch_size
         self._jobs_send, self._jobs_receive = trio.open_memory_channel[_Job](buffer)
@@ -607,7 +609,10 @@ class Pool:
             if state.bucket is not None:
                 for _ in ready:
                     await state.bucket.acquire()
-            results = await self._send(worker, ready)
+            refused: list[tuple[_Job, LocalProtocolError]] = []
+            results = await self._send(worker, ready, refused)
+            for job, refusal in refused:
+                await self._settle(job, _local_error(job, str(refusal)), final=True)
             if results is None:  # died before anything started: go again, uncounted
                 self._tally.transparent_retries += 1
                 await self._release(worker)
@@ -636,32 +641,50 @@ class Pool:
             ):
                 await self._release(worker)
 
+    def _stream(
+        self,
+        worker: _Worker,
+        ready: list[tuple[_Job, PreparedMessage]],
+        refused: list[tuple[_Job, LocalProtocolError]],
+    ) -> Iterator[PreparedMessage]:
+        """The messages for one pipelined run: those in hand, then any that queue up
+        while it runs (pulled only when the pipeline is ready to write the next one)."""
+        conn = worker.conn
+        assert conn is not None
+        yield from [message for _, message in ready]
+        room = self._batch_size
+        if self._max_per_connection is not None:
+            room = min(room, self._max_per_connection - worker.sent)
+        while len(ready) < room:
+            try:
+                job = self._jobs_receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
+            self._tally.queued -= 1
+            try:
+                message = _as_prepared(job.message, None, job.pending, conn)
+            except LocalProtocolError as exc:
+                refused.append((job, exc))
+                continue
+            ready.append((job, message))
+            yield message
+
     async def _send(
-        self, worker: _Worker, ready: list[tuple[_Job, PreparedMessage]]
+        self,
+        worker: _Worker,
+        ready: list[tuple[_Job, PreparedMessage]],
+        refused: list[tuple[_Job, LocalProtocolError]],
     ) -> list[SendResult] | None:
         """Send on the worker's connection; None if it was dead before MAIL (R45)."""
         conn = worker.conn
         assert conn is not None
-        if len(ready) == 1:
-            job, message = ready[0]
-            try:
-                with trio.move_on_after(self._message_deadline or math.inf) as scope:
-                    result = await conn.send(message)
-            except SMTPDisconnected as exc:
-                if conn.transactions > 0:
-                    return None
-                return [_no_send(job, str(exc))]
-            except trio.Cancelled:
-                self.interrupted.append(_cut_off(job, conn, "pool cancelled"))
-                raise
-            if scope.cancelled_caught:
-                reason = f"message_deadline of {self._message_deadline:g} s"
-                return [_cut_off(job, conn, reason)]
-            return [result]
+        if self._batch_size == 1:
+            assert len(ready) == 1
+            return await self._send_one(conn, ready[0])
         finished: dict[int, SendResult] = {}
         try:
             return await conn.send_many(
-                [message for _, message in ready],
+                self._stream(worker, ready, refused),
                 on_result=lambda i, result: finished.__setitem__(i, result),
             )
         except trio.Cancelled:
@@ -671,6 +694,25 @@ class Pool:
                 if i not in finished:
                     self.interrupted.append(_synthetic(job, Outcome.UNKNOWN, "pool cancelled"))
             raise
+
+    async def _send_one(
+        self, conn: SMTPConnection, item: tuple[_Job, PreparedMessage]
+    ) -> list[SendResult] | None:
+        job, message = item
+        try:
+            with trio.move_on_after(self._message_deadline or math.inf) as scope:
+                result = await conn.send(message)
+        except SMTPDisconnected as exc:
+            if conn.transactions > 0:
+                return None
+            return [_no_send(job, str(exc))]
+        except trio.Cancelled:
+            self.interrupted.append(_cut_off(job, conn, "pool cancelled"))
+            raise
+        if scope.cancelled_caught:
+            reason = f"message_deadline of {self._message_deadline:g} s"
+            return [_cut_off(job, conn, reason)]
+        return [result]
 
     def _fatal_reason(self) -> str:
         return "; ".join(s.fatal for s in self._servers if s.fatal) or "no server available"
