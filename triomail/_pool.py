@@ -420,7 +420,12 @@ class Pool:
         self._tally.queued += 1
         try:
             if self._queue_timeout is None:
-                await self._jobs_send.send(job)
+                try:
+                    # Fill the bounded queue without a scheduling round per message, so
+                    # workers find batches to pipeline; wait only when it is full.
+                    self._jobs_send.send_nowait(job)
+                except trio.WouldBlock:
+                    await self._jobs_send.send(job)
             else:
                 with trio.move_on_after(self._queue_timeout) as scope:
                     await self._jobs_send.send(job)
@@ -724,6 +729,13 @@ class Pool:
         """Record one attempt; finish the job or schedule the recipients still due."""
         job.attempts += 1
         job.last = result
+        if (
+            job.attempts == 1
+            and not job.settled
+            and all(r.outcome in _FINAL for r in result.recipients)
+        ):
+            await self._complete(job, result)  # the common case: done at the first try
+            return
         retry_unknown = self._retry.unknown == "at-least-once"
         again: list[str] = []
         for r in result.recipients:
@@ -776,6 +788,9 @@ def _all_recipients(job: _Job, result: SendResult) -> list[str]:
     if isinstance(job.message, PreparedMessage):
         return list(job.message.recipients)
     return [r.recipient for r in job.settled] + [r.recipient for r in result.recipients]
+
+
+_FINAL = (Outcome.ACCEPTED, Outcome.PERMANENT)
 
 
 def _too_many(result: SendResult, recipient: str) -> bool:
