@@ -117,7 +117,7 @@ async def run_soak(
             report.accepted_missing += 1
         if stored[key] > 1:
             report.duplicates += 1
-            if not (result.error and "unknown" in result.error):
+            if not result.earlier_unknown:
                 report.unflagged_duplicates += 1
     return report
 

@@ -1008,7 +1008,7 @@ def _signal_receiver() -> Iterator[AsyncIterator[int]]:
 
 def _possible_duplicate(result: SendResult) -> bool:
     """The pool says an earlier attempt of this message had an unknown outcome (R38)."""
-    return result.error is not None and "earlier attempt had an unknown outcome" in result.error
+    return result.earlier_unknown
 
 
 def _ask(prompt: str) -> str:

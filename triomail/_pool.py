@@ -774,6 +774,7 @@ class Pool:
             result,
             recipients=tuple(final_recipients),
             attempts=job.attempts,
+            earlier_unknown=job.unknown_seen,
             error=result.error
             or (
                 "an earlier attempt had an unknown outcome: possible duplicate"

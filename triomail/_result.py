@@ -74,6 +74,9 @@ class SendResult:
     attempts: int = 1
     #: True once MAIL was accepted: before that nothing was started on the server (R45).
     mail_accepted: bool = False
+    #: True if an earlier attempt ended unknown (R37): that copy may have been delivered,
+    #: so an accepted resend (same Message-ID, R38) may be a duplicate.
+    earlier_unknown: bool = False
 
     @property
     def ok(self) -> bool:
