@@ -455,3 +455,34 @@ async def test_retry_backoff_on_mock_clock(autojump_clock: trio.testing.MockCloc
     assert 60.0 <= elapsed < 61.0
     # A 4.7.x reply throttles the server (R44): its connection limit is halved (min 1).
     assert stats.retries == 1
+
+
+async def test_connect_pool_runs_in_the_callers_nursery(
+    faulty: tuple[FaultyHandler, Server],
+) -> None:
+    handler, server = faulty
+    async with trio.open_nursery() as nursery:
+        pool = triomail.connect_pool(nursery, server, connections=2)
+        results = [await pool.send(raw(i)) for i in range(3)]
+        await pool.aclose()  # drains, then the workers QUIT and end: the nursery can exit
+    assert all(r.ok for r in results)
+    assert pool.statistics().connections_open == 0
+    assert len(handler.delivered) == 3
+
+
+async def test_r44_throttling_halves_the_connection_limit_and_recovers(
+    faulty: tuple[FaultyHandler, Server],
+) -> None:
+    """R40/R44: a 421 4.7.0 halves that server's connection limit; successes restore it."""
+    handler, server = faulty
+    handler.on_mail = lambda srv, n: "421 4.7.0 slow down" if n == 1 else None
+    label = f"{server.host}:{server.port}"
+    async with triomail.open_pool(server, connections=8, retry=FAST_RETRY) as pool:
+        first = await pool.send(raw(0))
+        throttled = pool.statistics().servers[label]
+        for i in range(1, 41):
+            assert (await pool.send(raw(i))).ok
+        recovered = pool.statistics().servers[label]
+    assert first.ok and first.attempts == 2  # the 421 was a transient attempt
+    assert throttled == 4
+    assert recovered == 6  # one step per 20 successes

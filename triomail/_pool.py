@@ -265,6 +265,8 @@ class _Worker:
 
     conn: SMTPConnection | None = None
     state: _ServerState | None = None
+    #: The server whose connection slot (limiter token) this worker holds, if any.
+    token: _ServerState | None = None
     #: Messages sent on this connection so far.
     sent: int = 0
 
@@ -506,6 +508,13 @@ class Pool:
         """
         try:
             if worker.conn is None:
+                if worker.token is None:
+                    # R44: only a worker that may open a connection takes work, so a
+                    # throttled server's jobs wait for the workers it still serves.
+                    state = self._pick_server()
+                    if state is not None:
+                        await state.limiter.acquire()
+                        worker.token = state
                 first = await self._jobs_receive.receive()
             else:
                 with trio.move_on_after(self._idle_timeout):
@@ -531,27 +540,34 @@ class Pool:
 
     async def _release(self, worker: _Worker) -> None:
         """QUIT and close the worker's connection, if any (shielded, bounded)."""
-        conn, state = worker.conn, worker.state
-        worker.conn = worker.state = None
+        conn, state, token = worker.conn, worker.state, worker.token
+        worker.conn = worker.state = worker.token = None
         worker.sent = 0
+        if token is not None:
+            token.limiter.release()
         if conn is None:
             return
         with trio.CancelScope(shield=True):
             await conn.aclose()
         if state is not None:
-            state.limiter.release()
             state.open -= 1
         self._tally.open -= 1
 
     async def _connect(self, worker: _Worker, state: _ServerState) -> None:
         server = state.server
-        await state.limiter.acquire()
+        if worker.token is not state:  # the token is for this server only
+            if worker.token is not None:
+                worker.token.limiter.release()
+                worker.token = None
+            await state.limiter.acquire()
+            worker.token = state
         try:
             wait = state.down_until - trio.current_time()
             if wait > 0:
                 await trio.sleep(wait)
             conn = await server.open()
         except BaseException:
+            worker.token = None
             state.limiter.release()
             raise
         state.open += 1
