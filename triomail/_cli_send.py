@@ -1022,23 +1022,12 @@ async def _preflight(server: Server) -> None:
     """Open and close one connection: unreachable or refused credentials exit 2."""
     import trio
 
-    from ._connection import open_connection
     from ._errors import SMTPAuthenticationError, SMTPError
 
     where = f"{server.host}:{server.port or '(default port)'}"
     try:
         with trio.fail_after(server.timeouts.connect + 30):
-            conn = await open_connection(
-                server.host,
-                server.port,
-                tls=server.tls,
-                ssl_context=server.ssl_context,
-                username=server.username,
-                password=server.password,
-                local_hostname=server.local_hostname,
-                timeouts=server.timeouts,
-                allow_insecure_auth=server.allow_insecure_auth,
-            )
+            conn = await server.open()
     except SMTPAuthenticationError as exc:
         raise CannotRun(f"authentication failed at {where}: {exc}") from None
     except SMTPError as exc:
