@@ -22,6 +22,7 @@ from ._errors import SMTPSendError as SMTPSendError
 from ._errors import SMTPTimeoutError as SMTPTimeoutError
 from ._pool import Pool as Pool
 from ._pool import PoolStatistics as PoolStatistics
+from ._pool import ResultChannel as ResultChannel
 from ._pool import RetryPolicy as RetryPolicy
 from ._pool import Server as Server
 from ._pool import connect_pool as connect_pool
@@ -45,6 +46,7 @@ __all__ = [
     "PoolStatistics",
     "PreparedMessage",
     "RecipientResult",
+    "ResultChannel",
     "Reply",
     "RetryPolicy",
     "ReplyParser",

@@ -41,7 +41,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Se
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from email.message import Message
-from typing import Literal
+from typing import Literal, final
 from urllib.parse import unquote, urlsplit
 
 import trio
@@ -66,7 +66,15 @@ from ._reply import Reply
 from ._result import Outcome, RecipientResult, SendResult
 from ._timeouts import Timeouts
 
-__all__ = ["Pool", "PoolStatistics", "RetryPolicy", "Server", "connect_pool", "open_pool"]
+__all__ = [
+    "Pool",
+    "PoolStatistics",
+    "ResultChannel",
+    "RetryPolicy",
+    "Server",
+    "connect_pool",
+    "open_pool",
+]
 
 MessageLike = Message | PreparedMessage
 
@@ -244,12 +252,107 @@ class _ServerState:
         self.down_until = trio.current_time() + policy.delay(self.failures)
 
 
+@final
+class ResultChannel(trio.abc.ReceiveChannel[SendResult]):
+    """The results of :meth:`Pool.send_all`, as they complete (a trio receive channel).
+
+    Workers finish messages in bursts (a pipelined run ends many at once). A result
+    that is already waiting is returned at a cancellation point but without a
+    scheduling round, except one in :data:`FAIR_EVERY`: with a plain memory channel the
+    consumer would take one result per round of the scheduler and hold every worker
+    back to that pace.
+    """
+
+    FAIR_EVERY = 64
+
+    def __init__(self, channel: trio.MemoryReceiveChannel[SendResult]) -> None:
+        self._channel = channel
+        self._run = 0
+
+    def receive_nowait(self) -> SendResult:
+        """A result if one is waiting, else :exc:`trio.WouldBlock`."""
+        return self._channel.receive_nowait()
+
+    async def receive(self) -> SendResult:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            result = self._channel.receive_nowait()
+        except trio.WouldBlock:
+            self._run = 0
+            return await self._channel.receive()
+        self._run += 1
+        if self._run >= self.FAIR_EVERY:
+            self._run = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return result
+
+    def statistics(self) -> trio.MemoryChannelStatistics:
+        return self._channel.statistics()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    async def aclose(self) -> None:
+        await self._channel.aclose()
+
+
+class _Results:
+    """Where the results of one ``send_all`` (or ``send``) go.
+
+    One channel for the whole batch, closed once feeding has ended and every job handed
+    over has its result: no channel clone per message, and a result the consumer has
+    room for costs no scheduling round (``send_nowait``).
+    """
+
+    __slots__ = ("_channel", "_fed", "_owed")
+
+    def __init__(self, channel: trio.MemorySendChannel[SendResult]) -> None:
+        self._channel = channel
+        self._owed = 0
+        self._fed = False
+
+    def expect(self) -> None:
+        self._owed += 1
+
+    def fed(self) -> None:
+        """No more jobs will be added."""
+        self._fed = True
+        if self._owed == 0:
+            self._channel.close()
+
+    def put_nowait(self, result: SendResult) -> bool:
+        """Deliver without waiting; False if the consumer's buffer is full."""
+        try:
+            self._channel.send_nowait(result)
+        except trio.WouldBlock:
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the consumer left its send_all block early
+        self._delivered()
+        return True
+
+    async def put(self, result: SendResult) -> None:
+        # The outcome still counts in statistics() if the consumer has gone.
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._channel.send(result)
+        self._delivered()
+
+    def withdraw(self) -> None:
+        """A job that was never handed over owes no result."""
+        self._delivered()
+
+    def _delivered(self) -> None:
+        self._owed -= 1
+        if self._fed and self._owed == 0:
+            self._channel.close()
+
+
 @dataclass
 class _Job:
     """One message and what has become of it so far."""
 
     message: MessageLike
-    done: trio.MemorySendChannel[SendResult] | None
+    done: _Results | None
     first_attempt: float
     attempts: int = 0
     # Recipients still to deliver; None means all of the message's recipients.
@@ -344,23 +447,31 @@ class Pool:
         if sender is not None or recipients is not None:
             message = _as_prepared(message, sender, recipients)
         done_send, done_receive = trio.open_memory_channel[SendResult](1)
-        await self._submit(_Job(message, done_send, trio.current_time()))
+        done = _Results(done_send)
+        try:
+            await self._submit(_Job(message, done, trio.current_time()))
+        finally:
+            done.fed()
         async with done_receive:
             return await done_receive.receive()
 
     @asynccontextmanager
     async def send_all(
         self, messages: Iterable[MessageLike] | AsyncIterable[MessageLike]
-    ) -> AsyncIterator[trio.MemoryReceiveChannel[SendResult]]:
+    ) -> AsyncIterator[ResultChannel]:
         """Send every message; iterate the channel for one result each, as they complete.
 
         ``messages`` is consumed lazily, only as workers become free.
         """
-        results_send, results_receive = trio.open_memory_channel[SendResult](self._connections)
+        # Room for what every worker may finish in one pipelined run, so a worker
+        # rarely waits for the consumer.
+        results_send, results_receive = trio.open_memory_channel[SendResult](
+            self._connections * self._batch_size
+        )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._feed, messages, results_send)
-            async with results_receive:
-                yield results_receive
+            async with ResultChannel(results_receive) as results:
+                yield results
             nursery.cancel_scope.cancel()
 
     async def wait_idle(self) -> None:
@@ -408,15 +519,20 @@ class Pool:
         messages: Iterable[MessageLike] | AsyncIterable[MessageLike],
         results: trio.MemorySendChannel[SendResult],
     ) -> None:
-        async with results:
+        done = _Results(results)
+        try:
             if isinstance(messages, AsyncIterable):
                 async for message in messages:
-                    await self._submit(_Job(message, results.clone(), trio.current_time()))
+                    await self._submit(_Job(message, done, trio.current_time()))
             else:
                 for message in messages:
-                    await self._submit(_Job(message, results.clone(), trio.current_time()))
+                    await self._submit(_Job(message, done, trio.current_time()))
+        finally:
+            done.fed()
 
     async def _submit(self, job: _Job) -> None:
+        if job.done is not None:
+            job.done.expect()
         self._outstanding += 1
         self._all_done = trio.Event() if self._all_done.is_set() else self._all_done
         self._tally.queued += 1
@@ -446,6 +562,8 @@ class Pool:
         except BaseException:
             self._tally.queued -= 1
             self._finish_one()
+            if job.done is not None:
+                job.done.withdraw()  # never handed over: no result will come
             raise
 
     def _finish_one(self) -> None:
@@ -454,12 +572,9 @@ class Pool:
             self._all_done.set()
 
     async def _complete(self, job: _Job, result: SendResult) -> None:
-        if job.done is not None:
-            async with job.done:
-                # The consumer may have left its send_all block early; the
-                # outcome still counts in statistics().
-                with contextlib.suppress(trio.BrokenResourceError):
-                    await job.done.send(result)
+        done = job.done
+        if done is not None and not done.put_nowait(result):
+            await done.put(result)
         self._tally.done[result.outcome.value] += 1
         self._finish_one()
 
