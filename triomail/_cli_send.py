@@ -36,18 +36,22 @@ import signal
 import socket
 import sys
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
+
+from ._result import Outcome
 
 if TYPE_CHECKING:
     import ssl
 
     import trio
 
+    from ._cli_render import RenderProcess
     from ._connection import PreparedMessage
-    from ._journal import Journal, Record, State
+    from ._journal import Journal, Record
     from ._pool import Pool, Server
     from ._progress import Display, Progress
     from ._recipients import BadRow, RecipientsReader, Row
@@ -61,10 +65,17 @@ EXIT_FAILED = 1
 EXIT_CANNOT_RUN = 2
 EXIT_INTERRUPTED = 130
 
+_ACCEPTED = Outcome.ACCEPTED
+_TRANSIENT = Outcome.TRANSIENT
+_PERMANENT = Outcome.PERMANENT
+_UNKNOWN = Outcome.UNKNOWN
+
 #: A first real send to more recipients than this asks for confirmation.
 CONFIRM_ABOVE = 5
 #: Bad rows printed on stderr before the rest are only counted (all are in --report).
 MAX_PRINTED_ERRORS = 50
+#: --render: where messages are rendered.
+RENDER_MODES = ("auto", "process", "inline")
 
 _EPILOG = """\
 server:
@@ -158,6 +169,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--retries", type=_count, metavar="N", help="retries of a transient failure (4)"
     )
     speed.add_argument(
+        "--render",
+        choices=RENDER_MODES,
+        help="render messages in a second process (process), in this one (inline), or "
+        "process when there is more than one CPU (auto, the default); dry runs are inline",
+    )
+    speed.add_argument(
         "--retry-backoff",
         type=_positive_float,
         metavar="SECONDS",
@@ -240,6 +257,13 @@ class Settings:
     resume: bool = False
     at_most_once: bool = False
     progress_interval: float = 5.0
+    render: str = "auto"
+
+    def render_in_process(self) -> bool:
+        """Render in a second process? (--render, the CPU count; never for a dry run)."""
+        if self.dry_run or self.render == "inline":
+            return False
+        return self.render == "process" or (os.cpu_count() or 1) > 1
 
 
 _CONFIG_TYPES: dict[str, tuple[type, ...]] = {
@@ -261,6 +285,7 @@ _CONFIG_TYPES: dict[str, tuple[type, ...]] = {
     "resume": (bool,),
     "at_most_once": (bool,),
     "progress_interval": (int, float),
+    "render": (str,),
 }
 _PATHS = {"sink", "ca_file", "report", "journal"}
 
@@ -294,6 +319,8 @@ def _load_config(path: Path) -> dict[str, Any]:
             raise CannotRun(f"config {path}: {raw_key} has the wrong type")
         if key in _PATHS:
             value = (path.parent / Path(str(value)).expanduser()).resolve()
+        if key == "render" and value not in RENDER_MODES:
+            raise CannotRun(f"config {path}: render must be one of {', '.join(RENDER_MODES)}")
         out[key] = value
     return out
 
@@ -335,6 +362,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _main(settings: Settings) -> int:
+    with contextlib.ExitStack() as stack:
+        renderer = None
+        if settings.render_in_process():
+            from ._cli_render import RenderProcess
+
+            # First of all, so that its start-up overlaps ours.
+            try:
+                renderer = RenderProcess.start(settings.template, settings.recipients)
+            except OSError as exc:
+                raise CannotRun(f"cannot start the render process: {exc}") from None
+            stack.callback(renderer.close)
+        return _prepare_and_run(settings, renderer)
+
+
+def _prepare_and_run(settings: Settings, renderer: RenderProcess | None) -> int:
     from ._journal import Journal, JournalError
     from ._recipients import RecipientsError, RecipientsReader, estimate_rows
     from ._template import TemplateError, compile_template
@@ -366,6 +408,9 @@ def _main(settings: Settings) -> int:
 
     with contextlib.closing(journal):
         batch = _Batch(settings, template, reader, journal, counts, estimate)
+        if renderer is not None:
+            renderer.begin(journal.campaign, batch.domain)
+            batch.renderer = renderer
         for warning in reader.warnings:
             print(f"triomail send: warning: {settings.recipients}: {warning}", file=sys.stderr)
         if settings.dry_run:
@@ -487,7 +532,8 @@ class _Batch:
     aborted: bool = False
     handed: int = 0
     outstanding: dict[str, _Tag] = field(default_factory=dict)
-    unhanded: list[str] = field(default_factory=list)
+    #: Claimed in the journal, not handed to the pool yet (released at the end).
+    unhanded: deque[str] = field(default_factory=deque)
     errors_printed: int = 0
     #: Retries that the results seen so far took (attempts beyond the first).
     retries_done: int = 0
@@ -495,6 +541,10 @@ class _Batch:
     display: Display | None = None
     progress: Progress | None = None
     domain: str = ""
+    #: The render process, if rows are rendered in one (--render).
+    renderer: RenderProcess | None = None
+    #: Why the render process stopped before the end of the file, if it did.
+    render_error: str | None = None
 
     def __post_init__(self) -> None:
         from ._progress import Display, Progress
@@ -536,9 +586,17 @@ class _Batch:
             yield chunk
 
     def _plan_chunk(
-        self, chunk: list[Row | BadRow], budget: int | None
+        self,
+        chunk: list[Row | BadRow],
+        budget: int | None,
+        pre: list[Rendered | str | None] | None = None,
     ) -> list[tuple[Row, Rendered, Record | None]]:
-        """Decide, per row, what to do; render the ones to send."""
+        """Decide, per row, what to do; render the ones to send.
+
+        ``pre`` holds, for each item of ``chunk``, what the render process made of it
+        (a message rendered with the default Message-ID, or the error): used unless the
+        journal holds another Message-ID for that row.
+        """
         from ._recipients import BadRow
         from ._template import RowError
 
@@ -548,7 +606,7 @@ class _Batch:
         planned: list[tuple[Row, Rendered, Record | None]] = []
         seen: dict[str, int] = {}
         skipped_unknown = []
-        for item in chunk:
+        for index, item in enumerate(chunk):
             if isinstance(item, BadRow):
                 self._bad_row(item.line, item.error)
                 continue
@@ -581,6 +639,15 @@ class _Batch:
                         }
                     )
                     continue
+            done = pre[index] if pre is not None else None
+            if done is not None and (
+                record is None or record.message_id == self._message_id(item.key)
+            ):
+                if isinstance(done, str):
+                    self._bad_row(item.line, done)
+                    continue
+                planned.append((item, done, record))
+                continue
             message_id = record.message_id if record is not None else self._message_id(item.key)
             try:
                 rendered = self.template.render(item.fields, message_id=message_id)
@@ -591,6 +658,35 @@ class _Batch:
         if skipped_unknown:
             self.journal.mark(skipped_unknown, "unknown")
         return planned
+
+    @staticmethod
+    def _from_records(
+        records: list[tuple[Any, ...]], after: int = 0
+    ) -> tuple[list[Row | BadRow], list[Rendered | str | None]]:
+        """The render process's records as rows, and what it made of each.
+
+        Records of lines up to ``after`` (rows already read and rendered here) are
+        left out.
+        """
+        from ._recipients import BadRow, Row
+        from ._template import Rendered
+
+        chunk: list[Row | BadRow] = []
+        pre: list[Rendered | str | None] = []
+        if after and records and records[0][1] <= after:
+            records = [r for r in records if r[1] > after]
+        for r in records:
+            kind = r[0]
+            if kind == 1:
+                chunk.append(Row(r[1], r[3], r[2]))
+                pre.append(Rendered(r[4], r[5], r[6], r[7], r[8]))
+            elif kind == 0:
+                chunk.append(BadRow(r[1], r[2]))
+                pre.append(None)
+            else:
+                chunk.append(Row(r[1], r[3], r[2]))
+                pre.append(r[4])
+        return chunk, pre
 
     def _prepared(self, row: Row, rendered: Rendered, record: Record | None) -> PreparedMessage:
         from ._connection import PreparedMessage, prepare
@@ -615,9 +711,15 @@ class _Batch:
         return prepare(data, sender=rendered.sender, recipients=recipients, tag=tag)
 
     async def messages(self) -> AsyncIterator[PreparedMessage]:
-        """The pool's input: rows rendered, claimed in the journal, then yielded."""
+        """The pool's input: rows rendered, claimed in the journal, then yielded.
+
+        With a render process, the rows it renders are read from its pipe; until its
+        first batch is ready (its start-up), rows are read and rendered here, and the
+        process's records for those lines are skipped.
+        """
         import trio
 
+        from ._cli_render import RenderProcessError
         from ._errors import LocalProtocolError
 
         assert self.progress is not None
@@ -626,17 +728,44 @@ class _Batch:
         size = 16  # small at first so the first messages leave at once
         chunks = self._chunks(256)
         pending: list[Row | BadRow] = []
+        renderer = self.renderer
+        switched = False  # reading the render process's batches (no longer our own rows)
+        last_line = 0  # the last line read here
         while not self.stopping:
             budget = None if limit is None else limit - self.handed
             if budget is not None and budget <= 0:
                 return
-            if not pending:
-                pending = next(chunks, [])
-                if not pending:
+            pre: list[Rendered | str | None] | None = None
+            chunk: list[Row | BadRow] = []
+            if renderer is not None:
+                records: list[tuple[Any, ...]] | None = None
+                try:
+                    if switched:
+                        records = await renderer.receive()
+                    else:
+                        polled = renderer.poll()
+                        if polled is None or isinstance(polled, list):
+                            switched = True
+                            pending = []
+                            records = polled
+                except RenderProcessError as exc:
+                    self.render_error = str(exc)
                     return
-            chunk, pending = pending[:size], pending[size:]
+                if switched:
+                    if records is None:
+                        return
+                    chunk, pre = self._from_records(records, last_line)
+                    if not chunk:
+                        continue
+            if not switched:
+                if not pending:
+                    pending = next(chunks, [])
+                    if not pending:
+                        return
+                chunk, pending = pending[:size], pending[size:]
+                last_line = chunk[-1].line
             messages = []
-            for row, rendered, record in self._plan_chunk(chunk, budget):
+            for row, rendered, record in self._plan_chunk(chunk, budget, pre):
                 try:
                     messages.append(self._prepared(row, rendered, record))
                 except LocalProtocolError as exc:
@@ -650,14 +779,15 @@ class _Batch:
             tags: list[_Tag] = [m.tag for m in sendable]  # type: ignore[misc]
             if tags:
                 self.journal.claim((t.key, t.line, content, t.message_id) for t in tags)
-            self.unhanded = [t.key for t in tags]
+            unhanded = self.unhanded
+            unhanded.extend(t.key for t in tags)
             for index, message in enumerate(sendable):
                 if self.stopping:
                     return
                 tag = tags[index]
                 tag.started = time.time()
                 self.outstanding[tag.key] = tag
-                self.unhanded = self.unhanded[1:]
+                unhanded.popleft()
                 self.handed += 1
                 self.progress.started += 1
                 yield message
@@ -671,56 +801,83 @@ class _Batch:
             self.report.write(json.dumps(obj, ensure_ascii=False) + "\n")
 
     def _settle(self, result: SendResult, *, note: str | None = None) -> None:
-        from ._journal import Settled
-        from ._result import Outcome
-
-        assert self.progress is not None
         tag = result.tag
-        if not isinstance(tag, _Tag):
+        if type(tag) is not _Tag:
             return
         self.outstanding.pop(tag.key, None)
-        if result.attempts > 1:
-            self.retries_done += result.attempts - 1
+        attempts = result.attempts
+        if attempts > 1:
+            self.retries_done += attempts - 1
+        recipients = result.recipients
+        reply = result.reply
+        p = self.progress
+        assert p is not None
+        if len(recipients) == 1 and recipients[0].outcome is _ACCEPTED:
+            # The common case, kept short: one recipient, accepted.
+            p.accepted += 1
+            counts = p.recipients
+            counts["accepted"] = counts.get("accepted", 0) + 1
+            if reply is not None:
+                lines = reply.lines
+                line = lines[0] if len(lines) == 1 else "\n".join(lines)
+                self.journal.record_outcome(
+                    tag.key, "accepted", attempts, reply.code, reply.enhanced_code, line, None
+                )
+            else:
+                self.journal.record_outcome(tag.key, "accepted", attempts, None, None, None, None)
+            if self.report is not None:
+                self._report(result, tag, _ACCEPTED, False, note)
+            return
         outcome = result.outcome
-        downgraded = outcome is Outcome.TRANSIENT and _possible_duplicate(result)
+        downgraded = outcome is _TRANSIENT and _possible_duplicate(result)
         if downgraded:
             # An earlier attempt lost the reply to its final dot, a later one failed
             # before it: the message may have been delivered. --resume must treat it
             # as unknown (resend at least once, or skip with --at-most-once).
-            outcome = Outcome.UNKNOWN
+            outcome = _UNKNOWN
+        done: tuple[str, ...] | None = None
+        if outcome is not _ACCEPTED and outcome is not _PERMANENT:
+            # Only a message sent again needs to know who already has a final outcome.
+            final = (_ACCEPTED, _PERMANENT)
+            settled = [r.recipient for r in recipients if r.outcome in final]
+            done = tuple(dict.fromkeys([*tag.done, *settled])) or None
+        code = enhanced = text = None
+        if reply is not None:
+            code = reply.code
+            enhanced = reply.enhanced_code
+            text = "\n".join(reply.lines)
+        elif result.error:
+            text = result.error
+        self.journal.record_outcome(tag.key, outcome.value, attempts, code, enhanced, text, done)
+        if outcome is _ACCEPTED:
+            p.accepted += 1
+        elif outcome is _PERMANENT:
+            p.failed += 1
+        elif outcome is _TRANSIENT:
+            p.deferred += 1
+        else:
+            p.unknown += 1
+        counts = p.recipients
+        for r in recipients:
+            value = "unknown" if downgraded and r.outcome is _TRANSIENT else r.outcome.value
+            counts[value] = counts.get(value, 0) + 1
+        if self.report is not None:
+            self._report(result, tag, outcome, downgraded, note)
+
+    def _report(
+        self, result: SendResult, tag: _Tag, outcome: Outcome, downgraded: bool, note: str | None
+    ) -> None:
+        """The JSONL report's lines for one message and its recipients."""
 
         def recipient_outcome(r: RecipientResult) -> str:
-            if downgraded and r.outcome is Outcome.TRANSIENT:
+            if downgraded and r.outcome is _TRANSIENT:
                 return "unknown"
             return r.outcome.value
 
         finished = time.time()
-        done: tuple[str, ...] = ()
-        if outcome is not Outcome.ACCEPTED and outcome is not Outcome.PERMANENT:
-            # Only a message sent again needs to know who already has a final outcome.
-            final = (Outcome.ACCEPTED, Outcome.PERMANENT)
-            settled = [r.recipient for r in result.recipients if r.outcome in final]
-            done = tuple(dict.fromkeys([*tag.done, *settled]))
         reply = result.reply
         code = reply.code if reply is not None else None
         enhanced = reply.enhanced_code if reply is not None else None
-        text = reply.text if reply is not None else (result.error or None)
-        state: State = outcome.value
-        self.journal.record(Settled(tag.key, state, result.attempts, code, enhanced, text, done))
-        p = self.progress
-        if outcome is Outcome.ACCEPTED:
-            p.accepted += 1
-        elif outcome is Outcome.PERMANENT:
-            p.failed += 1
-        elif outcome is Outcome.TRANSIENT:
-            p.deferred += 1
-        else:
-            p.unknown += 1
-        for r in result.recipients:
-            value = recipient_outcome(r)
-            p.recipients[value] = p.recipients.get(value, 0) + 1
-        if self.report is None:
-            return
         started = _iso(tag.started or finished)
         ended = _iso(finished)
         message: dict[str, Any] = {
@@ -865,6 +1022,15 @@ class _Batch:
                 self._finish()
         self.display.finish()
         print(self.progress.summary(), flush=True)
+        if self.render_error is not None:
+            counts = self.journal.counts()
+            left = counts["pending"] + counts["in-flight"]
+            raise CannotRun(
+                f"{self.render_error}; the messages handed out were sent and recorded, "
+                f"the journal {self.journal.path or '(in memory)'} is consistent"
+                + (f" ({left} pending or in flight)" if left else "")
+                + "; continue with --resume"
+            )
         if self.aborted or self.stopping:
             counts = self.journal.counts()
             left = counts["pending"] + counts["in-flight"]
@@ -979,9 +1145,11 @@ class _Batch:
 
     def _finish(self) -> None:
         """Leave the journal consistent whatever happened."""
+        if self.renderer is not None:
+            self.renderer.close_pipe()
         if self.unhanded:
-            self.journal.release(self.unhanded)
-            self.unhanded = []
+            self.journal.release(list(self.unhanded))
+            self.unhanded.clear()
         self.journal.flush()
         if self.report is not None:
             self.report.flush()

@@ -54,7 +54,7 @@ CREATE TABLE IF NOT EXISTS messages (
     attempts INTEGER NOT NULL DEFAULT 0,
     code INTEGER,
     enhanced TEXT,
-    text TEXT,
+    text TEXT,                   -- the deciding reply's lines as received, or the error
     done TEXT,                   -- JSON list of recipients with a final outcome
     run INTEGER NOT NULL,        -- the run that last touched the message
     updated REAL NOT NULL
@@ -268,21 +268,34 @@ class Journal:
 
     def record(self, outcome: Settled) -> None:
         """Buffer a message's outcome; committed in batches (see :meth:`flush`)."""
-        done = json.dumps(list(outcome.done)) if outcome.done else None
-        self._pending.append(
-            (
-                outcome.state,
-                outcome.attempts,
-                outcome.code,
-                outcome.enhanced,
-                outcome.text,
-                done,
-                time.time(),
-                outcome.key,
-            )
+        self.record_outcome(
+            outcome.key,
+            outcome.state,
+            outcome.attempts,
+            outcome.code,
+            outcome.enhanced,
+            outcome.text,
+            outcome.done,
         )
+
+    def record_outcome(
+        self,
+        key: str,
+        state: State,
+        attempts: int,
+        code: int | None,
+        enhanced: str | None,
+        text: str | None,
+        done: Sequence[str] | None,
+    ) -> None:
+        """:meth:`record` without building a :class:`Settled` (the CLI's hot path)."""
+        pending = self._pending
+        pending.append(
+            (state, attempts, code, enhanced, text, json.dumps(list(done)) if done else None,
+             time.time(), key)
+        )  # fmt: skip
         if (
-            len(self._pending) >= self.batch_size
+            len(pending) >= self.batch_size
             or time.monotonic() - self._last_commit >= self.batch_seconds
         ):
             self.flush()

@@ -18,7 +18,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -107,7 +107,16 @@ class RecipientsReader:
             raise RecipientsError(f"cannot read {path}: {exc.strerror}") from None
         if not head.strip():
             raise RecipientsError(f"{path} is empty")
-        return cls(path, detect_format(path, head))
+        reader = cls(path, detect_format(path, head))
+        if reader.format == "csv":
+            # Read the header row now: a file that cannot be used at all is an error
+            # before anything is sent, and its warnings can be shown first.
+            rows = reader._csv()
+            try:
+                next(rows, None)
+            finally:
+                rows.close()
+        return reader
 
     def __iter__(self) -> Iterator[Row | BadRow]:
         if self.format == "jsonl":
@@ -131,7 +140,7 @@ class RecipientsReader:
         )
         return dialect
 
-    def _csv(self) -> Iterator[Row | BadRow]:
+    def _csv(self) -> Generator[Row | BadRow]:
         with self.path.open("rb") as raw:
             sample = raw.read(_SNIFF_BYTES).decode("utf-8-sig", errors="ignore")
             raw.seek(0)
@@ -149,12 +158,14 @@ class RecipientsReader:
             if any(_has_surrogates(name) for name in header):
                 raise RecipientsError(f"{self.path}:1: the header row is not UTF-8")
             self.fieldnames = header
+            warnings = []
             spaced = [name for name in header if name != name.strip()]
             if spaced:
                 listed = ", ".join(repr(n) for n in spaced)
-                self.warnings.append(f"header contains white space around names: {listed}")
+                warnings.append(f"header contains white space around names: {listed}")
             if len(set(header)) != len(header):
-                self.warnings.append("header repeats a column name; the last one wins")
+                warnings.append("header repeats a column name; the last one wins")
+            self.warnings = warnings
             order = sorted(range(len(header)), key=lambda i: header[i])
             prefix = "\x1e".join(header[i] for i in order) + "\x1d"
             width = len(header)
