@@ -279,8 +279,9 @@ def test_dry_run_connects_to_nothing(tmp_path: Path, capsys: pytest.CaptureFixtu
 # ----------------------------------------------------------------------- bad rows
 
 
+@pytest.mark.parametrize("render", ["process", "inline"])
 def test_bad_rows_are_reported_and_skipped(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], render: str
 ) -> None:
     rows = tmp_path / "rows.csv"
     rows.write_bytes(
@@ -298,7 +299,7 @@ def test_bad_rows_are_reported_and_skipped(
     tpl.write_text(TEMPLATE)
     report = tmp_path / "r.jsonl"
     outbox = tmp_path / "outbox"
-    code = send(rows, tpl, "--sink", outbox, "--report", report)
+    code = send(rows, tpl, "--sink", outbox, "--report", report, "--render", render)
     out, err = capsys.readouterr()
     assert code == 1
     for line in (3, 4, 5, 6, 8, 10):
@@ -457,8 +458,9 @@ def sink_ids(sink: SMTPSink) -> list[str]:
     return [message_id(m.data) for m in sink.messages]
 
 
+@pytest.mark.parametrize("render", ["process", "inline"])
 async def test_resume_sends_only_what_is_left(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], render: str
 ) -> None:
     rows, tpl = batch(tmp_path, 10)
     journal = tmp_path / "j.sqlite3"
@@ -468,7 +470,14 @@ async def test_resume_sends_only_what_is_left(
         for i in (2, 5)
     ]
     async with SMTPSink(faults=transient) as sink:
-        common = ("--server", server(sink), "--ca-file", ca_file(sink, tmp_path))
+        common = (
+            "--server",
+            server(sink),
+            "--ca-file",
+            ca_file(sink, tmp_path),
+            "--render",
+            render,
+        )
         code = await send_async(
             rows, tpl, *common, "--journal", journal, "--yes", "--retries", "0", "--report", report
         )
@@ -528,12 +537,22 @@ async def test_unknown_then_transient_is_recorded_unknown(tmp_path: Path) -> Non
         assert sink_ids(sink) == [record.message_id, record.message_id]
 
 
-async def test_resume_unknown_outcomes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("render", ["process", "inline"])
+async def test_resume_unknown_outcomes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], render: str
+) -> None:
     """In-flight messages of a crashed run: resent with the same Message-ID, or skipped."""
     rows, tpl = batch(tmp_path, 4)
     journal_path = tmp_path / "j.sqlite3"
     async with SMTPSink() as sink:
-        common = ("--server", server(sink), "--ca-file", ca_file(sink, tmp_path))
+        common = (
+            "--server",
+            server(sink),
+            "--ca-file",
+            ca_file(sink, tmp_path),
+            "--render",
+            render,
+        )
         assert await send_async(rows, tpl, *common, "--journal", journal_path) == 0
         ids = sink_ids(sink)
         # Pretend the run crashed with two messages in flight.
@@ -562,10 +581,20 @@ async def test_resume_unknown_outcomes(tmp_path: Path, capsys: pytest.CaptureFix
         assert set(sink_ids(sink)) <= set(ids)  # the very same Message-IDs
 
 
-async def test_default_journal_next_to_the_recipients_and_limit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("render", ["process", "inline"])
+async def test_default_journal_next_to_the_recipients_and_limit(
+    tmp_path: Path, render: str
+) -> None:
     rows, tpl = batch(tmp_path, 3)
     async with SMTPSink() as sink:
-        common = ("--server", server(sink), "--ca-file", ca_file(sink, tmp_path))
+        common = (
+            "--server",
+            server(sink),
+            "--ca-file",
+            ca_file(sink, tmp_path),
+            "--render",
+            render,
+        )
         assert await send_async(rows, tpl, *common, "--limit", "2") == 0
         assert sink.received == 2
         journal_path = tmp_path / "rows.csv.journal.sqlite3"

@@ -88,7 +88,8 @@ def previous_unknown(report: Path) -> set[str]:
 # --------------------------------------------------------------------------- kill -9
 
 
-async def test_kill_9_mid_batch_then_resume(tmp_path: Path) -> None:
+@pytest.mark.parametrize("render", ["process", "inline"])
+async def test_kill_9_mid_batch_then_resume(tmp_path: Path, render: str) -> None:
     """Every row ends accepted exactly once, except rows whose outcome was unknown."""
     n = 150
     rows, tpl = batch(tmp_path, n)
@@ -96,7 +97,7 @@ async def test_kill_9_mid_batch_then_resume(tmp_path: Path) -> None:
     report = tmp_path / "r.jsonl"
     async with SMTPSink(faults=[Fault(".", delay=0.02)]) as sink:
         common = (rows, tpl, "--server", server(sink), "--ca-file", ca_file(sink, tmp_path))
-        common += ("--journal", journal, "--connections", "4", "--yes")
+        common += ("--journal", journal, "--connections", "4", "--yes", "--render", render)
         child = await start(tmp_path, "first", *common)
         await wait_until(lambda: sink.received >= 40)
         child.proc.kill()
@@ -122,14 +123,15 @@ async def test_kill_9_mid_batch_then_resume(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- Ctrl-C
 
 
-async def test_ctrl_c_finishes_in_flight_then_resume(tmp_path: Path) -> None:
+@pytest.mark.parametrize("render", ["process", "inline"])
+async def test_ctrl_c_finishes_in_flight_then_resume(tmp_path: Path, render: str) -> None:
     """The first Ctrl-C stops reading rows; what the pool holds is sent and recorded."""
     n = 400
     rows, tpl = batch(tmp_path, n)
     journal = tmp_path / "j.sqlite3"
     async with SMTPSink(faults=[Fault(".", delay=0.01)]) as sink:
         common = (rows, tpl, "--server", server(sink), "--ca-file", ca_file(sink, tmp_path))
-        common += ("--journal", journal, "--connections", "2", "--yes")
+        common += ("--journal", journal, "--connections", "2", "--yes", "--render", render)
         child = await start(tmp_path, "first", *common)
         await wait_until(lambda: sink.received >= 20)
         child.proc.send_signal(signal.SIGINT)

@@ -171,8 +171,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     speed.add_argument(
         "--render",
         choices=RENDER_MODES,
-        help="render messages in a second process (process), in this one (inline), or "
-        "process when there is more than one CPU (auto, the default); dry runs are inline",
+        help="where messages are rendered: auto (the default: in a second process when there "
+        "is more than one CPU, with the first rows rendered here while it starts), process "
+        "(every row in the second process), inline (in this one; always for --dry-run)",
     )
     speed.add_argument(
         "--retry-backoff",
@@ -729,7 +730,9 @@ class _Batch:
         chunks = self._chunks(256)
         pending: list[Row | BadRow] = []
         renderer = self.renderer
-        switched = False  # reading the render process's batches (no longer our own rows)
+        # Reading the render process's batches (no longer rows of our own)? With
+        # --render process, from the first row; with auto, once its first batch is ready.
+        switched = self.settings.render == "process"
         last_line = 0  # the last line read here
         while not self.stopping:
             budget = None if limit is None else limit - self.handed

@@ -1,0 +1,215 @@
+"""``triomail send --render``: rows rendered in a second process, and its failures.
+
+The CLI runs as ``python -m triomail send`` (a child of the test) so that its own
+child, the render process, can be found in ``/proc`` and killed. The frame reader is
+also driven by real processes that write garbage, an error frame, or die.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import trio
+from test_cli_send import batch, ca_file, send, send_async, server, sink_ids
+from test_cli_send_process import finish, records, start, wait_until
+
+from triomail._cli_render import RenderProcess, RenderProcessError
+from triomail._journal import Journal
+from triomail.testing import Fault, SMTPSink
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+
+# A body of ~8 KB: 1,000 messages are far more than the pipe (1 MiB) and the pool's
+# queue hold, so the render process is still there, blocked in write, while the
+# batch is being sent.
+BIG_TEMPLATE = (
+    "TO: {{name}} <{{email}}>\n"
+    "SUBJECT: Hello {{name}}\n"
+    "FROM: Sender <sender@example.com>\n"
+    "\n"
+    "Hi {{name}}, your number is {{number}}.\n" + ("All work and no play. " * 3 + "\n") * 120
+)
+
+
+def render_processes(parent: int) -> list[int]:
+    """The pids of the render processes whose parent is ``parent``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rpartition(")")[2].split()[1])
+        if ppid == parent and b"triomail._cli_render" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+# ----------------------------------------------------------------- the mode is used
+
+
+async def test_render_process_renders_the_batch(tmp_path: Path) -> None:
+    n = 1000
+    rows, tpl = batch(tmp_path, n, BIG_TEMPLATE)
+    async with SMTPSink(faults=[Fault(".", delay=0.002)]) as sink:
+        common = (rows, tpl, "--server", server(sink), "--ca-file", ca_file(sink, tmp_path))
+        first = ("--journal", tmp_path / "first.sqlite3", "--yes", "--render", "process")
+        child = await start(tmp_path, "process", *common, *first)
+        await wait_until(lambda: sink.received >= 10)
+        renderers = render_processes(child.proc.pid)
+        assert len(renderers) == 1  # a render process, still running: the pipe is full
+        assert alive(renderers[0])
+        assert await finish(child) == 0, child.stderr
+        assert not alive(renderers[0])  # ended and reaped with the batch
+        counts = Counter(sink_ids(sink))
+        assert len(counts) == n and set(counts.values()) == {1}
+
+        sink.clear()
+        second = ("--journal", tmp_path / "second.sqlite3", "--yes", "--render", "inline")
+        child = await start(tmp_path, "inline", *common, *second)
+        await wait_until(lambda: sink.received >= 10)
+        assert render_processes(child.proc.pid) == []
+        assert await finish(child) == 0, child.stderr
+        assert sink.received == n
+
+
+async def test_journal_message_id_differs_renders_here(tmp_path: Path) -> None:
+    """A journal record with another Message-ID: the row is rendered again, with it."""
+    rows, tpl = batch(tmp_path, 4)
+    journal_path = tmp_path / "j.sqlite3"
+    async with SMTPSink() as sink:
+        common = ("--server", server(sink), "--ca-file", ca_file(sink, tmp_path))
+        common += ("--journal", journal_path, "--render", "process")
+        assert await send_async(rows, tpl, *common) == 0
+        journal, _ = Journal.open(journal_path, resume=True)
+        first = journal.records()[:2]
+        journal.close()
+        with sqlite3.connect(journal_path) as conn:
+            conn.executemany(
+                "UPDATE messages SET state='transient', message_id=? WHERE key=?",
+                [(f"<earlier-{i}@example.com>", r.key) for i, r in enumerate(first)],
+            )
+        sink.clear()
+        assert await send_async(rows, tpl, *common, "--resume") == 0
+        assert sorted(sink_ids(sink)) == ["<earlier-0@example.com>", "<earlier-1@example.com>"]
+
+
+# ---------------------------------------------------------------- the process fails
+
+
+async def test_render_process_killed_mid_batch(tmp_path: Path) -> None:
+    """One line, exit 2, a consistent journal; --resume sends the rest exactly once."""
+    n = 1000
+    rows, tpl = batch(tmp_path, n, BIG_TEMPLATE)
+    journal = tmp_path / "j.sqlite3"
+    async with SMTPSink(faults=[Fault(".", delay=0.002)]) as sink:
+        common = (rows, tpl, "--server", server(sink), "--ca-file", ca_file(sink, tmp_path))
+        common += ("--journal", journal, "--yes", "--connections", "2")
+        child = await start(tmp_path, "first", *common, "--render", "process")
+        await wait_until(lambda: sink.received >= 10)
+        (renderer,) = render_processes(child.proc.pid)
+        os.kill(renderer, 9)
+        assert await finish(child) == 2, child.stderr
+        err = child.stderr
+        assert "Traceback" not in err
+        error = [line for line in err.splitlines() if "error:" in line]
+        assert len(error) == 1
+        assert "the render process was killed (SIGKILL) before the end of the file" in error[0]
+        assert "continue with --resume" in error[0]
+        assert "Summary" in child.stdout
+        state = Counter(r.state for r in records(journal))
+        assert state["in-flight"] == 0
+        assert state["accepted"] == sink.received < n
+        assert set(state) <= {"accepted", "pending"}
+        child = await start(tmp_path, "resume", *common, "--resume")
+        assert await finish(child) == 0, child.stderr
+    assert all(r.state == "accepted" for r in records(journal))
+    counts = Counter(sink_ids(sink))
+    assert len(counts) == n and set(counts.values()) == {1}
+
+
+def _frame(body: str) -> str:
+    """Python code writing one frame whose marshal body is ``body``."""
+    return (
+        "import marshal, sys\n"
+        f"p = marshal.dumps({body})\n"
+        "sys.stdout.buffer.write(len(p).to_bytes(4, 'big') + p)\n"
+        "sys.stdout.flush()\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [
+        ("import sys; sys.stdout.buffer.write(b'\\0\\0\\0\\x07garbage')", "does not decode"),
+        ("import sys; sys.stdout.buffer.write(b'\\xff\\xff\\xff\\xff')", "length out of range"),
+        (_frame("('rows', [(1, 'not a row')])"), "an unexpected frame"),
+        (_frame("('end', 5)"), "an unexpected frame"),
+        (_frame("('error', 'RecipientsError: no\\nsuch file')"), "RecipientsError: no such file"),
+        (_frame("('rows', [(0, 2, 'bad')])") + "import os; os._exit(3)", r"exited \(status 3\)"),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", r"killed \(SIGKILL\)"),
+    ],
+)
+async def test_render_process_failures_are_one_line(script: str, expected: str) -> None:
+    renderer = RenderProcess.spawn([sys.executable, "-c", script])
+    try:
+        with trio.fail_after(20), pytest.raises(RenderProcessError, match=expected) as info:
+            while await renderer.receive() is not None:
+                pass
+        assert "\n" not in str(info.value)
+    finally:
+        renderer.close()
+    assert renderer.proc.returncode is not None
+
+
+async def test_render_process_frames_end_to_end(tmp_path: Path) -> None:
+    """The real child: rows in file order, bad rows and template refusals as records."""
+    rows = tmp_path / "rows.csv"
+    rows.write_text("email,name,number\na@example.com,A,1\nnot-an-address,B,2\nc@example.com,C\n")
+    tpl = tmp_path / "t.txt"
+    tpl.write_text(BIG_TEMPLATE)
+    renderer = RenderProcess.start(tpl, rows)
+    try:
+        renderer.begin("c4mpaign", "example.com")
+        got = []
+        with trio.fail_after(20):
+            while (batch_ := await renderer.receive()) is not None:
+                got.extend(batch_)
+    finally:
+        renderer.close()
+    assert [r[:2] for r in got] == [(1, 2), (2, 3), (0, 4)]
+    _, _, key, fields, data, sender, recipients, mid, utf8 = got[0]
+    assert fields == {"email": "a@example.com", "name": "A", "number": "1"}
+    assert mid == f"<{key}.c4mpaign@example.com>"
+    assert f"Message-ID: {mid}\r\n".encode() in data
+    assert sender == "sender@example.com" and recipients == ("a@example.com",)
+    assert utf8 is False
+    assert "not-an-address" in got[1][4]
+    assert "expected 3 fields" in got[2][2]
+
+
+def test_header_row_not_utf8_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows, tpl = batch(tmp_path, 1)
+    rows.write_bytes(b"em\xffail,name,number\na@example.com,A,1\n")
+    assert send(rows, tpl, "--sink", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "header row is not UTF-8" in err
+    assert "Traceback" not in err
