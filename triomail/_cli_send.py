@@ -16,6 +16,12 @@ committed transaction, and only then yields the messages one by one. The results
 loop records every outcome in the journal (batched commits), the JSONL report and
 the progress counters.
 
+With ``--render process`` or ``auto`` (more than one CPU, not a dry run), a render
+process (:mod:`._cli_render`) is started before anything else; it reads and renders
+the rows and streams them over a pipe, and :meth:`_Batch.messages` takes its chunks
+from there instead (``auto``: once its first batch is ready; the rows before are read
+and rendered here). The decisions per row stay here, with the journal.
+
 Signals: the first SIGINT/SIGTERM stops reading rows; transactions on the wire are
 finished, messages waiting for a retry are abandoned as in-flight (``--resume`` sends
 them again), claimed messages never handed to the pool go back to pending. A second
@@ -100,7 +106,8 @@ exit status:
   0    every message was accepted for every recipient
   1    some messages failed, were deferred, had an unknown outcome, or rows were bad
   2    could not run: bad arguments, template or file errors, unreachable server,
-       authentication failure (one line on stderr, no traceback)
+       authentication failure (one line on stderr, no traceback); or the render
+       process failed mid-batch (what was handed out is recorded; use --resume)
   130  interrupted (Ctrl-C or SIGTERM); the journal is consistent, use --resume
 """
 
