@@ -346,12 +346,20 @@ class _Batch:
                 self.arm(stage, self.seconds[kind])
                 fd = self.fd
                 receive = conn._stream.receive_some
+                ready = False
                 while reply is None:
                     if fd is None:
                         data = await receive(_RECEIVE_SIZE)
                     else:
-                        # Wait first: the reply is to what was just written.
-                        await trio.lowlevel.wait_readable(fd)
+                        if ready:
+                            await trio.lowlevel.wait_readable(fd)
+                        else:
+                            # Let the other tasks run, then try the socket: when the
+                            # process is busy (many connections), the reply is there
+                            # by then and no epoll registration and wakeup is needed.
+                            # When idle, the failed read costs one syscall.
+                            await trio.lowlevel.checkpoint()
+                            ready = True
                         try:
                             data = os.read(fd, _RECEIVE_SIZE)
                         except BlockingIOError:

@@ -756,6 +756,18 @@ class Pool:
             worker.sent += len(results)
             jobs = []
             for index, ((job, _), result) in enumerate(zip(ready, results, strict=True)):
+                if job.attempts == 0 and not job.settled and result.ok:
+                    # The common case, kept cheap: accepted for all at the first try
+                    # (no retry to plan, no throttling reply).
+                    state.record_success()
+                    job.attempts = 1
+                    job.last = result
+                    done = job.done
+                    if done is not None and not done.put_nowait(result):
+                        await done.put(result)
+                    self._tally.done["accepted"] += 1
+                    self._finish_one()
+                    continue
                 if (
                     (reused or index > 0)
                     and not result.mail_accepted

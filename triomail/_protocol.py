@@ -315,30 +315,38 @@ def canonicalize(message: str | bytes | bytearray | memoryview) -> Canonical:
     so :attr:`Canonical.eight_bit` reports them for the caller to check (R18).
     """
     data = message.encode("utf-8") if isinstance(message, str) else bytes(message)
-    # One split serves both checks: it counts the CRLFs and, unless the line endings
-    # must be rewritten, gives the line lengths (a final CRLF added below only appends
-    # an empty line). A regex scan for a long run restarts at every octet.
-    split = data.split(b"\r\n")
-    lines: list[bytes] | None = split
-    crlf = len(split) - 1
+    crlf = data.count(b"\r\n")
     if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
         # A bare CR or LF: make every line ending CRLF (aiosmtplib and qmail do the same).
         data = _LINE_ENDING.sub(b"\r\n", data)
-        lines = None
     if data and not data.endswith(b"\r\n"):
         # An empty message has no line to terminate: its wire form is just ".\r\n",
         # whose CRLF is the one ending the DATA command (RFC 5321 §4.1.1.4).
         data += b"\r\n"
     if b"\x00" in data:
         raise LocalProtocolError("message contains a NUL octet (RFC 5322 text excludes it)")
-    if len(data) > MAX_DATA_LINE and (
-        max(map(len, data.split(b"\r\n") if lines is None else lines)) > MAX_DATA_LINE
-    ):
+    if _has_long_line(data):
         raise LocalProtocolError(
             f"message has a line longer than {MAX_DATA_LINE} octets; re-encode it "
             "(quoted-printable or base64) instead of sending it split"
         )
     return Canonical(data, not data.isascii())
+
+
+def _has_long_line(data: bytes) -> bool:
+    """Whether CRLF-terminated ``data`` has a line over :data:`MAX_DATA_LINE` octets.
+
+    Such a line holds ``MAX_DATA_LINE + 1`` consecutive octets, so it covers one of the
+    offsets that are multiples of that: measuring only the lines at those offsets is
+    exact, and costs two ``find`` per kilobyte instead of splitting every line.
+    """
+    step = MAX_DATA_LINE + 1
+    for offset in range(step - 1, len(data), step):
+        start = data.rfind(b"\n", 0, offset) + 1
+        end = data.find(b"\n", offset)  # never -1: the data ends in CRLF
+        if end - 1 - start > MAX_DATA_LINE:
+            return True
+    return False
 
 
 def dot_stuff(canonical: Canonical) -> bytes:
