@@ -131,3 +131,49 @@ def test_a_killed_process_leaves_claims_in_flight(tmp_path: Path) -> None:
     assert counts["accepted"] == 1
     assert counts["in-flight"] == 4
     journal.close()
+
+
+def test_without_rowid_journal_of_an_earlier_version(tmp_path: Path) -> None:
+    """Journals made with the earlier WITHOUT ROWID layout resume the same way."""
+    path = tmp_path / "j.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(
+            """
+            CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+            CREATE TABLE messages (
+                key TEXT PRIMARY KEY, line INTEGER NOT NULL, content TEXT NOT NULL,
+                message_id TEXT NOT NULL, state TEXT NOT NULL,
+                attempts INTEGER NOT NULL DEFAULT 0, code INTEGER, enhanced TEXT, text TEXT,
+                done TEXT, run INTEGER NOT NULL, updated REAL NOT NULL
+            ) WITHOUT ROWID;
+            INSERT INTO meta VALUES ('schema', '1'), ('campaign', 'abc'), ('runs', '1');
+            INSERT INTO messages (key, line, content, message_id, state, run, updated)
+                VALUES ('k0', 2, 'c1', '<m0@example.com>', 'in-flight', 1, 0);
+            """
+        )
+    journal, counts = Journal.open(path, resume=True)
+    assert counts["in-flight"] == 1 and journal.campaign == "abc" and journal.run == 2
+    journal.claim(entries(2))
+    journal.record_outcome("k0", "accepted", 1, 250, "2.0.0", "2.0.0 Ok", None)
+    journal.record_outcome("k1", "transient", 1, 451, "4.3.0", "4.3.0 Later", ["a@example.com"])
+    journal.flush()
+    found = journal.lookup(["k0", "k1"])
+    assert found["k0"].state == "accepted" and found["k0"].run == 2
+    assert found["k1"].state == "transient" and found["k1"].done == ("a@example.com",)
+    journal.close()
+    with sqlite3.connect(path) as conn:
+        (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name='messages'").fetchone()
+    assert "WITHOUT ROWID" in sql  # left as it was
+
+
+def test_new_journal_is_a_rowid_table(tmp_path: Path) -> None:
+    journal, _ = Journal.open(tmp_path / "j.sqlite3", resume=False)
+    journal.claim(entries(3))
+    with pytest.raises(sqlite3.IntegrityError):  # the key stays unique
+        journal._conn.execute(
+            "INSERT INTO messages (key, line, content, message_id, state, run, updated) "
+            "VALUES ('k0', 9, 'c', '<x@y>', 'pending', 1, 0)"
+        )
+    rowids = [r for (r,) in journal._conn.execute("SELECT rowid FROM messages ORDER BY rowid")]
+    assert rowids == [1, 2, 3]  # appended in claim order
+    journal.close()
