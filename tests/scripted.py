@@ -248,11 +248,17 @@ class _Conn:
         self.t.events.append(("C", self.t.phase, data))
         return data
 
-    async def read_until(self, marker: bytes, what: str, timeout: float | None) -> bytes:
+    async def read_until(
+        self, marker: bytes, what: str, timeout: float | None, *, or_first: bytes = b""
+    ) -> bytes:
+        """Consume up to and including ``marker``, or just ``or_first`` if the buffer
+        starts with it (checked again as bytes arrive)."""
         t = self.timeout(timeout)
         try:
             with trio.fail_after(t):
                 while True:
+                    if or_first and self.buf.startswith(or_first):
+                        return self.consume(len(or_first))
                     idx = self.buf.find(marker)
                     if idx >= 0:
                         return self.consume(idx + len(marker))
@@ -335,10 +341,9 @@ class ExpectData(Step):
 
     async def run(self, conn: _Conn) -> None:
         what = "expected DATA content ending in CRLF.CRLF"
-        if conn.buf.startswith(b".\r\n"):  # empty body: the DATA line's CRLF came first
-            body = conn.consume(3)
-        else:
-            body = await conn.read_until(b"\r\n.\r\n", what, self.timeout)
+        # An empty body is just ".\r\n" (the DATA line's CRLF came first); a body that
+        # is not empty never starts with it (a lone "." line is stuffed to "..").
+        body = await conn.read_until(b"\r\n.\r\n", what, self.timeout, or_first=b".\r\n")
         conn.t.bodies.append(body)
 
 

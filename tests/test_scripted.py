@@ -142,6 +142,20 @@ async def test_expect_data_and_read_bytes() -> None:
     assert transcript.bodies == [b"Subject: x\r\n\r\n..dot\r\n\r\n.\r\n", b".\r\n", b"ab\r\nc"]
 
 
+async def test_expect_data_waits_for_an_empty_body_that_comes_late_and_split() -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    transcript = Transcript()
+    script = [expect_line(b"DATA"), expect_data(), expect_line(b"QUIT")]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: play(server_stream, script, transcript=transcript))
+        await client_stream.send_all(b"DATA\r\n")
+        await trio.testing.wait_all_tasks_blocked()  # expect_data() is waiting, buffer empty
+        await client_stream.send_all(b".")
+        await trio.testing.wait_all_tasks_blocked()
+        await client_stream.send_all(b"\r\nQUIT\r\n")
+    assert transcript.bodies == [b".\r\n"]
+
+
 async def test_partial_line_tail_is_kept_in_lines() -> None:
     t = Transcript(writes=[("plain", b"EHLO a\r\nMAIL"), ("tls", b" FROM:<>\r\nRC")])
     assert t.lines() == [b"EHLO a", b"MAIL FROM:<>", b"RC"]
