@@ -194,12 +194,13 @@ async def test_render_process_frames_end_to_end(tmp_path: Path) -> None:
     finally:
         renderer.close()
     assert [r[:2] for r in got] == [(1, 2), (2, 3), (0, 4)]
-    _, _, key, fields, data, sender, recipients, mid, utf8 = got[0]
+    _, _, key, fields, data, sender, recipients, mid, utf8, eight_bit = got[0]
     assert fields == {"email": "a@example.com", "name": "A", "number": "1"}
     assert mid == f"<{key}.c4mpaign@example.com>"
     assert f"Message-ID: {mid}\r\n".encode() in data
     assert sender == "sender@example.com" and recipients == ("a@example.com",)
     assert utf8 is False
+    assert eight_bit is False  # canonical CRLF text, ASCII only
     assert "not-an-address" in got[1][4]
     assert "expected 3 fields" in got[2][2]
 

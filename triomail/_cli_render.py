@@ -31,7 +31,8 @@ Frames: a 4-byte big-endian length, then ``marshal.dumps((kind, body))`` with ki
 
 * ``"rows"``: a list of records, in file order:
   ``(0, line, error)`` a bad row;
-  ``(1, line, key, fields, data, sender, recipients, message_id, smtputf8)`` a rendered row;
+  ``(1, line, key, fields, data, sender, recipients, message_id, smtputf8, eight_bit)``
+  a rendered row (``eight_bit``: :func:`canonical_eight_bit` of ``data``);
   ``(2, line, key, fields, error)`` a row the template refused;
 * ``"end"``: the number of records sent (the file was read to its end);
 * ``"error"``: a one-line message (the child stops).
@@ -60,7 +61,7 @@ __all__ = [
 ]
 
 #: Bumped whenever the frame format changes (the parent and the child are one version).
-PROTOCOL = 1
+PROTOCOL = 2
 #: A frame larger than this is garbage, not a batch of rows.
 MAX_FRAME = 64 * 1024 * 1024
 #: Rows per frame: small at first so the first messages leave at once, then this many.
@@ -270,7 +271,7 @@ def _valid(record: object) -> bool:
     kind = record[0]
     if kind == 1:
         return (
-            len(record) == 9
+            len(record) == 10
             and type(record[1]) is int
             and type(record[2]) is str
             and type(record[3]) is dict
@@ -279,6 +280,7 @@ def _valid(record: object) -> bool:
             and type(record[6]) is tuple
             and type(record[7]) is str
             and type(record[8]) is bool
+            and (record[9] is None or type(record[9]) is bool)
         )
     if kind == 0:
         return len(record) == 3 and type(record[1]) is int and type(record[2]) is str
@@ -305,7 +307,7 @@ def _write(fd: int, kind: str, body: Any) -> None:
 
 def _frames(rows: Iterator[Any], render: Any, campaign: str, domain: str) -> Iterator[list[Record]]:
     from ._recipients import BadRow
-    from ._template import RowError
+    from ._template import RowError, canonical_eight_bit
 
     batch: list[Record] = []
     size = 0
@@ -324,7 +326,7 @@ def _frames(rows: Iterator[Any], render: Any, campaign: str, domain: str) -> Ite
                 size += len(data)
                 batch.append(
                     (1, item.line, key, item.fields, data, r.sender, r.recipients,
-                     r.message_id, r.smtputf8)
+                     r.message_id, r.smtputf8, canonical_eight_bit(data))
                 )  # fmt: skip
         if len(batch) >= limit or size >= MAX_FRAME_BYTES:
             yield batch

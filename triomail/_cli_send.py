@@ -687,7 +687,7 @@ class _Batch:
             kind = r[0]
             if kind == 1:
                 chunk.append(Row(r[1], r[3], r[2]))
-                pre.append(Rendered(r[4], r[5], r[6], r[7], r[8]))
+                pre.append(Rendered(r[4], r[5], r[6], r[7], r[8], r[9]))
             elif kind == 0:
                 chunk.append(BadRow(r[1], r[2]))
                 pre.append(None)
@@ -697,26 +697,33 @@ class _Batch:
         return chunk, pre
 
     def _prepared(self, row: Row, rendered: Rendered, record: Record | None) -> PreparedMessage:
-        from ._connection import PreparedMessage, prepare
-        from ._protocol import Canonical
-
-        done = record.done if record is not None else ()
-        recipients = tuple(r for r in rendered.recipients if r not in done)
-        previous = None if record is None else record.state
+        prepared_message, canonical, prepare, eight_bit_of = _PREPARE or _prepare_types()
+        if record is None:
+            done: tuple[str, ...] = ()
+            recipients = rendered.recipients
+            previous = None
+        else:
+            done = record.done
+            recipients = tuple(r for r in rendered.recipients if r not in done)
+            previous = record.state
         tag = _Tag(row.key, row.line, rendered.message_id, done, previous=previous)
         data = rendered.data
-        crlf = data.count(b"\r\n")
-        if data.count(b"\r") == crlf and data.count(b"\n") == crlf and b"\x00" not in data:
+        eight_bit = rendered.eight_bit
+        if eight_bit is None:
+            eight_bit = eight_bit_of(data)
+        if eight_bit is not None:
             # The renderer writes canonical CRLF text with short lines; skip re-checking it.
-            return PreparedMessage(
+            message: PreparedMessage = prepared_message(
                 sender=rendered.sender,
                 recipients=recipients,
-                canonical=Canonical(data, not data.isascii()),
+                canonical=canonical(data, eight_bit),
                 needs_smtputf8=rendered.smtputf8,
                 message_id=rendered.message_id,
                 tag=tag,
             )
-        return prepare(data, sender=rendered.sender, recipients=recipients, tag=tag)
+        else:
+            message = prepare(data, sender=rendered.sender, recipients=recipients, tag=tag)
+        return message
 
     async def messages(self) -> AsyncIterator[PreparedMessage]:
         """The pool's input: rows rendered, claimed in the journal, then yielded.
@@ -737,6 +744,7 @@ class _Batch:
         chunks = self._chunks(256)
         pending: list[Row | BadRow] = []
         renderer = self.renderer
+        report = self.report is not None
         # Reading the render process's batches (no longer rows of our own)? With
         # --render process, from the first row; with auto, once its first batch is ready.
         switched = self.settings.render == "process"
@@ -795,7 +803,8 @@ class _Batch:
                 if self.stopping:
                     return
                 tag = tags[index]
-                tag.started = time.time()
+                if report:
+                    tag.started = time.time()
                 self.outstanding[tag.key] = tag
                 unhanded.popleft()
                 self.handed += 1
@@ -1163,6 +1172,20 @@ class _Batch:
         self.journal.flush()
         if self.report is not None:
             self.report.flush()
+
+
+_PREPARE: tuple[Any, Any, Any, Any] | None = None
+
+
+def _prepare_types() -> tuple[Any, Any, Any, Any]:
+    """What :meth:`_Batch._prepared` needs, imported once (not at module import)."""
+    global _PREPARE
+    from ._connection import PreparedMessage, prepare
+    from ._protocol import Canonical
+    from ._template import canonical_eight_bit
+
+    _PREPARE = (PreparedMessage, Canonical, prepare, canonical_eight_bit)
+    return _PREPARE
 
 
 @contextlib.contextmanager

@@ -129,6 +129,20 @@ class Rendered:
     message_id: str
     #: True if an address has a non-ASCII local part (RFC 6531, raw UTF-8 headers).
     smtputf8: bool
+    #: :func:`canonical_eight_bit` of ``data`` if it was computed already (the render
+    #: process does); ``None``: not computed.
+    eight_bit: bool | None = None
+
+
+def canonical_eight_bit(data: bytes) -> bool | None:
+    """For canonical CRLF text without NUL: whether it has 8-bit octets; else ``None``.
+
+    The renderer writes such text; ``None`` sends the message through the full check.
+    """
+    crlf = data.count(b"\r\n")
+    if data.count(b"\r") != crlf or data.count(b"\n") != crlf or b"\x00" in data:
+        return None
+    return not data.isascii()
 
 
 # ----------------------------------------------------------------- header encoding
