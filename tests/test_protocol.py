@@ -531,3 +531,21 @@ def test_r28_full_ehlo_reply() -> None:
     assert c.auth_mechanisms == frozenset({"PLAIN", "LOGIN"})
     assert "HELP" in c
     assert c.extensions["AUTH"] == "PLAIN LOGIN"
+
+
+def test_path_character_classes_match_the_rfc_ranges_for_every_code_point() -> None:
+    """The atext/qtext classes are written as complements (they compile faster); they
+    must be exactly RFC 5322 atext + RFC 6532 UTF8-non-ascii, and RFC 5321 qtextSMTP."""
+    from triomail._protocol import _ATEXT_UTF8, _QTEXT_UTF8
+
+    listed_atext = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\x80-\U0010ffff]")
+    listed_qtext = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e\x80-\U0010ffff]")
+    atext = re.compile(_ATEXT_UTF8)
+    qtext = re.compile(_QTEXT_UTF8)
+    every = "".join(map(chr, range(0x110000)))
+    assert [m.start() for m in atext.finditer(every)] == [
+        m.start() for m in listed_atext.finditer(every)
+    ]
+    assert [m.start() for m in qtext.finditer(every)] == [
+        m.start() for m in listed_qtext.finditer(every)
+    ]

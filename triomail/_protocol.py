@@ -71,9 +71,14 @@ def encode_command(verb: str, *args: str) -> bytes:
 
 # ---------------------------------------------------------------------------- paths
 
-_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
-_DOT_ATOM = re.compile(rf"[{_ATEXT}\x80-\U0010ffff]+(?:\.[{_ATEXT}\x80-\U0010ffff]+)*\Z")
-_QUOTED = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\x80-\U0010ffff]|\\[\x20-\x7e])*"\Z')
+# atext (RFC 5322 §3.2.3) plus UTF8-non-ascii (RFC 6532 §3.1), written as its complement:
+# everything but controls, space, DEL and the 13 specials. Same set as listing the
+# ranges up to U+10FFFF, but compiled in a fraction of the time (start-up).
+_ATEXT_UTF8 = r'[^\x00-\x20"(),.:;<>@\[\\\]\x7f]'
+_DOT_ATOM = re.compile(rf"{_ATEXT_UTF8}+(?:\.{_ATEXT_UTF8}+)*\Z")
+# qtextSMTP (RFC 5321 §4.1.2: %d32-33 / %d35-91 / %d93-126, plus UTF-8), likewise.
+_QTEXT_UTF8 = r'[^\x00-\x1f"\\\x7f]'
+_QUOTED = re.compile(rf'"(?:{_QTEXT_UTF8}|\\[\x20-\x7e])*"\Z')
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 _ADDRESS_LITERAL = re.compile(r"\[[\x21-\x5a\x5e-\x7e]+\]\Z")
 
