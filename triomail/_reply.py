@@ -136,6 +136,8 @@ class ReplyParser:
         """
         buf = self._buffer
         if self._pos == 0 and not self._lines:
+            if not buf:
+                return None  # the usual question after the last buffered reply
             # At a reply boundary: a line seen before is that same reply again.
             end = buf.find(b"\r\n", self._scan)
             if 0 <= end <= _CACHE_LINE:
