@@ -430,13 +430,15 @@ def start_postfix(
     main_cf: Mapping[str, str] | None = None,
     startup_timeout: float = 30.0,
     keep: bool | None = None,
+    parent: str | None = None,
 ) -> Iterator[PostfixInstance]:
     """Run a private Postfix for the duration of the ``with`` block.
 
     *mode* ``"discard"`` drops every message (``status=sent`` in the log); ``"store"``
     pipes each message into ``store_directory``. *main_cf* overrides or adds
-    ``main.cf`` parameters. The directory is removed afterwards unless *keep* (default:
-    the ``TRIOMAIL_KEEP_POSTFIX`` environment variable is set).
+    ``main.cf`` parameters. Its directory (configuration, queue, log) is made in
+    *parent* (default: the system's temporary directory) and removed afterwards unless
+    *keep* (default: the ``TRIOMAIL_KEEP_POSTFIX`` environment variable is set).
     """
     if not POSTFIX.exists():
         raise PostfixError(f"{POSTFIX} is not installed")
@@ -446,7 +448,7 @@ def start_postfix(
         keep = bool(os.environ.get("TRIOMAIL_KEEP_POSTFIX"))
     # Not under pytest's tmp_path: its parents are 0700, and pipe(8) runs the store
     # script as `nobody`, which must traverse the path.
-    root = Path(tempfile.mkdtemp(prefix="triomail-postfix-"))
+    root = Path(tempfile.mkdtemp(prefix="triomail-postfix-", dir=parent))
     root.chmod(0o755)
     inst = PostfixInstance(root, ca, mode, port=0)
     try:
