@@ -728,9 +728,11 @@ class _Batch:
     async def messages(self) -> AsyncIterator[PreparedMessage]:
         """The pool's input: rows rendered, claimed in the journal, then yielded.
 
-        With a render process, the rows it renders are read from its pipe; until its
-        first batch is ready (its start-up), rows are read and rendered here, and the
-        process's records for those lines are skipped.
+        With a render process, the rows it renders are read from its pipe. With
+        ``--render auto``, rows are read and rendered here until the process has caught
+        up (its start-up, then the rows read here meanwhile): its batches of rows
+        already read here are dropped, and the first batch that goes beyond them is
+        where we switch.
         """
         import trio
 
@@ -762,6 +764,10 @@ class _Batch:
                         records = await renderer.receive()
                     else:
                         polled = renderer.poll()
+                        while isinstance(polled, list) and polled[-1][1] <= last_line:
+                            # Rows already read and rendered here: keep rendering here
+                            # until the render process has caught up (no waiting).
+                            polled = renderer.poll()
                         if polled is None or isinstance(polled, list):
                             switched = True
                             pending = []
