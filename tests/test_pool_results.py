@@ -13,7 +13,7 @@ import trio
 
 import triomail
 from triomail import Outcome, ResultChannel, SendResult, Server
-from triomail.testing import SMTPSink
+from triomail.testing import Fault, SMTPSink
 
 
 def _result(i: int) -> SendResult:
@@ -125,3 +125,21 @@ async def test_a_consumer_that_leaves_early_does_not_stall_the_pool() -> None:
             await pool.wait_idle()
         done = pool.statistics().done
         assert done[Outcome.ACCEPTED.value] == len(sink.messages) >= 1
+
+
+async def test_acceptances_reach_the_consumer_while_the_pipelined_run_goes_on() -> None:
+    # One connection, so all ten messages go in one pipelined run; the sink holds back
+    # its reply to the end of data of the sixth. The first five results must not wait
+    # for the run to end (a journal records them at once; nothing piles up).
+    hold = 1.5
+    faults = [Fault(".", delay=hold, message=6)]
+    async with (
+        SMTPSink(tls=False, hide_extensions=["CHUNKING"], faults=faults) as sink,
+        triomail.open_pool(Server(sink.host, sink.port, tls="none"), connections=1) as pool,
+        pool.send_all(_message(i) for i in range(10)) as results,
+    ):
+        start = trio.current_time()
+        arrivals = {result.tag: trio.current_time() - start async for result in results}
+    assert sorted(arrivals) == list(range(10))  # type: ignore[type-var]
+    assert all(arrivals[i] < hold / 2 for i in range(5)), arrivals
+    assert all(arrivals[i] >= hold * 0.9 for i in range(5, 10)), arrivals

@@ -78,6 +78,9 @@ __all__ = [
 
 MessageLike = Message | PreparedMessage
 
+#: Messages one pipelined run may carry over a connection without CHUNKING.
+DATA_RUN = 256
+
 
 @dataclass(frozen=True)
 class Server:
@@ -359,6 +362,8 @@ class _Job:
     pending: tuple[str, ...] | None = None
     settled: list[RecipientResult] = field(default_factory=list)
     unknown_seen: bool = False
+    #: The final result has been delivered.
+    final: bool = False
     last: SendResult | None = None
 
 
@@ -372,6 +377,8 @@ class _Worker:
     token: _ServerState | None = None
     #: Messages sent on this connection so far.
     sent: int = 0
+    #: Jobs taken from the queue during the current ``_run`` (beyond the first).
+    streamed: int = 0
 
 
 class _Tally:
@@ -418,13 +425,14 @@ class Pool:
         self._retry = retry
         self._message_deadline = message_deadline
         self._queue_timeout = queue_timeout
-        # A worker pipelines up to pipeline_depth queued messages on its connection
-        # (RFC 2920), taking more from the queue as the pipeline goes.
-        # A per-message deadline or a rate is kept per message: one at a time then.
+        # A worker pipelines up to pipeline_depth queued messages in one run on its
+        # connection (RFC 2920), taking each from the queue when it is ready to write
+        # it. A per-message deadline or a rate is kept per message: one at a time then.
         one_by_one = message_deadline or rate or any(srv.rate for srv in servers)
         self._batch_size = 1 if one_by_one else max(1, pipeline_depth)
-        # Bounded hand-over: a producer runs at most this far ahead of the workers.
-        buffer = 0 if self._batch_size == 1 else connections * self._batch_size
+        # Bounded hand-over: a producer runs at most this far ahead of the workers
+        # (not more for a deeper pipeline: runs take jobs one by one).
+        buffer = 0 if self._batch_size == 1 else connections * min(self._batch_size, 16)
         self._jobs_send, self._jobs_receive = trio.open_memory_channel[_Job](buffer)
         self._tally = _Tally()
         self._outstanding = 0
@@ -463,10 +471,10 @@ class Pool:
 
         ``messages`` is consumed lazily, only as workers become free.
         """
-        # Room for what every worker may finish in one pipelined run, so a worker
-        # rarely waits for the consumer.
+        # Room for a burst of results from every worker, so a worker rarely waits
+        # for the consumer.
         results_send, results_receive = trio.open_memory_channel[SendResult](
-            self._connections * self._batch_size
+            self._connections * min(self._batch_size, 16)
         )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._feed, messages, results_send)
@@ -571,6 +579,17 @@ class Pool:
         if self._outstanding == 0:
             self._all_done.set()
 
+    def _accept_now(self, job: _Job, result: SendResult) -> bool:
+        """Finish a job accepted at its first attempt, if the consumer has room now."""
+        done = job.done
+        if done is not None and not done.put_nowait(result):
+            return False
+        job.attempts = 1
+        job.last = result
+        self._tally.done["accepted"] += 1
+        self._finish_one()
+        return True
+
     async def _complete(self, job: _Job, result: SendResult) -> None:
         done = job.done
         if done is not None and not done.put_nowait(result):
@@ -611,12 +630,15 @@ class Pool:
                     await self._run(worker, jobs)
                 finally:
                     self._tally.busy -= 1
-                    self._tally.in_flight -= len(jobs)
+                    # With the jobs its pipelined runs took from the queue as they went.
+                    self._tally.in_flight -= len(jobs) + worker.streamed
+                    worker.streamed = 0
         finally:
             await self._release(worker)
 
     async def _next_jobs(self, worker: _Worker) -> list[_Job] | None:
-        """Wait for work: one job, plus as many queued ones as one batch may carry.
+        """Wait for work: one job (a pipelined run takes the next ones from the queue
+        only when it is ready to write them, so the workers share the queue fairly).
 
         Returns None when the pool closes, and an empty list after closing an idle
         connection.
@@ -634,24 +656,12 @@ class Pool:
             else:
                 with trio.move_on_after(self._idle_timeout):
                     first = await self._jobs_receive.receive()
-                    return self._more_jobs(worker, first)
+                    return [first]
                 await self._release(worker)  # idle past idle_timeout: QUIT
                 return []
         except trio.EndOfChannel:
             return None
-        return self._more_jobs(worker, first)
-
-    def _more_jobs(self, worker: _Worker, first: _Job) -> list[_Job]:
-        batch = [first]
-        room = self._batch_size
-        if self._max_per_connection is not None:
-            room = min(room, max(1, self._max_per_connection - worker.sent))
-        while len(batch) < room:
-            try:
-                batch.append(self._jobs_receive.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
-        return batch
+        return [first]
 
     async def _release(self, worker: _Worker) -> None:
         """QUIT and close the worker's connection, if any (shielded, bounded)."""
@@ -756,18 +766,8 @@ class Pool:
             worker.sent += len(results)
             jobs = []
             for index, ((job, _), result) in enumerate(zip(ready, results, strict=True)):
-                if job.attempts == 0 and not job.settled and result.ok:
-                    # The common case, kept cheap: accepted for all at the first try
-                    # (no retry to plan, no throttling reply).
-                    state.record_success()
-                    job.attempts = 1
-                    job.last = result
-                    done = job.done
-                    if done is not None and not done.put_nowait(result):
-                        await done.put(result)
-                    self._tally.done["accepted"] += 1
-                    self._finish_one()
-                    continue
+                if job.final:
+                    continue  # accepted and delivered during the run
                 if (
                     (reused or index > 0)
                     and not result.mail_accepted
@@ -796,11 +796,20 @@ class Pool:
         refused: list[tuple[_Job, LocalProtocolError]],
     ) -> Iterator[PreparedMessage]:
         """The messages for one pipelined run: those in hand, then any that queue up
-        while it runs (pulled only when the pipeline is ready to write the next one)."""
+        while it runs (pulled only when the pipeline is ready to write the next one).
+
+        With BDAT a run writes up to ``pipeline_depth`` transactions before their
+        replies (a lost connection leaves those unknown, R37). With DATA only one
+        message at a time awaits its final reply, whatever the length of the run, so
+        a run goes on while there is work (up to :data:`DATA_RUN`): each run ends with
+        a round trip of its own.
+        """
         conn = worker.conn
         assert conn is not None
         yield from [message for _, message in ready]
         room = self._batch_size
+        if not conn.capabilities.chunking:
+            room = max(room, DATA_RUN)
         if self._max_per_connection is not None:
             room = min(room, self._max_per_connection - worker.sent)
         while len(ready) < room:
@@ -809,6 +818,8 @@ class Pool:
             except (trio.WouldBlock, trio.EndOfChannel):
                 return
             self._tally.queued -= 1
+            self._tally.in_flight += 1
+            worker.streamed += 1
             try:
                 message = _as_prepared(job.message, None, job.pending, conn)
             except LocalProtocolError as exc:
@@ -830,11 +841,21 @@ class Pool:
             assert len(ready) == 1
             return await self._send_one(conn, ready[0])
         finished: dict[int, SendResult] = {}
+        state = worker.state
+
+        def on_result(index: int, result: SendResult) -> None:
+            finished[index] = result
+            job = ready[index][0]
+            first_try = job.attempts == 0 and not job.settled
+            if first_try and result.ok and self._accept_now(job, result):
+                # Delivered while the run goes on: the consumer (a journal, a progress
+                # bar) learns of an acceptance at once, and nothing piles up in here.
+                job.final = True
+                if state is not None:
+                    state.record_success()
+
         try:
-            return await conn.send_many(
-                self._stream(worker, ready, refused),
-                on_result=lambda i, result: finished.__setitem__(i, result),
-            )
+            return await conn.send_many(self._stream(worker, ready, refused), on_result=on_result)
         except trio.Cancelled:
             # Which unfinished message was past its final dot is not known: report
             # them all as unknown rather than risk calling a delivered one transient.
