@@ -7,6 +7,7 @@ also driven by real processes that write garbage, an error frame, or die.
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import sys
@@ -15,7 +16,16 @@ from pathlib import Path
 
 import pytest
 import trio
-from test_cli_send import batch, ca_file, send, send_async, server, sink_ids
+from test_cli_send import (
+    TEMPLATE,
+    batch,
+    ca_file,
+    report_lines,
+    send,
+    send_async,
+    server,
+    sink_ids,
+)
 from test_cli_send_process import finish, records, start, wait_until
 
 from triomail._cli_render import RenderProcess, RenderProcessError
@@ -214,3 +224,49 @@ def test_header_row_not_utf8_is_one_line(
     err = capsys.readouterr().err
     assert "header row is not UTF-8" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("template", [TEMPLATE, BIG_TEMPLATE], ids=["light", "heavy"])
+async def test_auto_switches_to_the_render_process_mid_file(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    template: str,
+) -> None:
+    """--render auto: rows rendered here first, then the process's: each row once.
+
+    The render process (the real one) starts 0.5 s late, so the sender renders the
+    first rows itself. Bad rows are spread over the file, so some fall before the
+    switch (reported from here), some after (from the render process's records),
+    each once, in file order. With a heavy template (rendered here as fast as there)
+    the switch comes after a few chunks all the same (CATCH_UP_CHUNKS).
+    """
+    import triomail._cli_render
+
+    late = "import time\ntime.sleep(0.5)\n" + triomail._cli_render._BOOTSTRAP
+    monkeypatch.setattr(triomail._cli_render, "_BOOTSTRAP", late)
+    caplog.set_level(logging.DEBUG, logger="triomail.send")
+    n = 3000
+    bad_lines = set(range(50, n + 2, 97))
+    lines = ["email,name,number"]
+    for line in range(2, n + 2):
+        address = "not-an-address" if line in bad_lines else f"user{line}@example.com"
+        lines.append(f"{address},User {line},{line}")
+    rows = tmp_path / "rows.csv"
+    rows.write_text("\n".join(lines) + "\n")
+    tpl = tmp_path / "t.txt"
+    tpl.write_text(template)
+    report = tmp_path / "r.jsonl"
+    async with SMTPSink() as sink:
+        common = ("--server", server(sink), "--ca-file", ca_file(sink, tmp_path))
+        code = await send_async(rows, tpl, *common, "--yes", "--report", report, "--render", "auto")
+        assert code == 1  # the bad rows
+        counts = Counter(sink_ids(sink))
+    assert len(counts) == n - len(bad_lines) and set(counts.values()) == {1}
+    reported = [x for x in report_lines(report) if x["type"] == "bad_row"]
+    assert [x["line"] for x in reported] == sorted(bad_lines)
+    sent = [x["line"] for x in report_lines(report) if x["type"] == "message"]
+    assert sorted(sent) == sorted(set(range(2, n + 2)) - bad_lines)
+    (switch,) = [r.getMessage() for r in caplog.records if "taking its rows" in r.getMessage()]
+    after = int(switch.rsplit(" ", 1)[1])
+    assert min(bad_lines) < after < n  # mid-file, with bad rows on both sides

@@ -36,6 +36,11 @@ Frames: a 4-byte big-endian length, then ``marshal.dumps((kind, body))`` with ki
   ``(2, line, key, fields, error)`` a row the template refused;
 * ``"end"``: the number of records sent (the file was read to its end);
 * ``"error"``: a one-line message (the child stops).
+
+Commands on the child's stdin, one per line: ``PROTOCOL CAMPAIGN DOMAIN`` (start),
+then, if the parent renders the first rows itself (``--render auto``), ``skip LINE``:
+rows up to that line need not be rendered (checked between frames; records of such
+rows already sent are dropped by the parent).
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ __all__ = [
 ]
 
 #: Bumped whenever the frame format changes (the parent and the child are one version).
-PROTOCOL = 2
+PROTOCOL = 3
 #: A frame larger than this is garbage, not a batch of rows.
 MAX_FRAME = 64 * 1024 * 1024
 #: Rows per frame: small at first so the first messages leave at once, then this many.
@@ -141,13 +146,26 @@ class RenderProcess:
             os.close(write_fd)
         return cls(proc, read_fd)
 
-    def begin(self, campaign: str, domain: str) -> None:
-        """Tell the child the Message-ID parts; it starts rendering."""
+    def begin(self, campaign: str, domain: str, *, more: bool = False) -> None:
+        """Tell the child the Message-ID parts; it starts rendering.
+
+        ``more``: keep its stdin open for a :meth:`skip_through` later.
+        """
+        self._command(f"{PROTOCOL} {campaign} {domain}", close=not more)
+
+    def skip_through(self, line: int) -> None:
+        """Rows up to ``line`` were read here: the child need not render them."""
+        self._command(f"skip {line}", close=True)
+
+    def _command(self, text: str, *, close: bool) -> None:
         stdin = self.proc.stdin
-        assert stdin is not None
+        if stdin is None or stdin.closed:
+            return
         with contextlib.suppress(OSError):  # a child that died already: seen on receive
-            stdin.write(f"{PROTOCOL} {campaign} {domain}\n".encode("ascii"))
-            stdin.close()
+            stdin.write(text.encode("ascii") + b"\n")
+            stdin.flush()
+            if close:
+                stdin.close()
 
     def poll(self) -> list[Record] | _NotReady | None:
         """:meth:`receive` without waiting: :data:`NOT_READY` if no batch is complete."""
@@ -305,14 +323,44 @@ def _write(fd: int, kind: str, body: Any) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _frames(rows: Iterator[Any], render: Any, campaign: str, domain: str) -> Iterator[list[Record]]:
+class _Commands:
+    """The parent's lines on our stdin: read whole lines, without waiting if asked."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buffer = b""
+        self.closed = False
+
+    def line(self, *, wait: bool) -> str | None:
+        import select
+
+        while b"\n" not in self.buffer:
+            if self.closed:
+                return None
+            if not wait and not select.select([self.fd], [], [], 0)[0]:
+                return None
+            data = os.read(self.fd, 4096)
+            if not data:
+                self.closed = True
+                return None
+            self.buffer += data
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line.decode("ascii", "replace")
+
+
+def _frames(
+    rows: Iterator[Any], render: Any, campaign: str, domain: str, commands: _Commands
+) -> Iterator[list[Record]]:
     from ._recipients import BadRow
     from ._template import RowError, canonical_eight_bit
 
     batch: list[Record] = []
     size = 0
     limit = 16
+    skip = 0  # rows up to this line were read by the parent itself
     for item in rows:
+        if item.line <= skip:
+            continue
         if isinstance(item, BadRow):
             batch.append((0, item.line, item.error))
         else:
@@ -333,6 +381,10 @@ def _frames(rows: Iterator[Any], render: Any, campaign: str, domain: str) -> Ite
             batch = []
             size = 0
             limit = min(MAX_ROWS, limit * 2)
+            if not commands.closed:
+                command = commands.line(wait=False)
+                if command is not None and command.startswith("skip "):
+                    skip = int(command[5:])
     if batch:
         yield batch
 
@@ -349,14 +401,15 @@ def child_main(argv: Sequence[str]) -> int:
         template = compile_template(template_path)
         reader = RecipientsReader.open(recipients_path)
         rows = iter(reader)
-        line = sys.stdin.buffer.readline().decode("ascii", "replace").split()
+        commands = _Commands(sys.stdin.fileno())
+        line = (commands.line(wait=True) or "").split()
         if not line:
             return 0  # the parent went away (or did not need us) before the start
         version, campaign, domain = line
         if version != str(PROTOCOL):
             raise RuntimeError(f"protocol {version}, expected {PROTOCOL}")
         count = 0
-        for batch in _frames(rows, template.render, campaign, domain):
+        for batch in _frames(rows, template.render, campaign, domain, commands):
             _write(out, "rows", batch)
             count += len(batch)
         _write(out, "end", count)

@@ -37,6 +37,7 @@ import datetime
 import getpass
 import itertools
 import json
+import logging
 import os
 import signal
 import socket
@@ -66,6 +67,8 @@ if TYPE_CHECKING:
 
 __all__ = ["register", "run"]
 
+_log = logging.getLogger("triomail.send")
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CANNOT_RUN = 2
@@ -82,6 +85,9 @@ CONFIRM_ABOVE = 5
 MAX_PRINTED_ERRORS = 50
 #: --render: where messages are rendered.
 RENDER_MODES = ("auto", "process", "inline")
+#: --render auto: chunks rendered here while the render process catches up after its
+#: start (a slow template, rendered here as fast as there, would never let it catch up).
+CATCH_UP_CHUNKS = 3
 
 _EPILOG = """\
 server:
@@ -417,7 +423,8 @@ def _prepare_and_run(settings: Settings, renderer: RenderProcess | None) -> int:
     with contextlib.closing(journal):
         batch = _Batch(settings, template, reader, journal, counts, estimate)
         if renderer is not None:
-            renderer.begin(journal.campaign, batch.domain)
+            # --render auto: it will be told where the rows rendered here end.
+            renderer.begin(journal.campaign, batch.domain, more=settings.render == "auto")
             batch.renderer = renderer
         for warning in reader.warnings:
             print(f"triomail send: warning: {settings.recipients}: {warning}", file=sys.stderr)
@@ -736,7 +743,7 @@ class _Batch:
         """
         import trio
 
-        from ._cli_render import RenderProcessError
+        from ._cli_render import NOT_READY, RenderProcessError
         from ._errors import LocalProtocolError
 
         assert self.progress is not None
@@ -751,6 +758,9 @@ class _Batch:
         # --render process, from the first row; with auto, once its first batch is ready.
         switched = self.settings.render == "process"
         last_line = 0  # the last line read here
+        # Chunks read here since the render process was told to skip the rows read
+        # here (None: not yet); after a few, its rows are taken even if it is behind.
+        skipped: int | None = None
         while not self.stopping:
             budget = None if limit is None else limit - self.handed
             if budget is not None and budget <= 0:
@@ -764,11 +774,22 @@ class _Batch:
                         records = await renderer.receive()
                     else:
                         polled = renderer.poll()
-                        while isinstance(polled, list) and polled[-1][1] <= last_line:
+                        if skipped is None and polled is not NOT_READY:
+                            # It has started: let it jump to the rows not read here yet.
+                            renderer.skip_through(last_line)
+                            skipped = 0
+                        while (
+                            isinstance(polled, list)
+                            and polled[-1][1] <= last_line
+                            and (skipped or 0) < CATCH_UP_CHUNKS
+                        ):
                             # Rows already read and rendered here: keep rendering here
-                            # until the render process has caught up (no waiting).
+                            # while it catches up (no waiting), for a few chunks.
                             polled = renderer.poll()
+                        if skipped is not None:
+                            skipped += 1
                         if polled is None or isinstance(polled, list):
+                            _log.debug("render process: taking its rows after line %d", last_line)
                             switched = True
                             pending = []
                             records = polled
