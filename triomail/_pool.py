@@ -3,9 +3,11 @@
 Theory of operation
 -------------------
 ``open_pool`` opens a nursery and starts ``connections`` worker tasks in it. Jobs (one
-message each) travel over a single unbuffered memory channel, so a producer only hands a
-message over when a worker is free: an unbounded iterable is consumed lazily and memory
-stays bounded.
+message each) travel over one bounded memory channel (unbuffered when messages go one at
+a time), so a producer runs only a little ahead of the workers: an unbounded iterable is
+consumed lazily and memory stays bounded. A worker pipelining on its connection takes
+each next job when it is ready to write it, and hands every result to the channel of
+the ``send_all`` it came from as soon as it is known (:class:`ResultChannel`).
 
 Each worker owns at most one connection at a time. It opens it lazily, reuses it for many
 messages, and closes it after ``max_messages_per_connection``, after ``idle_timeout``
