@@ -235,7 +235,7 @@ async def test_auto_switches_to_the_render_process_mid_file(
 ) -> None:
     """--render auto: rows rendered here first, then the process's: each row once.
 
-    The render process (the real one) starts 0.5 s late, so the sender renders the
+    The render process (the real one) starts 0.3 s late, so the sender renders the
     first rows itself. Bad rows are spread over the file, so some fall before the
     switch (reported from here), some after (from the render process's records),
     each once, in file order. With a heavy template (rendered here as fast as there)
@@ -243,10 +243,10 @@ async def test_auto_switches_to_the_render_process_mid_file(
     """
     import triomail._cli_render
 
-    late = "import time\ntime.sleep(0.5)\n" + triomail._cli_render._BOOTSTRAP
+    late = "import time\ntime.sleep(0.3)\n" + triomail._cli_render._BOOTSTRAP
     monkeypatch.setattr(triomail._cli_render, "_BOOTSTRAP", late)
     caplog.set_level(logging.DEBUG, logger="triomail.send")
-    n = 3000
+    n = 6000 if template is TEMPLATE else 3000  # time for the process to start
     bad_lines = set(range(50, n + 2, 97))
     lines = ["email,name,number"]
     for line in range(2, n + 2):
