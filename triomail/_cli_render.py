@@ -366,7 +366,7 @@ def _frames(
         else:
             key = item.key
             try:
-                r = render(item.fields, message_id=f"<{key}.{campaign}@{domain}>")
+                r = render(item.fields, message_id=default_message_id(key, campaign, domain))
             except RowError as exc:
                 batch.append((2, item.line, key, item.fields, str(exc)))
             else:

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from ._cli_render import default_message_id
 from ._result import Outcome
 
 if TYPE_CHECKING:
@@ -276,6 +277,10 @@ class Settings:
     def render_in_process(self) -> bool:
         """Render in a second process? (--render, the CPU count; never for a dry run)."""
         if self.dry_run or self.render == "inline":
+            return False
+        if os.name != "posix":  # the pipe is read with trio's wait_readable on its fd
+            if self.render == "process":
+                raise CannotRun("--render process needs a POSIX system; use --render inline")
             return False
         return self.render == "process" or (os.cpu_count() or 1) > 1
 
@@ -590,7 +595,7 @@ class _Batch:
         self._write({"type": "bad_row", "line": line, "error": error, "time": _iso(time.time())})
 
     def _message_id(self, key: str) -> str:
-        return f"<{key}.{self.journal.campaign}@{self.domain}>"
+        return default_message_id(key, self.journal.campaign, self.domain)
 
     def _chunks(self, size: int) -> Iterator[list[Row | BadRow]]:
         rows = iter(self.reader)
