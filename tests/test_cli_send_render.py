@@ -30,6 +30,7 @@ from test_cli_send_process import finish, records, start, wait_until
 
 from triomail._cli_render import RenderProcess, RenderProcessError
 from triomail._journal import Journal
+from triomail._template import compile_template
 from triomail.testing import Fault, SMTPSink
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
@@ -196,7 +197,7 @@ async def test_render_process_frames_end_to_end(tmp_path: Path) -> None:
     tpl.write_text(BIG_TEMPLATE)
     renderer = RenderProcess.start(tpl, rows)
     try:
-        renderer.begin("c4mpaign", "example.com")
+        renderer.begin("c4mpaign", "example.com", compile_template(tpl).digest)
         got = []
         with trio.fail_after(20):
             while (batch_ := await renderer.receive()) is not None:
@@ -270,3 +271,17 @@ async def test_auto_switches_to_the_render_process_mid_file(
     (switch,) = [r.getMessage() for r in caplog.records if "taking its rows" in r.getMessage()]
     after = int(switch.rsplit(" ", 1)[1])
     assert min(bad_lines) < after < n  # mid-file, with bad rows on both sides
+
+
+async def test_render_process_refuses_another_template_version(tmp_path: Path) -> None:
+    """The template changed between the sender's compile and the render process's."""
+    rows, tpl = batch(tmp_path, 3)
+    digest = compile_template(tpl).digest
+    tpl.write_text(TEMPLATE.replace("Hello", "Goodbye"))
+    renderer = RenderProcess.start(tpl, rows)
+    try:
+        renderer.begin("c4mpaign", "example.com", digest)
+        with trio.fail_after(20), pytest.raises(RenderProcessError, match="changed while"):
+            await renderer.receive()
+    finally:
+        renderer.close()

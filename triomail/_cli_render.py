@@ -37,7 +37,8 @@ Frames: a 4-byte big-endian length, then ``marshal.dumps((kind, body))`` with ki
 * ``"end"``: the number of records sent (the file was read to its end);
 * ``"error"``: a one-line message (the child stops).
 
-Commands on the child's stdin, one per line: ``PROTOCOL CAMPAIGN DOMAIN`` (start),
+Commands on the child's stdin, one per line: ``PROTOCOL CAMPAIGN DOMAIN DIGEST`` (start;
+the digest is the template's as the parent compiled it),
 then, if the parent renders the first rows itself (``--render auto``), ``skip LINE``:
 rows up to that line need not be rendered (checked between frames; records of such
 rows already sent are dropped by the parent).
@@ -66,7 +67,7 @@ __all__ = [
 ]
 
 #: Bumped whenever the frame format changes (the parent and the child are one version).
-PROTOCOL = 3
+PROTOCOL = 4
 #: A frame larger than this is garbage, not a batch of rows.
 MAX_FRAME = 64 * 1024 * 1024
 #: Rows per frame: small at first so the first messages leave at once, then this many.
@@ -146,12 +147,14 @@ class RenderProcess:
             os.close(write_fd)
         return cls(proc, read_fd)
 
-    def begin(self, campaign: str, domain: str, *, more: bool = False) -> None:
+    def begin(self, campaign: str, domain: str, digest: str, *, more: bool = False) -> None:
         """Tell the child the Message-ID parts; it starts rendering.
 
-        ``more``: keep its stdin open for a :meth:`skip_through` later.
+        ``digest``: the template's, as compiled here (the child refuses to render
+        another version of it). ``more``: keep its stdin open for a
+        :meth:`skip_through` later.
         """
-        self._command(f"{PROTOCOL} {campaign} {domain}", close=not more)
+        self._command(f"{PROTOCOL} {campaign} {domain} {digest}", close=not more)
 
     def skip_through(self, line: int) -> None:
         """Rows up to ``line`` were read here: the child need not render them."""
@@ -405,9 +408,11 @@ def child_main(argv: Sequence[str]) -> int:
         line = (commands.line(wait=True) or "").split()
         if not line:
             return 0  # the parent went away (or did not need us) before the start
-        version, campaign, domain = line
+        version, campaign, domain, digest = line
         if version != str(PROTOCOL):
             raise RuntimeError(f"protocol {version}, expected {PROTOCOL}")
+        if digest != template.digest:
+            raise RuntimeError(f"the template {template_path} changed while starting")
         count = 0
         for batch in _frames(rows, template.render, campaign, domain, commands):
             _write(out, "rows", batch)

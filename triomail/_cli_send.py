@@ -429,7 +429,8 @@ def _prepare_and_run(settings: Settings, renderer: RenderProcess | None) -> int:
         batch = _Batch(settings, template, reader, journal, counts, estimate)
         if renderer is not None:
             # --render auto: it will be told where the rows rendered here end.
-            renderer.begin(journal.campaign, batch.domain, more=settings.render == "auto")
+            more = settings.render == "auto"
+            renderer.begin(journal.campaign, batch.domain, template.digest, more=more)
             batch.renderer = renderer
         for warning in reader.warnings:
             print(f"triomail send: warning: {settings.recipients}: {warning}", file=sys.stderr)
