@@ -119,6 +119,7 @@ class RenderProcess:
         self.proc = proc
         self._fd: int | None = read_fd
         self._buffer = bytearray()
+        self._start = 0  # where the next frame begins in _buffer
         self._records = 0
         self.finished = False
 
@@ -218,18 +219,29 @@ class RenderProcess:
 
     def _frame(self) -> list[Record] | _NotReady | None:
         buffer = self._buffer
-        if len(buffer) < 4:
+        start = self._start
+        if len(buffer) - start < 4:
             return NOT_READY
-        size = int.from_bytes(buffer[:4], "big")
+        size = int.from_bytes(buffer[start : start + 4], "big")
         if size > MAX_FRAME:
             raise RenderProcessError(self._garbage("a frame length out of range"))
-        if len(buffer) < 4 + size:
+        end = start + 4 + size
+        if len(buffer) < end:
             return NOT_READY
-        payload = bytes(buffer[4 : 4 + size])
-        del buffer[: 4 + size]
-        return self._decode(payload)
+        with memoryview(buffer) as view, view[start + 4 : end] as payload:
+            records = self._decode(payload)
+        # Consumed frames are dropped from the front now and then, not one by one.
+        if end == len(buffer):
+            buffer.clear()
+            self._start = 0
+        elif end >= PIPE_SIZE:
+            del buffer[:end]
+            self._start = 0
+        else:
+            self._start = end
+        return records
 
-    def _decode(self, payload: bytes) -> list[Record] | None:
+    def _decode(self, payload: bytes | memoryview) -> list[Record] | None:
         try:
             kind, body = marshal.loads(payload)
         except (ValueError, EOFError, TypeError):
