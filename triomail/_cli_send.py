@@ -88,7 +88,7 @@ MAX_PRINTED_ERRORS = 50
 RENDER_MODES = ("auto", "process", "inline")
 #: --render auto: chunks rendered here while the render process catches up after its
 #: start (a slow template, rendered here as fast as there, would never let it catch up).
-CATCH_UP_CHUNKS = 3
+CATCH_UP_CHUNKS = 4
 
 _EPILOG = """\
 server:
@@ -813,7 +813,10 @@ class _Batch:
                     pending = next(chunks, [])
                     if not pending:
                         return
-                chunk, pending = pending[:size], pending[size:]
+                # Small chunks while the render process catches up: it is asked again
+                # after each.
+                step = size if skipped is None else 16
+                chunk, pending = pending[:step], pending[step:]
                 last_line = chunk[-1].line
             messages = []
             for row, rendered, record in self._plan_chunk(chunk, budget, pre):
