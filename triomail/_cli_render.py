@@ -73,7 +73,7 @@ MAX_FRAME = 64 * 1024 * 1024
 #: Rows per frame: small at first so the first messages leave at once, then this many.
 MAX_ROWS = 256
 #: ... or fewer, once the frame holds this many bytes of messages.
-MAX_FRAME_BYTES = 256 * 1024
+MAX_FRAME_BYTES = 512 * 1024
 #: The pipe's capacity (Linux may cap it lower: /proc/sys/fs/pipe-max-size).
 PIPE_SIZE = 1024 * 1024
 
