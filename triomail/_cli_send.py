@@ -19,8 +19,9 @@ the progress counters.
 With ``--render process`` or ``auto`` (more than one CPU, not a dry run), a render
 process (:mod:`._cli_render`) is started before anything else; it reads and renders
 the rows and streams them over a pipe, and :meth:`_Batch.messages` takes its chunks
-from there instead (``auto``: once its first batch is ready; the rows before are read
-and rendered here). The decisions per row stay here, with the journal.
+from there instead (``auto``: the first rows are read and rendered here while it
+starts, then it is told where to go on from). The decisions per row stay here, with
+the journal.
 
 Signals: the first SIGINT/SIGTERM stops reading rows; transactions on the wire are
 finished, messages waiting for a retry are abandoned as in-flight (``--resume`` sends
@@ -742,10 +743,11 @@ class _Batch:
         """The pool's input: rows rendered, claimed in the journal, then yielded.
 
         With a render process, the rows it renders are read from its pipe. With
-        ``--render auto``, rows are read and rendered here until the process has caught
-        up (its start-up, then the rows read here meanwhile): its batches of rows
-        already read here are dropped, and the first batch that goes beyond them is
-        where we switch.
+        ``--render auto``, rows are read and rendered here while it starts; once its
+        first batch is there, it is told to skip the rows read here so far, and rows
+        are read here 16 at a time until one of its batches goes beyond them (its
+        batches of rows read here are dropped), or for at most CATCH_UP_CHUNKS chunks
+        (then its rows are taken, and waited for if need be).
         """
         import trio
 
