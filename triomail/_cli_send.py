@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from ._pool import Pool, Server
     from ._progress import Display, Progress
     from ._recipients import BadRow, RecipientsReader, Row
-    from ._result import RecipientResult, SendResult
+    from ._result import SendResult
     from ._template import CompiledTemplate, Rendered
 
 __all__ = ["register", "run"]
@@ -530,6 +530,10 @@ class _Tag:
     previous: str | None = None
 
 
+#: One JSON object as one line (``json.dumps`` would build an encoder per call).
+_json_line = json.JSONEncoder(ensure_ascii=False, check_circular=False).encode
+
+
 def _iso(t: float) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat(timespec="milliseconds")
 
@@ -560,6 +564,8 @@ class _Batch:
     #: Retries that the results seen so far took (attempts beyond the first).
     retries_done: int = 0
     report: IO[str] | None = None
+    #: Report lines not written yet (:meth:`_flush_report`).
+    report_lines: list[str] = field(default_factory=list)
     display: Display | None = None
     progress: Progress | None = None
     domain: str = ""
@@ -855,7 +861,18 @@ class _Batch:
 
     def _write(self, obj: dict[str, Any]) -> None:
         if self.report is not None:
-            self.report.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            lines = self.report_lines
+            lines.append(_json_line(obj))
+            if len(lines) >= 256:
+                self._flush_report()
+
+    def _flush_report(self) -> None:
+        """Write the buffered report lines (in batches: one write per 256 lines)."""
+        lines = self.report_lines
+        if lines and self.report is not None:
+            lines.append("")
+            self.report.write("\n".join(lines))
+            lines.clear()
 
     def _settle(self, result: SendResult, *, note: str | None = None) -> None:
         tag = result.tag
@@ -925,16 +942,13 @@ class _Batch:
         self, result: SendResult, tag: _Tag, outcome: Outcome, downgraded: bool, note: str | None
     ) -> None:
         """The JSONL report's lines for one message and its recipients."""
-
-        def recipient_outcome(r: RecipientResult) -> str:
-            if downgraded and r.outcome is _TRANSIENT:
-                return "unknown"
-            return r.outcome.value
-
         finished = time.time()
         reply = result.reply
-        code = reply.code if reply is not None else None
-        enhanced = reply.enhanced_code if reply is not None else None
+        code = enhanced = text = None
+        if reply is not None:
+            code = reply.code
+            enhanced = reply.enhanced_code
+            text = reply.text
         started = _iso(tag.started or finished)
         ended = _iso(finished)
         message: dict[str, Any] = {
@@ -946,7 +960,7 @@ class _Batch:
             "attempts": result.attempts,
             "code": code,
             "enhanced_code": enhanced,
-            "text": reply.text if reply is not None else None,
+            "text": text,
             "error": result.error,
             "sender": result.sender,
             "recipients": [r.recipient for r in result.recipients],
@@ -959,16 +973,26 @@ class _Batch:
             message["note"] = note
         self._write(message)
         for r in result.recipients:
+            r_reply = r.reply
+            if r_reply is reply:  # the same reply decided the message (its text is known)
+                r_code, r_enhanced, r_text = code, enhanced, text
+            elif r_reply is not None:
+                r_code, r_enhanced, r_text = r_reply.code, r_reply.enhanced_code, r_reply.text
+            else:
+                r_code = r_enhanced = r_text = None
+            r_outcome = r.outcome
             self._write(
                 {
                     "type": "recipient",
                     "line": tag.line,
                     "message_id": tag.message_id,
                     "recipient": r.recipient,
-                    "outcome": recipient_outcome(r),
-                    "code": r.code,
-                    "enhanced_code": r.enhanced_code,
-                    "text": r.text if r.reply is not None else None,
+                    "outcome": "unknown"
+                    if downgraded and r_outcome is _TRANSIENT
+                    else r_outcome.value,
+                    "code": r_code,
+                    "enhanced_code": r_enhanced,
+                    "text": r_text,
                     "attempts": result.attempts,
                     "started": started,
                     "finished": ended,
@@ -1209,6 +1233,7 @@ class _Batch:
             self.unhanded.clear()
         self.journal.flush()
         if self.report is not None:
+            self._flush_report()
             self.report.flush()
 
 
