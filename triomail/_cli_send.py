@@ -1223,6 +1223,10 @@ class _Batch:
                 scheduled = pool_ref[0].statistics().retries
                 self.progress.retrying = max(0, scheduled - self.retries_done)
             self.display.tick()
+            if self.report is not None:
+                # The report on disk is at most one tick behind (kill -9 loses no more).
+                self._flush_report()
+                self.report.flush()
 
     def _finish(self) -> None:
         """Leave the journal consistent whatever happened."""
