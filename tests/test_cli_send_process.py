@@ -8,6 +8,7 @@ retries and runs.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -252,3 +253,23 @@ async def test_postfix_stopped_mid_batch_then_resume(tls_ca: trustme.CA, tmp_pat
         assert {mid for mid, q in transactions.items() if len(q) > 1} <= unknown
         resent = {x["message_id"] for x in report_lines(report) if x["type"] == "message"}
         assert not resent & {r.message_id for r in first if r.state == "accepted"}
+
+
+async def test_report_reaches_the_disk_while_the_batch_runs(tmp_path: Path) -> None:
+    """Report lines are written every progress tick: kill -9 loses at most a second."""
+    rows, tpl = batch(tmp_path, 400)
+    report = tmp_path / "r.jsonl"
+    async with SMTPSink(faults=[Fault(".", delay=0.02)]) as sink:
+        common = (rows, tpl, "--server", server(sink), "--ca-file", ca_file(sink, tmp_path))
+        common += ("--journal", tmp_path / "j.sqlite3", "--connections", "2", "--yes")
+        child = await start(tmp_path, "first", *common, "--report", report)
+        await wait_until(lambda: sink.received >= 30)
+        await trio.sleep(1.5)  # more than a tick (1 s when stderr is not a terminal)
+        accepted = sink.received
+        child.proc.kill()
+        assert await finish(child) == -signal.SIGKILL
+    # Complete lines only: the kill may cut the last one.
+    lines = report.read_text(encoding="utf-8").split("\n")[:-1]
+    written = [x for x in map(json.loads, lines) if x["type"] == "message"]
+    assert accepted >= 30 and len(written) >= 20
+    assert all(x["outcome"] == "accepted" for x in written)
