@@ -285,3 +285,48 @@ async def test_render_process_refuses_another_template_version(tmp_path: Path) -
             await renderer.receive()
     finally:
         renderer.close()
+
+
+async def test_render_process_writing_garbage_mid_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The real render process, made to write garbage as its third frame: the rows of
+    the first two are sent and recorded, then one line, exit 2; --resume finishes."""
+    import triomail._cli_render
+
+    garbage = (
+        "import os, sys, types\n"
+        "package = types.ModuleType('triomail')\n"
+        "package.__path__ = [sys.argv[1]]\n"
+        "sys.modules.setdefault('triomail', package)\n"
+        "import triomail._cli_render as render\n"
+        "real, frames = render._write, []\n"
+        "def write(fd, kind, body):\n"
+        "    frames.append(kind)\n"
+        "    if len(frames) == 3:\n"
+        "        os.write(fd, bytes([0, 0, 0, 9]) + b'not a frame'[:9])\n"
+        "    else:\n"
+        "        real(fd, kind, body)\n"
+        "render._write = write\n"
+        "raise SystemExit(render.child_main(sys.argv[2:]))\n"
+    )
+    monkeypatch.setattr(triomail._cli_render, "_BOOTSTRAP", garbage)
+    n = 200
+    rows, tpl = batch(tmp_path, n)
+    journal = tmp_path / "j.sqlite3"
+    async with SMTPSink() as sink:
+        common = ("--server", server(sink), "--ca-file", ca_file(sink, tmp_path))
+        common += ("--journal", journal, "--yes")
+        assert await send_async(rows, tpl, *common, "--render", "process") == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        (error,) = [line for line in err.splitlines() if "error:" in line]
+        assert "the render process wrote a frame that does not decode" in error
+        state = Counter(r.state for r in records(journal))
+        assert state == {"accepted": 16 + 32}  # its first two frames, nothing in flight
+        assert sink.received == 48
+        monkeypatch.undo()
+        assert await send_async(rows, tpl, *common, "--resume") == 0
+    assert all(r.state == "accepted" for r in records(journal))
+    counts = Counter(sink_ids(sink))
+    assert len(counts) == n and set(counts.values()) == {1}
