@@ -95,6 +95,10 @@ class RenderProcessError(Exception):
     """The render process failed, died, or wrote something that is not a frame."""
 
 
+class _EndOfPipe(Exception):
+    """The render process closed its end of the pipe."""
+
+
 def default_message_id(key: str, campaign: str, domain: str) -> str:
     """The Message-ID of a row the journal does not know yet (stable across runs)."""
     return f"<{key}.{campaign}@{domain}>"
@@ -179,8 +183,11 @@ class RenderProcess:
             got = self._frame()
             if got is not NOT_READY:
                 return got
-            if not self._read():
-                return NOT_READY
+            try:
+                if not self._read():
+                    return NOT_READY
+            except _EndOfPipe:
+                raise RenderProcessError(self._died()) from None
 
     async def receive(self) -> list[Record] | None:
         """The next batch of records, or ``None`` at the end of the file."""
@@ -193,7 +200,15 @@ class RenderProcess:
             if got is not NOT_READY:
                 assert not isinstance(got, _NotReady)
                 return got
-            if not self._read():
+            try:
+                more = self._read()
+            except _EndOfPipe:
+                # The child is gone, or going: give it a moment to say how it ended.
+                with trio.move_on_after(2.0):
+                    while self.proc.poll() is None:  # noqa: ASYNC110 - no event for a child's exit here
+                        await trio.sleep(0.01)
+                raise RenderProcessError(self._died()) from None
+            if not more:
                 assert self._fd is not None
                 try:
                     await trio.lowlevel.wait_readable(self._fd)
@@ -213,7 +228,7 @@ class RenderProcess:
         except OSError as exc:
             raise RenderProcessError(f"the render process's pipe failed: {exc}") from None
         if not data:
-            raise RenderProcessError(self._died())
+            raise _EndOfPipe
         self._buffer += data
         return True
 
@@ -260,10 +275,8 @@ class RenderProcess:
         return f"the render process wrote {what}"
 
     def _died(self) -> str:
-        # The pipe closed without an "end" frame: the child is gone, or going.
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(2.0)
-        status = self.proc.returncode
+        """Why the pipe closed without an "end" frame."""
+        status = self.proc.poll()
         if status is None:
             return "the render process closed its pipe without finishing"
         if status < 0:
