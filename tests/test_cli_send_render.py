@@ -330,3 +330,17 @@ async def test_render_process_writing_garbage_mid_batch(
     assert all(r.state == "accepted" for r in records(journal))
     counts = Counter(sink_ids(sink))
     assert len(counts) == n and set(counts.values()) == {1}
+
+
+async def test_render_process_ends_when_the_sender_is_killed(tmp_path: Path) -> None:
+    """kill -9 of the sender: the render process (blocked on the full pipe) ends too."""
+    rows, tpl = batch(tmp_path, 1000, BIG_TEMPLATE)
+    async with SMTPSink(faults=[Fault(".", delay=0.002)]) as sink:
+        common = (rows, tpl, "--server", server(sink), "--ca-file", ca_file(sink, tmp_path))
+        common += ("--journal", tmp_path / "j.sqlite3", "--yes", "--render", "process")
+        child = await start(tmp_path, "first", *common)
+        await wait_until(lambda: sink.received >= 10)
+        (renderer,) = render_processes(child.proc.pid)
+        child.proc.kill()
+        assert await finish(child) == -9
+        await wait_until(lambda: not alive(renderer), 10)  # a broken pipe, not an orphan
