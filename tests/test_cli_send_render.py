@@ -29,6 +29,7 @@ from test_cli_send import (
 from test_cli_send_process import finish, records, start, wait_until
 
 from triomail._cli_render import RenderProcess, RenderProcessError
+from triomail._cli_send import GC_THRESHOLDS
 from triomail._journal import Journal
 from triomail._template import compile_template
 from triomail.testing import Fault, SMTPSink
@@ -344,3 +345,13 @@ async def test_render_process_ends_when_the_sender_is_killed(tmp_path: Path) -> 
         child.proc.kill()
         assert await finish(child) == -9
         await wait_until(lambda: not alive(renderer), 10)  # a broken pipe, not an orphan
+
+
+def test_gc_thresholds_are_restored(tmp_path: Path) -> None:
+    """A run raises the collector's thresholds (GC_THRESHOLDS) and puts them back."""
+    import gc
+
+    before = gc.get_threshold()
+    rows, tpl = batch(tmp_path, 3)
+    assert send(rows, tpl, "--dry-run") == 0
+    assert gc.get_threshold() == before != GC_THRESHOLDS

@@ -368,8 +368,19 @@ def settings_from(args: argparse.Namespace) -> Settings:
 # ------------------------------------------------------------------------ entry point
 
 
+#: The cyclic garbage collector's thresholds during a run. A batch allocates objects by
+#: the million and frees them by reference counting; with the default threshold (700)
+#: the collector ran ~230 times per 10,000 messages (about 5% of the CPU), scanning the
+#: imported modules' objects again and again. Restored when the run ends.
+GC_THRESHOLDS = (20_000, 50, 100)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``triomail send``; return the exit status."""
+    import gc
+
+    thresholds = gc.get_threshold()
+    gc.set_threshold(*GC_THRESHOLDS)
     try:
         settings = settings_from(args)
         return _main(settings)
@@ -379,6 +390,8 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("triomail send: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        gc.set_threshold(*thresholds)
 
 
 def _main(settings: Settings) -> int:
