@@ -8,6 +8,8 @@ retries and runs.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import signal
@@ -147,6 +149,60 @@ async def test_ctrl_c_finishes_in_flight_then_resume(tmp_path: Path, render: str
         assert sink.received < n
         child = await start(tmp_path, "resume", *common, "--resume")
         assert await finish(child) == 0, child.stderr
+    counts = Counter(sink_ids(sink))
+    assert len(counts) == n and set(counts.values()) == {1}
+
+
+async def test_ctrl_c_does_not_wait_for_a_server_gone_quiet(tmp_path: Path) -> None:
+    """After some messages the server accepts new connections but never greets (its
+    greeting timeout is minutes). The first Ctrl-C must not wait for that: what was
+    sent is recorded, the rest is "not sent", and --resume sends each row once."""
+    n = 60
+    rows, tpl = batch(tmp_path, n)
+    journal = tmp_path / "j.sqlite3"
+    async with SMTPSink(messages_per_connection=5) as sink, trio.open_nursery() as nursery:
+        forwarded = 0
+
+        async def quiet_after_three(client: trio.SocketStream) -> None:
+            # A TCP relay to the sink for the server check and the first two pool
+            # connections; later connections are accepted and left in silence.
+            nonlocal forwarded
+            if forwarded >= 3:
+                async with client:
+                    await trio.sleep_forever()
+            forwarded += 1
+            upstream = await trio.open_tcp_stream(sink.host, sink.port)
+
+            async def pump(a: trio.SocketStream, b: trio.SocketStream) -> None:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    while data := await a.receive_some():
+                        await b.send_all(data)
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await b.send_eof()
+
+            async with client, upstream, trio.open_nursery() as pumps:
+                pumps.start_soon(pump, client, upstream)
+                pumps.start_soon(pump, upstream, client)
+
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, quiet_after_three, 0, host="127.0.0.1")
+        )
+        relay = f"smtp://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        common = (rows, tpl, "--ca-file", ca_file(sink, tmp_path), "--journal", journal)
+        common += ("--connections", "2", "--yes")
+        child = await start(tmp_path, "first", *common, "--server", relay)
+        await wait_until(lambda: forwarded >= 3 and sink.received >= 10)
+        await trio.sleep(1.0)  # both workers now wait for a greeting that never comes
+        sent = sink.received
+        child.proc.send_signal(signal.SIGINT)
+        assert await finish(child, 10) == 130, child.stderr
+        assert "Traceback" not in child.stderr
+        state = Counter(r.state for r in records(journal))
+        assert state["in-flight"] == 0
+        assert state["accepted"] == sent == sink.received
+        child = await start(tmp_path, "resume", *common, "--server", server(sink), "--resume")
+        assert await finish(child) == 0, child.stderr
+        nursery.cancel_scope.cancel()
     counts = Counter(sink_ids(sink))
     assert len(counts) == n and set(counts.values()) == {1}
 

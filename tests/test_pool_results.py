@@ -8,6 +8,8 @@ hold the workers back to one result per round), that it is still cancellable at 
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import trio
 
@@ -143,3 +145,34 @@ async def test_acceptances_reach_the_consumer_while_the_pipelined_run_goes_on() 
     assert sorted(arrivals) == list(range(10))  # type: ignore[type-var]
     assert all(arrivals[i] < hold / 2 for i in range(5)), arrivals
     assert all(arrivals[i] >= hold * 0.9 for i in range(5, 10)), arrivals
+
+
+async def test_stop_connecting_abandons_connection_attempts_and_settles_at_once() -> None:
+    """A server that accepts TCP and never greets: workers wait for a greeting (300 s by
+    default). ``stop_connecting`` ends those waits; every message gets a transient
+    "not sent" result at once, so a graceful stop is not held up by them."""
+    held: list[trio.SocketStream] = []
+
+    async def silent(stream: trio.SocketStream) -> None:
+        held.append(stream)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        async with (
+            triomail.open_pool(Server("127.0.0.1", port, tls="none"), connections=2) as pool,
+            pool.send_all(_message(i) for i in range(5)) as results,
+        ):
+            with trio.move_on_after(0.5):
+                async for _ in results:
+                    raise AssertionError("a result before any greeting")
+            assert pool.statistics().in_flight > 0  # waiting for greetings
+            pool.stop_connecting()
+            with trio.fail_after(5):
+                got = [result async for result in results]
+        assert len(got) == 5
+        assert all(r.outcome is Outcome.TRANSIENT and not r.mail_accepted for r in got)
+        assert all("stopped opening connections" in (r.error or "") for r in got)
+        assert len(held) >= 1
+        nursery.cancel_scope.cancel()

@@ -1199,6 +1199,9 @@ class _Batch:
         if not pool_ref:
             scope.cancel()  # nothing was sent yet
             return
+        # What is on the wire finishes; nothing waits for a new connection (a server
+        # gone quiet would hold the stop for its greeting timeout): not sent, --resume.
+        pool_ref[0].stop_connecting()
         self._note(
             f"interrupted: finishing the {len(self.outstanding)} message(s) in flight; "
             "press Ctrl-C again to abort"

@@ -83,6 +83,8 @@ MessageLike = Message | PreparedMessage
 #: Messages one pipelined run may carry over a connection without CHUNKING.
 DATA_RUN = 256
 
+_STOPPED = "not sent: the pool stopped opening connections"
+
 
 @dataclass(frozen=True)
 class Server:
@@ -441,6 +443,8 @@ class Pool:
         self._all_done = trio.Event()
         self._all_done.set()
         self._closing = False
+        self._stopped_connecting = False
+        self._connecting: set[trio.CancelScope] = set()
         #: Results of messages cut off by cancellation of the pool (R48).
         self.interrupted: list[SendResult] = []
 
@@ -491,6 +495,15 @@ class Pool:
     def close(self) -> None:
         """Stop taking messages; workers QUIT their connections and exit."""
         self._jobs_send.close()
+
+    def stop_connecting(self) -> None:
+        """Open no more connections (for a graceful stop): connection attempts under
+        way are abandoned, and every message that would need a new connection gets a
+        transient result at once, saying it was not sent. Messages on connections
+        already open are sent as usual, so what is on the wire finishes."""
+        self._stopped_connecting = True
+        for scope in self._connecting:
+            scope.cancel()
 
     async def aclose(self) -> None:
         """Drain, then close (for pools started with :func:`connect_pool`)."""
@@ -720,7 +733,18 @@ class Pool:
                         await self._settle(job, failed, final=True)
                     return
                 try:
-                    await self._connect(worker, state)
+                    with trio.CancelScope() as connecting:
+                        if self._stopped_connecting:
+                            connecting.cancel()
+                        self._connecting.add(connecting)
+                        try:
+                            await self._connect(worker, state)
+                        finally:
+                            self._connecting.discard(connecting)
+                    if connecting.cancelled_caught:
+                        for job in jobs:
+                            await self._settle(job, _no_send(job, _STOPPED), final=True)
+                        return
                 except (SMTPAuthenticationError, SMTPCertificateError) as exc:
                     if isinstance(exc, SMTPCertificateError) or exc.permanent:
                         state.fatal = f"{state.server.label}: {exc}"
