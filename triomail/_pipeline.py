@@ -69,7 +69,7 @@ from ._errors import (
     SMTPTimeoutError,
 )
 from ._protocol import Canonical
-from ._reply import Reply, ReplyParser
+from ._reply import Reply
 from ._result import Outcome, RecipientResult, SendResult, outcome_of
 
 if TYPE_CHECKING:
@@ -309,27 +309,24 @@ class _Batch:
         """Read and apply replies until only ``keep`` slots are still owed."""
         slots = self.slots
         apply = self.apply
-        parser = self.conn._parser
+        conn = self.conn
+        parser = conn._parser
         while len(slots) > keep:
             kind, txn, i = slots.popleft()
             # Most replies of a group are already buffered: no coroutine for those.
-            reply = self.buffered(parser, kind) if parser.has_unprocessed else None
-            apply(kind, txn, i, reply if reply is not None else await self.read(kind))
-
-    def buffered(self, parser: ReplyParser, kind: int) -> Reply | None:
-        """A complete reply already in the parser's buffer, if there is one."""
-        conn = self.conn
-        try:
-            reply = parser.next_reply()
-        except BaseException:
-            conn._broken = conn._broken or f"protocol error in {_STAGES[kind]}"
-            raise
-        if reply is not None:
-            if self.debug:
-                log.debug("%s %s < %s", conn.host, conn._phase, reply)
-            if reply.code == 421:
-                conn._broken = "server sent 421"  # RFC 5321 §3.8 (R40)
-        return reply
+            try:
+                reply = parser.next_reply()
+            except BaseException:
+                conn._broken = conn._broken or f"protocol error in {_STAGES[kind]}"
+                raise
+            if reply is None:
+                reply = await self.read(kind)
+            else:
+                if self.debug:
+                    log.debug("%s %s < %s", conn.host, conn._phase, reply)
+                if reply.code == 421:
+                    conn._broken = "server sent 421"  # RFC 5321 §3.8 (R40)
+            apply(kind, txn, i, reply)
 
     async def read(self, kind: int) -> Reply:
         """The next reply. Pipelined replies mostly arrive together: one already in the
