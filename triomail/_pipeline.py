@@ -321,52 +321,50 @@ class _Batch:
                 raise
             if reply is None:
                 reply = await self.read(kind)
-            else:
-                if self.debug:
-                    log.debug("%s %s < %s", conn.host, conn._phase, reply)
-                if reply.code == 421:
-                    conn._broken = "server sent 421"  # RFC 5321 §3.8 (R40)
+            if self.debug:
+                log.debug("%s %s < %s", conn.host, conn._phase, reply)
+            if reply.code == 421:
+                conn._broken = "server sent 421"  # RFC 5321 §3.8 (R40)
             apply(kind, txn, i, reply)
 
     async def read(self, kind: int) -> Reply:
-        """The next reply. Pipelined replies mostly arrive together: one already in the
-        parser's buffer costs no wait and no deadline; otherwise the stream is read
-        under the stage's deadline (R26), set on the batch's cancel scope."""
+        """Read the stream until the parser completes a reply (``drain`` has found
+        none complete in its buffer), under the stage's deadline (R26), set on the
+        batch's cancel scope."""
         conn = self.conn
         parser = conn._parser
         stage = _STAGES[kind]
+        reply: Reply | None = None
         try:
-            reply = parser.next_reply()
-            if reply is None:
-                if not conn.is_usable:
-                    raise SMTPDisconnected(f"connection is not usable ({conn._broken or 'closed'})")
-                self.arm(stage, self.seconds[kind])
-                fd = self.fd
-                receive = conn._stream.receive_some
-                ready = False
-                while reply is None:
-                    if fd is None:
-                        data = await receive(_RECEIVE_SIZE)
+            if not conn.is_usable:
+                raise SMTPDisconnected(f"connection is not usable ({conn._broken or 'closed'})")
+            self.arm(stage, self.seconds[kind])
+            fd = self.fd
+            receive = conn._stream.receive_some
+            ready = False
+            while reply is None:
+                if fd is None:
+                    data = await receive(_RECEIVE_SIZE)
+                else:
+                    if ready:
+                        await trio.lowlevel.wait_readable(fd)
                     else:
-                        if ready:
-                            await trio.lowlevel.wait_readable(fd)
-                        else:
-                            # Let the other tasks run, then try the socket: when the
-                            # process is busy (many connections), the reply is there
-                            # by then and no epoll registration and wakeup is needed.
-                            # When idle, the failed read costs one syscall.
-                            await trio.lowlevel.checkpoint()
-                            ready = True
-                        try:
-                            data = os.read(fd, _RECEIVE_SIZE)
-                        except BlockingIOError:
-                            continue
-                    if not data:
-                        raise SMTPDisconnected(
-                            f"connection lost during {stage}: server closed the connection"
-                        )
-                    parser.feed(data)
-                    reply = parser.next_reply()
+                        # Let the other tasks run, then try the socket: when the
+                        # process is busy (many connections), the reply is there by
+                        # then and no epoll registration and wakeup is needed. When
+                        # idle, the failed read costs one syscall.
+                        await trio.lowlevel.checkpoint()
+                        ready = True
+                    try:
+                        data = os.read(fd, _RECEIVE_SIZE)
+                    except BlockingIOError:
+                        continue
+                if not data:
+                    raise SMTPDisconnected(
+                        f"connection lost during {stage}: server closed the connection"
+                    )
+                parser.feed(data)
+                reply = parser.next_reply()
         except _GONE as exc:
             conn._broken = f"broken in {stage}"
             raise SMTPDisconnected(f"connection lost during {stage}: {exc!r}") from exc
@@ -374,10 +372,6 @@ class _Batch:
             # Protocol errors, cancellation, bugs: a reply is half read; never reuse.
             conn._broken = conn._broken or f"{type(exc).__name__} in {stage}"
             raise
-        if self.debug:
-            log.debug("%s %s < %s", conn.host, conn._phase, reply)
-        if reply.code == 421:
-            conn._broken = "server sent 421"  # RFC 5321 §3.8 (R40)
         return reply
 
     def arm(self, stage: str, seconds: float) -> None:

@@ -589,7 +589,10 @@ class Pool:
                 job.done.withdraw()  # never handed over: no result will come
             raise
 
-    def _finish_one(self) -> None:
+    def _finish_one(self, outcome: Outcome | None = None) -> None:
+        """A job is over: with its final ``outcome``, or none if it never got one."""
+        if outcome is not None:
+            self._tally.done[outcome.value] += 1
         self._outstanding -= 1
         if self._outstanding == 0:
             self._all_done.set()
@@ -601,16 +604,14 @@ class Pool:
             return False
         job.attempts = 1
         job.last = result
-        self._tally.done["accepted"] += 1
-        self._finish_one()
+        self._finish_one(Outcome.ACCEPTED)
         return True
 
     async def _complete(self, job: _Job, result: SendResult) -> None:
         done = job.done
         if done is not None and not done.put_nowait(result):
             await done.put(result)
-        self._tally.done[result.outcome.value] += 1
-        self._finish_one()
+        self._finish_one(result.outcome)
 
     async def _retry_later(self, job: _Job, delay: float) -> None:
         await trio.sleep(delay)
