@@ -11,7 +11,7 @@ import pytest
 
 import triomail
 
-CORE = ["_reply", "_protocol", "_sasl", "_message", "_result", "_errors"]
+CORE = ["_reply", "_protocol", "_sasl", "_message", "_result", "_errors", "_frozen"]
 PACKAGE_DIR = Path(triomail.__file__).parent
 
 # ``import triomail._reply`` would run triomail/__init__.py, which imports the trio layer.

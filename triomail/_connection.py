@@ -53,6 +53,7 @@ from ._errors import (
     SMTPSecurityError,
     SMTPTimeoutError,
 )
+from ._frozen import fast_constructor
 from ._message import envelope_of, flatten, message_id_of, needs_utf8_headers
 from ._protocol import (
     Canonical,
@@ -66,7 +67,13 @@ from ._protocol import (
     xtext,
 )
 from ._reply import Reply, ReplyParser
-from ._result import Outcome, RecipientResult, SendResult, outcome_of
+from ._result import (
+    Outcome,
+    RecipientResult,
+    SendResult,
+    outcome_of,
+    transaction_result,
+)
 from ._sasl import SASLMechanism, XOAuth2, choose_mechanism
 from ._timeouts import Timeouts
 
@@ -195,7 +202,7 @@ def prepare(
         raise LocalProtocolError("no recipients")
     sender_path = format_path(sender, allow_null=True)
     paths = [format_path(r) for r in recipients]
-    return PreparedMessage(
+    return _new_prepared(
         sender=sender_path.address,
         recipients=tuple(p.address for p in paths),
         canonical=canonical,
@@ -206,6 +213,9 @@ def prepare(
         canonical_7bit=canonical_7bit,
         tag=tag,
     )
+
+
+_new_prepared = fast_constructor(PreparedMessage)
 
 
 def _raw_message_id(data: bytes) -> str | None:
@@ -779,22 +789,7 @@ class SMTPConnection:
         self.awaiting_final_reply = False
 
         def result(outcome: Outcome, reply: Reply | None, error: str | None = None) -> SendResult:
-            """Refused recipients keep their own reply (R41); the others get ``outcome``."""
-            per = tuple(
-                RecipientResult(rcpt, outcome_of(own), own)
-                if own is not None and not own.is_positive
-                else RecipientResult(rcpt, outcome, reply)
-                for rcpt, own in zip(recipients, replies, strict=True)
-            )
-            return SendResult(
-                prepared.sender,
-                per,
-                reply,
-                prepared.message_id,
-                error,
-                tag=prepared.tag,
-                mail_accepted=mail_ok,
-            )
+            return transaction_result(prepared, replies, outcome, reply, error, mail_ok)
 
         async def lost(exc: SMTPError, outcome: Outcome) -> SendResult:
             await self.abort()

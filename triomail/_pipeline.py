@@ -70,7 +70,7 @@ from ._errors import (
 )
 from ._protocol import Canonical
 from ._reply import Reply
-from ._result import Outcome, RecipientResult, SendResult, outcome_of
+from ._result import Outcome, RecipientResult, SendResult, outcome_of, transaction_result
 
 if TYPE_CHECKING:
     from ._connection import DSN, PreparedMessage, SMTPConnection
@@ -252,21 +252,8 @@ class _Batch:
         if txn.done:
             return
         txn.done = True
-        prepared = txn.prepared
-        per = []
-        for recipient, rcpt_reply in zip(prepared.recipients, txn.rcpt_replies, strict=True):
-            if rcpt_reply is not None and not rcpt_reply.is_positive:
-                per.append(RecipientResult(recipient, outcome_of(rcpt_reply), rcpt_reply))
-            else:
-                per.append(RecipientResult(recipient, outcome, reply))
-        result = SendResult(
-            prepared.sender,
-            tuple(per),
-            reply,
-            prepared.message_id,
-            error,
-            tag=prepared.tag,
-            mail_accepted=txn.mail_ok,
+        result = transaction_result(
+            txn.prepared, txn.rcpt_replies, outcome, reply, error, txn.mail_ok
         )
         self.record(txn.index, result)
 

@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ._errors import LocalProtocolError
+from ._frozen import fast_constructor
 from ._reply import Reply
 
 __all__ = [
@@ -335,7 +336,10 @@ def canonicalize(message: str | bytes | bytearray | memoryview) -> Canonical:
             f"message has a line longer than {MAX_DATA_LINE} octets; re-encode it "
             "(quoted-printable or base64) instead of sending it split"
         )
-    return Canonical(data, not data.isascii())
+    return _new_canonical(data, not data.isascii())
+
+
+_new_canonical = fast_constructor(Canonical)
 
 
 def _has_long_line(data: bytes) -> bool:

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from ._errors import SMTPSendError
+from ._frozen import fast_constructor
 from ._reply import Reply
 
-__all__ = ["Outcome", "RecipientResult", "SendResult"]
+__all__ = [
+    "Outcome",
+    "RecipientResult",
+    "SendResult",
+    "new_recipient_result",
+    "new_send_result",
+    "transaction_result",
+]
 
 
 class Outcome(enum.Enum):
@@ -110,3 +120,49 @@ class SendResult:
             )
             suffix = f" [{self.error}]" if self.error else ""
             raise SMTPSendError(f"not accepted: {failed}{suffix}")
+
+
+# Per-message hot paths build results with these (same arguments; see ._frozen).
+new_recipient_result = fast_constructor(RecipientResult)
+new_send_result = fast_constructor(SendResult)
+
+
+class _Prepared(Protocol):
+    """What a result copies from a ``PreparedMessage`` (the core does not import it)."""
+
+    @property
+    def sender(self) -> str: ...
+    @property
+    def recipients(self) -> tuple[str, ...]: ...
+    @property
+    def message_id(self) -> str | None: ...
+    @property
+    def tag(self) -> object: ...
+
+
+def transaction_result(
+    prepared: _Prepared,
+    replies: Sequence[Reply | None],
+    outcome: Outcome,
+    reply: Reply | None,
+    error: str | None,
+    mail_accepted: bool,
+) -> SendResult:
+    """The result of one transaction: a refused recipient keeps its own reply (R41); the
+    others (``replies[i]`` positive or ``None``) get ``outcome`` and ``reply``."""
+    per = []
+    for recipient, own in zip(prepared.recipients, replies, strict=True):
+        if own is not None and not 200 <= own.code < 400:
+            per.append(new_recipient_result(recipient, outcome_of(own), own))
+        else:
+            per.append(new_recipient_result(recipient, outcome, reply))
+    return new_send_result(
+        prepared.sender,
+        tuple(per),
+        reply,
+        prepared.message_id,
+        error,
+        prepared.tag,
+        1,
+        mail_accepted,
+    )
