@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from triomail import _protocol
 from triomail._errors import LocalProtocolError
 from triomail._protocol import MAX_DATA_LINE, Canonical, canonicalize, dot_stuff, unstuff
 
@@ -335,3 +336,25 @@ def test_r16_r17_r19_property_any_bytes_are_safe_or_refused(message: bytes) -> N
             canonicalize(message)
         return
     assert_wire_is_safe(dot_stuff(canonicalize(message)), message)
+
+
+@settings(max_examples=300)
+@given(_short_messages)
+def test_r16_property_the_large_message_path_gives_the_same_result(message: bytes) -> None:
+    """Over ``_SPLIT_LIMIT`` octets the line endings are counted instead of split."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_protocol, "_SPLIT_LIMIT", -1)
+        counted = canonicalize(message)
+    assert counted == canonicalize(message)
+    assert counted.data == normalise(message)
+
+
+@pytest.mark.parametrize("size", [2_000, _protocol._SPLIT_LIMIT + 1_000])
+def test_r16_both_paths_of_a_large_and_small_message(size: int) -> None:
+    line = b"x" * 60 + b"\r\n"
+    canonical = b"Subject: s\r\n\r\n" + line * (size // len(line))
+    assert len(canonical) > _protocol._SPLIT_LIMIT or size < _protocol._SPLIT_LIMIT
+    # Already canonical: the caller's bytes are used as they are, not copied.
+    assert canonicalize(canonical).data is canonical
+    bare = canonical.replace(b"\r\n", b"\n")[:-1] + b"\ry"
+    assert canonicalize(bare).data == normalise(bare) == canonical[:-2] + b"\r\ny\r\n"
