@@ -201,17 +201,20 @@ def prepare(
     if not recipients:
         raise LocalProtocolError("no recipients")
     sender_path = format_path(sender, allow_null=True)
-    paths = [format_path(r) for r in recipients]
+    needs_smtputf8 = header_utf8 or sender_path.needs_smtputf8
+    addresses = []
+    for recipient in recipients:
+        path = format_path(recipient)
+        addresses.append(path.address)
+        needs_smtputf8 = needs_smtputf8 or path.needs_smtputf8
     return _new_prepared(
-        sender=sender_path.address,
-        recipients=tuple(p.address for p in paths),
-        canonical=canonical,
-        needs_smtputf8=header_utf8
-        or sender_path.needs_smtputf8
-        or any(p.needs_smtputf8 for p in paths),
-        message_id=message_id,
-        canonical_7bit=canonical_7bit,
-        tag=tag,
+        sender_path.address,
+        tuple(addresses),
+        canonical,
+        needs_smtputf8,
+        message_id,
+        canonical_7bit,
+        tag,
     )
 
 
@@ -743,14 +746,17 @@ class SMTPConnection:
         if requiretls and not (self.tls_active and caps.requiretls):
             # R34 / RFC 8689 §4: refuse, report 5.7.30.
             return _local_failure(prepared, 550, "5.7.30", "REQUIRETLS support required")
-        limit = caps.size_limit
-        if limit is not None and len(canonical) > limit:
-            # R30: a permanent failure before MAIL.
-            return _local_failure(
-                prepared, 552, "5.3.4", f"message of {len(canonical)} octets exceeds SIZE {limit}"
-            )
         params = []
-        if "SIZE" in caps:
+        if "SIZE" in caps.extensions:
+            limit = caps.size_limit
+            if limit is not None and len(canonical) > limit:
+                # R30: a permanent failure before MAIL.
+                return _local_failure(
+                    prepared,
+                    552,
+                    "5.3.4",
+                    f"message of {len(canonical)} octets exceeds SIZE {limit}",
+                )
             params.append(f"SIZE={len(canonical)}")
         if canonical.eight_bit and caps.eightbitmime:
             params.append("BODY=8BITMIME")

@@ -205,6 +205,7 @@ class _Batch:
         self.stage = "MAIL"
         self.stage_seconds = t.mail
         self.debug = log.isEnabledFor(logging.DEBUG)
+        self.now = trio.lowlevel.current_clock().current_time  # one call, not three
         # A plain TCP stream is driven through its socket (os.write, wait_readable and
         # os.read): no per-call wrapper, no failed recv before each wait, no deadline
         # for a write the kernel takes at once. TLS and other streams use the stream.
@@ -370,7 +371,7 @@ class _Batch:
         """
         self.stage = stage
         self.stage_seconds = seconds
-        due = trio.current_time() + seconds
+        due = self.now() + seconds
         if not due - seconds * 0.01 <= self.scope.deadline <= due:
             self.scope.deadline = due
 

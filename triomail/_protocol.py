@@ -61,13 +61,16 @@ def check_argument(value: str | bytes, what: str) -> None:
 
 
 def encode_command(verb: str, *args: str) -> bytes:
-    """Encode one command line, checking every argument first (R13).
+    """Encode one command line; an argument with a control character is refused (R13).
 
     Arguments are UTF-8 encoded: they are ASCII except SMTPUTF8 paths (RFC 6531 §3.3).
     """
-    for arg in args:
-        check_argument(arg, verb)
-    return " ".join((verb, *args)).encode("utf-8") + b"\r\n"
+    line = " ".join((verb, *args))
+    if _FORBIDDEN.search(line) is not None:
+        for arg in args:
+            check_argument(arg, verb)  # names the argument
+        check_argument(line, "command")
+    return (line + "\r\n").encode("utf-8")
 
 
 # ---------------------------------------------------------------------------- paths

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -65,6 +66,8 @@ class RecipientResult:
 
 
 _SEVERITY = (Outcome.UNKNOWN, Outcome.TRANSIENT, Outcome.PERMANENT)
+_ACCEPTED_ONLY = frozenset((Outcome.ACCEPTED,))
+_OUTCOME = operator.attrgetter("outcome")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +94,7 @@ class SendResult:
     @property
     def ok(self) -> bool:
         """True if every recipient was accepted."""
-        return all(r.outcome is Outcome.ACCEPTED for r in self.recipients)
+        return _ACCEPTED_ONLY.issuperset(map(_OUTCOME, self.recipients))  # C-level loop
 
     @property
     def outcome(self) -> Outcome:
