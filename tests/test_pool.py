@@ -409,12 +409,16 @@ async def test_r48_cancelling_the_pool_leaves_nothing_behind(
                 async for _ in results:
                     pass
     assert scope.cancelled_caught
-    # Every started message is reported, as unknown (past the final dot) here.
-    # (a pipelined batch cut short is unknown as a whole: which message was past its
-    # final dot is not known, and unknown is the answer that cannot lose mail)
+    # Every message is reported once: those started as unknown (past the final dot)
+    # here (a pipelined batch cut short is unknown as a whole: which message was past
+    # its final dot is not known, and unknown is the answer that cannot lose mail),
+    # those still queued as not sent.
     tags = [r.tag for r in pool.interrupted]
-    assert len(tags) >= 3 and len(set(tags)) == len(tags)
-    assert {r.outcome for r in pool.interrupted} == {Outcome.UNKNOWN}
+    assert sorted(tags) == list(range(10))  # type: ignore[type-var]
+    started = [r for r in pool.interrupted if r.outcome is Outcome.UNKNOWN]
+    assert len(started) >= 3
+    for r in pool.interrupted:
+        assert r.outcome is Outcome.UNKNOWN or "not sent" in (r.error or ""), r
     assert pool.statistics().connections_open == 0
     assert server.port is not None and _client_sockets_to(server.port) == 0
 

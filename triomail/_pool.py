@@ -26,6 +26,12 @@ after the final dot) is resent with the same bytes, hence the same Message-ID, u
 ``RetryPolicy(unknown="at-most-once")`` (R38). A 535 or a certificate failure is a
 configuration error: it fails every message for that server at once (R10, R35).
 
+Every message handed over ends with exactly one result (``Pool._held`` holds the jobs
+still owed one). Cancelling the pool delivers none of the rest: each is recorded in
+``Pool.interrupted`` instead, by plain bookkeeping where the cancellation lands (a send
+cut off, a result the consumer had no room for) and, once no worker is left, for the
+jobs that were only waiting (queued, for a connection, for a retry's backoff).
+
 Backpressure per server (R44): a :class:`trio.CapacityLimiter` bounds its connections and
 a token bucket its message rate; a 421 or a 4.7.x reply halves both, and they recover
 step by step after successes. Pool state is changed by small plain methods on
@@ -34,12 +40,18 @@ step by step after successes. Pool state is changed by small plain methods on
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import random
 import ssl
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from email.message import Message
@@ -84,6 +96,9 @@ MessageLike = Message | PreparedMessage
 DATA_RUN = 256
 
 _STOPPED = "not sent: the pool stopped opening connections"
+_NOT_SENT = "not sent: cancelled before it was sent"
+_NOT_RETRIED = "not sent again: cancelled before the retry"
+_POSSIBLE_DUPLICATE = "an earlier attempt had an unknown outcome: possible duplicate"
 
 
 @dataclass(frozen=True)
@@ -311,10 +326,16 @@ class _Results:
     room for costs no scheduling round (``send_nowait``).
     """
 
-    __slots__ = ("_channel", "_fed", "_owed")
+    __slots__ = ("_channel", "_fed", "_orphaned", "_owed")
 
-    def __init__(self, channel: trio.MemorySendChannel[SendResult]) -> None:
+    def __init__(
+        self,
+        channel: trio.MemorySendChannel[SendResult],
+        orphaned: Callable[[SendResult], None],
+    ) -> None:
         self._channel = channel
+        #: Called with a result whose consumer has gone (closed its channel).
+        self._orphaned = orphaned
         self._owed = 0
         self._fed = False
 
@@ -334,14 +355,15 @@ class _Results:
         except trio.WouldBlock:
             return False
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the consumer left its send_all block early
+            self._orphaned(result)  # the consumer left its send_all block
         self._delivered()
         return True
 
     async def put(self, result: SendResult) -> None:
-        # The outcome still counts in statistics() if the consumer has gone.
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        try:
             await self._channel.send(result)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._orphaned(result)
         self._delivered()
 
     def withdraw(self) -> None:
@@ -354,7 +376,7 @@ class _Results:
             self._channel.close()
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: a key of Pool._held
 class _Job:
     """One message and what has become of it so far."""
 
@@ -366,7 +388,7 @@ class _Job:
     pending: tuple[str, ...] | None = None
     settled: list[RecipientResult] = field(default_factory=list)
     unknown_seen: bool = False
-    #: The final result has been delivered.
+    #: The final result has been delivered (or recorded in ``Pool.interrupted``).
     final: bool = False
     last: SendResult | None = None
 
@@ -400,7 +422,12 @@ class _Tally:
 
 
 class Pool:
-    """Sends messages over a bounded set of reused connections. Use :func:`open_pool`."""
+    """Sends messages over a bounded set of reused connections. Use :func:`open_pool`.
+
+    Every message handed to :meth:`send_all` (or :meth:`send`) ends with exactly one
+    result: on the results channel, or, if the pool is cancelled first, in
+    :attr:`interrupted`.
+    """
 
     def __init__(
         self,
@@ -439,13 +466,25 @@ class Pool:
         buffer = 0 if self._batch_size == 1 else connections * min(self._batch_size, 16)
         self._jobs_send, self._jobs_receive = trio.open_memory_channel[_Job](buffer)
         self._tally = _Tally()
-        self._outstanding = 0
+        #: Jobs handed over and not finished yet, in order (a dict as an ordered set).
+        self._held: dict[_Job, None] = {}
+        #: Worker tasks not ended yet.
+        self._workers = 0
         self._all_done = trio.Event()
         self._all_done.set()
         self._closing = False
         self._stopped_connecting = False
         self._connecting: set[trio.CancelScope] = set()
-        #: Results of messages cut off by cancellation of the pool (R48).
+        #: Results that a cancellation of the pool kept from their consumer (R48), one
+        #: per message: cut off on the wire (unknown once its final dot may have gone
+        #: out, else transient); queued or waiting for a connection (transient, "not
+        #: sent", ``attempts == 0``); waiting for a retry's backoff (the last attempt's
+        #: replies: transient, or unknown, and ``earlier_unknown`` if an attempt may
+        #: have delivered it); or already known when the consumer had no room for it,
+        #: or had just left its ``send_all`` block because of the cancellation.
+        #: Complete once the pool's nursery (the ``open_pool`` block) has ended. A
+        #: message that a cancelled ``send_all`` or ``send`` was still handing over is
+        #: here too ("not sent"), even if the pool goes on.
         self.interrupted: list[SendResult] = []
 
     # ------------------------------------------------------------------ public
@@ -461,13 +500,18 @@ class Pool:
         if sender is not None or recipients is not None:
             message = _as_prepared(message, sender, recipients)
         done_send, done_receive = trio.open_memory_channel[SendResult](1)
-        done = _Results(done_send)
+        done = _Results(done_send, self._orphaned)
         try:
             await self._submit(_Job(message, done, trio.current_time()))
         finally:
             done.fed()
         async with done_receive:
-            return await done_receive.receive()
+            try:
+                return await done_receive.receive()
+            except trio.EndOfChannel:
+                raise trio.BrokenResourceError(
+                    "the pool's workers are gone (cancelled); the result is in interrupted"
+                ) from None
 
     @asynccontextmanager
     async def send_all(
@@ -542,7 +586,7 @@ class Pool:
         messages: Iterable[MessageLike] | AsyncIterable[MessageLike],
         results: trio.MemorySendChannel[SendResult],
     ) -> None:
-        done = _Results(results)
+        done = _Results(results, self._orphaned)
         try:
             if isinstance(messages, AsyncIterable):
                 async for message in messages:
@@ -556,7 +600,7 @@ class Pool:
     async def _submit(self, job: _Job) -> None:
         if job.done is not None:
             job.done.expect()
-        self._outstanding += 1
+        self._held[job] = None
         self._all_done = trio.Event() if self._all_done.is_set() else self._all_done
         self._tally.queued += 1
         try:
@@ -567,35 +611,79 @@ class Pool:
                     self._jobs_send.send_nowait(job)
                 except trio.WouldBlock:
                     await self._jobs_send.send(job)
+                queue_timed_out = False
             else:
                 with trio.move_on_after(self._queue_timeout) as scope:
                     await self._jobs_send.send(job)
-                if scope.cancelled_caught:
-                    self._tally.queued -= 1
-                    s = self.statistics()
-                    await self._complete(
-                        job,
-                        _no_send(
-                            job,
-                            f"timed out after {self._queue_timeout:g} s waiting for a free "
-                            f"connection: {s.connections_busy} of {self._connections} busy, "
-                            f"{s.queued} queued, {s.in_flight} in flight",
-                        ),
-                    )
-        except BaseException:
+                queue_timed_out = scope.cancelled_caught
+        except BaseException as exc:
             self._tally.queued -= 1
-            self._finish_one()
-            if job.done is not None:
-                job.done.withdraw()  # never handed over: no result will come
+            if job.final:
+                pass  # recorded while it waited: no worker was left to take it
+            elif isinstance(exc, trio.Cancelled):
+                # Taken from the caller's messages (the pool, or a send_all left early,
+                # was cancelled), never handed to a worker: not sent.
+                self._interrupt(job, _abandoned(job))
+            else:
+                self._finish_one(job)
+                if job.done is not None:
+                    job.done.withdraw()  # never handed over: no result will come
             raise
+        if queue_timed_out and not job.final:
+            self._tally.queued -= 1
+            s = self.statistics()
+            await self._complete(
+                job,
+                _no_send(
+                    job,
+                    f"timed out after {self._queue_timeout:g} s waiting for a free "
+                    f"connection: {s.connections_busy} of {self._connections} busy, "
+                    f"{s.queued} queued, {s.in_flight} in flight",
+                ),
+            )
+        elif not self._workers:
+            # Queued after the last worker ended (the pool was cancelled while a
+            # feeder went on without waiting): nobody will take it.
+            self._abandon_held()
 
-    def _finish_one(self, outcome: Outcome | None = None) -> None:
+    def _finish_one(self, job: _Job, outcome: Outcome | None = None) -> None:
         """A job is over: with its final ``outcome``, or none if it never got one."""
         if outcome is not None:
             self._tally.done[outcome.value] += 1
-        self._outstanding -= 1
-        if self._outstanding == 0:
+        job.final = True
+        del self._held[job]
+        if not self._held:
             self._all_done.set()
+
+    def _interrupt(self, job: _Job, result: SendResult) -> None:
+        """The pool's cancellation keeps ``job`` from its consumer: its final result
+        goes to :attr:`interrupted` instead (plain bookkeeping, no I/O)."""
+        if job.final:
+            return  # already recorded when the last worker ended
+        self.interrupted.append(result)
+        if job.done is not None:
+            job.done.withdraw()
+        self._finish_one(job)
+
+    def _orphaned(self, result: SendResult) -> None:
+        """A result found its consumer gone. If the pool is being cancelled, that is why
+        the consumer left (it may have drained its channel just before): the result goes
+        to :attr:`interrupted`. Otherwise the consumer left early on purpose and the
+        outcome only counts in :meth:`statistics`."""
+        if trio.current_effective_deadline() == -math.inf:
+            self.interrupted.append(result)
+
+    def _abandon_held(self) -> None:
+        """No worker is left: every job still held was only waiting (queued, for a
+        connection, for a retry's backoff) and gets its result in :attr:`interrupted`."""
+        while True:
+            try:
+                self._jobs_receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            self._tally.queued -= 1
+        for job in list(self._held):
+            self._interrupt(job, _abandoned(job))
 
     def _accept_now(self, job: _Job, result: SendResult) -> bool:
         """Finish a job accepted at its first attempt, if the consumer has room now."""
@@ -604,19 +692,38 @@ class Pool:
             return False
         job.attempts = 1
         job.last = result
-        self._finish_one(Outcome.ACCEPTED)
+        self._finish_one(job, Outcome.ACCEPTED)
         return True
 
     async def _complete(self, job: _Job, result: SendResult) -> None:
         done = job.done
         if done is not None and not done.put_nowait(result):
-            await done.put(result)
-        self._finish_one(result.outcome)
+            try:
+                await done.put(result)
+            except trio.Cancelled:
+                self._interrupt(job, result)  # the consumer never got it
+                raise
+        self._finish_one(job, result.outcome)
+
+    async def _deliver(self, finished: list[tuple[_Job, SendResult]]) -> None:
+        """Hand over final results; on cancellation, those left go to interrupted."""
+        for index, (job, result) in enumerate(finished):
+            try:
+                await self._complete(job, result)
+            except trio.Cancelled:
+                for job_left, result_left in finished[index + 1 :]:
+                    self._interrupt(job_left, result_left)
+                raise
 
     async def _retry_later(self, job: _Job, delay: float) -> None:
+        # Cancelled here, the job stays in _held: the last worker to end records it.
         await trio.sleep(delay)
         self._tally.queued += 1
-        await self._jobs_send.send(job)
+        try:
+            await self._jobs_send.send(job)
+        except BaseException:
+            self._tally.queued -= 1
+            raise
 
     def _another_server_up(self) -> bool:
         now = trio.current_time()
@@ -650,7 +757,15 @@ class Pool:
                     self._tally.in_flight -= len(jobs) + worker.streamed
                     worker.streamed = 0
         finally:
-            await self._release(worker)
+            try:
+                await self._release(worker)
+            finally:
+                self._workers -= 1
+                if not self._workers:
+                    # Nothing will be sent any more: the pool was cancelled (or closed
+                    # with retries pending). Whatever each worker was sending has its
+                    # result by now; the jobs that were only waiting get theirs.
+                    self._abandon_held()
 
     async def _next_jobs(self, worker: _Worker) -> list[_Job] | None:
         """Wait for work: one job (a pipelined run takes the next ones from the queue
@@ -729,9 +844,11 @@ class Pool:
                 state = self._pick_server()
                 if state is None:
                     # R10, R35: a configuration error; every message fails, none loops.
-                    for job in jobs:
-                        failed = _synthetic(job, Outcome.PERMANENT, self._fatal_reason())
-                        await self._settle(job, failed, final=True)
+                    reason = self._fatal_reason()
+                    await self._settle_each(
+                        [(job, _synthetic(job, Outcome.PERMANENT, reason)) for job in jobs],
+                        final=True,
+                    )
                     return
                 try:
                     with trio.CancelScope() as connecting:
@@ -743,16 +860,16 @@ class Pool:
                         finally:
                             self._connecting.discard(connecting)
                     if connecting.cancelled_caught:
-                        for job in jobs:
-                            await self._settle(job, _no_send(job, _STOPPED), final=True)
+                        await self._settle_each(
+                            [(job, _no_send(job, _STOPPED)) for job in jobs], final=True
+                        )
                         return
                 except (SMTPAuthenticationError, SMTPCertificateError) as exc:
                     if isinstance(exc, SMTPCertificateError) or exc.permanent:
                         state.fatal = f"{state.server.label}: {exc}"
                         continue
                     state.record_connect_failure(self._retry)
-                    for job in jobs:
-                        await self._settle(job, _no_send(job, str(exc)))
+                    await self._settle_each([(job, _no_send(job, str(exc))) for job in jobs])
                     return
                 except SMTPError as exc:
                     if isinstance(exc, SMTPResponseError) and exc.reply.code == 421:
@@ -760,8 +877,8 @@ class Pool:
                     state.record_connect_failure(self._retry)
                     if self._another_server_up():
                         continue  # failover: the same jobs, at once, elsewhere
-                    for job in jobs:
-                        await self._settle(job, _no_send(job, f"{state.server.label}: {exc}"))
+                    reason = f"{state.server.label}: {exc}"
+                    await self._settle_each([(job, _no_send(job, reason)) for job in jobs])
                     return
             conn, state = worker.conn, worker.state
             assert conn is not None and state is not None
@@ -772,11 +889,14 @@ class Pool:
                 await self._release(worker)
                 continue
             ready: list[tuple[_Job, PreparedMessage]] = []
+            local: list[tuple[_Job, SendResult]] = []
             for job in jobs:
                 try:
                     ready.append((job, _as_prepared(job.message, None, job.pending, conn)))
                 except LocalProtocolError as exc:
-                    await self._settle(job, _local_error(job, str(exc)), final=True)
+                    local.append((job, _local_error(job, str(exc))))
+            if local:
+                await self._settle_each(local, final=True)
             if not ready:
                 return
             if state.bucket is not None:
@@ -784,9 +904,13 @@ class Pool:
                     await state.bucket.acquire()
             refused: list[tuple[_Job, LocalProtocolError]] = []
             results = await self._send(worker, ready, refused)
+            # Every outcome is recorded before any is handed over (which may wait for
+            # the consumer): a cancellation then finds each job with its result.
+            finished: list[tuple[_Job, SendResult]] = []
             for job, refusal in refused:
-                await self._settle(job, _local_error(job, str(refusal)), final=True)
+                self._record(job, _local_error(job, str(refusal)), finished, final=True)
             if results is None:  # died before anything started: go again, uncounted
+                await self._deliver(finished)
                 self._tally.transparent_retries += 1
                 await self._release(worker)
                 continue
@@ -810,7 +934,8 @@ class Pool:
                     state.throttle()
                 elif result.ok:
                     state.record_success()
-                await self._settle(job, result)
+                self._record(job, result, finished)
+            await self._deliver(finished)
             if not conn.is_usable or (
                 self._max_per_connection is not None and worker.sent >= self._max_per_connection
             ):
@@ -887,8 +1012,14 @@ class Pool:
             # Which unfinished message was past its final dot is not known: report
             # them all as unknown rather than risk calling a delivered one transient.
             for i, (job, _) in enumerate(ready):
-                if i not in finished:
-                    self.interrupted.append(_synthetic(job, Outcome.UNKNOWN, "pool cancelled"))
+                if not job.final:
+                    if i in finished:  # known, but not handed over yet
+                        result = finished[i]
+                    else:
+                        result = _synthetic(job, Outcome.UNKNOWN, "pool cancelled")
+                    self._interrupt(job, self._last_word(job, result))
+            for job, refusal in refused:
+                self._interrupt(job, self._last_word(job, _local_error(job, str(refusal))))
             raise
 
     async def _send_one(
@@ -903,7 +1034,7 @@ class Pool:
                 return None
             return [_no_send(job, str(exc))]
         except trio.Cancelled:
-            self.interrupted.append(_cut_off(job, conn, "pool cancelled"))
+            self._interrupt(job, self._last_word(job, _cut_off(job, conn, "pool cancelled")))
             raise
         if scope.cancelled_caught:
             reason = f"message_deadline of {self._message_deadline:g} s"
@@ -913,11 +1044,33 @@ class Pool:
     def _fatal_reason(self) -> str:
         return "; ".join(s.fatal for s in self._servers if s.fatal) or "no server available"
 
-    async def _attempt_failed(self, job: _Job, reason: str) -> None:
-        await self._settle(job, _no_send(job, reason))
+    async def _settle_each(
+        self, attempts: list[tuple[_Job, SendResult]], *, final: bool = False
+    ) -> None:
+        """Record one attempt of each job, then hand over the final results."""
+        finished: list[tuple[_Job, SendResult]] = []
+        for job, result in attempts:
+            self._record(job, result, finished, final=final)
+        await self._deliver(finished)
 
-    async def _settle(self, job: _Job, result: SendResult, *, final: bool = False) -> None:
-        """Record one attempt; finish the job or schedule the recipients still due."""
+    def _last_word(self, job: _Job, result: SendResult) -> SendResult:
+        """Record ``result`` as the job's last attempt (the pool is cancelled: no
+        retry) and return the job's final result."""
+        finished: list[tuple[_Job, SendResult]] = []
+        self._record(job, result, finished, final=True)
+        return finished[0][1]
+
+    def _record(
+        self,
+        job: _Job,
+        result: SendResult,
+        finished: list[tuple[_Job, SendResult]],
+        *,
+        final: bool = False,
+    ) -> None:
+        """Record one attempt (plain bookkeeping): a job that is done goes to
+        ``finished`` with its final result, else the recipients still due are
+        scheduled for a retry. ``final``: no retry whatever the outcome."""
         job.attempts += 1
         job.last = result
         if (
@@ -925,7 +1078,7 @@ class Pool:
             and not job.settled
             and all(r.outcome in _FINAL for r in result.recipients)
         ):
-            await self._complete(job, result)  # the common case: done at the first try
+            finished.append((job, result))  # the common case: done at the first try
             return
         retry_unknown = self._retry.unknown == "at-least-once"
         again: list[str] = []
@@ -939,7 +1092,7 @@ class Pool:
                 job.settled.append(r)
         policy = self._retry
         progress = any(r.outcome is Outcome.ACCEPTED for r in result.recipients)
-        if again and progress and all(_too_many(result, name) for name in again):
+        if again and progress and not final and all(_too_many(result, name) for name in again):
             # R42: 452/552 "too many recipients" after some were accepted: send the
             # rest at once in a new transaction, not counted as a failed attempt.
             job.attempts -= 1
@@ -958,22 +1111,41 @@ class Pool:
             self._nursery.start_soon(self._retry_later, job, policy.delay(job.attempts))
             return
         by_name = {r.recipient: r for r in result.recipients}
-        final_recipients = list(job.settled) + [by_name[name] for name in again]
-        order = {name: i for i, name in enumerate(_all_recipients(job, result))}
-        final_recipients.sort(key=lambda r: order.get(r.recipient, len(order)))
-        merged = dataclasses.replace(
-            result,
-            recipients=tuple(final_recipients),
-            attempts=job.attempts,
-            earlier_unknown=job.unknown_seen,
-            error=result.error
-            or (
-                "an earlier attempt had an unknown outcome: possible duplicate"
-                if job.unknown_seen
-                else None
-            ),
-        )
-        await self._complete(job, merged)
+        finished.append((job, _merged(job, result, [by_name[name] for name in again])))
+
+
+def _merged(
+    job: _Job, result: SendResult, due: Sequence[RecipientResult], error: str | None = None
+) -> SendResult:
+    """A job's final result: the recipients its earlier attempts settled and ``due``
+    (those still without a final outcome), on ``result``'s replies."""
+    final_recipients = list(job.settled) + list(due)
+    order = {name: i for i, name in enumerate(_all_recipients(job, result))}
+    final_recipients.sort(key=lambda r: order.get(r.recipient, len(order)))
+    return dataclasses.replace(
+        result,
+        recipients=tuple(final_recipients),
+        attempts=job.attempts,
+        earlier_unknown=job.unknown_seen,
+        error=error or result.error or (_POSSIBLE_DUPLICATE if job.unknown_seen else None),
+    )
+
+
+def _abandoned(job: _Job) -> SendResult:
+    """The final result of a job the pool held, with no send under way, when it was
+    cancelled: not sent if it never had an attempt, else its last attempt's replies
+    (transient, or unknown; ``earlier_unknown`` if an attempt may have delivered it)."""
+    last = job.last
+    if last is None:
+        return dataclasses.replace(_no_send(job, _NOT_SENT), attempts=0)
+    settled = {r.recipient for r in job.settled}
+    due = [r for r in last.recipients if r.recipient not in settled]
+    error = f"{_NOT_RETRIED} (last attempt: {last.error})" if last.error else _NOT_RETRIED
+    if job.unknown_seen:
+        error += f"; {_POSSIBLE_DUPLICATE}"
+    result = _merged(job, last, due, error)
+    # R42's follow-up transaction is not counted, but the first one did take place.
+    return result if result.attempts else dataclasses.replace(result, attempts=1)
 
 
 def _all_recipients(job: _Job, result: SendResult) -> list[str]:
@@ -1070,7 +1242,10 @@ async def open_pool(
     """Run a pool in its own nursery; leaving the block drains, then QUITs every connection.
 
     ``server`` is a :class:`Server`, a URL, or a list of them (failover by weight).
-    Cancelling the block cancels in-flight work; those messages are in ``interrupted``.
+    Cancelling the block cancels in-flight work: every message handed over that has
+    no result yet (cut off on the wire, queued, waiting for a connection or for a
+    retry's backoff) gets one in ``pool.interrupted``, complete once the block has
+    ended.
     """
     async with trio.open_nursery() as nursery:
         pool = connect_pool(
@@ -1124,5 +1299,6 @@ def connect_pool(
         pipeline_depth=pipeline_depth,
     )
     for _ in range(connections):
+        pool._workers += 1
         nursery.start_soon(pool._worker)
     return pool
