@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -207,6 +208,37 @@ async def test_ctrl_c_does_not_wait_for_a_server_gone_quiet(tmp_path: Path) -> N
     assert len(counts) == n and set(counts.values()) == {1}
 
 
+async def test_ctrl_c_records_a_retry_waiting_for_its_backoff_as_transient(
+    tmp_path: Path,
+) -> None:
+    """Everything else is done; user0, refused 451, waits for a 60 s backoff. Ctrl-C
+    does not wait for it: it was not delivered, so it is recorded as transient (not
+    in-flight) and --resume --at-most-once sends it."""
+    n = 20
+    rows, tpl = batch(tmp_path, n)
+    journal = tmp_path / "j.sqlite3"
+    faults = [
+        Fault("RCPT", code=451, text="4.3.0 try later", recipient="user0@example.com", times=1)
+    ]
+    async with SMTPSink(faults=faults) as sink:
+        common = (rows, tpl, "--server", server(sink), "--ca-file", ca_file(sink, tmp_path))
+        common += ("--journal", journal, "--connections", "2", "--yes")
+        child = await start(tmp_path, "first", *common, "--retry-backoff", "60")
+        await wait_until(lambda: sink.received == n - 1)
+        await trio.sleep(0.3)  # the last results are recorded
+        child.proc.send_signal(signal.SIGINT)
+        assert await finish(child, 10) == 130, child.stderr
+        assert "Traceback" not in child.stderr
+        [user0] = [r for r in records(journal) if r.line == 2]
+        assert user0.state == "transient"
+        child = await start(tmp_path, "resume", *common, "--resume", "--at-most-once")
+        assert await finish(child) == 0, child.stderr
+        assert "0 with an unknown outcome" in child.stderr
+    assert all(r.state == "accepted" for r in records(journal))
+    counts = Counter(sink_ids(sink))
+    assert len(counts) == n and set(counts.values()) == {1}
+
+
 async def test_second_ctrl_c_aborts(tmp_path: Path) -> None:
     n = 20
     rows, tpl = batch(tmp_path, n)
@@ -230,13 +262,74 @@ async def test_second_ctrl_c_aborts(tmp_path: Path) -> None:
         assert len(unknown) >= 4  # cut off after the final dot: recorded as unknown
         cut = [x for x in report_lines(report) if x.get("note") == "cut off by an abort"]
         assert unknown <= {x["message_id"] for x in cut}
-        # Messages the pool held without a result stay in-flight: unknown to --resume.
-        unsure = unknown | {r.message_id for r in before if r.state == "in-flight"}
+        # Messages the pool held without a result were not sent: transient, not in-flight.
+        assert not [r for r in before if r.state == "in-flight"]
         child = await start(tmp_path, "resume", *common, "--resume")
         assert await finish(child) == 0, child.stderr
     counts = Counter(sink_ids(sink))
     assert len(counts) == n
-    assert {mid for mid, c in counts.items() if c > 1} <= unsure
+    assert {mid for mid, c in counts.items() if c > 1} <= unknown
+
+
+async def test_abort_records_held_messages_as_not_sent_for_at_most_once(tmp_path: Path) -> None:
+    """The second Ctrl-C cuts off the transactions on the wire (unknown) while the pool
+    still holds queued messages and a retry waiting for its backoff. Those were never
+    delivered: they are recorded as transient, not left in-flight, so --resume
+    --at-most-once sends them and skips only the unknown ones."""
+    n = 80
+    rows, tpl = batch(tmp_path, n)
+    journal = tmp_path / "j.sqlite3"
+    report = tmp_path / "r.jsonl"
+    faults = [
+        # One message per connection: user0 is refused and waits for a 60 s backoff; the
+        # next two final dots get their replies 5 s later, so the queue fills up.
+        Fault("RCPT", code=451, text="4.3.0 try later", recipient="user0@example.com", times=1),
+        Fault(".", delay=5.0, times=2),
+    ]
+    async with SMTPSink(faults=faults, hide_extensions=["CHUNKING"]) as sink:
+        common = (rows, tpl, "--server", server(sink), "--ca-file", ca_file(sink, tmp_path))
+        common += ("--journal", journal, "--connections", "2", "--yes")
+        first = (*common, "--max-per-connection", "1", "--retry-backoff", "60", "--report", report)
+        child = await start(tmp_path, "first", *first)
+        await wait_until(lambda: sink.active_connections >= 2)
+        await trio.sleep(0.5)  # both delayed final dots are out
+        child.proc.send_signal(signal.SIGINT)
+        await wait_until(lambda: "press Ctrl-C again" in child.stderr, 10)
+        child.proc.send_signal(signal.SIGINT)
+        with trio.fail_after(3):  # well before the delayed replies
+            assert await child.proc.wait() == 130
+        assert "Traceback" not in child.stderr
+        before = {r.message_id: r for r in records(journal)}
+        state = Counter(r.state for r in before.values())
+        assert state["in-flight"] == 0, state
+        unknown = {mid for mid, r in before.items() if r.state == "unknown"}
+        transient = {mid for mid, r in before.items() if r.state == "transient"}
+        assert 1 <= len(unknown) <= 2  # past their final dot, one per connection
+        assert len(transient) >= 16  # queued behind the stalled connections
+        backoff = [r for r in before.values() if r.line == 2]  # user0, waiting to retry
+        assert [r.state for r in backoff] == ["transient"]
+        lines = report_lines(report)
+        messages = {x["message_id"]: x for x in lines if x["type"] == "message"}
+        never = transient - {backoff[0].message_id}
+        assert all(messages[mid]["error"].startswith("not sent") for mid in never)
+        # The one waiting to retry carries its last attempt's reply.
+        assert messages[backoff[0].message_id]["error"].startswith("not sent again")
+        [rcpt] = [x for x in lines if x.get("recipient") == "user0@example.com"]
+        assert rcpt["outcome"] == "transient" and rcpt["code"] == 451
+        summary = re.search(r"failed \(transient, retry with --resume\)\s+(\d+)", child.stdout)
+        assert summary is not None and int(summary.group(1)) == len(transient)
+        summary = re.search(r"unknown \(may have been delivered\)\s+(\d+)", child.stdout)
+        assert summary is not None and int(summary.group(1)) == len(unknown)
+
+        child = await start(tmp_path, "resume", *common, "--resume", "--at-most-once")
+        assert await finish(child) == 1, child.stderr  # the unknown ones were skipped
+        assert f"{len(unknown)} with an unknown outcome: skipped" in child.stderr
+    after = {r.message_id: r.state for r in records(journal)}
+    assert len(after) == n
+    assert {mid for mid, s in after.items() if s != "accepted"} == unknown
+    counts = Counter(sink_ids(sink))
+    assert set(counts.values()) == {1}  # at most once
+    assert set(counts) >= set(after) - unknown  # every message never delivered was sent
 
 
 # --------------------------------------------------------------------------- Postfix

@@ -24,9 +24,13 @@ starts, then it is told where to go on from). The decisions per row stay here, w
 the journal.
 
 Signals: the first SIGINT/SIGTERM stops reading rows; transactions on the wire are
-finished, messages waiting for a retry are abandoned as in-flight (``--resume`` sends
-them again), claimed messages never handed to the pool go back to pending. A second
-signal cancels at once; messages cut off are recorded as transient or unknown.
+finished, messages waiting for a retry are not sent again (recorded as transient, or
+unknown if an earlier attempt may have delivered them), claimed messages never handed
+to the pool go back to pending. A second signal cancels at once; messages cut off are
+recorded as transient or unknown, messages the pool held without sending them as
+transient. Either way nothing handed to the pool is left in-flight: the pool reports
+each such message in ``Pool.interrupted``, and ``--resume --at-most-once`` skips only
+those that may have been delivered.
 """
 
 from __future__ import annotations
@@ -1180,6 +1184,8 @@ class _Batch:
                                 except (trio.WouldBlock, trio.EndOfChannel):
                                     break
                 finally:
+                    # Complete once open_pool has ended: cut off on the wire, or held
+                    # by the pool and not sent (queued, waiting for a retry's backoff).
                     for result in pool_ref[0].interrupted if pool_ref else ():
                         self._settle(result, note="cut off by an abort")
             outer.cancel_scope.cancel()
@@ -1208,7 +1214,8 @@ class _Batch:
         )
 
         async def drain() -> None:
-            # Retries waiting for their backoff are abandoned (in-flight: --resume).
+            # Retries waiting for their backoff are not waited for: cancelling the pool
+            # reports them in pool.interrupted (not sent again).
             while True:
                 await trio.sleep(0.05)
                 stats = pool_ref[0].statistics()
