@@ -349,6 +349,21 @@ def test_r16_property_the_large_message_path_gives_the_same_result(message: byte
     assert counted.data == normalise(message)
 
 
+@settings(max_examples=300)
+@given(st.lists(_long_pieces, max_size=12).map(b"".join))
+def test_r16_r17_r19_property_the_large_message_path_refuses_the_same(message: bytes) -> None:
+    def outcome() -> Canonical | str:
+        try:
+            return canonicalize(message)
+        except LocalProtocolError as exc:
+            return str(exc)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_protocol, "_SPLIT_LIMIT", -1)
+        counted = outcome()
+    assert counted == outcome()
+
+
 @pytest.mark.parametrize("size", [2_000, _protocol._SPLIT_LIMIT + 1_000])
 def test_r16_both_paths_of_a_large_and_small_message(size: int) -> None:
     line = b"x" * 60 + b"\r\n"
