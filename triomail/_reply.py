@@ -2,8 +2,8 @@
 
 Theory of operation
 -------------------
-The parser owns one ``bytearray``. ``feed()`` appends what the transport read;
-``next_reply()`` returns one complete reply or ``None`` when it needs more bytes. Lines
+``feed()`` adds what the transport read; ``next_reply()`` returns one complete reply or
+``None`` when it needs more bytes. Lines
 are held to the RFC 5321 §4.2 grammar (R21): three digits, the first 2-5, then ``-``,
 a space or the end of the line; every line of a reply carries the same code; lines end
 in CRLF. Anything else is a :class:`SMTPProtocolError`, after which the connection must
@@ -104,13 +104,16 @@ class Reply:
 class ReplyParser:
     """Turns bytes from the server into :class:`Reply` values (sans-IO)."""
 
-    __slots__ = ("_buffer", "_code", "_lines", "_pos", "_scan")
+    __slots__ = ("_buffer", "_code", "_lines", "_pos", "_scan", "_start")
 
     def __init__(self) -> None:
-        # The buffer starts at the first byte of the reply being parsed: the lines of an
-        # incomplete reply stay in it until the reply completes, so ``unprocessed`` is
-        # exactly the bytes past the last complete reply.
-        self._buffer = bytearray()
+        # Bytes are kept as received and consumed by moving offsets, not by deleting
+        # them: a read usually holds a whole group of replies, and slicing a line out
+        # of ``bytes`` for the reply cache is one allocation (a bytearray needs two
+        # and a memmove per reply). ``_start`` is the first byte of the reply being
+        # parsed, so ``unprocessed`` is exactly the bytes past the last complete reply.
+        self._buffer = b""
+        self._start = 0
         self._pos = 0  # start of the next line to parse
         self._scan = 0  # where to resume looking for CRLF: keeps parsing linear
         self._code = 0
@@ -118,16 +121,24 @@ class ReplyParser:
 
     def feed(self, data: bytes | bytearray) -> None:
         """Add bytes read from the transport."""
-        self._buffer += data
+        start = self._start
+        if start == len(self._buffer):
+            self._buffer = bytes(data)  # all consumed (the usual case): no copy of bytes
+        else:
+            # What is left is part of a reply (bounded below) or replies not asked for.
+            self._buffer = self._buffer[start:] + data
+        self._pos -= start
+        self._scan -= start
+        self._start = 0
 
     @property
     def unprocessed(self) -> bytes:
         """Bytes received past the last complete reply (including an incomplete reply)."""
-        return bytes(self._buffer)
+        return self._buffer[self._start :]
 
     @property
     def has_unprocessed(self) -> bool:
-        return bool(self._buffer)
+        return len(self._buffer) > self._start
 
     def next_reply(self) -> Reply | None:
         """Return the next complete reply, or ``None`` if more bytes are needed.
@@ -135,35 +146,35 @@ class ReplyParser:
         Raises :class:`~triomail.SMTPProtocolError` on a grammar or size violation.
         """
         buf = self._buffer
-        if self._pos == 0 and not self._lines:
-            if not buf:
+        start = self._start
+        if self._pos == start and not self._lines:
+            if start == len(buf):
                 return None  # the usual question after the last buffered reply
             # At a reply boundary: a line seen before is that same reply again.
             end = buf.find(b"\r\n", self._scan)
-            if 0 <= end <= _CACHE_LINE:
-                cached = _CACHE.get(bytes(buf[:end]))
+            if 0 <= end - start <= _CACHE_LINE:
+                cached = _CACHE.get(buf[start:end])
                 if cached is not None:
-                    del buf[: end + 2]
-                    self._scan = 0
+                    self._start = self._pos = self._scan = end + 2
                     return cached
         while True:
-            start = self._pos
+            line_start = self._pos
             end = buf.find(b"\r\n", self._scan)
             if end < 0:
-                pending = len(buf) - start
+                pending = len(buf) - line_start
                 if buf.endswith(b"\r"):
                     pending -= 1  # its LF may be in the next read
                 if pending > MAX_LINE_LENGTH:
                     raise SMTPProtocolError(f"reply line longer than {MAX_LINE_LENGTH} octets")
-                if len(buf) > MAX_REPLY_LENGTH:
+                if len(buf) - start > MAX_REPLY_LENGTH:
                     raise SMTPProtocolError(f"reply longer than {MAX_REPLY_LENGTH} octets")
-                self._scan = max(start, len(buf) - 1)  # a CR may be the last byte
+                self._scan = max(line_start, len(buf) - 1)  # a CR may be the last byte
                 return None
-            if end - start > MAX_LINE_LENGTH:
+            if end - line_start > MAX_LINE_LENGTH:
                 raise SMTPProtocolError(f"reply line longer than {MAX_LINE_LENGTH} octets")
-            line = bytes(buf[start:end])
+            line = buf[line_start:end]
             self._pos = self._scan = end + 2
-            if self._pos > MAX_REPLY_LENGTH:
+            if end + 2 - start > MAX_REPLY_LENGTH:
                 raise SMTPProtocolError(f"reply longer than {MAX_REPLY_LENGTH} octets")
             code, last, text = _parse_line(line)
             if self._lines and code != self._code:
@@ -176,12 +187,11 @@ class ReplyParser:
                 raise SMTPProtocolError(f"reply has more than {MAX_REPLY_LINES} lines")
             if last:
                 reply = Reply.from_lines(code, tuple(self._lines))
-                if start == 0 and end <= _CACHE_LINE:  # a whole single-line reply
+                if line_start == start and end - start <= _CACHE_LINE:  # a single-line reply
                     if len(_CACHE) >= _CACHE_SIZE:
                         _CACHE.clear()
                     _CACHE[line] = reply
-                del buf[: self._pos]
-                self._pos = self._scan = 0
+                self._start = end + 2
                 self._lines = []
                 return reply
 
