@@ -749,15 +749,15 @@ class SMTPConnection:
         params = []
         if "SIZE" in caps.extensions:
             limit = caps.size_limit
-            if limit is not None and len(canonical) > limit:
+            if limit is not None and len(canonical.data) > limit:
                 # R30: a permanent failure before MAIL.
                 return _local_failure(
                     prepared,
                     552,
                     "5.3.4",
-                    f"message of {len(canonical)} octets exceeds SIZE {limit}",
+                    f"message of {len(canonical.data)} octets exceeds SIZE {limit}",
                 )
-            params.append(f"SIZE={len(canonical)}")
+            params.append(f"SIZE={len(canonical.data)}")
         if canonical.eight_bit and caps.eightbitmime:
             params.append("BODY=8BITMIME")
         if prepared.needs_smtputf8:

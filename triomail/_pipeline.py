@@ -733,7 +733,7 @@ def _small_body(txn: _Txn) -> list[bytes] | None:
     """
     if not txn.accepted or txn.done:
         return [_DOT_LINE]
-    if len(txn.canonical) > DATA_CHUNK - 1024:  # leave room for the transparency dots
+    if len(txn.canonical.data) > DATA_CHUNK - 1024:  # leave room for the transparency dots
         return None
     body, end = _stuffed(txn.canonical)
     return [body, end] if len(body) <= DATA_CHUNK else None
@@ -774,7 +774,7 @@ async def _bdat(batch: _Batch) -> None:
         if batch.stop_reason is not None:
             break
         before, prev = prev, txn
-        length = len(txn.canonical)
+        length = len(txn.canonical.data)
         n = len(txn.rcpts)
         if n > RCPT_GROUP or length > WINDOW_BYTES:
             if parts:

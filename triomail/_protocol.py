@@ -66,7 +66,9 @@ def encode_command(verb: str, *args: str) -> bytes:
     Arguments are UTF-8 encoded: they are ASCII except SMTPUTF8 paths (RFC 6531 §3.3).
     """
     line = " ".join((verb, *args))
-    if _FORBIDDEN.search(line) is not None:
+    # Control characters are not printable: the (slower) search runs only for a line
+    # that also has some other unprintable character, such as U+00A0.
+    if not line.isprintable() and _FORBIDDEN.search(line) is not None:
         for arg in args:
             check_argument(arg, verb)  # names the argument
         check_argument(line, "command")

@@ -153,8 +153,12 @@ def transaction_result(
 ) -> SendResult:
     """The result of one transaction: a refused recipient keeps its own reply (R41); the
     others (``replies[i]`` positive or ``None``) get ``outcome`` and ``reply``."""
+    recipients = prepared.recipients
+    if len(recipients) != len(replies):
+        raise ValueError("one reply slot per recipient")
     per = []
-    for recipient, own in zip(prepared.recipients, replies, strict=True):
+    for i, recipient in enumerate(recipients):
+        own = replies[i]
         if own is not None and not 200 <= own.code < 400:
             per.append(new_recipient_result(recipient, outcome_of(own), own))
         else:
