@@ -406,6 +406,32 @@ def test_prepare_raw_bytes() -> None:
     assert prepared.message_id is None
 
 
+@pytest.mark.parametrize(
+    ("message", "message_id"),
+    [
+        (b"Message-ID: <1@x>\r\nSubject: s\r\n\r\nbody\r\n", "<1@x>"),
+        (b"Subject: s\r\nmessage-id:   <2@x>  \r\n\r\nbody\r\n", "<2@x>"),
+        (b"Subject: s\nMESSAGE-ID: <3@x>\n", "<3@x>"),  # no body, bare LF
+        (b"X-Message-ID: <4@x>\r\nSubject: s\r\n\r\nbody\r\n", None),
+        (b"Subject: s\r\n X-Message-ID: <5@x>\r\n\r\nbody\r\n", None),
+        (b"Subject: s\r\n\r\nMessage-ID: <6@x>\r\n", None),  # in the body
+        (b"Subject: s\r\nMessage-ID:\r\n\r\nbody\r\n", None),  # empty
+        (b"X-A: Message-ID: <7@x>\r\nMessage-Id: <8@x>\r\n\r\n", "<8@x>"),
+    ],
+)
+def test_r38_prepare_raw_finds_the_message_id_header(
+    message: bytes, message_id: str | None
+) -> None:
+    prepared = triomail.prepare(message, sender="a@example.com", recipients=["b@example.com"])
+    assert prepared.message_id == message_id
+
+
+def test_r14_a_null_path_kept_for_a_sender_is_still_refused_as_a_recipient() -> None:
+    triomail.prepare(b"x", sender="<>", recipients=["b@example.com"])
+    with pytest.raises(LocalProtocolError, match="null path"):
+        triomail.prepare(b"x", sender="a@example.com", recipients=["<>"])
+
+
 def test_prepare_raw_str() -> None:
     prepared = triomail.prepare(
         "Subject: café\r\n\r\n.dot\r", sender="<a@example.com>", recipients=("b@example.com",)

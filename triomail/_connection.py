@@ -224,13 +224,14 @@ _new_prepared = fast_constructor(PreparedMessage)
 def _raw_message_id(data: bytes) -> str | None:
     """The Message-ID of raw canonical data, read from its header section only."""
     end = data.find(b"\r\n\r\n")
-    head = data[: end + 2] if end >= 0 else data
-    start = head.lower().find(b"message-id:")
-    while start > 0 and head[start - 2 : start] != b"\r\n":
-        start = head.lower().find(b"message-id:", start + 1)
-    if start < 0:
-        return None
-    value = head[start + 11 : head.find(b"\r\n", start)].strip()
+    head = (data[: end + 2] if end >= 0 else data).lower()  # ends in CRLF (canonical)
+    if head.startswith(b"message-id:"):
+        start = 0
+    else:
+        start = head.find(b"\r\nmessage-id:") + 2  # a field name starts a line
+        if start == 1:
+            return None
+    value = data[start + 11 : head.find(b"\r\n", start)].strip()
     return value.decode("utf-8", "replace") or None
 
 

@@ -103,7 +103,7 @@ class Path:
 
 # Paths already checked: bulk mail names the same sender on every message. A Path is
 # immutable; the table is emptied when full, so memory stays bounded.
-_PATHS: dict[tuple[str, bool], Path] = {}
+_PATHS: dict[str, Path] = {}
 _PATHS_SIZE = 4096
 
 
@@ -112,13 +112,12 @@ def format_path(address: str, *, allow_null: bool = False) -> Path:
 
     ``allow_null`` permits the null reverse-path ``<>`` (MAIL FROM only, §4.5.5).
     """
-    key = (address, allow_null)
-    path = _PATHS.get(key)
-    if path is None:
+    path = _PATHS.get(address)
+    if path is None or not (path.address or allow_null):  # a kept <> is for senders only
         path = _format_path(address, allow_null)  # raises for a bad one: never kept
         if len(_PATHS) >= _PATHS_SIZE:
             _PATHS.clear()
-        _PATHS[key] = path
+        _PATHS[address] = path
     return path
 
 
