@@ -373,3 +373,18 @@ def test_r16_both_paths_of_a_large_and_small_message(size: int) -> None:
     assert canonicalize(canonical).data is canonical
     bare = canonical.replace(b"\r\n", b"\n")[:-1] + b"\ry"
     assert canonicalize(bare).data == normalise(bare) == canonical[:-2] + b"\r\ny\r\n"
+
+
+def test_r19_long_line_search_matches_a_split_at_every_boundary() -> None:
+    """``_has_long_line`` jumps from window to window: check it against splitting."""
+    checked = 0
+    for before in (0, 1, 2, 500, 996, 997, 998, 999, 1000, 1001, 1997):
+        for length in (0, 1, 997, 998, 999, 1000, 2500):
+            for after in (0, 3, 998, 999):
+                lines = [b"b" * before] if before else []
+                lines += [b"x" * length, b"a" * after]
+                data = b"\r\n".join(lines) + b"\r\n"
+                expected = any(len(line) > MAX_DATA_LINE for line in data.split(b"\r\n"))
+                assert _protocol._has_long_line(data) is expected, (before, length, after)
+                checked += 1
+    assert checked == 11 * 7 * 4
