@@ -91,6 +91,8 @@ WINDOW_REPLIES = 512
 DATA_CHUNK = 256 * 1024
 #: How long to keep reading replies after a write failed (as ``send``'s early reply).
 SALVAGE_SECONDS = 1.0
+#: Reads that wait for the socket at once after an early try found no reply.
+EAGER_PAUSE = 32
 
 # Slot kinds: what a pending reply answers.
 _RSET, _MAIL, _RCPT, _DATA, _DOT, _BDAT = range(6)
@@ -212,6 +214,7 @@ class _Batch:
         stream = conn._stream
         self.fd: int | None = stream.socket.fileno() if type(stream) is trio.SocketStream else None
         self.awaiting = 0  # messages whose content is written and whose reply is not read
+        self.eager_pause = 0  # reads left that skip the early try of the socket
 
     # ------------------------------------------------------------------ messages
 
@@ -329,7 +332,14 @@ class _Batch:
             self.arm(stage, self.seconds[kind])
             fd = self.fd
             receive = conn._stream.receive_some
-            ready = False
+            # Early try: let the other tasks run, then try the socket. When the process
+            # is busy (many connections, a fast server) the reply is there by then and
+            # no epoll registration and wakeup is needed. When it is not (a slow link),
+            # the next EAGER_PAUSE reads wait for the socket at once instead.
+            eager = self.eager_pause == 0
+            if not eager:
+                self.eager_pause -= 1
+            ready = not eager
             while reply is None:
                 if fd is None:
                     data = await receive(_RECEIVE_SIZE)
@@ -337,15 +347,14 @@ class _Batch:
                     if ready:
                         await trio.lowlevel.wait_readable(fd)
                     else:
-                        # Let the other tasks run, then try the socket: when the
-                        # process is busy (many connections), the reply is there by
-                        # then and no epoll registration and wakeup is needed. When
-                        # idle, the failed read costs one syscall.
                         await trio.lowlevel.checkpoint()
                         ready = True
                     try:
                         data = os.read(fd, _RECEIVE_SIZE)
                     except BlockingIOError:
+                        if eager:
+                            eager = False
+                            self.eager_pause = EAGER_PAUSE
                         continue
                 if not data:
                     raise SMTPDisconnected(
