@@ -3,11 +3,10 @@
 Theory of operation
 -------------------
 ``feed()`` adds what the transport read; ``next_reply()`` returns one complete reply or
-``None`` when it needs more bytes. Lines
-are held to the RFC 5321 §4.2 grammar (R21): three digits, the first 2-5, then ``-``,
-a space or the end of the line; every line of a reply carries the same code; lines end
-in CRLF. Anything else is a :class:`SMTPProtocolError`, after which the connection must
-be discarded.
+``None`` when it needs more bytes. Lines are held to the RFC 5321 §4.2 grammar (R21):
+three digits, the first 2-5, then ``-``, a space or the end of the line; every line of a
+reply carries the same code; lines end in CRLF. Anything else is a
+:class:`SMTPProtocolError`, after which the connection must be discarded.
 
 Memory is bounded whatever the server sends (R22): a line longer than
 :data:`MAX_LINE_LENGTH`, a reply longer than :data:`MAX_REPLY_LENGTH` or with more than
