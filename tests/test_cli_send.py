@@ -79,6 +79,11 @@ def server(sink: SMTPSink) -> str:
     return f"smtp://{sink.host}:{sink.port}"
 
 
+def sink_options(sink: SMTPSink, tmp_path: Path) -> tuple[str | Path, ...]:
+    """``--server`` and ``--ca-file`` for a run against ``sink``."""
+    return ("--server", server(sink), "--ca-file", ca_file(sink, tmp_path))
+
+
 def message_id(data: bytes) -> str:
     match = re.search(rb"\r\nMessage-ID: (<[^>\r\n]+>)\r\n", b"\r\n" + data)
     assert match is not None
@@ -382,7 +387,7 @@ async def test_exit_1_when_a_recipient_is_refused(tmp_path: Path) -> None:
     faults = [Fault("RCPT", code=550, text="5.1.1 No such user", recipient="user1@example.com")]
     async with SMTPSink(faults=faults) as sink:
         code = await send_async(
-            rows, tpl, "--server", server(sink), "--ca-file", ca_file(sink, tmp_path),
+            rows, tpl, *sink_options(sink, tmp_path),
             "--journal", tmp_path / "j", "--report", report,
         )  # fmt: skip
     assert code == 1
@@ -397,7 +402,7 @@ async def test_exit_1_when_a_recipient_is_refused(tmp_path: Path) -> None:
     assert counts["accepted"] == 2 and counts["permanent"] == 1
     async with SMTPSink() as sink:
         code = await send_async(
-            rows, tpl, "--server", server(sink), "--ca-file", ca_file(sink, tmp_path),
+            rows, tpl, *sink_options(sink, tmp_path),
             "--journal", tmp_path / "j", "--resume",
         )  # fmt: skip
         assert code == 1  # a refusal recorded earlier is still a failure of the batch
@@ -470,14 +475,7 @@ async def test_resume_sends_only_what_is_left(
         for i in (2, 5)
     ]
     async with SMTPSink(faults=transient) as sink:
-        common = (
-            "--server",
-            server(sink),
-            "--ca-file",
-            ca_file(sink, tmp_path),
-            "--render",
-            render,
-        )
+        common = (*sink_options(sink, tmp_path), "--render", render)
         code = await send_async(
             rows, tpl, *common, "--journal", journal, "--yes", "--retries", "0", "--report", report
         )
@@ -514,7 +512,7 @@ async def test_unknown_then_transient_is_recorded_unknown(tmp_path: Path) -> Non
         Fault("MAIL", code=451, text="4.3.0 Try later", message=2),  # the retry: transient
     ]
     async with SMTPSink(faults=faults) as sink:
-        common = ("--server", server(sink), "--ca-file", ca_file(sink, tmp_path))
+        common = sink_options(sink, tmp_path)
         code = await send_async(
             rows, tpl, *common, "--journal", journal_path, "--retries", "1",
             "--retry-backoff", "0.01", "--report", report,
@@ -545,14 +543,7 @@ async def test_resume_unknown_outcomes(
     rows, tpl = batch(tmp_path, 4)
     journal_path = tmp_path / "j.sqlite3"
     async with SMTPSink() as sink:
-        common = (
-            "--server",
-            server(sink),
-            "--ca-file",
-            ca_file(sink, tmp_path),
-            "--render",
-            render,
-        )
+        common = (*sink_options(sink, tmp_path), "--render", render)
         assert await send_async(rows, tpl, *common, "--journal", journal_path) == 0
         ids = sink_ids(sink)
         # Pretend the run crashed with two messages in flight.
@@ -587,14 +578,7 @@ async def test_default_journal_next_to_the_recipients_and_limit(
 ) -> None:
     rows, tpl = batch(tmp_path, 3)
     async with SMTPSink() as sink:
-        common = (
-            "--server",
-            server(sink),
-            "--ca-file",
-            ca_file(sink, tmp_path),
-            "--render",
-            render,
-        )
+        common = (*sink_options(sink, tmp_path), "--render", render)
         assert await send_async(rows, tpl, *common, "--limit", "2") == 0
         assert sink.received == 2
         journal_path = tmp_path / "rows.csv.journal.sqlite3"

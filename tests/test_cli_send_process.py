@@ -24,7 +24,15 @@ import pytest
 import trio
 import trustme
 from postfix import POSTFIX, PostfixInstance, _wait_greeting, start_postfix
-from test_cli_send import batch, ca_file, message_id, report_lines, server, sink_ids
+from test_cli_send import (
+    batch,
+    ca_file,
+    message_id,
+    report_lines,
+    server,
+    sink_ids,
+    sink_options,
+)
 
 from triomail._journal import Journal, Record
 from triomail.testing import Fault, SMTPSink
@@ -100,7 +108,7 @@ async def test_kill_9_mid_batch_then_resume(tmp_path: Path, render: str) -> None
     journal = tmp_path / "j.sqlite3"
     report = tmp_path / "r.jsonl"
     async with SMTPSink(faults=[Fault(".", delay=0.02)]) as sink:
-        common = (rows, tpl, "--server", server(sink), "--ca-file", ca_file(sink, tmp_path))
+        common = (rows, tpl, *sink_options(sink, tmp_path))
         common += ("--journal", journal, "--connections", "4", "--yes", "--render", render)
         child = await start(tmp_path, "first", *common)
         await wait_until(lambda: sink.received >= 40)
@@ -134,7 +142,7 @@ async def test_ctrl_c_finishes_in_flight_then_resume(tmp_path: Path, render: str
     rows, tpl = batch(tmp_path, n)
     journal = tmp_path / "j.sqlite3"
     async with SMTPSink(faults=[Fault(".", delay=0.01)]) as sink:
-        common = (rows, tpl, "--server", server(sink), "--ca-file", ca_file(sink, tmp_path))
+        common = (rows, tpl, *sink_options(sink, tmp_path))
         common += ("--journal", journal, "--connections", "2", "--yes", "--render", render)
         child = await start(tmp_path, "first", *common)
         await wait_until(lambda: sink.received >= 20)
@@ -221,7 +229,7 @@ async def test_ctrl_c_records_a_retry_waiting_for_its_backoff_as_transient(
         Fault("RCPT", code=451, text="4.3.0 try later", recipient="user0@example.com", times=1)
     ]
     async with SMTPSink(faults=faults) as sink:
-        common = (rows, tpl, "--server", server(sink), "--ca-file", ca_file(sink, tmp_path))
+        common = (rows, tpl, *sink_options(sink, tmp_path))
         common += ("--journal", journal, "--connections", "2", "--yes")
         child = await start(tmp_path, "first", *common, "--retry-backoff", "60")
         await wait_until(lambda: sink.received == n - 1)
@@ -245,7 +253,7 @@ async def test_second_ctrl_c_aborts(tmp_path: Path) -> None:
     journal = tmp_path / "j.sqlite3"
     report = tmp_path / "r.jsonl"
     async with SMTPSink(faults=[Fault(".", delay=5.0, times=4)]) as sink:
-        common = (rows, tpl, "--server", server(sink), "--ca-file", ca_file(sink, tmp_path))
+        common = (rows, tpl, *sink_options(sink, tmp_path))
         common += ("--journal", journal, "--connections", "4", "--yes")
         child = await start(tmp_path, "first", *common, "--report", report)
         await wait_until(lambda: sink.active_connections >= 4 and "capture" not in child.stderr)
@@ -287,7 +295,7 @@ async def test_abort_records_held_messages_as_not_sent_for_at_most_once(tmp_path
         Fault(".", delay=5.0, times=2),
     ]
     async with SMTPSink(faults=faults, hide_extensions=["CHUNKING"]) as sink:
-        common = (rows, tpl, "--server", server(sink), "--ca-file", ca_file(sink, tmp_path))
+        common = (rows, tpl, *sink_options(sink, tmp_path))
         common += ("--journal", journal, "--connections", "2", "--yes")
         first = (*common, "--max-per-connection", "1", "--retry-backoff", "60", "--report", report)
         child = await start(tmp_path, "first", *first)
@@ -409,7 +417,7 @@ async def test_report_reaches_the_disk_while_the_batch_runs(tmp_path: Path) -> N
     rows, tpl = batch(tmp_path, 400)
     report = tmp_path / "r.jsonl"
     async with SMTPSink(faults=[Fault(".", delay=0.02)]) as sink:
-        common = (rows, tpl, "--server", server(sink), "--ca-file", ca_file(sink, tmp_path))
+        common = (rows, tpl, *sink_options(sink, tmp_path))
         common += ("--journal", tmp_path / "j.sqlite3", "--connections", "2", "--yes")
         child = await start(tmp_path, "first", *common, "--report", report)
         await wait_until(lambda: sink.received >= 30)

@@ -19,12 +19,11 @@ import trio
 from test_cli_send import (
     TEMPLATE,
     batch,
-    ca_file,
     report_lines,
     send,
     send_async,
-    server,
     sink_ids,
+    sink_options,
 )
 from test_cli_send_process import finish, records, start, wait_until
 
@@ -80,7 +79,7 @@ async def test_render_process_renders_the_batch(tmp_path: Path) -> None:
     n = 1000
     rows, tpl = batch(tmp_path, n, BIG_TEMPLATE)
     async with SMTPSink(faults=[Fault(".", delay=0.002)]) as sink:
-        common = (rows, tpl, "--server", server(sink), "--ca-file", ca_file(sink, tmp_path))
+        common = (rows, tpl, *sink_options(sink, tmp_path))
         first = ("--journal", tmp_path / "first.sqlite3", "--yes", "--render", "process")
         child = await start(tmp_path, "process", *common, *first)
         await wait_until(lambda: sink.received >= 10)
@@ -106,7 +105,7 @@ async def test_journal_message_id_differs_renders_here(tmp_path: Path) -> None:
     rows, tpl = batch(tmp_path, 4)
     journal_path = tmp_path / "j.sqlite3"
     async with SMTPSink() as sink:
-        common = ("--server", server(sink), "--ca-file", ca_file(sink, tmp_path))
+        common = sink_options(sink, tmp_path)
         common += ("--journal", journal_path, "--render", "process")
         assert await send_async(rows, tpl, *common) == 0
         journal, _ = Journal.open(journal_path, resume=True)
@@ -131,7 +130,7 @@ async def test_render_process_killed_mid_batch(tmp_path: Path) -> None:
     rows, tpl = batch(tmp_path, n, BIG_TEMPLATE)
     journal = tmp_path / "j.sqlite3"
     async with SMTPSink(faults=[Fault(".", delay=0.002)]) as sink:
-        common = (rows, tpl, "--server", server(sink), "--ca-file", ca_file(sink, tmp_path))
+        common = (rows, tpl, *sink_options(sink, tmp_path))
         common += ("--journal", journal, "--yes", "--connections", "2")
         child = await start(tmp_path, "first", *common, "--render", "process")
         await wait_until(lambda: sink.received >= 10)
@@ -260,7 +259,7 @@ async def test_auto_switches_to_the_render_process_mid_file(
     tpl.write_text(template)
     report = tmp_path / "r.jsonl"
     async with SMTPSink() as sink:
-        common = ("--server", server(sink), "--ca-file", ca_file(sink, tmp_path))
+        common = sink_options(sink, tmp_path)
         code = await send_async(rows, tpl, *common, "--yes", "--report", report, "--render", "auto")
         assert code == 1  # the bad rows
         counts = Counter(sink_ids(sink))
@@ -316,7 +315,7 @@ async def test_render_process_writing_garbage_mid_batch(
     rows, tpl = batch(tmp_path, n)
     journal = tmp_path / "j.sqlite3"
     async with SMTPSink() as sink:
-        common = ("--server", server(sink), "--ca-file", ca_file(sink, tmp_path))
+        common = sink_options(sink, tmp_path)
         common += ("--journal", journal, "--yes")
         assert await send_async(rows, tpl, *common, "--render", "process") == 2
         err = capsys.readouterr().err
@@ -337,7 +336,7 @@ async def test_render_process_ends_when_the_sender_is_killed(tmp_path: Path) -> 
     """kill -9 of the sender: the render process (blocked on the full pipe) ends too."""
     rows, tpl = batch(tmp_path, 1000, BIG_TEMPLATE)
     async with SMTPSink(faults=[Fault(".", delay=0.002)]) as sink:
-        common = (rows, tpl, "--server", server(sink), "--ca-file", ca_file(sink, tmp_path))
+        common = (rows, tpl, *sink_options(sink, tmp_path))
         common += ("--journal", tmp_path / "j.sqlite3", "--yes", "--render", "process")
         child = await start(tmp_path, "first", *common)
         await wait_until(lambda: sink.received >= 10)

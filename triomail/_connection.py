@@ -789,8 +789,7 @@ class SMTPConnection:
         self, prepared: PreparedMessage, mail: bytes, rcpts: list[bytes], canonical: Canonical
     ) -> SendResult:
         t = self._timeouts
-        recipients = prepared.recipients
-        replies: list[Reply | None] = [None] * len(recipients)
+        replies: list[Reply | None] = [None] * len(prepared.recipients)
         mail_ok = False
         self.transactions += 1
         self.awaiting_final_reply = False

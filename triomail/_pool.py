@@ -999,12 +999,11 @@ class Pool:
             finished[index] = result
             job = ready[index][0]
             first_try = job.attempts == 0 and not job.settled
-            if first_try and result.ok and self._accept_now(job, result):
-                # Delivered while the run goes on: the consumer (a journal, a progress
-                # bar) learns of an acceptance at once, and nothing piles up in here.
-                job.final = True
-                if state is not None:
-                    state.record_success()
+            # Delivered while the run goes on (the job is then final): the consumer (a
+            # journal, a progress bar) learns of an acceptance at once, and nothing
+            # piles up in here.
+            if first_try and result.ok and self._accept_now(job, result) and state is not None:
+                state.record_success()
 
         try:
             return await conn.send_many(self._stream(worker, ready, refused), on_result=on_result)

@@ -159,7 +159,7 @@ def transaction_result(
     per = []
     for i, recipient in enumerate(recipients):
         own = replies[i]
-        if own is not None and not 200 <= own.code < 400:
+        if own is not None and not own.is_positive:
             per.append(new_recipient_result(recipient, outcome_of(own), own))
         else:
             per.append(new_recipient_result(recipient, outcome, reply))
