@@ -14,10 +14,10 @@ from __future__ import annotations
 import ssl
 from collections.abc import Generator, Iterator
 
-import certs
 import pytest
 import trustme
-from postfix import POSTFIX, PostfixInstance, start_postfix
+from helpers import certs
+from helpers.postfix import POSTFIX, PostfixInstance, start_postfix
 
 # -- TLS ----------------------------------------------------------------------------------
 

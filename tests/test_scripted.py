@@ -9,7 +9,7 @@ import ssl
 import pytest
 import trio
 import trio.testing
-from scripted import (
+from helpers.scripted import (
     ScriptError,
     Transcript,
     abort,

@@ -1,39 +1,40 @@
 """triomail: a Trio-native SMTP client, connection pool and bulk mailer."""
 
-from ._connection import DSN as DSN
-from ._connection import PreparedMessage as PreparedMessage
-from ._connection import SMTPConnection as SMTPConnection
-from ._connection import TLSMode as TLSMode
-from ._connection import connect as connect
-from ._connection import default_ssl_context as default_ssl_context
-from ._connection import open_connection as open_connection
-from ._connection import prepare as prepare
-from ._connection import start_session as start_session
-from ._errors import LocalProtocolError as LocalProtocolError
-from ._errors import SMTPAuthenticationError as SMTPAuthenticationError
-from ._errors import SMTPCertificateError as SMTPCertificateError
-from ._errors import SMTPConnectError as SMTPConnectError
-from ._errors import SMTPDisconnected as SMTPDisconnected
-from ._errors import SMTPError as SMTPError
-from ._errors import SMTPProtocolError as SMTPProtocolError
-from ._errors import SMTPResponseError as SMTPResponseError
-from ._errors import SMTPSecurityError as SMTPSecurityError
-from ._errors import SMTPSendError as SMTPSendError
-from ._errors import SMTPTimeoutError as SMTPTimeoutError
-from ._pool import Pool as Pool
-from ._pool import PoolStatistics as PoolStatistics
-from ._pool import ResultChannel as ResultChannel
-from ._pool import RetryPolicy as RetryPolicy
-from ._pool import Server as Server
-from ._pool import connect_pool as connect_pool
-from ._pool import open_pool as open_pool
-from ._protocol import Capabilities as Capabilities
-from ._reply import Reply as Reply
-from ._reply import ReplyParser as ReplyParser
-from ._result import Outcome as Outcome
-from ._result import RecipientResult as RecipientResult
-from ._result import SendResult as SendResult
-from ._timeouts import Timeouts as Timeouts
+from ._client.connection import DSN as DSN
+from ._client.connection import PreparedMessage as PreparedMessage
+from ._client.connection import SMTPConnection as SMTPConnection
+from ._client.connection import TLSMode as TLSMode
+from ._client.connection import connect as connect
+from ._client.connection import default_ssl_context as default_ssl_context
+from ._client.connection import open_connection as open_connection
+from ._client.connection import prepare as prepare
+from ._client.connection import start_session as start_session
+from ._core.errors import LocalProtocolError as LocalProtocolError
+from ._core.errors import SMTPAuthenticationError as SMTPAuthenticationError
+from ._core.errors import SMTPCertificateError as SMTPCertificateError
+from ._core.errors import SMTPConnectError as SMTPConnectError
+from ._core.errors import SMTPDisconnected as SMTPDisconnected
+from ._core.errors import SMTPError as SMTPError
+from ._core.errors import SMTPProtocolError as SMTPProtocolError
+from ._core.errors import SMTPResponseError as SMTPResponseError
+from ._core.errors import SMTPSecurityError as SMTPSecurityError
+from ._core.errors import SMTPSendError as SMTPSendError
+from ._core.errors import SMTPTimeoutError as SMTPTimeoutError
+from ._core.protocol import Capabilities as Capabilities
+from ._core.reply import Reply as Reply
+from ._core.reply import ReplyParser as ReplyParser
+from ._core.results import Outcome as Outcome
+from ._core.results import RecipientResult as RecipientResult
+from ._core.results import SendResult as SendResult
+from ._core.timeouts import Timeouts as Timeouts
+from ._pool.pool import Pool as Pool
+from ._pool.pool import PoolStatistics as PoolStatistics
+from ._pool.pool import ResultChannel as ResultChannel
+from ._pool.pool import RetryPolicy as RetryPolicy
+from ._pool.pool import Server as Server
+from ._pool.pool import connect_pool as connect_pool
+from ._pool.pool import open_pool as open_pool
+from ._public import publish
 
 __version__ = "0.1.0"
 
@@ -73,3 +74,5 @@ __all__ = [
     "prepare",
     "start_session",
 ]
+
+publish(globals(), __all__)

@@ -12,15 +12,16 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from . import _cli_send, _cli_sink
+from ._bulk import send as bulk_send
+from ._sink import cli as sink_cli
 
 __all__ = ["build_parser", "main"]
 
 Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
 # Subcommands, in the order `triomail --help` lists them. `triomail send` (the bulk
-# mailer, `_cli_send.register`) goes here.
-REGISTRARS: tuple[Registrar, ...] = (_cli_sink.register, _cli_send.register)
+# mailer, `_bulk.send.register`) goes here.
+REGISTRARS: tuple[Registrar, ...] = (sink_cli.register, bulk_send.register)
 
 
 def build_parser() -> argparse.ArgumentParser:

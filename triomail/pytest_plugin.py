@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from ._sink import SMTPSink
+    from ._sink.server import SMTPSink
 
 __all__ = ["smtp_sink"]
 
@@ -33,7 +33,7 @@ async def smtp_sink(request: pytest.FixtureRequest) -> AsyncIterator[SMTPSink]:
     Connect to ``smtp_sink.host``/``smtp_sink.port``; use
     ``smtp_sink.client_ssl_context()`` for STARTTLS; read ``smtp_sink.messages``.
     """
-    from ._sink import SMTPSink
+    from ._sink.server import SMTPSink
 
     marker = request.node.get_closest_marker("smtp_sink")
     kwargs = dict(marker.kwargs) if marker is not None else {}

@@ -10,9 +10,12 @@ The pytest plugin (``triomail.pytest_plugin``) provides the same as an ``smtp_si
 fixture.
 """
 
-from ._sink import SMTPSink as SMTPSink
-from ._sink_config import Drop as Drop
-from ._sink_config import Fault as Fault
-from ._sink_message import CapturedMessage as CapturedMessage
+from ._public import publish
+from ._sink.config import Drop as Drop
+from ._sink.config import Fault as Fault
+from ._sink.message import CapturedMessage as CapturedMessage
+from ._sink.server import SMTPSink as SMTPSink
 
 __all__ = ["CapturedMessage", "Drop", "Fault", "SMTPSink"]
+
+publish(globals(), __all__)

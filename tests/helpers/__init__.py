@@ -1,0 +1,1 @@
+"""Test helpers: servers and clients the tests start (import as ``helpers.<name>``)."""

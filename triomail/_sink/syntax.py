@@ -1,0 +1,235 @@
+"""Sans-IO grammar for the capture server: paths, parameters, content checks, replies.
+
+No I/O and no trio here. Every check returns a :class:`Verdict` (a reply the server
+should give) or None, so :mod:`triomail._sink.session` stays a thin I/O loop.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection
+from dataclasses import dataclass
+
+__all__ = [
+    "Verdict",
+    "check_content",
+    "find_unstuffed_dot",
+    "format_reply",
+    "parse_esmtp_params",
+    "parse_path_argument",
+    "unstuff",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A reply: code, enhanced status code (RFC 3463) and text."""
+
+    code: int
+    enhanced: str
+    text: str
+
+
+def format_reply(code: int, enhanced: str | None, text: str) -> bytes:
+    """Render a reply, multi-line when ``text`` has newlines (RFC 5321 §4.2.1)."""
+    lines = text.split("\n")
+    prefix = f"{enhanced} " if enhanced else ""
+    out = [f"{code}-{prefix}{line}\r\n" for line in lines[:-1]]
+    out.append(f"{code} {prefix}{lines[-1]}\r\n")
+    return "".join(out).encode("utf-8")
+
+
+# --- paths (RFC 5321 §4.1.2; UTF-8 per RFC 6531 §3.3) ----------------------------
+
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_UATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]"
+_QTEXT = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
+_UQTEXT = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"'
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_UCHAR = r"A-Za-z0-9\u0080-\U0010ffff"
+_ULABEL = rf"[{_UCHAR}](?:[{_UCHAR}-]*[{_UCHAR}])?"
+_ADDRESS_LITERAL = r"\[[\x21-\x5a\x5e-\x7e]+\]"
+
+
+def _mailbox_re(atext: str, qtext: str, label: str) -> re.Pattern[str]:
+    local = rf"(?:{atext}+(?:\.{atext}+)*|{qtext})"
+    domain = rf"(?:{label}(?:\.{label})*|{_ADDRESS_LITERAL})"
+    # An optional source route (RFC 5321 §4.1.2 A-d-l), which §C says to accept and ignore.
+    route = rf"(?:@{domain}(?:,@{domain})*:)?"
+    return re.compile(rf"{route}(?P<mailbox>(?P<local>{local})@(?P<domain>{domain}))")
+
+
+_MAILBOX_ASCII = _mailbox_re(_ATEXT, _QTEXT, _LABEL)
+_MAILBOX_UTF8 = _mailbox_re(_UATEXT, _UQTEXT, _ULABEL)
+
+
+def parse_path_argument(arg: str, keyword: str, *, utf8: bool) -> tuple[str, str] | Verdict:
+    """Split ``FROM:<path> params`` (or ``TO:``); return (address, params) or a Verdict.
+
+    ``keyword`` is ``"FROM"`` or ``"TO"``. ``<>`` is only valid for FROM and
+    ``<postmaster>`` only for TO (RFC 5321 §4.1.1.2, §4.1.1.3, §4.5.1). The path
+    must follow the colon with no space (RFC 5321 §4.1.2), and a non-ASCII path
+    needs ``SMTPUTF8`` on MAIL (RFC 6531 §3.4, reply 553 5.6.7).
+    """
+    bad_syntax = (
+        Verdict(501, "5.1.7", "Error: bad sender address syntax")
+        if keyword == "FROM"
+        else Verdict(501, "5.1.3", "Error: bad recipient address syntax")
+    )
+    head = keyword + ":"
+    if arg[: len(head)].upper() != head:
+        verb = "MAIL FROM" if keyword == "FROM" else "RCPT TO"
+        return Verdict(501, "5.5.4", f"Syntax: {verb}:<address>")
+    rest = arg[len(head) :]
+    if not rest.startswith("<"):
+        return bad_syntax
+    end = rest.find(">")
+    if end < 0:
+        return bad_syntax
+    path, params = rest[1:end], rest[end + 1 :]
+    if params and not params.startswith(" "):
+        return bad_syntax
+    # §4.5.3.1.3: a path is at most 256 octets, punctuation included.
+    if len(path.encode("utf-8")) + 2 > 256:
+        return bad_syntax
+    if not path.isascii() and not utf8:
+        return Verdict(553, "5.6.7", "Error: non-ASCII address needs SMTPUTF8")
+    if path == "":
+        return ("", params.lstrip(" ")) if keyword == "FROM" else bad_syntax
+    if keyword == "TO" and path.lower() == "postmaster":
+        return (path, params.lstrip(" "))
+    match = (_MAILBOX_UTF8 if utf8 else _MAILBOX_ASCII).fullmatch(path)
+    if match is None:
+        return bad_syntax
+    # §4.5.3.1.1 and §4.5.3.1.2: local part at most 64 octets, domain at most 255.
+    if len(match["local"].encode("utf-8")) > 64 or len(match["domain"].encode("utf-8")) > 255:
+        return bad_syntax
+    return (match["mailbox"], params.lstrip(" "))
+
+
+# --- ESMTP parameters (RFC 5321 §4.1.2 Mail-parameters, RFC 1869) ------------------
+
+_PARAM = re.compile(r"(?P<key>[A-Za-z0-9][A-Za-z0-9-]*)(?:=(?P<value>[\x21-\x3c\x3e-\x7e]+))?")
+# xtext (RFC 3461 §4): printable ASCII except "+" and "=", or "+" and two upper hex digits.
+_XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*")
+_NOTIFY = re.compile(r"NEVER|(?:SUCCESS|FAILURE|DELAY)(?:,(?:SUCCESS|FAILURE|DELAY))*", re.I)
+
+
+def parse_esmtp_params(
+    text: str, command: str, extensions: Collection[str], *, max_size: int
+) -> tuple[list[str], dict[str, str | None]] | Verdict:
+    """Parse and validate MAIL or RCPT parameters against the advertised extensions.
+
+    Returns the raw parameter strings and a dict of upper-cased keyword to value.
+    Unknown parameters, or ones whose extension was not advertised, get 555
+    (RFC 5321 §4.1.1.11); malformed values 501.
+    """
+    raw: list[str] = []
+    params: dict[str, str | None] = {}
+    if not text:
+        return raw, params
+    for token in text.split(" "):
+        match = _PARAM.fullmatch(token)
+        if match is None:
+            return Verdict(501, "5.5.4", f"Error: bad parameter syntax: {token[:40]}")
+        key, value = match["key"].upper(), match["value"]
+        if key in params:
+            return Verdict(501, "5.5.4", f"Error: duplicate parameter {key}")
+        problem = _check_param(command, key, value, extensions, max_size)
+        if problem is not None:
+            return problem
+        raw.append(token)
+        params[key] = value
+    return raw, params
+
+
+def _check_param(
+    command: str, key: str, value: str | None, extensions: Collection[str], max_size: int
+) -> Verdict | None:
+    unsupported = Verdict(555, "5.5.4", f"Error: unsupported parameter {key}")
+    bad = Verdict(501, "5.5.4", f"Error: bad value for {key}")
+    if command == "MAIL":
+        if key == "SIZE" and "SIZE" in extensions:  # RFC 1870 §6
+            if value is None or not value.isdigit() or len(value) > 20:
+                return bad
+            if int(value) > max_size:
+                return Verdict(552, "5.3.4", "Error: message size exceeds fixed limit")
+            return None
+        if key == "BODY" and "8BITMIME" in extensions:  # RFC 6152 §2
+            return None if value is not None and value.upper() in ("7BIT", "8BITMIME") else bad
+        if key == "SMTPUTF8" and "SMTPUTF8" in extensions:  # RFC 6531 §3.4
+            return None if value is None else bad
+        if key == "RET" and "DSN" in extensions:  # RFC 3461 §4.3
+            return None if value is not None and value.upper() in ("FULL", "HDRS") else bad
+        if key == "ENVID" and "DSN" in extensions:  # RFC 3461 §4.4
+            ok = value is not None and len(value) <= 100 and _XTEXT.fullmatch(value)
+            return None if ok else bad
+        if key == "AUTH" and "AUTH" in extensions:  # RFC 4954 §5
+            return None if value is not None and _XTEXT.fullmatch(value) else bad
+        return unsupported
+    if key == "NOTIFY" and "DSN" in extensions:  # RFC 3461 §4.1
+        return None if value is not None and _NOTIFY.fullmatch(value) else bad
+    if key == "ORCPT" and "DSN" in extensions:  # RFC 3461 §4.2: addr-type ";" xtext
+        if value is None:
+            return bad
+        addr_type, semi, addr = value.partition(";")
+        ok_type = re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]*", addr_type) is not None
+        return None if semi and ok_type and _XTEXT.fullmatch(addr) else bad
+    return unsupported
+
+
+# --- message content ---------------------------------------------------------------
+
+# A CR not followed by LF, or an LF not preceded by CR (RFC 5321 §2.3.8).
+_BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+
+def unstuff(wire: bytes) -> bytes:
+    """Remove dot-stuffing (RFC 5321 §4.5.2) from DATA content.
+
+    ``wire`` must start at the beginning of a line; the first character of every
+    line that starts with "." is deleted, as the RFC tells the server to do.
+    """
+    return (b"\r\n" + wire).replace(b"\r\n.", b"\r\n")[2:]
+
+
+def find_unstuffed_dot(wire: bytes) -> bool:
+    """Whether a line starts with a single "." (a client that forgot to dot-stuff)."""
+    return re.search(rb"(?:^|\r\n)\.(?!\.)", wire) is not None
+
+
+def check_content(
+    data: bytes, *, eight_bit_ok: bool, strict: bool, max_line: int = 1000
+) -> Verdict | None:
+    """Check message content; return a rejection or None.
+
+    Always: bare CR or LF is rejected with 550 5.5.2, as Postfix
+    ``smtpd_forbid_bare_newline`` does (SMTP smuggling, CVE-2023-51764). With
+    ``strict``: NUL (RFC 5322 §3.5 "text"), lines over ``max_line`` octets
+    including CRLF (RFC 5321 §4.5.3.1.6), and 8-bit octets without BODY=8BITMIME or
+    SMTPUTF8 (RFC 6152 §3).
+    """
+    bare = _BARE_NEWLINE.search(data)
+    if bare is not None:
+        which = "<CR>" if data[bare.start()] == 0x0D else "<LF>"
+        return Verdict(550, "5.5.2", f"Error: bare {which} received")
+    if not strict:
+        return None
+    if b"\0" in data:
+        return Verdict(550, "5.6.0", "Error: NUL character in message data")
+    if _long_line(data, max_line):
+        return Verdict(500, "5.5.6", f"Error: message line longer than {max_line} octets")
+    if not eight_bit_ok and not data.isascii():
+        return Verdict(550, "5.6.0", "Error: 8-bit data without BODY=8BITMIME or SMTPUTF8")
+    return None
+
+
+_LONG_LINE_CACHE: dict[int, re.Pattern[bytes]] = {}
+
+
+def _long_line(data: bytes, max_line: int) -> bool:
+    pattern = _LONG_LINE_CACHE.get(max_line)
+    if pattern is None:
+        # max_line counts the CRLF, so the text of a line may be max_line - 2 octets.
+        pattern = _LONG_LINE_CACHE[max_line] = re.compile(rb"[^\r\n]{%d}" % (max_line - 1))
+    return pattern.search(data) is not None
