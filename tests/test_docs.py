@@ -204,7 +204,7 @@ def test_the_compile_check_can_fail() -> None:
 def test_the_api_reference_renders_every_public_name(tmp_path: Path) -> None:
     site = tmp_path / "site"
     build = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "-d", str(site)],
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(site)],
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert build.returncode == 0, build.stderr
