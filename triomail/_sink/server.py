@@ -28,7 +28,7 @@ by one task:
 - **Limits**: line length, message size (also advertised with SIZE), recipients
   per transaction, concurrent connections, stored messages and idle time are all
   bounded; oversized DATA is counted, not stored.
-- **Faults** (:class:`~triomail._sink.config.Fault`) are looked up per command
+- **Faults** (:class:`~triomail._sink.faults.Fault`) are looked up per command
   before the normal handling, so a rule can replace, delay or drop any reply.
 - **Delivery** builds a :class:`CapturedMessage`, appends it to ``messages``,
   optionally writes ``<dir>/<stamp>-<n>.eml`` and calls ``on_message``; all of it
@@ -54,7 +54,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .config import Fault, FaultBook, Settings
+from .config import SinkConfig
+from .faults import Fault, FaultBook
 from .message import CapturedMessage
 from .session import Session
 
@@ -159,7 +160,7 @@ class SMTPSink:
         directory = None if out_dir is None else Path(out_dir)
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
-        self._settings = Settings(
+        self._settings = SinkConfig(
             hostname=hostname,
             tls_context=ssl_context if tls else None,
             implicit_tls=implicit_tls,
@@ -186,7 +187,6 @@ class SMTPSink:
         self._messages: list[CapturedMessage] = []
         self._received = 0
         self._serial = 0
-        self._mail_commands = 0
         self._active = 0
         self._arrived = trio.Event()
         self._stamp = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
@@ -247,16 +247,10 @@ class SMTPSink:
             return  # trio.serve_listeners closes the stream
         self._active += 1
         try:
-            session = Session(
-                stream, _peer(stream), self._settings, self._faults, self._next_mail, self._deliver
-            )
+            session = Session(stream, _peer(stream), self._settings, self._faults, self._deliver)
             await session.run()
         finally:
             self._active -= 1
-
-    def _next_mail(self) -> int:
-        self._mail_commands += 1
-        return self._mail_commands
 
     def _deliver(self, message: CapturedMessage) -> str | None:
         s = self._settings

@@ -20,7 +20,8 @@ from typing import Literal
 
 import trio
 
-from .config import Fault, FaultBook, Settings
+from .config import SinkConfig
+from .faults import Fault, FaultBook
 from .message import CapturedMessage
 from .syntax import (
     Verdict,
@@ -91,16 +92,14 @@ class Session:
         self,
         stream: trio.abc.Stream,
         peer: tuple[str, int],
-        settings: Settings,
+        settings: SinkConfig,
         faults: FaultBook,
-        next_mail_number: Callable[[], int],
         deliver: Callable[[CapturedMessage], str | None],
     ) -> None:
         self._stream = stream
         self._peer = peer
         self._settings = settings
         self._faults = faults
-        self._next_mail_number = next_mail_number
         self._deliver = deliver
         self._idle = math.inf if settings.idle_timeout <= 0 else settings.idle_timeout
         # RFC 5321 §4.1.1.4 dot-stuffing can grow a message by at most a third, so
@@ -315,7 +314,7 @@ class Session:
         if verb != "BDAT":  # BDAT's chunk follows it; checked once the chunk is read
             self._check_sync(verb)
         if verb == "MAIL":
-            self._mail_number = self._next_mail_number()
+            self._mail_number = self._faults.number_mail()
         if verb == "BDAT":  # consumes its chunk before any reply, faults included
             await self._bdat(arg)
             return
