@@ -160,7 +160,7 @@ class SMTPSink:
         directory = None if out_dir is None else Path(out_dir)
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
-        self._settings = SinkConfig(
+        self._config = SinkConfig(
             hostname=hostname,
             tls_context=ssl_context if tls else None,
             implicit_tls=implicit_tls,
@@ -237,23 +237,23 @@ class SMTPSink:
             raise
 
     async def _handle(self, stream: trio.SocketStream) -> None:
-        if self._active >= self._settings.max_connections:
+        if self._active >= self._config.max_connections:
             with trio.move_on_after(1.0):
                 try:
-                    line = f"421 {self._settings.hostname} Error: too many connections\r\n"
+                    line = f"421 {self._config.hostname} Error: too many connections\r\n"
                     await stream.send_all(line.encode())
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
             return  # trio.serve_listeners closes the stream
         self._active += 1
         try:
-            session = Session(stream, _peer(stream), self._settings, self._faults, self._deliver)
+            session = Session(stream, _peer(stream), self._config, self._faults, self._deliver)
             await session.run()
         finally:
             self._active -= 1
 
     def _deliver(self, message: CapturedMessage) -> str | None:
-        s = self._settings
+        s = self._config
         if s.store and s.max_stored is not None and len(self._messages) >= s.max_stored:
             return None
         self._serial += 1
