@@ -57,8 +57,7 @@ from .syntax import (
     find_unstuffed_dot,
     format_reply,
     parse_command_line,
-    parse_esmtp_params,
-    parse_path_argument,
+    parse_mail_arguments,
     split_plain,
     unstuff,
 )
@@ -544,16 +543,13 @@ class ServerMachine:
         if limit is not None and self._delivered >= limit:
             self._reply(421, "4.7.0", f"{c.hostname} Error: too many messages in one session")
             raise _Close
-        path = parse_path_argument(arg, "FROM", utf8=True)
-        if isinstance(path, Verdict):
-            self._say(path)
+        parsed = parse_mail_arguments(
+            arg, "MAIL", self._ext, utf8=True, max_size=c.max_message_size
+        )
+        if isinstance(parsed, Verdict):
+            self._say(parsed)
             return
-        address, param_text = path
-        params = parse_esmtp_params(param_text, "MAIL", self._ext, max_size=c.max_message_size)
-        if isinstance(params, Verdict):
-            self._say(params)
-            return
-        options, values = params
+        address, options, values = parsed
         if not address.isascii() and "SMTPUTF8" not in values:
             self._reply(553, "5.6.7", "Error: non-ASCII address needs SMTPUTF8")  # RFC 6531 §3.5
             return
@@ -569,20 +565,19 @@ class ServerMachine:
         if txn.bdat:
             self._reply(503, "5.5.1", "Error: RCPT after BDAT")
             return
-        path = parse_path_argument(arg, "TO", utf8="SMTPUTF8" in txn.params)
-        if isinstance(path, Verdict):
-            self._say(path)
+        utf8 = "SMTPUTF8" in txn.params
+        parsed = parse_mail_arguments(
+            arg, "RCPT", self._ext, utf8=utf8, max_size=c.max_message_size
+        )
+        if isinstance(parsed, Verdict):
+            self._say(parsed)
             return
-        address, param_text = path
-        params = parse_esmtp_params(param_text, "RCPT", self._ext, max_size=c.max_message_size)
-        if isinstance(params, Verdict):
-            self._say(params)
-            return
+        address, options, _ = parsed
         if len(txn.rcpt_to) >= c.max_recipients:
             self._reply(452, "4.5.3", "Error: too many recipients")  # RFC 5321 §4.5.3.1.10
             return
         txn.rcpt_to.append(address)
-        txn.rcpt_options.append(params[0])
+        txn.rcpt_options.append(options)
         self._reply(250, "2.1.5", "Ok")
 
     def _transfer_error(self, txn: _Transaction | None) -> Verdict | None:

@@ -9,14 +9,21 @@ session. Nothing here imports the triomail client: the sink must be able to judg
 the client, so it shares no code with it.
 
 Each accepted connection gets one :class:`~triomail._sink.session.Session`, driven
-by one task:
+by one task. The session is only the I/O half: the SMTP conversation itself is the
+sans-IO state machine in :mod:`triomail._sink.commands`, which takes the bytes read
+and says what to write and do next. The package, along the data flow:
 
-- **Input** is a single ``bytearray``. Commands are taken from it line by line; only
-  when no complete line is left does the session write the replies it has queued
-  and read again. Pipelined commands (RFC 2920) thus get ordered replies in one
-  write, and a client that sent more than it may before a reply it had to wait for
-  (after EHLO, DATA, STARTTLS, ..., or anything at all without PIPELINING) is
-  caught with ``554 5.5.0``, because those bytes are already in the buffer.
+``server`` (this module: listeners, TLS certificate, storage) → ``session`` (one
+connection's reads, writes and timeouts) → ``commands`` (the protocol) → ``syntax``
+(grammar and content checks); ``faults`` holds the fault rules, ``config`` the
+settings every session shares, ``message`` what is captured, ``cli`` the command.
+
+- **Input** is a single buffer. Commands are taken from it line by line; only when
+  no complete line is left are the queued replies written and more read. Pipelined
+  commands (RFC 2920) thus get ordered replies in one write, and a client that sent
+  more than it may before a reply it had to wait for (after EHLO, DATA, STARTTLS,
+  ..., or anything at all without PIPELINING) is caught with ``554 5.5.0``,
+  because those bytes are already in the buffer.
 - **DATA** content is scanned for ``<CRLF>.<CRLF>`` only (RFC 5321 §4.1.1.4), so
   the smuggling endings ``<LF>.<LF>``, ``<CR>.<CR>``, ... are just content, and
   content with a bare CR or LF is then refused with ``550 5.5.2`` as Postfix's
@@ -30,9 +37,10 @@ by one task:
   bounded; oversized DATA is counted, not stored.
 - **Faults** (:class:`~triomail._sink.faults.Fault`) are looked up per command
   before the normal handling, so a rule can replace, delay or drop any reply.
-- **Delivery** builds a :class:`CapturedMessage`, appends it to ``messages``,
-  optionally writes ``<dir>/<stamp>-<n>.eml`` and calls ``on_message``; all of it
-  synchronous and small, so thousands of messages a second stay cheap.
+- **Delivery**: the state machine builds a :class:`CapturedMessage`; the sink
+  appends it to ``messages``, optionally writes ``<dir>/<stamp>-<n>.eml`` and calls
+  ``on_message``; all of it synchronous and small, so thousands of messages a
+  second stay cheap.
 
 The certificate for STARTTLS and implicit TLS is a throwaway one from ``trustme``
 (imported only when TLS is wanted); :meth:`SMTPSink.client_ssl_context` returns a

@@ -1,7 +1,7 @@
 """Sans-IO grammar for the capture server: command lines, paths, parameters, AUTH
 responses, content checks, replies.
 
-No I/O and no state here. Every check returns a :class:`Verdict` (a reply the server
+No I/O and no connection state here. Every check returns a :class:`Verdict` (a reply the server
 should give) or the parsed value, so the state machine in
 :mod:`triomail._sink.commands` only decides what happens next.
 """
@@ -13,6 +13,7 @@ import binascii
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Literal
 
 __all__ = [
     "Verdict",
@@ -22,6 +23,7 @@ __all__ = [
     "format_reply",
     "parse_command_line",
     "parse_esmtp_params",
+    "parse_mail_arguments",
     "parse_path_argument",
     "split_plain",
     "unstuff",
@@ -239,6 +241,29 @@ def _check_param(
         ok_type = re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]*", addr_type) is not None
         return None if semi and ok_type and _XTEXT.fullmatch(addr) else bad
     return unsupported
+
+
+def parse_mail_arguments(
+    arg: str,
+    command: Literal["MAIL", "RCPT"],
+    extensions: Collection[str],
+    *,
+    utf8: bool,
+    max_size: int,
+) -> tuple[str, list[str], dict[str, str | None]] | Verdict:
+    """Parse ``FROM:<path> params`` (MAIL) or ``TO:<path> params`` (RCPT).
+
+    Returns the address, the raw parameters and the parameters by keyword (see
+    :func:`parse_path_argument` and :func:`parse_esmtp_params`), or a Verdict.
+    """
+    path = parse_path_argument(arg, "FROM" if command == "MAIL" else "TO", utf8=utf8)
+    if isinstance(path, Verdict):
+        return path
+    address, text = path
+    params = parse_esmtp_params(text, command, extensions, max_size=max_size)
+    if isinstance(params, Verdict):
+        return params
+    return address, *params
 
 
 # --- message content ---------------------------------------------------------------
