@@ -182,6 +182,28 @@ def test_help_names_every_command_a_fault_can_match() -> None:
     assert set(replies[len("214 2.0.0 Commands: ") : -2].split()) == COMMANDS - {"CONNECT", "."}
 
 
+def test_oversized_data_is_read_to_the_end_but_not_kept() -> None:
+    talk = Conversation()  # max_message_size=1000
+    talk.greet_and_ehlo()
+    talk.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
+    for _ in range(10):
+        assert talk.send(b"x" * 998 + b"\r\n") == b""
+    assert (
+        talk.send(b".\r\nNOOP\r\n") == b"552 5.3.4 Error: message file too big\r\n250 2.0.0 Ok\r\n"
+    )
+    assert talk.messages == []
+
+
+def test_messages_per_connection_ends_the_session_at_the_next_mail() -> None:
+    talk = Conversation(messages_per_connection=1)
+    talk.greet_and_ehlo()
+    talk.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nBDAT 3 LAST\r\nabc")
+    assert talk.step(b"MAIL FROM:<a@example.org>\r\n") == (
+        b"421 4.7.0 sink.test Error: too many messages in one session\r\n",
+        Signal.CLOSE,
+    )
+
+
 # --- TLS ---------------------------------------------------------------------------------
 
 

@@ -160,17 +160,21 @@ class ServerMachine:
         # RFC 5321 §4.1.1.4 dot-stuffing can grow a message by at most a third, so
         # this bounds what DATA buffers before switching to counting only.
         self._wire_limit = config.max_message_size * 4 // 3 + 1024
+        # What the I/O side gave and will be given.
         self._buf = bytearray()
         self._out = bytearray()
         self._idle_expired = False
         self._queue_id: str | None = None
+        # What the session knows about the client; STARTTLS forgets all but _tls.
         self._tls = False
         self._greeted = False
         self._helo = ""
-        self._ext: frozenset[str] = frozenset()
+        self._ext: frozenset[str] = frozenset()  # what the last EHLO advertised
         self._enhanced = False
         self._user: str | None = None
         self._txn: _Transaction | None = None
+        # The connection's course: its MAIL number for faults, messages so far, a
+        # refused greeting, and a DATA whose text comes next (maybe cut by a fault).
         self._mail_number = 0
         self._delivered = 0
         self._rejected = False
