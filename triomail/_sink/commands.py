@@ -547,11 +547,8 @@ class ServerMachine:
         if limit is not None and self._delivered >= limit:
             self._reply(421, "4.7.0", f"{c.hostname} Error: too many messages in one session")
             raise _Close
-        parsed = parse_mail_arguments(
-            arg, "MAIL", self._ext, utf8=True, max_size=c.max_message_size
-        )
-        if isinstance(parsed, Verdict):
-            self._say(parsed)
+        parsed = self._mail_arguments(arg, "MAIL", utf8=True)
+        if parsed is None:
             return
         address, options, values = parsed
         if not address.isascii() and "SMTPUTF8" not in values:
@@ -569,12 +566,8 @@ class ServerMachine:
         if txn.bdat:
             self._reply(503, "5.5.1", "Error: RCPT after BDAT")
             return
-        utf8 = "SMTPUTF8" in txn.params
-        parsed = parse_mail_arguments(
-            arg, "RCPT", self._ext, utf8=utf8, max_size=c.max_message_size
-        )
-        if isinstance(parsed, Verdict):
-            self._say(parsed)
+        parsed = self._mail_arguments(arg, "RCPT", utf8="SMTPUTF8" in txn.params)
+        if parsed is None:
             return
         address, options, _ = parsed
         if len(txn.rcpt_to) >= c.max_recipients:
@@ -583,6 +576,17 @@ class ServerMachine:
         txn.rcpt_to.append(address)
         txn.rcpt_options.append(options)
         self._reply(250, "2.1.5", "Ok")
+
+    def _mail_arguments(
+        self, arg: str, command: Literal["MAIL", "RCPT"], *, utf8: bool
+    ) -> tuple[str, list[str], dict[str, str | None]] | None:
+        """Path and parameters, checked against what EHLO advertised; None once refused."""
+        max_size = self._config.max_message_size
+        parsed = parse_mail_arguments(arg, command, self._ext, utf8=utf8, max_size=max_size)
+        if isinstance(parsed, Verdict):
+            self._say(parsed)
+            return None
+        return parsed
 
     def _transfer_error(self, txn: _Transaction | None) -> Verdict | None:
         if txn is None:
