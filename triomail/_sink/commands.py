@@ -30,12 +30,14 @@ close). Pipelined commands (RFC 2920) thus get their replies in order and in one
 write, and a client that sent more than it may before a reply it had to wait for is
 caught with ``554 5.5.0``: those bytes are already in the input buffer.
 
-The conversation is written as one generator (:meth:`ServerMachine._converse`): the
-state is where it stands, and each ``yield`` is a point where it waits for the I/O
-side. So a command that needs more input before it can answer (``AUTH LOGIN``,
-``BDAT``, the text after ``DATA``) reads top to bottom like the RFC describes it.
-Grammar and content checks live in :mod:`triomail._sink.syntax`; fault rules in
-:mod:`triomail._sink.faults`.
+The state has two parts. What the client has established (EHLO, TLS, AUTH, the open
+transaction) lives in attributes. Where the conversation stands (reading a command,
+an AUTH response, a BDAT chunk or message text; paused; waiting for TLS) is where
+one generator, :meth:`ServerMachine._converse`, is suspended: each ``yield`` is a
+point where it waits for the I/O side. So a command that needs more input before it
+can answer (``AUTH LOGIN``, ``BDAT``) reads top to bottom as the RFC describes it,
+and most handlers are plain methods that only reply. Grammar and content checks live
+in :mod:`triomail._sink.syntax`; fault rules in :mod:`triomail._sink.faults`.
 """
 
 from __future__ import annotations
