@@ -53,15 +53,14 @@ from .config import SinkConfig
 from .faults import Fault, FaultBook
 from .message import CapturedMessage
 from .syntax import (
+    TOO_BIG,
     Verdict,
-    check_content,
     decode_sasl,
-    find_unstuffed_dot,
     format_reply,
+    judge_message,
     parse_command_line,
     parse_mail_arguments,
     split_plain,
-    unstuff,
 )
 
 __all__ = ["EXTENSIONS", "Captured", "Event", "Pause", "ServerMachine", "Signal"]
@@ -660,7 +659,7 @@ class ServerMachine:
         txn.bdat = True
         if too_big:
             txn.failed = True
-            self._reply(552, "5.3.4", "Error: message file too big")
+            self._say(TOO_BIG)
             return
         txn.chunks.append(chunk)
         txn.size += size
@@ -689,15 +688,14 @@ class ServerMachine:
         txn = self._txn
         assert txn is not None
         self._txn = None
-        c = self._config
-        data = unstuff(content) if transfer == "DATA" else content
-        verdict: Verdict | None
-        if oversize or len(data) > c.max_message_size:
-            verdict = Verdict(552, "5.3.4", "Error: message file too big")
-        else:
-            verdict = check_content(data, eight_bit_ok=txn.eight_bit_ok, strict=c.strict)
-        if verdict is None and c.strict and transfer == "DATA" and find_unstuffed_dot(content):
-            verdict = Verdict(550, "5.5.2", 'Error: line starts with an unstuffed "."')
+        data, verdict = judge_message(
+            content,
+            transfer,
+            oversize=oversize,
+            max_size=self._config.max_message_size,
+            eight_bit_ok=txn.eight_bit_ok,
+            strict=self._config.strict,
+        )
         self._check_sync(".")  # only bites without PIPELINING
         if self._faults:
             fault = self._faults.match(".", txn.number) or fault

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 __all__ = [
+    "TOO_BIG",
     "Verdict",
     "check_content",
     "decode_sasl",
     "find_unstuffed_dot",
     "format_reply",
+    "judge_message",
     "parse_command_line",
     "parse_esmtp_params",
     "parse_mail_arguments",
@@ -310,6 +312,35 @@ def check_content(
     if not eight_bit_ok and not data.isascii():
         return Verdict(550, "5.6.0", "Error: 8-bit data without BODY=8BITMIME or SMTPUTF8")
     return None
+
+
+#: The refusal of a message over the size limit (RFC 1870 §6).
+TOO_BIG = Verdict(552, "5.3.4", "Error: message file too big")
+
+
+def judge_message(
+    wire: bytes,
+    transfer: Literal["DATA", "BDAT"],
+    *,
+    oversize: bool,
+    max_size: int,
+    eight_bit_ok: bool,
+    strict: bool,
+) -> tuple[bytes, Verdict | None]:
+    """Return a complete message as received and the refusal it earns, if any.
+
+    ``wire`` is DATA text up to the final ``<CRLF>.<CRLF>`` (its dot-stuffing is
+    removed here) or the concatenated BDAT chunks; ``oversize`` says that DATA text
+    over the limit was counted but not kept. With ``strict``, DATA text must also
+    be dot-stuffed correctly.
+    """
+    data = unstuff(wire) if transfer == "DATA" else wire
+    if oversize or len(data) > max_size:
+        return data, TOO_BIG
+    verdict = check_content(data, eight_bit_ok=eight_bit_ok, strict=strict)
+    if verdict is None and strict and transfer == "DATA" and find_unstuffed_dot(wire):
+        verdict = Verdict(550, "5.5.2", 'Error: line starts with an unstuffed "."')
+    return data, verdict
 
 
 _LONG_LINE_CACHE: dict[int, re.Pattern[bytes]] = {}
