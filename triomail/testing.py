@@ -11,8 +11,8 @@ fixture.
 """
 
 from ._public import publish
-from ._sink.config import Drop as Drop
-from ._sink.config import Fault as Fault
+from ._sink.faults import Drop as Drop
+from ._sink.faults import Fault as Fault
 from ._sink.message import CapturedMessage as CapturedMessage
 from ._sink.server import SMTPSink as SMTPSink
 

@@ -1,4 +1,4 @@
-"""A raw-bytes SMTP client for the capture server's tests (``tests/test_sink*.py``).
+"""A raw-bytes SMTP client for the capture server's tests (``tests/sink/``).
 
 It writes exactly the bytes it is given (no stuffing, no normalisation) and parses
 replies strictly, so tests can check what the sink does with any input.

@@ -9,14 +9,21 @@ session. Nothing here imports the triomail client: the sink must be able to judg
 the client, so it shares no code with it.
 
 Each accepted connection gets one :class:`~triomail._sink.session.Session`, driven
-by one task:
+by one task. The session is only the I/O half: the SMTP conversation itself is the
+sans-IO state machine in :mod:`triomail._sink.commands`, which takes the bytes read
+and says what to write and do next. The package, along the data flow:
 
-- **Input** is a single ``bytearray``. Commands are taken from it line by line; only
-  when no complete line is left does the session write the replies it has queued
-  and read again. Pipelined commands (RFC 2920) thus get ordered replies in one
-  write, and a client that sent more than it may before a reply it had to wait for
-  (after EHLO, DATA, STARTTLS, ..., or anything at all without PIPELINING) is
-  caught with ``554 5.5.0``, because those bytes are already in the buffer.
+``server`` (this module: listeners, TLS certificate, storage) → ``session`` (one
+connection's reads, writes and timeouts) → ``commands`` (the protocol) → ``syntax``
+(grammar and content checks); ``faults`` holds the fault rules, ``config`` the
+settings every session shares, ``message`` what is captured, ``cli`` the command.
+
+- **Input** is a single buffer. Commands are taken from it line by line; only when
+  no complete line is left are the queued replies written and more read. Pipelined
+  commands (RFC 2920) thus get ordered replies in one write, and a client that sent
+  more than it may before a reply it had to wait for (after EHLO, DATA, STARTTLS,
+  ..., or anything at all without PIPELINING) is caught with ``554 5.5.0``,
+  because those bytes are already in the buffer.
 - **DATA** content is scanned for ``<CRLF>.<CRLF>`` only (RFC 5321 §4.1.1.4), so
   the smuggling endings ``<LF>.<LF>``, ``<CR>.<CR>``, ... are just content, and
   content with a bare CR or LF is then refused with ``550 5.5.2`` as Postfix's
@@ -28,11 +35,12 @@ by one task:
 - **Limits**: line length, message size (also advertised with SIZE), recipients
   per transaction, concurrent connections, stored messages and idle time are all
   bounded; oversized DATA is counted, not stored.
-- **Faults** (:class:`~triomail._sink.config.Fault`) are looked up per command
+- **Faults** (:class:`~triomail._sink.faults.Fault`) are looked up per command
   before the normal handling, so a rule can replace, delay or drop any reply.
-- **Delivery** builds a :class:`CapturedMessage`, appends it to ``messages``,
-  optionally writes ``<dir>/<stamp>-<n>.eml`` and calls ``on_message``; all of it
-  synchronous and small, so thousands of messages a second stay cheap.
+- **Delivery**: the state machine builds a :class:`CapturedMessage`; the sink
+  appends it to ``messages``, optionally writes ``<dir>/<stamp>-<n>.eml`` and calls
+  ``on_message``; all of it synchronous and small, so thousands of messages a
+  second stay cheap.
 
 The certificate for STARTTLS and implicit TLS is a throwaway one from ``trustme``
 (imported only when TLS is wanted); :meth:`SMTPSink.client_ssl_context` returns a
@@ -54,7 +62,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .config import Fault, FaultBook, Settings
+from .config import SinkConfig
+from .faults import Fault, FaultBook
 from .message import CapturedMessage
 from .session import Session
 
@@ -159,7 +168,7 @@ class SMTPSink:
         directory = None if out_dir is None else Path(out_dir)
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
-        self._settings = Settings(
+        self._config = SinkConfig(
             hostname=hostname,
             tls_context=ssl_context if tls else None,
             implicit_tls=implicit_tls,
@@ -186,7 +195,6 @@ class SMTPSink:
         self._messages: list[CapturedMessage] = []
         self._received = 0
         self._serial = 0
-        self._mail_commands = 0
         self._active = 0
         self._arrived = trio.Event()
         self._stamp = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
@@ -237,29 +245,23 @@ class SMTPSink:
             raise
 
     async def _handle(self, stream: trio.SocketStream) -> None:
-        if self._active >= self._settings.max_connections:
+        if self._active >= self._config.max_connections:
             with trio.move_on_after(1.0):
                 try:
-                    line = f"421 {self._settings.hostname} Error: too many connections\r\n"
+                    line = f"421 {self._config.hostname} Error: too many connections\r\n"
                     await stream.send_all(line.encode())
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
             return  # trio.serve_listeners closes the stream
         self._active += 1
         try:
-            session = Session(
-                stream, _peer(stream), self._settings, self._faults, self._next_mail, self._deliver
-            )
+            session = Session(stream, _peer(stream), self._config, self._faults, self._deliver)
             await session.run()
         finally:
             self._active -= 1
 
-    def _next_mail(self) -> int:
-        self._mail_commands += 1
-        return self._mail_commands
-
     def _deliver(self, message: CapturedMessage) -> str | None:
-        s = self._settings
+        s = self._config
         if s.store and s.max_stored is not None and len(self._messages) >= s.max_stored:
             return None
         self._serial += 1

@@ -1,22 +1,33 @@
-"""Sans-IO grammar for the capture server: paths, parameters, content checks, replies.
+"""Sans-IO grammar for the capture server: command lines, paths, parameters, AUTH
+responses, content checks, replies.
 
-No I/O and no trio here. Every check returns a :class:`Verdict` (a reply the server
-should give) or None, so :mod:`triomail._sink.session` stays a thin I/O loop.
+No I/O and no connection state here. Every check returns a :class:`Verdict` (a reply the server
+should give) or the parsed value, so the state machine in
+:mod:`triomail._sink.commands` only decides what happens next.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Literal
 
 __all__ = [
+    "TOO_BIG",
     "Verdict",
     "check_content",
+    "decode_sasl",
     "find_unstuffed_dot",
     "format_reply",
+    "judge_message",
+    "parse_command_line",
     "parse_esmtp_params",
+    "parse_mail_arguments",
     "parse_path_argument",
+    "split_plain",
     "unstuff",
 ]
 
@@ -37,6 +48,62 @@ def format_reply(code: int, enhanced: str | None, text: str) -> bytes:
     out = [f"{code}-{prefix}{line}\r\n" for line in lines[:-1]]
     out.append(f"{code} {prefix}{lines[-1]}\r\n")
     return "".join(out).encode("utf-8")
+
+
+# --- command lines (RFC 5321 §2.3.8, §4.1.1) --------------------------------------
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def parse_command_line(line: bytes | None) -> tuple[str, str] | Verdict:
+    """Split a command line (CRLF included; None if it was too long) into verb and argument.
+
+    The verb comes back upper-cased; the argument as sent, after one space.
+    """
+    if line is None:
+        return Verdict(500, "5.5.6", "Error: line too long")
+    if not line.endswith(b"\r\n"):
+        # RFC 5321 §2.3.8; Postfix smtpd_forbid_bare_newline does the same.
+        return Verdict(500, "5.5.2", "Error: bare <LF> received")
+    body = line[:-2]
+    if b"\r" in body:
+        return Verdict(500, "5.5.2", "Error: bare <CR> received")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return Verdict(500, "5.5.2", "Error: invalid UTF-8 in command")
+    if _CONTROL.search(text):
+        return Verdict(500, "5.5.2", "Error: control character in command")
+    verb, _, arg = text.partition(" ")
+    return verb.upper(), arg
+
+
+# --- AUTH responses (RFC 4954 §4, RFC 4616) ----------------------------------------
+
+
+def decode_sasl(text: str | bytes) -> bytes | None:
+    """Decode a base64 SASL response (``=`` is the empty one); None if malformed."""
+    if text in ("=", b"="):
+        return b""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def split_plain(response: bytes) -> tuple[str, str, str] | None:
+    """Split a PLAIN response, ``[authzid] NUL authcid NUL passwd`` in UTF-8 (RFC 4616).
+
+    Returns (authzid, user, password), or None if malformed.
+    """
+    parts = response.split(b"\0")
+    if len(parts) != 3:
+        return None
+    try:
+        authzid, user, password = (part.decode("utf-8") for part in parts)
+    except UnicodeDecodeError:
+        return None
+    return authzid, user, password
 
 
 # --- paths (RFC 5321 §4.1.2; UTF-8 per RFC 6531 §3.3) ----------------------------
@@ -178,6 +245,29 @@ def _check_param(
     return unsupported
 
 
+def parse_mail_arguments(
+    arg: str,
+    command: Literal["MAIL", "RCPT"],
+    extensions: Collection[str],
+    *,
+    utf8: bool,
+    max_size: int,
+) -> tuple[str, list[str], dict[str, str | None]] | Verdict:
+    """Parse ``FROM:<path> params`` (MAIL) or ``TO:<path> params`` (RCPT).
+
+    Returns the address, the raw parameters and the parameters by keyword (see
+    :func:`parse_path_argument` and :func:`parse_esmtp_params`), or a Verdict.
+    """
+    path = parse_path_argument(arg, "FROM" if command == "MAIL" else "TO", utf8=utf8)
+    if isinstance(path, Verdict):
+        return path
+    address, text = path
+    params = parse_esmtp_params(text, command, extensions, max_size=max_size)
+    if isinstance(params, Verdict):
+        return params
+    return address, *params
+
+
 # --- message content ---------------------------------------------------------------
 
 # A CR not followed by LF, or an LF not preceded by CR (RFC 5321 §2.3.8).
@@ -222,6 +312,35 @@ def check_content(
     if not eight_bit_ok and not data.isascii():
         return Verdict(550, "5.6.0", "Error: 8-bit data without BODY=8BITMIME or SMTPUTF8")
     return None
+
+
+#: The refusal of a message over the size limit (RFC 1870 §6).
+TOO_BIG = Verdict(552, "5.3.4", "Error: message file too big")
+
+
+def judge_message(
+    wire: bytes,
+    transfer: Literal["DATA", "BDAT"],
+    *,
+    oversize: bool,
+    max_size: int,
+    eight_bit_ok: bool,
+    strict: bool,
+) -> tuple[bytes, Verdict | None]:
+    """Return a complete message as received and the refusal it earns, if any.
+
+    ``wire`` is DATA text up to the final ``<CRLF>.<CRLF>`` (its dot-stuffing is
+    removed here) or the concatenated BDAT chunks; ``oversize`` says that DATA text
+    over the limit was counted but not kept. With ``strict``, DATA text must also
+    be dot-stuffed correctly.
+    """
+    data = unstuff(wire) if transfer == "DATA" else wire
+    if oversize or len(data) > max_size:
+        return data, TOO_BIG
+    verdict = check_content(data, eight_bit_ok=eight_bit_ok, strict=strict)
+    if verdict is None and strict and transfer == "DATA" and find_unstuffed_dot(wire):
+        verdict = Verdict(550, "5.5.2", 'Error: line starts with an unstuffed "."')
+    return data, verdict
 
 
 _LONG_LINE_CACHE: dict[int, re.Pattern[bytes]] = {}
