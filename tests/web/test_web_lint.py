@@ -25,7 +25,7 @@ ALTERNATIVE = (
 
 
 def findings(data: bytes, keys: Path | None = None) -> dict[str, Finding]:
-    return {f.code: f for f in lint(data, parse(data).message, keys)}
+    return {f.code: f for f in lint(data, parse(data), keys)}
 
 
 def test_a_good_message_passes_every_check() -> None:

@@ -46,7 +46,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .mail import header_text, parse, part_bytes
+from .mail import decoded, parse, part_bytes
 from .store import Loaded, Store, summarize
 
 __all__ = ["PAGE_POLICY", "build_app", "html_policy"]
@@ -136,14 +136,11 @@ class _Api:
     async def one(self, request: Request) -> Response:
         loaded = self._load(request)
         parsed = parse(loaded.data)
-        summary = summarize(loaded, self.store.dkim_keys)
+        summary = summarize(loaded, self.store.dkim_keys, parsed)
         envelope = loaded.envelope
         body: dict[str, Any] = dataclasses.asdict(summary)
         body |= {
-            "headers": [
-                [name, header_text(parsed.message, name)]
-                for name in dict.fromkeys(parsed.message.keys())
-            ],
+            "headers": [[name, decoded(name, value)] for name, value in parsed.message.raw_items()],
             "envelope": None if envelope is None else dataclasses.asdict(envelope),
             "text": parsed.text,
             "has_html": parsed.html is not None,

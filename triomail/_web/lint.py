@@ -26,8 +26,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from email.message import EmailMessage
+from email.message import Message
 from pathlib import Path
+
+from .mail import Parsed
 
 __all__ = ["CLIP_SIZE", "Finding", "KeyFolder", "lint"]
 
@@ -77,19 +79,20 @@ class KeyFolder:
         return text.encode("ascii", "replace")
 
 
-def lint(data: bytes, message: EmailMessage, keys: Path | None) -> list[Finding]:
-    """Every check on one message; ``message`` is ``data`` parsed."""
+def lint(data: bytes, parsed: Parsed, keys: Path | None) -> list[Finding]:
+    """Every check on one message; ``parsed`` is ``data`` parsed."""
+    message = parsed.message
     return [
         _unsubscribe(message),
         _encoded_words(message),
         _long_lines(data),
-        _text_part(message),
+        _text_part(parsed),
         _dkim(data, message, keys),
         _size(data),
     ]
 
 
-def _unsubscribe(message: EmailMessage) -> Finding:
+def _unsubscribe(message: Message) -> Finding:
     raw = _raw(message, "list-unsubscribe")
     if not raw:
         return Finding("unsubscribe", False, "no List-Unsubscribe header (RFC 2369, RFC 8058)")
@@ -109,7 +112,7 @@ def _unsubscribe(message: EmailMessage) -> Finding:
     return Finding("unsubscribe", True, "one-click unsubscribe (RFC 8058)")
 
 
-def _encoded_words(message: EmailMessage) -> Finding:
+def _encoded_words(message: Message) -> Finding:
     bad = sorted(
         {
             name
@@ -137,15 +140,15 @@ def _long_lines(data: bytes) -> Finding:
     return Finding("long-line", True, f"no line over {MAX_LINE} octets")
 
 
-def _text_part(message: EmailMessage) -> Finding:
-    if message.get_body(preferencelist=("plain",)) is not None:
+def _text_part(parsed: Parsed) -> Finding:
+    if parsed.text is not None:
         return Finding("text-part", True, "has a text/plain part")
-    if message.get_body(preferencelist=("html",)) is not None:
+    if parsed.html is not None:
         return Finding("text-part", False, "HTML without a text/plain alternative")
     return Finding("text-part", False, "no text/plain part")
 
 
-def _dkim(data: bytes, message: EmailMessage, keys: Path | None) -> Finding:
+def _dkim(data: bytes, message: Message, keys: Path | None) -> Finding:
     count = len(message.get_all("DKIM-Signature") or [])
     if count == 0:
         return Finding("dkim", None, "not signed")
@@ -180,5 +183,5 @@ def _size(data: bytes) -> Finding:
     return Finding("size", None, f"{size:,} octets")
 
 
-def _raw(message: EmailMessage, name: str) -> list[str]:
+def _raw(message: Message, name: str) -> list[str]:
     return [value for key, value in message.raw_items() if key.lower() == name]

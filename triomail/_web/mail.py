@@ -1,28 +1,36 @@
-"""What the page shows of one message: parsed once per request from the raw bytes.
+"""What the page shows of one message: parsed per request from the raw bytes.
 
 Captured mail is untrusted input, so nothing here trusts it: a part whose charset
 Python does not know is decoded with replacement characters instead of failing the
-page, a header that does not parse is shown as its raw text, and nothing is turned
+page, a header that does not decode is shown as its raw text, and nothing is turned
 into HTML here (the page escapes every value; the HTML part is only ever served to
 a sandboxed frame, see :mod:`.app`).
 
+The structure is parsed with the ``compat32`` policy, which keeps header values as
+the strings that came in: ``email.policy.default`` would build and re-parse a header
+object on every access (``Content-Type`` alone is read dozens of times while walking
+a message), several times slower for a list page. Only the headers shown are decoded
+(RFC 2047), one by one, with the default policy's header classes.
+
 The "body" parts are the ones a mail client would show: the first ``text/html`` and
-the first ``text/plain`` that are not attachments (``EmailMessage.get_body``, RFC
-2046 §5.1.4 ``multipart/alternative`` order). Every other leaf part is listed as an
-attachment under its index in ``walk()`` order, which is stable for given bytes.
+the first ``text/plain`` leaf that is not an attachment (``Content-Disposition:
+attachment``, RFC 2183), in order, so in a ``multipart/alternative`` (RFC 2046
+§5.1.4) both alternatives. Every other leaf part is listed as an attachment under its
+index in ``walk()`` order, which is stable for given bytes.
 """
 
 from __future__ import annotations
 
 import email.policy
 from dataclasses import dataclass
-from email.message import EmailMessage, MIMEPart
-from email.parser import BytesHeaderParser, BytesParser
+from email.message import Message
+from email.parser import BytesParser
 
-__all__ = ["Attachment", "Parsed", "header_text", "headers_only", "parse", "part_bytes"]
+__all__ = ["Attachment", "Parsed", "decoded", "header_text", "headers_only", "parse", "part_bytes"]
 
-_PARSER = BytesParser(EmailMessage, policy=email.policy.default)
-_HEADER_PARSER = BytesHeaderParser(EmailMessage, policy=email.policy.default)
+_PARSER = BytesParser(policy=email.policy.compat32)
+_HEADER_PARSER = BytesParser(policy=email.policy.compat32)
+_DECODER = email.policy.default
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +47,7 @@ class Attachment:
 class Parsed:
     """The parts of a message the page needs."""
 
-    message: EmailMessage
+    message: Message
     html: str | None
     text: str | None
     attachments: tuple[Attachment, ...]
@@ -48,25 +56,29 @@ class Parsed:
 def parse(data: bytes) -> Parsed:
     """Split ``data`` into body parts and attachments."""
     message = _PARSER.parsebytes(data)
-    html_part = message.get_body(preferencelist=("html",))
-    text_part = message.get_body(preferencelist=("plain",))
+    bodies: dict[str, Message] = {}
     attachments = []
     for index, part in enumerate(message.walk()):
-        if part.is_multipart() or part is html_part or part is text_part:
+        if part.is_multipart():
+            continue
+        kind = part.get_content_type()
+        subtype = kind.removeprefix("text/")
+        if subtype in ("html", "plain") and subtype not in bodies and not _is_attachment(part):
+            bodies[subtype] = part
             continue
         payload = part.get_payload(decode=True)
         attachments.append(
             Attachment(
                 index=index,
-                filename=part.get_filename() or f"part-{index}",
-                content_type=part.get_content_type(),
+                filename=_filename(part, index),
+                content_type=kind,
                 size=len(payload) if isinstance(payload, bytes) else 0,
             )
         )
     return Parsed(
         message=message,
-        html=_text(html_part),
-        text=_text(text_part),
+        html=_text(bodies.get("html")),
+        text=_text(bodies.get("plain")),
         attachments=tuple(attachments),
     )
 
@@ -76,35 +88,65 @@ def part_bytes(data: bytes, index: int) -> tuple[bytes, str] | None:
     for number, part in enumerate(_PARSER.parsebytes(data).walk()):
         if number == index and not part.is_multipart():
             payload = part.get_payload(decode=True)
-            content = payload if isinstance(payload, bytes) else b""
-            return content, part.get_filename() or f"part-{index}"
+            return (payload if isinstance(payload, bytes) else b""), _filename(part, index)
     return None
 
 
-def headers_only(data: bytes) -> EmailMessage:
+def headers_only(data: bytes) -> Message:
     """The top-level header block of ``data``, without parsing the body."""
     end = data.find(b"\r\n\r\n")
     if end < 0:
         end = data.find(b"\n\n")
-    return _HEADER_PARSER.parsebytes(data if end < 0 else data[: end + 2])
+    return _HEADER_PARSER.parsebytes(data if end < 0 else data[: end + 2], headersonly=True)
 
 
-def header_text(message: EmailMessage, name: str) -> str:
-    """Header ``name`` decoded (all occurrences joined), ``""`` if absent or broken."""
+def decoded(name: str, value: str) -> str:
+    """One header value as a reader sees it: encoded words decoded, folding undone."""
+    header = _header(name, value)
+    return value if header is None else str(header)
+
+
+def _header(name: str, value: str) -> object | None:
+    """The default policy's header object for a raw value, or None if it will not parse."""
+    if not value.isascii():
+        # Raw 8-bit text (RFC 6532) arrives as surrogate escapes; UTF-8 is the only
+        # charset 8-bit headers may use.
+        value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     try:
-        values = message.get_all(name) or []
-        return ", ".join(str(value) for value in values)
-    except (ValueError, TypeError, IndexError, LookupError):
-        # A malformed header the policy's parser chokes on: show it as it came.
-        return ", ".join(value for key, value in message.raw_items() if key.lower() == name.lower())
+        header: object = _DECODER.header_factory(name, value.replace("\r\n", "").replace("\n", ""))
+    except (ValueError, TypeError, IndexError, LookupError, AttributeError):
+        return None
+    return header
 
 
-def _text(part: MIMEPart | None) -> str | None:
+def header_text(message: Message, name: str) -> str:
+    """Header ``name`` decoded (all occurrences joined), ``""`` if absent."""
+    wanted = name.lower()
+    return ", ".join(decoded(name, v) for key, v in message.raw_items() if key.lower() == wanted)
+
+
+def _is_attachment(part: Message) -> bool:
+    return str(part.get("Content-Disposition", "")).strip().lower().startswith("attachment")
+
+
+def _filename(part: Message, index: int) -> str:
+    """The part's file name (RFC 2183 ``filename``, else ``name``; RFC 2231 decoded)."""
+    for header, param in (("content-disposition", "filename"), ("content-type", "name")):
+        for key, value in part.raw_items():
+            params = getattr(_header(key, value), "params", {}) if key.lower() == header else {}
+            if params.get(param):
+                return str(params[param])
+    return f"part-{index}"
+
+
+def _text(part: Message | None) -> str | None:
     if part is None:
         return None
+    payload = part.get_payload(decode=True)
+    if not isinstance(payload, bytes):
+        return None
+    charset = part.get_content_charset() or "us-ascii"
     try:
-        content = part.get_content()
-    except (LookupError, ValueError, AssertionError):
-        payload = part.get_payload(decode=True)
-        content = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
-    return content if isinstance(content, str) else None
+        return payload.decode(charset, "replace")
+    except LookupError:  # a charset Python does not know
+        return payload.decode("utf-8", "replace")

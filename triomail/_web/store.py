@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from .lint import Finding, lint
-from .mail import header_text, headers_only, parse
+from .mail import Parsed, header_text, headers_only, parse
 
 if TYPE_CHECKING:
     from triomail.testing import CapturedMessage
@@ -298,10 +298,10 @@ class FolderStore(Store):
             self._remove(message_id)
 
 
-def summarize(loaded: Loaded, dkim_keys: Path | None) -> Summary:
-    """Parse and lint one message into its list row."""
-    parsed = parse(loaded.data)
-    findings = tuple(lint(loaded.data, parsed.message, dkim_keys))
+def summarize(loaded: Loaded, dkim_keys: Path | None, parsed: Parsed | None = None) -> Summary:
+    """Lint one message into its list row (``parsed``: ``loaded.data`` parsed, if at hand)."""
+    parsed = parse(loaded.data) if parsed is None else parsed
+    findings = tuple(lint(loaded.data, parsed, dkim_keys))
     envelope = loaded.envelope
     return Summary(
         id=loaded.id,
