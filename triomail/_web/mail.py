@@ -102,6 +102,9 @@ def headers_only(data: bytes) -> Message:
 
 def decoded(name: str, value: str) -> str:
     """One header value as a reader sees it: encoded words decoded, folding undone."""
+    if value.isascii() and "=?" not in value:
+        # Nothing to decode (the common case, and the cost of a search).
+        return value.replace("\r\n", "").replace("\n", "").strip()
     header = _header(name, value)
     return value if header is None else str(header)
 

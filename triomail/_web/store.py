@@ -318,8 +318,8 @@ def summarize(loaded: Loaded, dkim_keys: Path | None, parsed: Parsed | None = No
     )
 
 
-def _head(path: Path, limit: int = 64 * 1024) -> bytes:
-    """The start of a file, enough for its header block."""
+def _head(path: Path, limit: int = 16 * 1024) -> bytes:
+    """The start of a file, enough for the headers a search looks at."""
     with open(path, "rb") as file:
         return file.read(limit)
 

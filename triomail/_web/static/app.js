@@ -29,7 +29,9 @@ function size(octets) {
 }
 
 function when(seconds) {
-  return new Date(seconds * 1000).toLocaleString();
+  const date = new Date(seconds * 1000);
+  const today = date.toDateString() === new Date().toDateString();
+  return today ? date.toLocaleTimeString() : date.toLocaleString();
 }
 
 function envelopeOr(value, header) {
@@ -52,21 +54,25 @@ async function loadList() {
 }
 
 function row(message) {
+  // Three cells, two lines each, as a mail client's list: who, what, when.
   const tr = el("tr");
   tr.dataset.id = message.id;
   if (message.id === state.selected) tr.classList.add("selected");
-  const recipients = message.rcpt_to ? message.rcpt_to.join(", ") : message.to;
-  const subject = el("td", message.subject || "(no subject)");
-  if (message.attachments) subject.append(el("span", "📎 " + message.attachments, "marker attach"));
-  for (const code of message.problems) subject.append(el("span", code, "marker problem"));
-  tr.append(
-    el("td", when(message.time)),
-    el("td", envelopeOr(message.mail_from, message.sender)),
-    el("td", recipients),
-    subject,
-    el("td", size(message.size)),
-  );
-  tr.title = `From: ${message.sender}\nTo: ${message.to}`;
+  const who = el("td");
+  who.append(el("div", message.sender || "(no From)", "from"));
+  const envelope = message.mail_from === null
+    ? "To: " + message.to
+    : `${message.mail_from || "<>"} → ${message.rcpt_to.join(", ")}`;
+  who.append(el("div", envelope, "envelope"));
+  const what = el("td");
+  what.append(el("div", message.subject || "(no subject)", "subject"));
+  const markers = el("div", null, "markers");
+  if (message.attachments) markers.append(el("span", "📎 " + message.attachments, "marker attach"));
+  for (const code of message.problems) markers.append(el("span", code, "marker problem"));
+  what.append(markers);
+  const when_ = el("td", null, "when");
+  when_.append(el("div", when(message.time)), el("div", size(message.size), "size"));
+  tr.append(who, what, when_);
   tr.addEventListener("click", () => open(message.id));
   return tr;
 }
@@ -89,7 +95,7 @@ async function open(id) {
     ["From", message.sender],
     ["To", message.to],
     ["Envelope", message.envelope ? `${message.envelope.mail_from} → ${message.envelope.rcpt_to.join(", ")}` : "not recorded (file)"],
-    ["Received", when(message.time)],
+    ["Received", new Date(message.time * 1000).toLocaleString()],
     ["Size", size(message.size)],
   ];
   for (const [name, value] of facts) summary.append(el("dt", name), el("dd", value));
