@@ -141,6 +141,8 @@ async def test_wait_for_messages(smtp_sink_web: SinkPage) -> None:
     assert reply.json() == {"ids": ["2", "1"]}
     short = await http("GET", f"{smtp_sink_web.url}api/wait?count=3&timeout=0.1")
     assert short.status == 408
+    nonsense = await http("GET", f"{smtp_sink_web.url}api/wait?count=1&timeout=nan")
+    assert nonsense.json() == {"ids": ["2", "1"]}
 
 
 async def test_events_announce_each_change(smtp_sink_web: SinkPage) -> None:
@@ -225,6 +227,32 @@ def test_sink_refuses_a_network_address_without_a_password() -> None:
     assert "--web-password" in result.stderr
 
 
+async def read_line(process: trio.Process) -> str:
+    assert process.stdout is not None
+    line = b""
+    with trio.fail_after(20):
+        while not line.endswith(b"\n"):
+            line += await process.stdout.receive_some(1)
+    return line.decode()
+
+
+async def test_sink_serves_the_page_beside_smtp(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "triomail", "sink", "--port", "0", "--no-tls", "--web", "0"]
+    async with trio.open_nursery() as nursery:
+        run = partial(trio.run_process, command, stdout=subprocess.PIPE, check=False)
+        process: trio.Process = await nursery.start(run)
+        first, second = await read_line(process), await read_line(process)
+        assert first.startswith("listening on 127.0.0.1:")  # still the first line
+        assert second.startswith("web view on http://127.0.0.1:")
+        url = second.split()[3]
+        await sent(int(first.strip().rpartition(":")[2]), PLAIN)
+        assert (await read_line(process)).startswith("from=<sender@example.org>")
+        body = (await http("GET", url + "api/messages")).json()
+        assert [m["subject"] for m in body["messages"]] == ["Plain one"]
+        process.terminate()
+    assert process.returncode == 0
+
+
 async def test_view_serves_a_folder(tmp_path: Path) -> None:
     (tmp_path / "000001.eml").write_bytes(PLAIN)
     (tmp_path / "000002.eml").write_bytes(MIXED)
@@ -233,13 +261,9 @@ async def test_view_serves_a_folder(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         run = partial(trio.run_process, command, stdout=subprocess.PIPE, check=False)
         process: trio.Process = await nursery.start(run)
-        assert process.stdout is not None
-        line = b""
-        with trio.fail_after(20):
-            while not line.endswith(b"\n"):
-                line += await process.stdout.receive_some(1)
-        assert line.startswith(b"web view on http://127.0.0.1:")
-        url = line.split()[3].decode()
+        line = await read_line(process)
+        assert line.startswith("web view on http://127.0.0.1:")
+        url = line.split()[3]
         body = (await http("GET", url + "api/messages")).json()
         assert [m["id"] for m in body["messages"]] == ["000002.eml", "000001.eml"]
         assert body["messages"][0]["mail_from"] is None  # no envelope in a file

@@ -32,6 +32,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import math
 import secrets
 from collections.abc import AsyncIterator
 from importlib.resources import files
@@ -83,7 +84,7 @@ def build_app(store: Store, password: str | None = None) -> ASGIApp:
     api = _Api(store)
     routes = [Route(path, _static, methods=["GET"]) for path in _STATIC]
     routes += [
-        Route("/api/messages", api.list, methods=["GET"]),
+        Route("/api/messages", api.listing, methods=["GET"]),
         Route("/api/messages", api.delete_all, methods=["DELETE"]),
         Route("/api/messages/{id}", api.one, methods=["GET"]),
         Route("/api/messages/{id}", api.delete, methods=["DELETE"]),
@@ -119,7 +120,7 @@ class _Api:
             raise _NotFound
         return loaded
 
-    async def list(self, request: Request) -> Response:
+    async def listing(self, request: Request) -> Response:
         query = request.query_params.get("q", "").strip()
         start = _int(request, "start", 0)
         limit = min(_int(request, "limit", PAGE_SIZE), 500)
@@ -184,7 +185,7 @@ class _Api:
 
     async def wait(self, request: Request) -> Response:
         count = _int(request, "count", 1)
-        timeout = min(float(request.query_params.get("timeout", "10")), MAX_WAIT)
+        timeout = min(_number(request, "timeout", 10.0), MAX_WAIT)
         with trio.move_on_after(timeout):
             ids = await self.store.wait_for(count)
             return JSONResponse({"ids": ids})
@@ -219,10 +220,16 @@ async def _not_found(request: Request, exc: Exception) -> Response:
 
 
 def _int(request: Request, name: str, default: int) -> int:
+    return int(_number(request, name, default))
+
+
+def _number(request: Request, name: str, default: float) -> float:
+    """A non-negative number from the query string; ``default`` if absent or not one."""
     try:
-        return max(0, int(request.query_params.get(name, default)))
+        value = float(request.query_params.get(name, default))
     except ValueError:
         return default
+    return max(0.0, value) if math.isfinite(value) else default
 
 
 class _SecurityHeaders:

@@ -24,7 +24,6 @@ list marks) or None (cannot tell, or only informative). The checks:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
@@ -158,22 +157,17 @@ def _dkim(data: bytes, message: Message, keys: Path | None) -> Finding:
 
     folder = KeyFolder(keys)
     verifier = dkim.DKIM(data)
-    results = list(_verify_each(verifier, count, folder))
+    results = []
+    for index in range(count):
+        try:
+            results.append(bool(verifier.verify(idx=index, dnsfunc=folder)))
+        except dkim.DKIMException:
+            results.append(False)
     if folder.missing:
         return Finding("dkim", None, f"unverifiable: no key file for {sorted(set(folder.missing))}")
     if all(results):
         return Finding("dkim", True, f"{count} signature(s) verified")
     return Finding("dkim", False, f"{results.count(False)} of {count} signature(s) do not verify")
-
-
-def _verify_each(verifier: object, count: int, folder: KeyFolder) -> Iterator[bool]:
-    import dkim
-
-    for index in range(count):
-        try:
-            yield bool(verifier.verify(idx=index, dnsfunc=folder))  # type: ignore[attr-defined]
-        except dkim.DKIMException:
-            yield False
 
 
 def _size(data: bytes) -> Finding:
