@@ -2,12 +2,15 @@
 
 - ``chrome``: one headless Debian Chromium for the session, driven by Selenium through
   /usr/bin/chromedriver (never Selenium Manager, which would try the network); skipped,
-  with the reason, only when the browser cannot start. ``browser`` wraps it per test.
+  with the reason, only when the browser cannot start. ``browser`` wraps it per test;
+  its screenshots go to a temporary folder, or to ``$TRIOMAIL_SCREENSHOTS``
+  (``TRIOMAIL_SCREENSHOTS=docs/img`` refreshes the ones docs/web.md shows).
 - ``spy``: a :class:`webtools.Spy` on a free loopback port.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import threading
@@ -48,9 +51,11 @@ def chrome() -> Iterator[Any]:
 
 
 @pytest.fixture
-def browser(chrome: Any) -> Browser:
+def browser(chrome: Any, tmp_path_factory: pytest.TempPathFactory) -> Browser:
+    """The session's browser; screenshots go to $TRIOMAIL_SCREENSHOTS or a temporary folder."""
     chrome.delete_all_cookies()
-    return Browser(chrome)
+    shots = os.environ.get("TRIOMAIL_SCREENSHOTS")
+    return Browser(chrome, Path(shots) if shots else tmp_path_factory.getbasetemp() / "screenshots")
 
 
 @pytest.fixture

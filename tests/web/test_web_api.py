@@ -13,7 +13,8 @@ import pytest
 import trio
 from webtools import http, sent
 
-from triomail._web.serve import SinkPage, is_loopback
+from triomail._web.app import is_loopback
+from triomail._web.serve import SinkPage
 
 pytestmark = pytest.mark.smtp_sink(tls=False)
 
@@ -148,7 +149,7 @@ async def test_wait_for_messages(smtp_sink_web: SinkPage) -> None:
 async def test_events_announce_each_change(smtp_sink_web: SinkPage) -> None:
     host, port = smtp_sink_web.url.removeprefix("http://").rstrip("/").split(":")
     stream = await trio.open_tcp_stream(host, int(port))
-    await stream.send_all(b"GET /api/events HTTP/1.1\r\nHost: x\r\n\r\n")
+    await stream.send_all(b"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     received = b""
 
     async def until(marker: bytes) -> None:
@@ -192,8 +193,18 @@ async def test_basic_auth() -> None:
         ).status == 200
 
 
+async def test_other_host_names_are_refused(smtp_sink_web: SinkPage) -> None:
+    """A page elsewhere that rebinds its DNS name to 127.0.0.1 still sends that name."""
+    url = smtp_sink_web.url + "api/messages"
+    assert (await http("GET", url, Host="evil.example")).status == 421
+    assert (await http("GET", url, Host="evil.example:80")).status == 421
+    for host in ("localhost:8025", "LOCALHOST", "127.0.0.1", "[::1]:8025"):
+        assert (await http("GET", url, Host=host)).status == 200
+
+
 def test_loopback_names() -> None:
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert is_loopback("[::1]") and is_loopback("127.0.0.2")
     assert (
         not is_loopback("0.0.0.0") and not is_loopback("192.0.2.1") and not is_loopback("example")
     )

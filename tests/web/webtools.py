@@ -27,7 +27,6 @@ import trio
 T = TypeVar("T")
 
 CHROMEDRIVER = "/usr/bin/chromedriver"
-SHOTS = Path(__file__).resolve().parents[2] / "docs" / "img"
 CHROME_ARGS = (
     "--headless",
     "--no-sandbox",
@@ -44,8 +43,9 @@ CHROME_ARGS = (
 class Browser:
     """A Selenium driver whose blocking calls run in a worker thread."""
 
-    def __init__(self, driver: Any) -> None:
+    def __init__(self, driver: Any, shots: Path) -> None:
         self.driver = driver
+        self.shots = shots
 
     async def run(self, function: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(function, *args)
@@ -57,9 +57,9 @@ class Browser:
         return await self.run(lambda: WebDriverWait(self.driver, timeout).until(condition))
 
     async def shot(self, name: str) -> Path:
-        """Save a screenshot as docs/img/NAME.png."""
-        SHOTS.mkdir(parents=True, exist_ok=True)
-        path = SHOTS / f"{name}.png"
+        """Save a screenshot as NAME.png in :attr:`shots`."""
+        self.shots.mkdir(parents=True, exist_ok=True)
+        path = self.shots / f"{name}.png"
         await self.run(self.driver.save_screenshot, str(path))
         return path
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import ipaddress
 import math
 import secrets
 from collections.abc import AsyncIterator
@@ -50,7 +51,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .mail import decoded, parse, part_bytes
 from .store import Loaded, Store, summarize
 
-__all__ = ["PAGE_POLICY", "build_app", "html_policy"]
+__all__ = ["PAGE_POLICY", "build_app", "html_policy", "is_loopback"]
 
 #: The page's own policy: scripts, styles, frames and fetches from this server only.
 PAGE_POLICY = (
@@ -79,8 +80,12 @@ def html_policy(remote_images: bool) -> str:
     )
 
 
-def build_app(store: Store, password: str | None = None) -> ASGIApp:
-    """The ASGI app over ``store``; with ``password``, behind HTTP basic auth."""
+def build_app(store: Store, password: str | None = None, loopback: bool = True) -> ASGIApp:
+    """The ASGI app over ``store``; with ``password``, behind HTTP basic auth.
+
+    ``loopback``: the server listens on a loopback address, so requests must name a
+    loopback host too (see :class:`_LoopbackHost`).
+    """
     api = _Api(store)
     routes = [Route(path, _static, methods=["GET"]) for path in _STATIC]
     routes += [
@@ -97,6 +102,8 @@ def build_app(store: Store, password: str | None = None) -> ASGIApp:
     middleware = [Middleware(_SecurityHeaders)]
     if password is not None:
         middleware.insert(0, Middleware(_BasicAuth, password=password))
+    if loopback:
+        middleware.insert(0, Middleware(_LoopbackHost))
     return Starlette(
         routes=routes, middleware=middleware, exception_handlers={_NotFound: _not_found}
     )
@@ -255,6 +262,36 @@ class _SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, IPv6 with or without brackets) is this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class _LoopbackHost:
+    """Refuse requests for other host names (``421``): a defence against DNS rebinding.
+
+    A page the user visits could make its own name resolve to 127.0.0.1 and then read
+    this API as "same origin"; its requests still carry that name in ``Host``.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        host = dict(scope.get("headers", [])).get(b"host", b"").decode("latin-1")
+        name = host.partition("]")[0] + "]" if host.startswith("[") else host.partition(":")[0]
+        if scope["type"] == "http" and not is_loopback(name):
+            response = Response("this server answers only to a loopback host name\n", 421)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class _BasicAuth:

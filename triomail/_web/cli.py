@@ -135,7 +135,7 @@ class SinkWeb:
 
 
 def _check(args: argparse.Namespace) -> None:
-    from .serve import is_loopback
+    from .app import is_loopback
 
     host, _ = args.web
     if not is_loopback(host) and args.web_password is None and not args.web_insecure:

@@ -8,7 +8,6 @@ Leaving :func:`open_web` cancels the server, which also ends open event streams.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,22 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .app import build_app, is_loopback
 from .store import LiveStore, Store
 
 if TYPE_CHECKING:
     from triomail.testing import CapturedMessage, SMTPSink
 
-__all__ = ["SinkPage", "is_loopback", "open_sink_page", "open_web"]
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` only accepts connections from this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+__all__ = ["SinkPage", "open_sink_page", "open_web"]
 
 
 @asynccontextmanager
@@ -43,14 +33,12 @@ async def open_web(
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
-    from .app import build_app
-
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
     config.loglevel = "WARNING"
     config.graceful_timeout = 0.5
-    app: Any = build_app(store, password)
+    app: Any = build_app(store, password, loopback=is_loopback(host))
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(partial(serve, app, config))
         nursery.start_soon(store.poll)
