@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from webtools import http, sent
+from webtools import PIXEL, http, sent
 
 from triomail._web.app import is_loopback
 from triomail._web.serve import SinkPage
@@ -106,6 +106,21 @@ async def test_one_message_raw_parts_and_html_policy(smtp_sink_web: SinkPage) ->
         "attachment; filename*=UTF-8''r%C3%A9sum%C3%A9%20%221%22.pdf"
     )
     assert (await http("GET", f"{url}/parts/999")).status == 404
+
+
+async def test_inline_images_travel_as_data_urls(smtp_sink_web: SinkPage) -> None:
+    gif = base64.b64encode(PIXEL).decode()
+    related = (
+        "From: a@example.org\r\nTo: b@example.net\r\nSubject: Logo\r\nMIME-Version: 1.0\r\n"
+        "Content-Type: multipart/related; boundary=R\r\n\r\n"
+        '--R\r\nContent-Type: text/html\r\n\r\n<img src="cid:logo%40x"><img src="CID:other@x">\r\n'
+        f"--R\r\nContent-Type: image/gif\r\nContent-ID: <logo@x>\r\n"
+        f"Content-Transfer-Encoding: base64\r\n\r\n{gif}\r\n--R--\r\n"
+    )
+    await sent(smtp_sink_web.sink.port, related.encode())
+    html = await http("GET", f"{smtp_sink_web.url}api/messages/1/html")
+    assert html.body.decode() == (f'<img src="data:image/gif;base64,{gif}"><img src="CID:other@x">')
+    assert "img-src data:;" in html.headers["Content-Security-Policy"]
 
 
 async def test_page_policy_and_missing_messages(smtp_sink_web: SinkPage) -> None:

@@ -48,7 +48,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .mail import decoded, parse, part_bytes
+from .mail import decoded, html_with_inline_images, parse, part_bytes
 from .store import Loaded, Store, summarize
 
 __all__ = ["PAGE_POLICY", "build_app", "html_policy", "is_loopback"]
@@ -163,7 +163,7 @@ class _Api:
         parsed = parse(self._load(request).data)
         policy = html_policy(request.query_params.get("remote") == "1")
         return Response(
-            parsed.html or "",
+            html_with_inline_images(parsed),
             media_type="text/html; charset=utf-8",
             headers={"Content-Security-Policy": policy},
         )
