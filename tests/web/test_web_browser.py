@@ -181,16 +181,25 @@ async def test_scripts_and_event_handlers_do_not_run(
 async def test_remote_images_load_only_when_allowed(
     smtp_sink_web: SinkPage, browser: Browser, spy: Spy
 ) -> None:
-    html = f'<p id="here">with a picture</p><img src="{spy.url}/pixel.gif" width="20" height="20">'
+    html = (
+        f'<p id="here">with a picture</p><img src="{spy.url}/pixel.gif" width="20" height="20">'
+        f'<div style="background: url({spy.url}/background.gif)">styled</div>'
+        # Other remote loads stay blocked even after images are allowed:
+        f'<link rel="stylesheet" href="{spy.url}/style.css">'
+        f'<iframe src="{spy.url}/frame"></iframe>'
+        f'<meta http-equiv="refresh" content="0; url={spy.url}/refresh">'
+    )
     await sent(smtp_sink_web.sink.port, html_message("Remote image", html))
     await open_page(browser, smtp_sink_web, 1)
     await open_message(browser)
     assert await frame_texts(browser, "here") == ["with a picture"]
     await trio.sleep(1.0)  # time for a fetch, were it allowed
-    assert spy.count("/pixel.gif") == 0
+    assert spy.hits == {}
     await browser.run(lambda: browser.driver.find_element("id", "remote").click())
-    await browser.wait(lambda d: spy.count("/pixel.gif") > 0)
+    await browser.wait(lambda d: spy.count("/pixel.gif") > 0 and spy.count("/background") > 0)
     assert await frame_texts(browser, "here") == ["with a picture"]
+    await trio.sleep(0.5)
+    assert set(spy.hits) == {"/pixel.gif", "/background.gif"}
 
 
 async def test_delete_one_and_all(smtp_sink_web: SinkPage, browser: Browser) -> None:
