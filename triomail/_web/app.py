@@ -59,8 +59,9 @@ PAGE_POLICY = (
     "connect-src 'self'; frame-src 'self'; base-uri 'none'; form-action 'none'; "
     "frame-ancestors 'none'"
 )
-#: Page size of the message list when the client does not say.
+#: Page size of the message list when the client does not say, and the most it may ask.
 PAGE_SIZE = 50
+MAX_PAGE = 500
 #: Longest wait /api/wait accepts, and the keep-alive interval of /api/events.
 MAX_WAIT = 300.0
 KEEP_ALIVE = 15.0
@@ -130,7 +131,7 @@ class _Api:
     async def listing(self, request: Request) -> Response:
         query = request.query_params.get("q", "").strip()
         start = _int(request, "start", 0)
-        limit = min(_int(request, "limit", PAGE_SIZE), 500)
+        limit = min(_int(request, "limit", PAGE_SIZE), MAX_PAGE)
         total, rows = self.store.page(query, start, limit)
         return JSONResponse(
             {

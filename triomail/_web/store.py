@@ -186,10 +186,8 @@ class Store:
         return start + len(rows), rows
 
     def _matching(self, ids: list[str], needle: str) -> Iterator[str]:
-        for message_id in ids:
-            loaded = self.load(message_id)
-            if loaded is not None and needle in _search_text(loaded):
-                yield message_id
+        """The ids among ``ids`` whose searched text contains ``needle`` (lower case)."""
+        raise NotImplementedError
 
 
 class LiveStore(Store):
@@ -199,6 +197,9 @@ class LiveStore(Store):
         super().__init__(dkim_keys)
         self.limit = limit
         self._messages: OrderedDict[str, Loaded] = OrderedDict()
+        # Searched text per id, made on the first search that reaches it: the next
+        # searches are a substring test each, and the sink's hot path does no parsing.
+        self._searchable: dict[str, str] = {}
         self._serial = 0
 
     def add(self, message: CapturedMessage) -> None:
@@ -223,6 +224,7 @@ class LiveStore(Store):
         while len(self._messages) > self.limit:
             dropped, _ = self._messages.popitem(last=False)
             self._summaries.pop(dropped, None)
+            self._searchable.pop(dropped, None)
         self.changed()
 
     def ids(self) -> list[str]:
@@ -232,10 +234,20 @@ class LiveStore(Store):
         return self._messages.get(message_id)
 
     def _remove(self, message_id: str) -> bool:
+        self._searchable.pop(message_id, None)
         return self._messages.pop(message_id, None) is not None
 
     def _remove_all(self) -> None:
         self._messages.clear()
+        self._searchable.clear()
+
+    def _matching(self, ids: list[str], needle: str) -> Iterator[str]:
+        for message_id in ids:
+            text = self._searchable.get(message_id)
+            if text is None and (loaded := self.load(message_id)) is not None:
+                text = self._searchable[message_id] = _search_text(loaded)
+            if text is not None and needle in text:
+                yield message_id
 
 
 class FolderStore(Store):
