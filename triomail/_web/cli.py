@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 __all__ = ["SinkWeb", "add_web_options", "register"]
 
+#: The modules of the ``web`` extra that serving the page imports.
+WEB_EXTRA = ("starlette", "hypercorn", "dkim")
 #: Where ``triomail view`` serves when not told (Mailpit's and MailHog's web port).
 VIEW_ADDRESS = "127.0.0.1:8025"
 
@@ -135,6 +137,11 @@ class SinkWeb:
 
 
 def _check(args: argparse.Namespace) -> None:
+    import importlib.util
+
+    missing = [name for name in WEB_EXTRA if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"the web view needs {missing}: pip install 'triomail[web]'")
     from .app import is_loopback
 
     host, _ = args.web
