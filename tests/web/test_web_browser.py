@@ -221,3 +221,20 @@ async def test_delete_one_and_all(smtp_sink_web: SinkPage, browser: Browser) -> 
     await browser.run(lambda: browser.driver.find_element("id", "delete-all").click())
     await browser.wait(lambda d: len(rows(d)) == 0 and texts(d, "#count") == ["no messages"])
     assert smtp_sink_web.store.ids() == []
+
+
+async def test_search_by_address_and_subject(smtp_sink_web: SinkPage, browser: Browser) -> None:
+    port = smtp_sink_web.sink.port
+    await sent(port, html_message("Invoice 42", "<p>pay</p>"), to="ann@example.net")
+    await sent(port, html_message("Newsletter", "<p>read</p>"), to="bo@example.net")
+    await open_page(browser, smtp_sink_web, 2)
+    search = await browser.run(browser.driver.find_element, "id", "search")
+    for query, subject in [("ANN@example", "Invoice 42"), ("newsletter", "Newsletter")]:
+        await browser.run(search.clear)
+        await browser.run(search.send_keys, query)
+
+        def only(driver: Any, subject: str = subject) -> bool:
+            found = texts(driver, "#list tbody tr")
+            return len(found) == 1 and subject in found[0]
+
+        await browser.wait(only)

@@ -168,7 +168,13 @@ async function remove(path) {
 function listen() {
   const events = new EventSource(api("events"));
   let pending = null;
-  events.addEventListener("hello", () => $("live").classList.add("on"));
+  let connected = false;
+  events.addEventListener("hello", () => {
+    $("live").classList.add("on");
+    // After a reconnect (the browser retries on its own) catch up on what was missed.
+    if (connected) refresh();
+    connected = true;
+  });
   events.addEventListener("change", () => {
     // Many messages may arrive at once: one reload per burst.
     if (pending === null) pending = setTimeout(() => { pending = null; refresh(); }, 100);
