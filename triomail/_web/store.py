@@ -9,12 +9,14 @@ change counter with a way to wait for the next change, which feeds the page's
 server-sent events and the API's "wait for n messages".
 
 A **live store** is fed by the sink's ``on_message`` hook and keeps the captured
-messages in memory, as the sink itself does (bounded the same way, oldest dropped).
-A **folder store** keeps only the sorted list of file names: the names are read
-with one ``scandir`` per listing (file names written by ``triomail sink --out`` and
-``triomail send --dry-run --sink`` sort in arrival order), and a file is read only
-when a page shows it. A search reads the header block of each file in turn and stops
-when a page is full, so memory does not grow with the folder.
+messages in memory, as the sink itself does (bounded the same way, oldest dropped);
+the searched text of a message is made by the first search that reaches it and kept.
+A **folder store** keeps no message: each listing is one ``scandir`` sorted by name
+(file names written by ``triomail sink --out`` and ``triomail send --dry-run --sink``
+sort in arrival order), and a file is read only when a page shows it. A search reads
+the header block of each file in turn and stops when a page is full, so memory does
+not grow with the folder. Files that come and go behind its back change the folder's
+mtime, which :meth:`FolderStore.poll` watches to announce a change.
 
 Summaries (the list's row for one message: headers, size, lint markers) are the
 expensive part, one full parse each; a bounded cache keeps the most recent ones.
