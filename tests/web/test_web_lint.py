@@ -32,6 +32,7 @@ def test_a_good_message_passes_every_check() -> None:
     result = findings((GOOD_HEADERS + ALTERNATIVE).encode())
     assert [code for code, f in result.items() if f.ok is False] == []
     assert result["unsubscribe"].ok is True
+    assert result["unsubscribe"].text.endswith("not DKIM-signed here")
     assert result["dkim"].ok is None and result["dkim"].text == "not signed"
     assert result["size"].ok is None
 
@@ -105,8 +106,23 @@ def signed(private: bytes) -> bytes:
     import dkim  # type: ignore[import-untyped]
 
     data = (GOOD_HEADERS + ALTERNATIVE).encode()
-    signature: bytes = dkim.sign(data, b"s1", b"example.com", private)
+    headers = [*dkim.DKIM.SHOULD, b"list-unsubscribe-post"]
+    signature: bytes = dkim.sign(data, b"s1", b"example.com", private, include_headers=headers)
     return signature + data
+
+
+def test_one_click_headers_must_be_signed_when_signed() -> None:
+    private, _ = key_pair()
+    assert findings(signed(private))["unsubscribe"].text == (
+        "one-click unsubscribe, DKIM-covered (RFC 8058)"
+    )
+    import dkim  # type: ignore[import-untyped]
+
+    data = (GOOD_HEADERS + ALTERNATIVE).encode()
+    # dkimpy's default header list has List-Unsubscribe but not List-Unsubscribe-Post.
+    default = dkim.sign(data, b"s1", b"example.com", private)
+    finding = findings(default + data)["unsubscribe"]
+    assert finding.ok is False and "(RFC 8058 §4)" in finding.text
 
 
 def test_dkim_verified_with_a_key_from_the_folder(tmp_path: Path) -> None:

@@ -6,7 +6,8 @@ list marks) or None (cannot tell, or only informative). The checks:
 - ``unsubscribe``: ``List-Unsubscribe`` (RFC 2369) carries an ``https`` URI and
   ``List-Unsubscribe-Post: List-Unsubscribe=One-Click`` is present, which is what
   RFC 8058 §3.1 requires for one-click unsubscription (and what the large mailbox
-  providers ask of bulk senders).
+  providers ask of bulk senders); a DKIM signature, if there is one, must cover both
+  headers (§4). An unsigned message passes: the relay that sends it may sign it.
 - ``encoded-word``: RFC 2047 §5 allows encoded words only in unstructured text
   (Subject, Comments, phrases); a structured header that carries one (Message-ID,
   References, In-Reply-To, List-*, Content-ID) is read literally by a conforming
@@ -41,6 +42,7 @@ _ONE_CLICK = "List-Unsubscribe=One-Click"
 _ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?=")
 _STRUCTURED = ("message-id", "references", "in-reply-to", "content-id")
 _URI = re.compile(r"<([^>]*)>")
+_COVERED = {"list-unsubscribe", "list-unsubscribe-post"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +110,27 @@ def _unsubscribe(message: Message) -> Finding:
             False,
             f"List-Unsubscribe-Post must be {_ONE_CLICK!r} (RFC 8058 §3.1), is {found}",
         )
-    return Finding("unsubscribe", True, "one-click unsubscribe (RFC 8058)")
+    signatures = _raw(message, "dkim-signature")
+    if not signatures:
+        return Finding(
+            "unsubscribe", True, "one-click unsubscribe (RFC 8058); not DKIM-signed here"
+        )
+    if not any(_signed_headers(signature) >= _COVERED for signature in signatures):
+        return Finding(
+            "unsubscribe",
+            False,
+            "no DKIM signature covers List-Unsubscribe and List-Unsubscribe-Post (RFC 8058 §4)",
+        )
+    return Finding("unsubscribe", True, "one-click unsubscribe, DKIM-covered (RFC 8058)")
+
+
+def _signed_headers(signature: str) -> set[str]:
+    """The header names in a DKIM-Signature's ``h=`` tag (RFC 6376 §3.5), lower case."""
+    for tag in signature.split(";"):
+        name, _, value = tag.partition("=")
+        if name.strip() == "h":
+            return {field.strip().lower() for field in value.split(":")}
+    return set()
 
 
 def _encoded_words(message: Message) -> Finding:
