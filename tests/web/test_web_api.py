@@ -86,6 +86,7 @@ async def test_one_message_raw_parts_and_html_policy(smtp_sink_web: SinkPage) ->
 
     raw = await http("GET", url + "/raw")
     assert raw.body == MIXED
+    assert (await http("HEAD", url + "/raw")).status == 200  # the page's "still there?"
     assert raw.headers["Content-Type"].startswith("text/plain")
     assert raw.headers["X-Content-Type-Options"] == "nosniff"
 
@@ -133,6 +134,7 @@ async def test_page_policy_and_missing_messages(smtp_sink_web: SinkPage) -> None
         reply = await http("GET", smtp_sink_web.url + path)
         assert reply.status == 404
         assert reply.json() == {"error": "no such message"}
+    assert (await http("HEAD", smtp_sink_web.url + "api/messages/7/raw")).status == 404
     assert (await http("DELETE", smtp_sink_web.url + "api/messages/7")).status == 404
 
 

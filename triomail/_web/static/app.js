@@ -73,14 +73,14 @@ function row(message) {
   const when_ = el("td", null, "when");
   when_.append(el("div", when(message.time)), el("div", size(message.size), "size"));
   tr.append(who, what, when_);
-  tr.addEventListener("click", () => open(message.id));
+  tr.addEventListener("click", () => openMessage(message.id));
   return tr;
 }
 
-async function open(id) {
+async function openMessage(id) {
   const response = await fetch(messageUrl(id));
   if (!response.ok) {
-    close();
+    closeMessage();
     return;
   }
   const message = await response.json();
@@ -155,7 +155,7 @@ async function showTab(name) {
   }
 }
 
-function close() {
+function closeMessage() {
   state.selected = null;
   $("view").hidden = true;
   $("v-html").src = "about:blank";
@@ -184,7 +184,10 @@ function listen() {
 
 async function refresh() {
   await loadList();
-  if (state.selected !== null && !(await fetch(messageUrl(state.selected))).ok) close();
+  // Was the open message deleted (elsewhere)? HEAD of its source is the cheap question.
+  if (state.selected === null) return;
+  const still = await fetch(messageUrl(state.selected, "/raw"), { method: "HEAD" });
+  if (!still.ok) closeMessage();
 }
 
 function setup() {
@@ -195,11 +198,11 @@ function setup() {
   });
   $("newer").addEventListener("click", () => { state.start = Math.max(0, state.start - PAGE); loadList(); });
   $("older").addEventListener("click", () => { state.start += PAGE; loadList(); });
-  $("delete-all").addEventListener("click", async () => { await remove(api("messages")); close(); refresh(); });
+  $("delete-all").addEventListener("click", async () => { await remove(api("messages")); closeMessage(); refresh(); });
   $("delete").addEventListener("click", async () => {
     if (state.selected === null) return;
     await remove(messageUrl(state.selected));
-    close();
+    closeMessage();
     refresh();
   });
   $("remote").addEventListener("click", () => {
