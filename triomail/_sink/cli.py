@@ -128,7 +128,8 @@ async def _serve(args: argparse.Namespace) -> int:
             store=False,
             on_message=_print_message if web is None else web.hook(_print_message),
         )
-        async with sink, (web.serving() if web is not None else contextlib.nullcontext()) as url:
+        page = web.serving() if web is not None else contextlib.nullcontext()
+        async with sink, page as url:
             print(f"listening on {sink.host}:{sink.port}", flush=True)
             if url is not None:
                 print(f"web view on {url}", flush=True)
