@@ -29,7 +29,7 @@ PUBLIC = {
         "default_ssl_context", "open_connection", "open_pool", "prepare", "start_session",
     ],
     "triomail.testing": ["CapturedMessage", "Drop", "Fault", "SMTPSink"],
-    "triomail.pytest_plugin": ["smtp_sink"],
+    "triomail.pytest_plugin": ["smtp_sink", "smtp_sink_web"],
 }  # fmt: skip
 
 

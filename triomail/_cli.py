@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 from ._bulk import send as bulk_send
 from ._sink import cli as sink_cli
+from ._web import cli as web_cli
 
 __all__ = ["build_parser", "main"]
 
@@ -21,7 +22,7 @@ Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], No
 
 # Subcommands, in the order `triomail --help` lists them. `triomail send` (the bulk
 # mailer, `_bulk.send.register`) goes here.
-REGISTRARS: tuple[Registrar, ...] = (sink_cli.register, bulk_send.register)
+REGISTRARS: tuple[Registrar, ...] = (sink_cli.register, bulk_send.register, web_cli.register)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""pytest plugin (entry point ``pytest11``): the ``smtp_sink`` fixture.
+"""pytest plugin (entry point ``pytest11``): the ``smtp_sink`` and ``smtp_sink_web`` fixtures.
 
 The fixture is an async generator fixture for pytest-trio: in trio mode every async
 test can take it; outside trio mode mark the test ``@pytest.mark.trio``. Configure
@@ -10,14 +10,15 @@ only when the fixture is used, so the plugin costs nothing otherwise.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 if TYPE_CHECKING:
     from ._sink.server import SMTPSink
+    from ._web.serve import SinkPage
 
-__all__ = ["smtp_sink"]
+__all__ = ["smtp_sink", "smtp_sink_web"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -35,7 +36,23 @@ async def smtp_sink(request: pytest.FixtureRequest) -> AsyncIterator[SMTPSink]:
     """
     from ._sink.server import SMTPSink
 
-    marker = request.node.get_closest_marker("smtp_sink")
-    kwargs = dict(marker.kwargs) if marker is not None else {}
-    async with SMTPSink(**kwargs) as sink:
+    async with SMTPSink(**_sink_kwargs(request)) as sink:
         yield sink
+
+
+@pytest.fixture
+async def smtp_sink_web(request: pytest.FixtureRequest) -> AsyncIterator[SinkPage]:
+    """A running sink (configured as ``smtp_sink``) with its web view (``triomail[web]``).
+
+    ``smtp_sink_web.sink`` is the :class:`~triomail.testing.SMTPSink`,
+    ``smtp_sink_web.url`` the page (the JSON API is under ``url + "api/"``).
+    """
+    from ._web.serve import open_sink_page
+
+    async with open_sink_page(**_sink_kwargs(request)) as page:
+        yield page
+
+
+def _sink_kwargs(request: pytest.FixtureRequest) -> dict[str, Any]:
+    marker = request.node.get_closest_marker("smtp_sink")
+    return dict(marker.kwargs) if marker is not None else {}

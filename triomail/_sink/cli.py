@@ -7,6 +7,7 @@ by scripts), then one line per message; stops cleanly on Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import tempfile
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .._web.cli import SinkWeb
     from .message import CapturedMessage
 
 __all__ = ["register", "run"]
@@ -54,7 +56,24 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=Path,
         help="write the throwaway CA certificate here (default: a temporary file)",
     )
+    _add_web_options(parser)
     parser.set_defaults(func=run)
+
+
+def _add_web_options(parser: argparse.ArgumentParser) -> None:
+    """``--web`` and its options: the web view, in ``triomail._web`` (no heavy imports)."""
+    from .._web.cli import add_web_options
+
+    add_web_options(parser, required_address=False)
+
+
+def _web_page(args: argparse.Namespace) -> SinkWeb | None:
+    """The ``--web`` page (``triomail._web``, imported only when asked for), or None."""
+    if args.web is None:
+        return None
+    from .._web.cli import SinkWeb
+
+    return SinkWeb(args)
 
 
 def _credentials(value: str) -> tuple[str, str]:
@@ -91,6 +110,7 @@ async def _serve(args: argparse.Namespace) -> int:
     tls = args.tls if args.tls is not None else None
     if args.implicit_tls and tls is None:
         tls = True
+    web = _web_page(args)
     with (
         trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
         tempfile.TemporaryDirectory(prefix="triomail-sink-") as scratch,
@@ -106,10 +126,13 @@ async def _serve(args: argparse.Namespace) -> int:
             allow_insecure_auth=tls is False,
             out_dir=args.out,
             store=False,
-            on_message=_print_message,
+            on_message=_print_message if web is None else web.hook(_print_message),
         )
-        async with sink:
+        page = web.serving() if web is not None else contextlib.nullcontext()
+        async with sink, page as url:
             print(f"listening on {sink.host}:{sink.port}", flush=True)
+            if url is not None:
+                print(f"web view on {url}", flush=True)
             if sink.ca is not None:
                 ca_file = args.ca_file or Path(scratch) / "triomail-sink-ca.pem"
                 sink.ca.cert_pem.write_to_path(str(ca_file))
