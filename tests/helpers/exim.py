@@ -1,0 +1,173 @@
+"""A private Exim for the interop contract suite.
+
+Debian's ``exim4-daemon-light`` cannot be installed next to Postfix (both are the
+system's ``mail-transport-agent``), so ``.ci/interop-servers.sh`` unpacks it with
+``dpkg -x`` into ``INTEROP_ROOT/root`` (plus ``libidn12``, the one library it needs that
+bookworm does not bring, found through ``LD_LIBRARY_PATH``) and creates the
+``Debian-exim`` user its binary looks up by compiled-in name.
+
+:func:`start_exim` runs that binary as a foreground daemon (``-bdf``) with ``-C`` and a
+configuration of its own: spool, log and pid file in a fresh temporary directory, one
+loopback listener, STARTTLS with a certificate from the session CA, AUTH PLAIN/LOGIN
+after TLS, PIPELINING, CHUNKING, 8BITMIME and SMTPUTF8 advertised. ``queue_only`` keeps
+every accepted message in the private spool: nothing is delivered anywhere. The ledger
+is Exim's own mainlog: one ``<=`` line per accepted message, with ``id=<Message-ID>``.
+The RCPT ACL refuses ``REFUSED_DOMAIN`` with 550 and answers the cue recipient with
+``421``, after which Exim closes the connection (spec, chapter "Access control lists":
+a 421 from an ACL drops the connection).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import trustme
+
+from helpers.mta import (
+    CUE_421,
+    HOST,
+    INTEROP_ROOT,
+    REFUSED_DOMAIN,
+    Daemon,
+    ServerError,
+    Target,
+    free_loopback_port,
+    read_text,
+)
+
+EXIM = INTEROP_ROOT / "root" / "usr" / "sbin" / "exim4"
+LIBRARY_PATH = INTEROP_ROOT / "root" / "usr" / "lib" / "x86_64-linux-gnu"
+USER, PASSWORD = "triomail", "interop-secret"
+#: A ``<=`` (message received) line of the mainlog, and the Message-ID it logs.
+_RECEIVED_RE = re.compile(r"^\S+ \S+ \S+ <= .*? id=(\S+)", re.M)
+
+_CONFIG = """\
+primary_hostname = exim.triomail.test
+spool_directory = @root@/spool
+log_file_path = @root@/log/%slog
+pid_file_path = @root@/exim.pid
+daemon_smtp_ports = @port@
+local_interfaces = @host@
+queue_only = true
+tls_advertise_hosts = *
+tls_certificate = @root@/cert.pem
+tls_privatekey = @root@/key.pem
+auth_advertise_hosts = ${if def:tls_in_cipher {*}{}}
+pipelining_advertise_hosts = *
+chunking_advertise_hosts = *
+smtputf8_advertise_hosts = *
+accept_8bitmime = true
+message_size_limit = 10M
+host_lookup =
+rfc1413_hosts =
+keep_environment =
+smtp_accept_max = 50
+smtp_accept_queue_per_connection = 0
+acl_smtp_rcpt = acl_rcpt
+
+begin acl
+acl_rcpt:
+  defer local_parts = @cue@
+        message = 421 closing on cue
+  deny  domains = @refused@
+        message = 550 5.1.2 refused by the test configuration
+  accept
+
+begin routers
+blackhole:
+  driver = redirect
+  data = :blackhole:
+
+begin authenticators
+plain:
+  driver = plaintext
+  public_name = PLAIN
+  server_prompts = :
+  server_condition = ${if and {{eq{$auth2}{@user@}}{eq{$auth3}{@password@}}}}
+login:
+  driver = plaintext
+  public_name = LOGIN
+  server_prompts = Username:: : Password::
+  server_condition = ${if and {{eq{$auth1}{@user@}}{eq{$auth2}{@password@}}}}
+"""
+
+
+def exim_version() -> str | None:
+    """``Exim 4.96`` (what ``-bV`` says), or ``None`` if the binary is missing."""
+    if not EXIM.exists():
+        return None
+    proc = subprocess.run(
+        [str(EXIM), "-C", "/dev/null", "-bV"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LD_LIBRARY_PATH": str(LIBRARY_PATH)},
+        stdin=subprocess.DEVNULL,
+        check=False,
+        timeout=30,
+    )
+    match = re.search(r"Exim version (\S+)", proc.stdout)
+    return f"Exim {match.group(1)}" if match else None
+
+
+@contextlib.contextmanager
+def start_exim(ca: trustme.CA, *, startup_timeout: float = 30.0) -> Iterator[Target]:
+    """Run a private Exim daemon for the duration of the ``with`` block."""
+    version = exim_version()
+    if version is None:
+        raise ServerError(f"{EXIM} is missing or does not run (.ci/interop-servers.sh)")
+    root = Path(tempfile.mkdtemp(prefix="triomail-exim-"))
+    try:
+        root.chmod(0o755)  # Exim receives as Debian-exim, which must reach its spool
+        for sub in ("spool", "log"):
+            (root / sub).mkdir()
+            shutil.chown(root / sub, user="Debian-exim")
+        leaf = ca.issue_cert("localhost", "127.0.0.1")
+        leaf.private_key_pem.write_to_path(str(root / "key.pem"))
+        leaf.cert_chain_pems[0].write_to_path(str(root / "cert.pem"))
+        for pem in ("key.pem", "cert.pem"):
+            shutil.chown(root / pem, user="Debian-exim")
+        port = free_loopback_port()
+        config = root / "exim.conf"
+        text = _CONFIG
+        for key, value in {
+            "root": str(root),
+            "port": str(port),
+            "host": HOST,
+            "cue": CUE_421,
+            "refused": REFUSED_DOMAIN,
+            "user": USER,
+            "password": PASSWORD,
+        }.items():
+            text = text.replace(f"@{key}@", value)
+        config.write_text(text)
+        mainlog = root / "log" / "mainlog"
+        daemon = Daemon(
+            [str(EXIM), "-C", str(config), "-bdf"],
+            port=port,
+            log_path=root / "stderr.log",
+            env={"LD_LIBRARY_PATH": str(LIBRARY_PATH)},
+        )
+        daemon.start(startup_timeout)
+        try:
+            yield Target(
+                name="exim",
+                version=version,
+                host=HOST,
+                port=port,
+                ledger=lambda: _RECEIVED_RE.findall(read_text(mainlog)),
+                ca=ca,
+                auth=(USER, PASSWORD),
+                cue_421=True,
+                log=lambda: read_text(mainlog) + read_text(root / "log" / "paniclog"),
+            )
+        finally:
+            daemon.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
