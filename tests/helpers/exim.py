@@ -74,7 +74,7 @@ acl_smtp_rcpt = acl_rcpt
 
 begin acl
 acl_rcpt:
-  defer local_parts = @cue@
+  drop  local_parts = @cue@
         message = 421 closing on cue
   deny  domains = @refused@
         message = 550 5.1.2 refused by the test configuration

@@ -58,6 +58,7 @@ const DSN = require('haraka-dsn')
 exports.register = function () {{
     this.register_hook('rcpt', 'cue')
     this.register_hook('queue', 'ledger')
+    this.register_hook('queue_outbound', 'ledger') // an authenticated (relaying) client
 }}
 
 // A DSN object overrides the code of the reply, so this is "421 ..., closing".

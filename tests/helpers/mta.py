@@ -40,7 +40,7 @@ import trustme
 #: Where ``.ci/interop-servers.sh`` installs Haraka and the unpacked Debian packages.
 INTEROP_ROOT = Path(os.environ.get("TRIOMAIL_INTEROP_DIR", "/opt/triomail-interop"))
 #: Every server accepts recipients in these domains ...
-ACCEPTED_DOMAINS = ("example.org", "example.net", "xn--fsqu00a.xn--0zwm56d")
+ACCEPTED_DOMAINS = ("example.org", "example.net", "例子.测试", "xn--fsqu00a.xn--0zwm56d")
 #: ... and refuses any recipient here with a 5xx (RCPT).
 REFUSED_DOMAIN = "refused.test"
 #: The local part of a recipient the server answers with 421 and then closes.
