@@ -25,9 +25,12 @@ not a greeting), stop the whole group.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
+import smtplib
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -72,6 +75,8 @@ class Target:
     known_failures: Mapping[str, str] = field(default_factory=dict)
     #: The server's log, for failure reports.
     log: Callable[[], str] = lambda: ""
+    #: The EHLO keywords it offers (after STARTTLS, where offered): see :func:`probe`.
+    extensions: frozenset[str] = frozenset()
 
     def checkpoint(self) -> int:
         """How many messages the ledger holds now (pass it as ``since=``)."""
@@ -93,6 +98,20 @@ class Target:
             await trio.sleep(0.05)
         await trio.sleep(0.3)
         return self.accepted(since)
+
+
+def probe(target: Target) -> Target:
+    """*target* with :attr:`Target.extensions` filled in from a real EHLO (after
+    STARTTLS where offered), asked with the standard library's client, not triomail."""
+    with smtplib.SMTP(target.host, target.port, local_hostname="probe.triomail.test") as s:
+        s.ehlo()
+        if target.ca is not None:
+            ctx = ssl.create_default_context()
+            target.ca.configure_trust(ctx)
+            s.starttls(context=ctx)
+            s.ehlo()
+        extensions = frozenset(k.upper() for k in s.esmtp_features)
+    return dataclasses.replace(target, extensions=extensions)
 
 
 def free_loopback_port() -> int:
