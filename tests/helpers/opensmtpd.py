@@ -14,8 +14,8 @@ Configuration: one loopback listener, a builtin filter that answers the cue reci
 with 421 and disconnects, ``REFUSED_DOMAIN`` rejected (550), every other recipient
 delivered through an ``mda`` action to a script that appends ``Message-ID recipient`` to
 the ledger. The session limit is raised from 100 messages (``smtp limit max-mails``)
-to 10,000, so that one connection can carry the contract's batches (see docs/interop.md
-for what the pool does at the default limit). OpenSMTPD 6.8 advertises 8BITMIME, SIZE, DSN and ENHANCEDSTATUSCODES, but
+to 10,000, so that one connection can carry the contract's batches;
+``test_pool_after_a_session_limit`` runs one at the default. OpenSMTPD 6.8 advertises 8BITMIME, SIZE, DSN and ENHANCEDSTATUSCODES, but
 no PIPELINING, CHUNKING or SMTPUTF8, so the client sends one command at a time.
 
 No STARTTLS: bookworm's 6.8.0p2 with OpenSSL 3 fails every handshake on the server side
@@ -52,7 +52,7 @@ SMTPD = INTEROP_ROOT / "root" / "usr" / "sbin" / "smtpd"
 LIBEXEC = INTEROP_ROOT / "root" / "usr" / "libexec" / "opensmtpd"
 
 _CONFIG = """\
-smtp limit max-mails 10000
+smtp limit max-mails {max_mails}
 table vusers {{ "@" = "nobody" }}
 filter "cue" phase rcpt-to match rcpt-to regex "^{cue}@" disconnect "421 closing on cue"
 listen on {host} port {port} hostname opensmtpd.triomail.test filter "cue"
@@ -82,6 +82,9 @@ mount --bind '{libexec}' /usr/libexec/opensmtpd
 exec '{smtpd}' -d -f '{config}'
 """
 
+#: ``smtp limit max-mails`` when smtpd.conf does not set it (smtpd.conf(5)).
+DEFAULT_MAX_MAILS = 100
+
 _VERSION_RE = re.compile(r"OpenSMTPD (\S+)")
 
 
@@ -109,9 +112,12 @@ def _ledger(path: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def start_opensmtpd(ca: trustme.CA, *, startup_timeout: float = 30.0) -> Iterator[Target]:
+def start_opensmtpd(
+    ca: trustme.CA, *, max_mails: int = 10_000, startup_timeout: float = 30.0
+) -> Iterator[Target]:
     """Run a private OpenSMTPD for the duration of the ``with`` block (*ca* is unused:
-    no STARTTLS, see the module docs)."""
+    no STARTTLS, see the module docs). *max_mails*: messages per session
+    (:data:`DEFAULT_MAX_MAILS` is what OpenSMTPD does unconfigured)."""
     version = opensmtpd_version()
     if version is None:
         raise ServerError(f"{SMTPD} is missing (.ci/interop-servers.sh)")
@@ -127,7 +133,12 @@ def start_opensmtpd(ca: trustme.CA, *, startup_timeout: float = 30.0) -> Iterato
         port = free_loopback_port()
         files = {
             "smtpd.conf": _CONFIG.format(
-                host=HOST, port=port, root=root, cue=CUE_421, refused=REFUSED_DOMAIN
+                host=HOST,
+                port=port,
+                root=root,
+                cue=CUE_421,
+                refused=REFUSED_DOMAIN,
+                max_mails=max_mails,
             ),
             "ledger.sh": _LEDGER_SH.format(ledger=ledger),
             "launch.sh": _LAUNCH_SH.format(

@@ -41,7 +41,7 @@ from helpers.certs import client_ssl_context
 from helpers.exim import start_exim
 from helpers.haraka import start_haraka
 from helpers.mta import CUE_421, REFUSED_DOMAIN, ServerError, Target, probe
-from helpers.opensmtpd import start_opensmtpd
+from helpers.opensmtpd import DEFAULT_MAX_MAILS, start_opensmtpd
 from helpers.postfix import POSTFIX
 from helpers.postfix_targets import start_postfix_target
 
@@ -344,6 +344,44 @@ async def test_smtputf8_and_8bitmime(target: Target) -> None:
         results = [await conn.send(m) for m in messages]
     await _check_honest(target, since, messages, results)
     _expect(all(r.ok for r in results), results, "8BITMIME and SMTPUTF8")
+
+
+# -- a server's session limit ---------------------------------------------------------------
+
+
+@pytest.fixture
+def opensmtpd_default_limit(tls_ca: trustme.CA) -> Iterator[Target]:
+    try:
+        with start_opensmtpd(tls_ca, max_mails=DEFAULT_MAX_MAILS) as t:
+            yield t
+    except ServerError as exc:
+        pytest.skip(f"opensmtpd: {str(exc).splitlines()[0]}")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=pytest.RaisesGroup(Shortfall, allow_unwrapped=True),
+    reason="the pool retries a session-limit 452 on the same exhausted connection",
+)
+async def test_pool_after_a_session_limit(opensmtpd_default_limit: Target) -> None:
+    """OpenSMTPD as shipped takes 100 messages per session, then answers RCPT with
+    ``452 4.5.3 Too many recipients: Too many messages sent``. A pool of two connections
+    sending 250 messages should get them all through on fresh sessions."""
+    target = opensmtpd_default_limit
+    messages = _batch("limit", 250)
+    server = triomail.Server(target.host, target.port, tls="none", local_hostname=CLIENT_NAME)
+    since = target.checkpoint()
+    by_tag: dict[object, SendResult] = {}
+    with trio.fail_after(120):
+        async with (
+            triomail.open_pool(server, connections=2) as pool,
+            pool.send_all(messages) as channel,
+        ):
+            async for result in channel:
+                by_tag[result.tag] = result
+    results = [by_tag[m.tag] for m in messages]
+    await _check_honest(target, since, messages, results)
+    _expect(all(r.ok for r in results), results, "pool of 2, 250 messages, 100 per session")
 
 
 # -- is the hardened Postfix hardened? -------------------------------------------------------
