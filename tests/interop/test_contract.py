@@ -7,7 +7,8 @@ matrix, the versions and why a cell is xfail or skip.
 
 The contract: whatever the client reports, the server agrees. Each message carries a
 Message-ID unique to the run; each server keeps a *ledger* of the Message-IDs it accepted
-(its log, or a hook), and :func:`_check_honest` holds the two side by side:
+(its log, or a hook), and :func:`helpers.contract.check_honest` holds the two side by
+side:
 
 - a message with an accepted recipient was accepted by the server exactly once;
 - a message the client reports refused or failed (transient, permanent) is not in the
@@ -25,19 +26,27 @@ is removed.
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import itertools
-import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from email.message import EmailMessage
 
 import pytest
 import trio
 import trustme
 from helpers.aiosmtpd_server import start_aiosmtpd
-from helpers.certs import client_ssl_context
+from helpers.contract import (
+    RUN,
+    SENDER,
+    Shortfall,
+    batch,
+    check_honest,
+    connect,
+    expect,
+    message,
+    send_through_pool,
+    summary,
+)
 from helpers.exim import start_exim
 from helpers.haraka import start_haraka
 from helpers.mta import CUE_421, REFUSED_DOMAIN, ServerError, Target, probe
@@ -46,12 +55,7 @@ from helpers.postfix import POSTFIX
 from helpers.postfix_targets import start_postfix_target
 
 import triomail
-from triomail import Outcome, PreparedMessage, SendResult, SMTPConnection
-
-SENDER = "sender@example.com"
-CLIENT_NAME = "client.triomail.test"
-RUN = uuid.uuid4().hex[:12]
-_SERIAL = itertools.count()
+from triomail import Outcome
 
 #: Server name -> how to start it (a context manager yielding a :class:`Target`).
 SERVERS: dict[str, Callable[[trustme.CA], AbstractContextManager[Target]]] = {
@@ -71,19 +75,20 @@ KNOWN: dict[tuple[str, str], str] = {
 }
 
 
-class Shortfall(AssertionError):
-    """The server and the client agree, but fewer messages got through than should."""
+def known_failure(reason: str) -> pytest.MarkDecorator:
+    """``xfail(strict=True)`` that accepts only a :class:`Shortfall` (pytest-trio hands
+    the test's exception up inside an ExceptionGroup)."""
+    only = pytest.RaisesGroup(Shortfall, allow_unwrapped=True)
+    return pytest.mark.xfail(strict=True, raises=only, reason=reason)
 
 
 def contract(case: str) -> pytest.MarkDecorator:
-    """Run the decorated test against every server; xfail (strict, and only for a
-    :class:`Shortfall`) where :data:`KNOWN` says today's client falls short."""
+    """Run the decorated test against every server; a known failure where :data:`KNOWN`
+    says today's client falls short."""
     params = []
     for name in SERVERS:
         reason = KNOWN.get((name, case))
-        # pytest-trio hands the test's exception up inside an ExceptionGroup.
-        only = pytest.RaisesGroup(Shortfall, allow_unwrapped=True)
-        marks = [pytest.mark.xfail(strict=True, raises=only, reason=reason)] if reason else []
+        marks = [known_failure(reason)] if reason else []
         params.append(pytest.param(name, marks=marks, id=name))
     return pytest.mark.parametrize("target", params, indirect=True)
 
@@ -143,78 +148,6 @@ def needs(*extensions: str) -> Callable[[Callable[..., object]], Callable[..., o
     return mark
 
 
-# -- helpers ----------------------------------------------------------------------------------
-
-
-def _connect(t: Target, *, auth: bool = False) -> AbstractAsyncContextManager[SMTPConnection]:
-    """STARTTLS where the server offers it (verified against the session CA), AUTH
-    only when asked and configured."""
-    user, password = t.auth if (auth and t.auth) else (None, None)
-    return triomail.connect(
-        t.host,
-        t.port,
-        tls="starttls" if t.ca else "none",
-        ssl_context=client_ssl_context(t.ca) if t.ca else None,
-        local_hostname=CLIENT_NAME,
-        username=user,
-        password=password,
-    )
-
-
-def _message(
-    case: str, recipients: Sequence[str], body: bytes = b"body\r\n", sender: str = SENDER
-) -> PreparedMessage:
-    """A message with a Message-ID no other message of any run has."""
-    n = next(_SERIAL)
-    data = b"Message-ID: <%s.%d.%s@triomail.test>\r\nSubject: %s %d\r\n\r\n%s" % (
-        case.encode(),
-        n,
-        RUN.encode(),
-        case.encode(),
-        n,
-        body,
-    )
-    return triomail.prepare(data, sender=sender, recipients=list(recipients), tag=n)
-
-
-def _batch(case: str, n: int) -> list[PreparedMessage]:
-    return [_message(case, [f"r{i}@example.org"]) for i in range(n)]
-
-
-def _summary(results: Sequence[SendResult]) -> str:
-    """``250 accepted, 250 permanent (503 x250)``: what the client saw, for reports."""
-    outcomes = collections.Counter(r.outcome.value for r in results)
-    codes = collections.Counter(
-        r.reply.code for r in results if r.reply is not None and r.outcome is not Outcome.ACCEPTED
-    )
-    text = ", ".join(f"{n} {o}" for o, n in sorted(outcomes.items()))
-    return text + (f" (replies {dict(sorted(codes.items()))})" if codes else "")
-
-
-async def _check_honest(
-    t: Target, since: int, messages: Sequence[PreparedMessage], results: Sequence[SendResult]
-) -> None:
-    """The server's ledger agrees with every result (see the module docs)."""
-    assert len(results) == len(messages)
-    delivered = [bool(r.accepted) for r in results]
-    ledger = collections.Counter(await t.settle(sum(delivered), since))
-    for m, r, accepted in zip(messages, results, delivered, strict=True):
-        mid = m.message_id.strip("<>")
-        seen = ledger.pop(mid, 0)
-        if accepted:
-            assert seen == 1, f"{mid}: accepted by the client, {seen}x in {t.name}'s ledger"
-        elif r.outcome is Outcome.UNKNOWN:
-            assert seen <= 1, f"{mid}: unknown, yet {seen}x in {t.name}'s ledger"
-        else:
-            assert seen == 0, f"{mid}: {r.outcome.value} ({r.reply}), yet {t.name} accepted it"
-    assert not ledger, f"{t.name} accepted messages the client never reported: {ledger}"
-
-
-def _expect(condition: bool, results: Sequence[SendResult], what: str) -> None:
-    if not condition:
-        raise Shortfall(f"{what}: {_summary(results)}")
-
-
 # -- the contract ---------------------------------------------------------------------------
 
 
@@ -229,22 +162,22 @@ async def test_conversation(target: Target) -> None:
     msg.set_content("Hello,\n.a line that starts with a dot\nbye\n")
     prepared = triomail.prepare(msg)
     since = target.checkpoint()
-    async with _connect(target, auth=True) as conn:
+    async with connect(target, auth=True) as conn:
         assert conn.tls_active is bool(target.ca)
         assert conn.authenticated is bool(target.auth)
         result = await conn.send(prepared)
-    await _check_honest(target, since, [prepared], [result])
-    _expect(result.ok, [result], "one message")
+    await check_honest(target, since, [prepared], [result])
+    expect(result.ok, [result], "one message")
 
 
 async def _send_many(target: Target, case: str, n: int, *, chunking: bool) -> None:
-    messages = _batch(case, n)
+    messages = batch(case, n)
     since = target.checkpoint()
-    async with _connect(target) as conn:
+    async with connect(target) as conn:
         with trio.fail_after(120):
             results = await conn.send_many(messages, chunking=chunking)
-    await _check_honest(target, since, messages, results)
-    _expect(all(r.ok for r in results), results, f"send_many of {n}")
+    await check_honest(target, since, messages, results)
+    expect(all(r.ok for r in results), results, f"send_many of {n}")
 
 
 @contract("send_many_data")
@@ -263,26 +196,12 @@ async def test_send_many_bdat(target: Target) -> None:
 @contract("pool")
 async def test_pool(target: Target) -> None:
     """3,000 messages through a pool of 10 connections."""
-    messages = _batch("pool", 3000)
-    server = triomail.Server(
-        target.host,
-        target.port,
-        tls="starttls" if target.ca else "none",
-        ssl_context=client_ssl_context(target.ca) if target.ca else None,
-        local_hostname=CLIENT_NAME,
-    )
+    messages = batch("pool", 3000)
     since = target.checkpoint()
-    by_tag: dict[object, SendResult] = {}
     with trio.fail_after(180):
-        async with (
-            triomail.open_pool(server, connections=10) as pool,
-            pool.send_all(messages) as channel,
-        ):
-            async for result in channel:
-                by_tag[result.tag] = result
-    results = [by_tag[m.tag] for m in messages]
-    await _check_honest(target, since, messages, results)
-    _expect(all(r.ok for r in results), results, "pool of 10, 3000 messages")
+        results = await send_through_pool(target, messages, connections=10)
+    await check_honest(target, since, messages, results)
+    expect(all(r.ok for r in results), results, "pool of 10, 3000 messages")
 
 
 @contract("mixed_refusals")
@@ -297,13 +216,13 @@ async def test_mixed_refusals(target: Target) -> None:
         [no, f"y@{REFUSED_DOMAIN}"],
         [ok],
     ]
-    messages = [_message("mixed", plan) for plan in plans]
+    messages = [message("mixed", plan) for plan in plans]
     since = target.checkpoint()
-    async with _connect(target) as conn:
+    async with connect(target) as conn:
         with trio.fail_after(60):
             results = await conn.send_many(messages)
-    await _check_honest(target, since, messages, results)
-    _expect(
+    await check_honest(target, since, messages, results)
+    expect(
         [sorted(r.accepted) for r in results]
         == [sorted(a for a in plan if not a.endswith(REFUSED_DOMAIN)) for plan in plans],
         results,
@@ -315,17 +234,17 @@ async def test_mixed_refusals(target: Target) -> None:
 async def test_421_midway(target: Target) -> None:
     """The server answers a RCPT of the sixth of ten pipelined messages with 421 and
     closes: the five before it are accepted, it and the rest are not, and say so."""
-    messages = _batch("421", 10)
-    messages[5] = _message("421", ["r5@example.org", f"{CUE_421}@example.org"])
+    messages = batch("421", 10)
+    messages[5] = message("421", ["r5@example.org", f"{CUE_421}@example.org"])
     since = target.checkpoint()
-    async with _connect(target) as conn:
+    async with connect(target) as conn:
         with trio.fail_after(60):
             results = await conn.send_many(messages)
         usable = conn.is_usable
-    await _check_honest(target, since, messages, results)
-    _expect(all(r.ok for r in results[:5]), results, "the five before the 421")
+    await check_honest(target, since, messages, results)
+    expect(all(r.ok for r in results[:5]), results, "the five before the 421")
     # Unknown, not transient, where the message's data was already on the wire (BDAT).
-    assert not any(r.accepted for r in results[5:]), _summary(results)
+    assert not any(r.accepted for r in results[5:]), summary(results)
     assert {r.outcome for r in results[5:]} <= {Outcome.TRANSIENT, Outcome.UNKNOWN}
     assert not usable
 
@@ -336,14 +255,14 @@ async def test_smtputf8_and_8bitmime(target: Target) -> None:
     """An 8-bit body (8BITMIME), then UTF-8 addresses (SMTPUTF8), where offered."""
     since = target.checkpoint()
     body = "Grüße, ½ € ✉\r\n".encode()
-    async with _connect(target) as conn:
+    async with connect(target) as conn:
         messages = [
-            _message("8bit", ["r@example.org"], body),
-            _message("utf8", ["收件人@例子.测试"], body, sender="发件人@例子.测试"),
+            message("8bit", ["r@example.org"], body),
+            message("utf8", ["收件人@例子.测试"], body, sender="发件人@例子.测试"),
         ]
         results = [await conn.send(m) for m in messages]
-    await _check_honest(target, since, messages, results)
-    _expect(all(r.ok for r in results), results, "8BITMIME and SMTPUTF8")
+    await check_honest(target, since, messages, results)
+    expect(all(r.ok for r in results), results, "8BITMIME and SMTPUTF8")
 
 
 # -- a server's session limit ---------------------------------------------------------------
@@ -358,30 +277,18 @@ def opensmtpd_default_limit(tls_ca: trustme.CA) -> Iterator[Target]:
         pytest.skip(f"opensmtpd: {str(exc).splitlines()[0]}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.RaisesGroup(Shortfall, allow_unwrapped=True),
-    reason="the pool retries a session-limit 452 on the same exhausted connection",
-)
+@known_failure("the pool retries a session-limit 452 on the same exhausted connection")
 async def test_pool_after_a_session_limit(opensmtpd_default_limit: Target) -> None:
     """OpenSMTPD as shipped takes 100 messages per session, then answers RCPT with
     ``452 4.5.3 Too many recipients: Too many messages sent``. A pool of two connections
     sending 250 messages should get them all through on fresh sessions."""
     target = opensmtpd_default_limit
-    messages = _batch("limit", 250)
-    server = triomail.Server(target.host, target.port, tls="none", local_hostname=CLIENT_NAME)
+    messages = batch("limit", 250)
     since = target.checkpoint()
-    by_tag: dict[object, SendResult] = {}
     with trio.fail_after(120):
-        async with (
-            triomail.open_pool(server, connections=2) as pool,
-            pool.send_all(messages) as channel,
-        ):
-            async for result in channel:
-                by_tag[result.tag] = result
-    results = [by_tag[m.tag] for m in messages]
-    await _check_honest(target, since, messages, results)
-    _expect(all(r.ok for r in results), results, "pool of 2, 250 messages, 100 per session")
+        results = await send_through_pool(target, messages, connections=2)
+    await check_honest(target, since, messages, results)
+    expect(all(r.ok for r in results), results, "pool of 2, 250 messages, 100 per session")
 
 
 # -- is the hardened Postfix hardened? -------------------------------------------------------
