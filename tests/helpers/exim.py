@@ -27,9 +27,7 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import trustme
 
@@ -41,7 +39,9 @@ from helpers.mta import (
     ServerError,
     Target,
     free_loopback_port,
+    private_directory,
     read_text,
+    write_leaf,
 )
 
 EXIM = INTEROP_ROOT / "root" / "usr" / "sbin" / "exim4"
@@ -122,15 +122,11 @@ def start_exim(ca: trustme.CA, *, startup_timeout: float = 30.0) -> Iterator[Tar
     version = exim_version()
     if version is None:
         raise ServerError(f"{EXIM} is missing or does not run (.ci/interop-servers.sh)")
-    root = Path(tempfile.mkdtemp(prefix="triomail-exim-"))
-    try:
-        root.chmod(0o755)  # Exim receives as Debian-exim, which must reach its spool
+    with private_directory("exim") as root:
         for sub in ("spool", "log"):
             (root / sub).mkdir()
-            shutil.chown(root / sub, user="Debian-exim")
-        leaf = ca.issue_cert("localhost", "127.0.0.1")
-        leaf.private_key_pem.write_to_path(str(root / "key.pem"))
-        leaf.cert_chain_pems[0].write_to_path(str(root / "cert.pem"))
+            shutil.chown(root / sub, user="Debian-exim")  # Exim receives as Debian-exim
+        write_leaf(ca, root / "key.pem", root / "cert.pem")
         for pem in ("key.pem", "cert.pem"):
             shutil.chown(root / pem, user="Debian-exim")
         port = free_loopback_port()
@@ -153,8 +149,7 @@ def start_exim(ca: trustme.CA, *, startup_timeout: float = 30.0) -> Iterator[Tar
             log_path=root / "stderr.log",
             env={"LD_LIBRARY_PATH": str(LIBRARY_PATH)},
         )
-        daemon.start(startup_timeout)
-        try:
+        with daemon.running(startup_timeout):
             yield Target(
                 name="exim",
                 version=version,
@@ -166,7 +161,3 @@ def start_exim(ca: trustme.CA, *, startup_timeout: float = 30.0) -> Iterator[Tar
                 cue_421=False,  # see the module docs
                 log=lambda: read_text(mainlog) + read_text(root / "log" / "paniclog"),
             )
-        finally:
-            daemon.stop()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,7 +41,9 @@ from helpers.mta import (
     ServerError,
     Target,
     free_loopback_port,
+    private_directory,
     read_text,
+    write_leaf,
 )
 
 HARAKA_HOME = INTEROP_ROOT / "haraka"
@@ -105,9 +105,7 @@ def _write_config(config: Path, port: int, ca: trustme.CA) -> None:
     }
     for name, text in files.items():
         (config / name).write_text(text)
-    leaf = ca.issue_cert("localhost", "127.0.0.1")
-    leaf.private_key_pem.write_to_path(str(config / "tls_key.pem"))
-    leaf.cert_chain_pems[0].write_to_path(str(config / "tls_cert.pem"))
+    write_leaf(ca, config / "tls_key.pem", config / "tls_cert.pem")
 
 
 @contextlib.contextmanager
@@ -116,8 +114,7 @@ def start_haraka(ca: trustme.CA, *, startup_timeout: float = 60.0) -> Iterator[T
     version = haraka_version()
     if version is None:
         raise ServerError(f"Haraka is not installed in {HARAKA_HOME}")
-    root = Path(tempfile.mkdtemp(prefix="triomail-haraka-"))
-    try:
+    with private_directory("haraka") as root:
         subprocess.run(
             [str(HARAKA_BIN), "-i", str(root / "haraka")],
             check=True,
@@ -137,8 +134,7 @@ def start_haraka(ca: trustme.CA, *, startup_timeout: float = 60.0) -> Iterator[T
             log_path=log,
             env={"TRIOMAIL_LEDGER": str(ledger), "YES_REALLY_DO_DISCARD": "1"},
         )
-        daemon.start(startup_timeout)
-        try:
+        with daemon.running(startup_timeout):
             yield Target(
                 name="haraka",
                 version=f"Haraka {version}",
@@ -150,7 +146,3 @@ def start_haraka(ca: trustme.CA, *, startup_timeout: float = 60.0) -> Iterator[T
                 cue_421=True,
                 log=lambda: read_text(log),
             )
-        finally:
-            daemon.stop()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)

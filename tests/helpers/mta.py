@@ -27,13 +27,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import signal
 import smtplib
 import socket
 import ssl
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,6 +114,25 @@ def probe(target: Target) -> Target:
             s.ehlo()
         extensions = frozenset(k.upper() for k in s.esmtp_features)
     return dataclasses.replace(target, extensions=extensions)
+
+
+@contextlib.contextmanager
+def private_directory(server: str) -> Iterator[Path]:
+    """A fresh ``triomail-SERVER-*`` directory under the system's temporary directory,
+    readable by all (servers drop to their own users), removed afterwards."""
+    root = Path(tempfile.mkdtemp(prefix=f"triomail-{server}-"))
+    try:
+        root.chmod(0o755)
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def write_leaf(ca: trustme.CA, key: Path, cert: Path) -> None:
+    """A key and certificate for ``localhost``/``127.0.0.1`` issued by *ca*, as PEM files."""
+    leaf = ca.issue_cert("localhost", "127.0.0.1")
+    leaf.private_key_pem.write_to_path(str(key))
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
 
 
 def free_loopback_port() -> int:
@@ -198,6 +219,15 @@ class Daemon:
             f"{self.argv[0]} on {HOST}:{self.port}: no 220 greeting ({last!r})\n"
             + tail(read_text(self.log_path))
         )
+
+    @contextlib.contextmanager
+    def running(self, timeout: float) -> Iterator[None]:
+        """:meth:`start` (the greeting within *timeout*), then :meth:`stop` on the way out."""
+        self.start(timeout)
+        try:
+            yield
+        finally:
+            self.stop()
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the process group, SIGKILL what is left after *timeout*."""

@@ -30,7 +30,6 @@ import contextlib
 import re
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,6 +44,7 @@ from helpers.mta import (
     ServerError,
     Target,
     free_loopback_port,
+    private_directory,
     read_text,
 )
 
@@ -123,10 +123,8 @@ def start_opensmtpd(
         raise ServerError(f"{SMTPD} is missing (.ci/interop-servers.sh)")
     if shutil.which("unshare") is None:
         raise ServerError("unshare (util-linux) is missing")
-    root = Path(tempfile.mkdtemp(prefix="triomail-opensmtpd-"))
-    try:
-        root.chmod(0o755)  # the mda runs as nobody
-        ledger_dir = root / "ledger"
+    with private_directory("opensmtpd") as root:
+        ledger_dir = root / "ledger"  # the mda runs as nobody
         ledger_dir.mkdir()
         ledger_dir.chmod(0o1777)
         ledger = ledger_dir / "ledger"
@@ -154,8 +152,7 @@ def start_opensmtpd(
             port=port,
             log_path=log,
         )
-        daemon.start(startup_timeout)
-        try:
+        with daemon.running(startup_timeout):
             yield Target(
                 name="opensmtpd",
                 version=version,
@@ -165,7 +162,3 @@ def start_opensmtpd(
                 cue_421=True,
                 log=lambda: read_text(log),
             )
-        finally:
-            daemon.stop()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)

@@ -196,12 +196,16 @@ async def test_send_many_bdat(target: Target) -> None:
 @contract("pool")
 async def test_pool(target: Target) -> None:
     """3,000 messages through a pool of 10 connections."""
-    messages = batch("pool", 3000)
+    await _pool_case(target, "pool", 3000, connections=10)
+
+
+async def _pool_case(target: Target, case: str, n: int, *, connections: int) -> None:
+    messages = batch(case, n)
     since = target.checkpoint()
     with trio.fail_after(180):
-        results = await send_through_pool(target, messages, connections=10)
+        results = await send_through_pool(target, messages, connections=connections)
     await check_honest(target, since, messages, results)
-    expect(all(r.ok for r in results), results, "pool of 10, 3000 messages")
+    expect(all(r.ok for r in results), results, f"pool of {connections}, {n} messages")
 
 
 @contract("mixed_refusals")
@@ -282,13 +286,7 @@ async def test_pool_after_a_session_limit(opensmtpd_default_limit: Target) -> No
     """OpenSMTPD as shipped takes 100 messages per session, then answers RCPT with
     ``452 4.5.3 Too many recipients: Too many messages sent``. A pool of two connections
     sending 250 messages should get them all through on fresh sessions."""
-    target = opensmtpd_default_limit
-    messages = batch("limit", 250)
-    since = target.checkpoint()
-    with trio.fail_after(120):
-        results = await send_through_pool(target, messages, connections=2)
-    await check_honest(target, since, messages, results)
-    expect(all(r.ok for r in results), results, "pool of 2, 250 messages, 100 per session")
+    await _pool_case(opensmtpd_default_limit, "limit", 250, connections=2)
 
 
 # -- is the hardened Postfix hardened? -------------------------------------------------------
