@@ -23,7 +23,8 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from helpers.certs import server_ssl_context
-from helpers.mta import CUE_421, HOST, REFUSED_DOMAIN, Target, free_loopback_port
+from helpers.mta import CUE_421, HOST, REFUSED_DOMAIN, Target
+from helpers.postfix import free_loopback_port
 
 USER, PASSWORD = "triomail", "interop-secret"
 _CLOSING = b"421 4.3.0 closing on cue\r\n"

@@ -38,11 +38,11 @@ from helpers.mta import (
     Daemon,
     ServerError,
     Target,
-    free_loopback_port,
     private_directory,
     read_text,
     write_leaf,
 )
+from helpers.postfix import free_loopback_port
 
 EXIM = INTEROP_ROOT / "root" / "usr" / "sbin" / "exim4"
 LIBRARY_PATH = INTEROP_ROOT / "root" / "usr" / "lib" / "x86_64-linux-gnu"

@@ -40,11 +40,11 @@ from helpers.mta import (
     Daemon,
     ServerError,
     Target,
-    free_loopback_port,
     private_directory,
     read_text,
     write_leaf,
 )
+from helpers.postfix import free_loopback_port
 
 HARAKA_HOME = INTEROP_ROOT / "haraka"
 HARAKA_BIN = HARAKA_HOME / "node_modules" / ".bin" / "haraka"

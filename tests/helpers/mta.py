@@ -13,9 +13,7 @@ describes it as a :class:`Target`:
   server's side, not the client's;
 - the recipients it refuses (any address in :data:`REFUSED_DOMAIN`) and, where the
   server can be made to, a recipient (:data:`CUE_421`) it answers with 421 and a
-  closed connection;
-- the contract cases it is known to fail with today's client (:attr:`Target.known_failures`),
-  which the suite marks ``xfail(strict=True)``.
+  closed connection.
 
 Helpers for the external daemons (Haraka, Exim, OpenSMTPD) share :class:`Daemon`: start
 a command in its own process group, wait for the 220 greeting (a listening socket is
@@ -36,7 +34,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -73,8 +71,6 @@ class Target:
     auth: tuple[str, str] | None = None
     #: The server can be cued into a 421 by a ``CUE_421@...`` recipient.
     cue_421: bool = False
-    #: Contract cases this server fails with today's client (see the module docs).
-    known_failures: Mapping[str, str] = field(default_factory=dict)
     #: The server's log, for failure reports.
     log: Callable[[], str] = lambda: ""
     #: The EHLO keywords it offers (after STARTTLS, where offered): see :func:`probe`.
@@ -133,12 +129,6 @@ def write_leaf(ca: trustme.CA, key: Path, cert: Path) -> None:
     leaf = ca.issue_cert("localhost", "127.0.0.1")
     leaf.private_key_pem.write_to_path(str(key))
     leaf.cert_chain_pems[0].write_to_path(str(cert))
-
-
-def free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def read_text(path: Path) -> str:

@@ -43,10 +43,10 @@ from helpers.mta import (
     Daemon,
     ServerError,
     Target,
-    free_loopback_port,
     private_directory,
     read_text,
 )
+from helpers.postfix import free_loopback_port
 
 SMTPD = INTEROP_ROOT / "root" / "usr" / "sbin" / "smtpd"
 LIBEXEC = INTEROP_ROOT / "root" / "usr" / "libexec" / "opensmtpd"
