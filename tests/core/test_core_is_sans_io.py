@@ -11,7 +11,9 @@ import pytest
 
 import triomail
 
-CORE = sorted(f"_core.{p.stem}" for p in (Path(triomail.__file__).parent / "_core").glob("[!_]*.py"))
+CORE = sorted(
+    f"_core.{p.stem}" for p in (Path(triomail.__file__).parent / "_core").glob("[!_]*.py")
+)
 PACKAGE_DIR = Path(triomail.__file__).parent
 
 # ``import triomail._core.reply`` would run triomail/__init__.py, which imports the trio layer.
