@@ -253,9 +253,14 @@ def _in_own_nursery(
     connect: Callable[Concatenate[trio.Nursery, _P], Pool],
 ) -> Callable[_P, AbstractAsyncContextManager[Pool]]:
     """``connect`` run in a nursery of its own: the block drains the pool, then closes it."""
+    signature = inspect.signature(connect)
+    own = signature.replace(
+        parameters=list(signature.parameters.values())[1:],
+        return_annotation="AbstractAsyncContextManager[Pool]",
+    )
 
     @asynccontextmanager
-    async def open_pool(*args: _P.args, **kwargs: _P.kwargs) -> AsyncIterator[Pool]:
+    async def block(*args: _P.args, **kwargs: _P.kwargs) -> AsyncIterator[Pool]:
         async with trio.open_nursery() as nursery:
             pool = connect(nursery, *args, **kwargs)
             try:
@@ -264,11 +269,12 @@ def _in_own_nursery(
             finally:
                 pool.close()
 
-    signature = inspect.signature(connect)
-    open_pool.__signature__ = signature.replace(  # type: ignore[attr-defined]
-        parameters=list(signature.parameters.values())[1:],
-        return_annotation="AbstractAsyncContextManager[Pool]",
-    )
+    def open_pool(*args: _P.args, **kwargs: _P.kwargs) -> AbstractAsyncContextManager[Pool]:
+        own.bind(*args, **kwargs)  # a wrong argument fails at the call, not in the nursery
+        return block(*args, **kwargs)
+
+    open_pool.__signature__ = own  # type: ignore[attr-defined]
+    open_pool.__qualname__ = open_pool.__name__
     return open_pool
 
 
