@@ -173,6 +173,10 @@ class Ledger:
         self.queued -= count
         self.in_flight += count
 
+    def put_down(self, count: int) -> None:
+        """A worker is through with ``count`` jobs (each finished, or waiting again)."""
+        self.in_flight -= count
+
     # ----------------------------------------------------------------- attempts
 
     def record(self, job: Job, result: SendResult, *, final: bool = False) -> SendResult | Retry:

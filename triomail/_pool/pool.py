@@ -15,7 +15,8 @@ unless ``RetryPolicy(unknown="at-most-once")``, R38) and keeps the counts. Cance
 the pool delivers none of the rest: each goes to :attr:`Pool.interrupted` instead.
 
 The servers, their failover and their backpressure (R44) are in :mod:`.servers`; the
-options, written once, in :mod:`.options`.
+options, written once, in :mod:`.options`; what the pool needs from a connection, in
+:mod:`.interfaces`.
 """
 
 from __future__ import annotations

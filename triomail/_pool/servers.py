@@ -30,6 +30,7 @@ import trio
 from .._client.connection import SMTPConnection, TLSMode, TokenSource, open_connection
 from .._core.reply import Reply
 from .._core.timeouts import Timeouts
+from .interfaces import Connection
 from .options import RetryPolicy
 
 __all__ = ["Lease", "Server", "ServerState", "Servers", "TokenBucket", "throttles"]
@@ -216,7 +217,7 @@ class Lease:
     most one open connection there, never shared by two transactions."""
 
     def __init__(self) -> None:
-        self.conn: SMTPConnection | None = None
+        self.conn: Connection | None = None
         self.state: ServerState | None = None
         #: The server whose connection slot this lease holds, if any.
         self.token: ServerState | None = None

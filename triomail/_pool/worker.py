@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 
 import trio
 
-from .._client.connection import PreparedMessage, SMTPConnection, prepare
+from .._client.connection import PreparedMessage, prepare
 from .._core.errors import (
     LocalProtocolError,
     SMTPAuthenticationError,
@@ -40,6 +40,7 @@ from .._core.errors import (
 from .._core.results import Outcome, SendResult
 from . import outcomes
 from .dispatch import Dispatch
+from .interfaces import Connection
 from .jobs import Job, MessageLike
 from .servers import Lease, ServerState, throttles
 
@@ -79,7 +80,7 @@ class Worker:
                 finally:
                     dispatch.busy -= 1
                     # With the jobs its pipelined runs took from the queue as they went.
-                    self.ledger.in_flight -= len(jobs) + self.streamed
+                    self.ledger.put_down(len(jobs) + self.streamed)
                     self.streamed = 0
         finally:
             try:
@@ -267,8 +268,7 @@ class Worker:
                 job = queue.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel):
                 return
-            ledger.queued -= 1
-            ledger.in_flight += 1
+            ledger.take(1)
             self.streamed += 1
             try:
                 message = as_prepared(job.message, None, job.pending, conn)
@@ -315,7 +315,7 @@ class Worker:
             raise
 
     async def _send_one(
-        self, conn: SMTPConnection, job: Job, message: PreparedMessage
+        self, conn: Connection, job: Job, message: PreparedMessage
     ) -> list[SendResult] | None:
         deadline = self.options.message_deadline
         try:
@@ -337,7 +337,7 @@ def _refused(job: Job, refusal: LocalProtocolError) -> SendResult:
     return outcomes.refused_locally(job.prepared, job.due(), str(refusal))
 
 
-def _cut_off(job: Job, conn: SMTPConnection, reason: str) -> SendResult:
+def _cut_off(job: Job, conn: Connection, reason: str) -> SendResult:
     final_dot_out = conn.awaiting_final_reply
     return outcomes.cut_off(job.prepared, job.due(), reason, final_dot_out=final_dot_out)
 
@@ -346,7 +346,7 @@ def as_prepared(
     message: MessageLike,
     sender: str | None,
     recipients: Sequence[str] | None,
-    conn: SMTPConnection | None = None,
+    conn: Connection | None = None,
 ) -> PreparedMessage:
     """``message`` prepared for ``conn`` (or any server), to the given recipients."""
     if isinstance(message, PreparedMessage):
