@@ -22,7 +22,6 @@ import math
 import trio
 
 from .._core.results import SendResult
-from . import outcomes
 from .channels import Results
 from .jobs import Job, Ledger, Retry
 from .options import PoolOptions
@@ -123,7 +122,7 @@ class Dispatch:
                 f"{self.busy} of {self.options.connections} busy, "
                 f"{ledger.queued} queued, {ledger.in_flight} in flight"
             )
-            await self.complete(job, outcomes.not_sent(job.prepared, job.due(), reason))
+            await self.complete(job, job.not_sent(reason))
         elif not self.workers:
             # Queued after the last worker ended (the pool was cancelled while a
             # feeder went on without waiting): nobody will take it.

@@ -99,9 +99,20 @@ class Job:
             return list(self.message.recipients)
         return [r.recipient for r in self.settled] + [r.recipient for r in result.recipients]
 
+    # The results the pool makes up for this job (see :mod:`.outcomes`).
+
     def synthetic(self, outcome: Outcome, reason: str) -> SendResult:
         """``outcome`` for every recipient due, with no reply."""
         return outcomes.synthetic(self.prepared, self.due(), outcome, reason)
+
+    def not_sent(self, reason: str) -> SendResult:
+        return outcomes.not_sent(self.prepared, self.due(), reason)
+
+    def refused(self, refusal: LocalProtocolError) -> SendResult:
+        return outcomes.refused_locally(self.prepared, self.due(), str(refusal))
+
+    def cut_off(self, reason: str, *, final_dot_out: bool) -> SendResult:
+        return outcomes.cut_off(self.prepared, self.due(), reason, final_dot_out=final_dot_out)
 
     def merged(self, result: SendResult, due: list[RecipientResult]) -> SendResult:
         return outcomes.merged(

@@ -164,10 +164,7 @@ class Worker:
         return not connecting.cancelled_caught
 
     async def _not_sent(self, jobs: list[Job], reason: str, *, final: bool) -> None:
-        await self.dispatch.settle_each(
-            [(job, outcomes.not_sent(job.prepared, job.due(), reason)) for job in jobs],
-            final=final,
-        )
+        await self.dispatch.settle_each([(job, job.not_sent(reason)) for job in jobs], final=final)
 
     async def _attempt(self, jobs: list[Job]) -> None:
         """One attempt for each job, on the worker's connection (opened if needed).
@@ -175,12 +172,11 @@ class Worker:
         A reused connection that turns out dead before anything was started is replaced
         and the jobs go again without counting an attempt (R45).
         """
-        dispatch, ledger = self.dispatch, self.ledger
+        dispatch, ledger, lease = self.dispatch, self.ledger, self.lease
         if dispatch.rate is not None:
             for _ in jobs:
                 await dispatch.rate.acquire()
         while jobs:
-            lease = self.lease
             if lease.conn is None and not await self._open_for(jobs):
                 return
             conn, state = lease.conn, lease.state
@@ -189,7 +185,7 @@ class Worker:
             if reused and conn.is_stale():
                 # R24, R45: it closed or spoke while idle; nothing was started.
                 ledger.transparent_retries += 1
-                await self.lease.release()
+                await lease.release()
                 continue
             ready: _Ready = []
             local: list[tuple[Job, SendResult]] = []
@@ -197,7 +193,7 @@ class Worker:
                 try:
                     ready.append((job, as_prepared(job.message, None, job.pending, conn)))
                 except LocalProtocolError as exc:
-                    local.append((job, _refused(job, exc)))
+                    local.append((job, job.refused(exc)))
             if local:
                 await dispatch.settle_each(local, final=True)
             if not ready:
@@ -211,11 +207,11 @@ class Worker:
             # the consumer): a cancellation then finds each job with its result.
             finished: list[tuple[Job, SendResult]] = []
             for job, refusal in refused:
-                dispatch.settle(job, _refused(job, refusal), finished, final=True)
+                dispatch.settle(job, job.refused(refusal), finished, final=True)
             if results is None:  # died before anything started: go again, uncounted
                 await dispatch.deliver(finished)
                 ledger.transparent_retries += 1
-                await self.lease.release()
+                await lease.release()
                 continue
             lease.sent += len(results)
             jobs = []
@@ -241,7 +237,7 @@ class Worker:
             await dispatch.deliver(finished)
             limit = self.options.max_messages_per_connection
             if not conn.is_usable or (limit is not None and lease.sent >= limit):
-                await self.lease.release()
+                await lease.release()
 
     def _stream(self, ready: _Ready, refused: _Refused) -> Iterator[PreparedMessage]:
         """The messages for one pipelined run: those in hand, then any that queue up
@@ -311,7 +307,7 @@ class Worker:
                         result = job.synthetic(Outcome.UNKNOWN, "pool cancelled")
                     ledger.cut_short(job, result)
             for job, refusal in refused:
-                ledger.cut_short(job, _refused(job, refusal))
+                ledger.cut_short(job, job.refused(refusal))
             raise
 
     async def _send_one(
@@ -324,22 +320,16 @@ class Worker:
         except SMTPDisconnected as exc:
             if conn.transactions > 0:
                 return None
-            return [outcomes.not_sent(job.prepared, job.due(), str(exc))]
+            return [job.not_sent(str(exc))]
         except trio.Cancelled:
-            self.ledger.cut_short(job, _cut_off(job, conn, "pool cancelled"))
+            self.ledger.cut_short(
+                job, job.cut_off("pool cancelled", final_dot_out=conn.awaiting_final_reply)
+            )
             raise
         if scope.cancelled_caught:
-            return [_cut_off(job, conn, f"message_deadline of {deadline:g} s")]
+            reason = f"message_deadline of {deadline:g} s"
+            return [job.cut_off(reason, final_dot_out=conn.awaiting_final_reply)]
         return [result]
-
-
-def _refused(job: Job, refusal: LocalProtocolError) -> SendResult:
-    return outcomes.refused_locally(job.prepared, job.due(), str(refusal))
-
-
-def _cut_off(job: Job, conn: Connection, reason: str) -> SendResult:
-    final_dot_out = conn.awaiting_final_reply
-    return outcomes.cut_off(job.prepared, job.due(), reason, final_dot_out=final_dot_out)
 
 
 def as_prepared(
