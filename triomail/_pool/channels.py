@@ -98,7 +98,9 @@ class Results:
             return False
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._orphaned(result)  # the consumer left its send_all block
-        self._delivered()
+        self._owed -= 1  # what _delivered does, inline: once per message
+        if self._fed and self._owed == 0:
+            self._channel.close()
         return True
 
     async def put(self, result: SendResult) -> None:

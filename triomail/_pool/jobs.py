@@ -43,6 +43,7 @@ __all__ = ["Destination", "Job", "Ledger", "MessageLike", "Retry"]
 MessageLike = Message | PreparedMessage
 
 _FINAL = (Outcome.ACCEPTED, Outcome.PERMANENT)
+_ACCEPTED = Outcome.ACCEPTED.value
 
 
 class Destination(Protocol):
@@ -240,7 +241,8 @@ class Ledger:
             return False
         job.attempts = 1
         job.last = result
-        self.delivered(job, Outcome.ACCEPTED)
+        self.done[_ACCEPTED] += 1
+        self._end(job)
         return True
 
     # -------------------------------------------------------------------- endings

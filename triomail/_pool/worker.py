@@ -266,11 +266,13 @@ class Worker:
                 return
             ledger.take(1)
             self.streamed += 1
-            try:
-                message = as_prepared(job.message, None, job.pending, conn)
-            except LocalProtocolError as exc:
-                refused.append((job, exc))
-                continue
+            message = job.message
+            if job.pending is not None or not isinstance(message, PreparedMessage):
+                try:
+                    message = as_prepared(message, None, job.pending, conn)
+                except LocalProtocolError as exc:
+                    refused.append((job, exc))
+                    continue
             ready.append((job, message))
             yield message
 
