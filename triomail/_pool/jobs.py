@@ -169,6 +169,7 @@ class Ledger:
         self.unknown_seen = 0
 
     def job(self, message: MessageLike, done: Destination | None) -> Job:
+        """A new job for ``message``, stamped now (``give_up_after`` counts from here)."""
         return Job(message, done, self._clock())
 
     # ---------------------------------------------------------------- hand over
