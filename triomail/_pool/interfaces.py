@@ -1,0 +1,63 @@
+"""The whole contract the pool relies on from a connection, in one place.
+
+The workers hold :class:`Connection` objects, never more: :class:`SMTPConnection`
+satisfies it (mypy checks that where ``Server.open`` hands one over), and anything else
+that does (a fake in a test, another transport) can be pooled. Everything else a
+connection offers is the caller's business, not the pool's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from email.message import Message
+from typing import Protocol
+
+from .._client.connection import PreparedMessage
+from .._core.protocol import Capabilities
+from .._core.results import SendResult
+
+__all__ = ["Connection"]
+
+
+class Connection(Protocol):
+    """An open SMTP session, as a pool worker uses it."""
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What the server offered in EHLO (the pool asks about CHUNKING)."""
+
+    @property
+    def transactions(self) -> int:
+        """Transactions ended on it so far: 0 means a fresh connection (R45)."""
+
+    @property
+    def awaiting_final_reply(self) -> bool:
+        """True between the final dot and its reply: a send cut off now is unknown (R37)."""
+
+    @property
+    def is_usable(self) -> bool:
+        """False once it was closed, broke, or was told 421."""
+
+    def is_stale(self) -> bool:
+        """True if it closed or spoke while idle (R24): reuse would fail."""
+
+    def prepare(
+        self, message: Message, *, sender: str | None, recipients: Sequence[str] | None
+    ) -> PreparedMessage:
+        """``message`` checked and encoded the way this server can take it."""
+
+    async def send(self, message: PreparedMessage) -> SendResult:
+        """One transaction; SMTP outcomes are values, a connection lost before MAIL
+        raises :exc:`SMTPDisconnected`."""
+
+    async def send_many(
+        self,
+        messages: Iterable[PreparedMessage],
+        *,
+        on_result: Callable[[int, SendResult], None] | None = None,
+    ) -> list[SendResult]:
+        """Pipelined transactions (RFC 2920), one result per message, in order;
+        ``on_result`` hears of each as soon as it is known."""
+
+    async def aclose(self) -> None:
+        """QUIT (unless broken) and close."""

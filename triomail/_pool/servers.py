@@ -1,0 +1,272 @@
+"""The servers a pool sends to: where they are, which one to use, and how hard to push.
+
+Theory of operation
+-------------------
+A :class:`Server` says where and how to connect. Behind each, the pool keeps a
+:class:`ServerState`: a :class:`trio.CapacityLimiter` bounding its connections, a token
+bucket bounding its message rate, and whether it is down (a failed connect marks it
+unreachable for a backoff that grows per failure, R43) or unusable for good (a 535 or an
+untrusted certificate is a configuration error, R10, R35).
+
+Backpressure per server (R44): a 421 or a 4.7.x reply halves both bounds, and they
+recover step by step after successes (RFC 5321 §4.5.4.1 asks a client to back off from a
+server that is struggling, not to hammer it).
+
+Failover (:meth:`Servers.pick`) chooses among the usable servers that are up, by weight;
+when none is up it still chooses among the usable ones, whose workers then wait out the
+backoff.
+"""
+
+from __future__ import annotations
+
+import random
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
+
+import trio
+
+from .._client.connection import SMTPConnection, TLSMode, TokenSource, open_connection
+from .._core.reply import Reply
+from .._core.timeouts import Timeouts
+from .interfaces import Connection
+from .options import RetryPolicy
+
+__all__ = ["Lease", "Server", "ServerState", "Servers", "TokenBucket", "throttles"]
+
+#: Successes after which a throttled server gets one step of concurrency and rate back.
+RECOVER_EVERY = 20
+
+
+@dataclass(frozen=True)
+class Server:
+    """Where and how to connect; credentials never appear in ``repr`` (R36)."""
+
+    host: str
+    port: int | None = None
+    tls: TLSMode | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    oauth_token: TokenSource | None = field(default=None, repr=False)
+    ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
+    local_hostname: str | None = None
+    timeouts: Timeouts = Timeouts()
+    allow_insecure_auth: bool = False
+    #: Share of new connections among several servers.
+    weight: float = 1.0
+    #: Connections to this server at most (default: the pool's ``connections``).
+    max_connections: int | None = None
+    #: Messages per second to this server at most.
+    rate: float | None = None
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: object) -> Server:
+        """``smtp://user@host:587`` (STARTTLS), ``smtps://host:465`` (implicit TLS),
+        ``smtp+plain://host:1025`` (explicit plaintext)."""
+        parts = urlsplit(url)
+        tls: TLSMode
+        if parts.scheme == "smtp":
+            tls = "starttls"
+        elif parts.scheme == "smtps":
+            tls = "implicit"
+        elif parts.scheme == "smtp+plain":
+            tls = "none"
+        else:
+            raise ValueError(
+                f"unknown scheme {parts.scheme!r}: use smtp://, smtps:// or smtp+plain://"
+            )
+        if not parts.hostname:
+            raise ValueError(f"no host in {url!r}")
+        values: dict[str, object] = {
+            "host": parts.hostname,
+            "port": parts.port,
+            "tls": tls,
+            "username": unquote(parts.username) if parts.username else None,
+            "password": unquote(parts.password) if parts.password else None,
+        }
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]
+
+    async def open(self) -> SMTPConnection:
+        """Open one connection to this server; the caller must ``await conn.aclose()``."""
+        return await open_connection(
+            self.host,
+            self.port,
+            tls=self.tls,
+            ssl_context=self.ssl_context,
+            username=self.username,
+            password=self.password,
+            oauth_token=self.oauth_token,
+            local_hostname=self.local_hostname,
+            timeouts=self.timeouts,
+            allow_insecure_auth=self.allow_insecure_auth,
+        )
+
+    @property
+    def label(self) -> str:
+        return f"{self.host}:{self.port or '-'}"
+
+
+class TokenBucket:
+    """A token bucket on trio's clock: ``rate`` per second, bursts of ``burst``."""
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        self.rate = rate
+        self.burst = burst if burst is not None else max(1.0, rate / 10)
+        self._tokens = self.burst
+        self._stamp: float | None = None
+
+    async def acquire(self) -> None:
+        while True:
+            now = trio.current_time()
+            if self._stamp is not None:
+                self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+            if self._tokens >= 1:
+                self._tokens -= 1
+                await trio.lowlevel.checkpoint()
+                return
+            await trio.sleep((1 - self._tokens) / self.rate)
+
+
+class ServerState:
+    """Mutable per-server state; changed only by the plain methods below."""
+
+    def __init__(self, server: Server, connections: int) -> None:
+        self.server = server
+        self.max_connections = server.max_connections or connections
+        self.limiter = trio.CapacityLimiter(self.max_connections)
+        self.max_rate = server.rate
+        self.bucket = TokenBucket(server.rate) if server.rate else None
+        self.down_until = 0.0
+        self.failures = 0
+        self.fatal: str | None = None
+        self.successes_since_throttle = 0
+        self.open = 0
+
+    def throttle(self) -> None:
+        """421 or 4.7.x: halve concurrency and rate (R40, R44)."""
+        self.limiter.total_tokens = max(1, int(self.limiter.total_tokens) // 2)
+        if self.bucket is not None:
+            self.bucket.rate = max(0.1, self.bucket.rate / 2)
+        self.successes_since_throttle = 0
+
+    def record_success(self) -> None:
+        """Recover one step of concurrency and rate every :data:`RECOVER_EVERY` successes."""
+        self.failures = 0
+        self.successes_since_throttle += 1
+        if self.successes_since_throttle >= RECOVER_EVERY:
+            self.successes_since_throttle = 0
+            if self.limiter.total_tokens < self.max_connections:
+                self.limiter.total_tokens = int(self.limiter.total_tokens) + 1
+            if self.bucket is not None and self.max_rate and self.bucket.rate < self.max_rate:
+                self.bucket.rate = min(self.max_rate, self.bucket.rate * 1.25)
+
+    def record_connect_failure(self, policy: RetryPolicy) -> None:
+        """Mark the host unreachable for a backoff that grows per failure (R43)."""
+        self.failures += 1
+        self.down_until = trio.current_time() + policy.delay(self.failures)
+
+    def mark_fatal(self, reason: object) -> None:
+        """A configuration error (R10, R35): no message goes to this server any more."""
+        self.fatal = f"{self.server.label}: {reason}"
+
+
+class Servers:
+    """The pool's servers, and the choice among them (failover by weight)."""
+
+    def __init__(self, servers: Sequence[Server], connections: int) -> None:
+        if not servers:
+            raise ValueError("at least one server is needed")
+        self.states = [ServerState(s, connections) for s in servers]
+
+    @property
+    def any_rate(self) -> bool:
+        """True if some server has a rate of its own (kept per message)."""
+        return any(s.bucket is not None for s in self.states)
+
+    def pick(self) -> ServerState | None:
+        """A server for a new connection; None if every one is unusable for good."""
+        usable = [s for s in self.states if s.fatal is None]
+        if not usable:
+            return None
+        now = trio.current_time()
+        up = [s for s in usable if s.down_until <= now] or usable
+        return random.choices(up, weights=[s.server.weight for s in up])[0]
+
+    def another_up(self) -> bool:
+        """True if some usable server is not in a connect backoff."""
+        now = trio.current_time()
+        return any(s.fatal is None and s.down_until <= now for s in self.states)
+
+    def fatal_reason(self) -> str:
+        return "; ".join(s.fatal for s in self.states if s.fatal) or "no server available"
+
+    @property
+    def connections_open(self) -> int:
+        return sum(s.open for s in self.states)
+
+    def limits(self) -> dict[str, int]:
+        """Connections each server may have now (by label), for statistics."""
+        return {s.server.label: int(s.limiter.total_tokens) for s in self.states}
+
+
+class Lease:
+    """What one worker holds: a connection slot on one server (a limiter token) and at
+    most one open connection there, never shared by two transactions."""
+
+    def __init__(self) -> None:
+        self.conn: Connection | None = None
+        self.state: ServerState | None = None
+        #: The server whose connection slot this lease holds, if any.
+        self.token: ServerState | None = None
+        #: Messages sent on this connection so far.
+        self.sent = 0
+
+    async def reserve(self, state: ServerState) -> None:
+        """Take a connection slot on ``state``'s server, giving back any other."""
+        if self.token is state:
+            return
+        if self.token is not None:
+            self.token.limiter.release()
+            self.token = None
+        await state.limiter.acquire()
+        self.token = state
+
+    async def connect(self, state: ServerState) -> None:
+        """Open a connection to ``state``'s server, once its backoff is over (R43)."""
+        await self.reserve(state)
+        try:
+            wait = state.down_until - trio.current_time()
+            if wait > 0:
+                await trio.sleep(wait)
+            conn = await state.server.open()
+        except BaseException:
+            self.token = None
+            state.limiter.release()
+            raise
+        state.open += 1
+        self.conn, self.state, self.sent = conn, state, 0
+
+    async def release(self) -> None:
+        """QUIT and close the connection, if any (shielded, bounded), and give the slot
+        back."""
+        conn, state, token = self.conn, self.state, self.token
+        self.conn = self.state = self.token = None
+        self.sent = 0
+        if token is not None:
+            token.limiter.release()
+        if conn is None:
+            return
+        with trio.CancelScope(shield=True):
+            await conn.aclose()
+        if state is not None:
+            state.open -= 1
+
+
+def throttles(reply: Reply | None) -> bool:
+    """True for a reply that asks the client to slow down: 421, or 4.7.x (R44)."""
+    return reply is not None and (
+        reply.code == 421 or (reply.enhanced is not None and reply.enhanced[:2] == (4, 7))
+    )

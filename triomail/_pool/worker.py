@@ -1,0 +1,350 @@
+"""One worker task: the only place where the pool waits on a server.
+
+Theory of operation
+-------------------
+Each worker owns at most one connection at a time; a connection is never shared by two
+transactions. It opens it lazily, reuses it for many messages, and closes it after
+``max_messages_per_connection``, after ``idle_timeout`` seconds without work, or when the
+server says 421. Every send runs inside the worker's own cancel scope
+(``message_deadline``) and the connection's stage deadlines, so a slow or broken server
+connection is cut off alone (R27, R48).
+
+A worker pipelining on its connection (RFC 2920) takes each next job from the queue when
+it is ready to write it, and reports each acceptance as soon as it is known.
+
+Outcomes are values. A worker turns every failure of a server -- refusals, timeouts, lost
+connections, even a TLS or AUTH failure -- into a :class:`SendResult` and gives it to the
+ledger, which decides what comes next. Only bugs escape. A failure of a *reused*
+connection before MAIL was accepted is retried at once on a fresh connection without
+counting an attempt (R45); a 535 or a certificate failure fails every message for that
+server at once (R10, R35); a connect failure fails over to another server if one is up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator, Sequence
+
+import trio
+
+from .._client.connection import PreparedMessage, prepare
+from .._core.errors import (
+    LocalProtocolError,
+    SMTPAuthenticationError,
+    SMTPCertificateError,
+    SMTPDisconnected,
+    SMTPError,
+    SMTPResponseError,
+)
+from .._core.results import Outcome, SendResult
+from . import outcomes
+from .dispatch import Dispatch
+from .interfaces import Connection
+from .jobs import Job, MessageLike
+from .servers import Lease, ServerState, throttles
+
+__all__ = ["DATA_RUN", "Worker", "as_prepared"]
+
+#: Messages one pipelined run may carry over a connection without CHUNKING.
+DATA_RUN = 256
+
+_Ready = list[tuple[Job, PreparedMessage]]
+_Refused = list[tuple[Job, LocalProtocolError]]
+
+
+class Worker:
+    """One worker task and what it holds: at most one connection (never shared)."""
+
+    def __init__(self, dispatch: Dispatch) -> None:
+        self.dispatch = dispatch
+        self.ledger = dispatch.ledger
+        self.options = dispatch.options
+        self.lease = Lease()
+        #: Jobs taken from the queue during the current attempt (beyond the first).
+        self.streamed = 0
+
+    async def run(self) -> None:
+        dispatch = self.dispatch
+        try:
+            while True:
+                jobs = await self._next_jobs()
+                if jobs is None:
+                    return
+                if not jobs:
+                    continue
+                self.ledger.take(len(jobs))
+                dispatch.busy += 1
+                try:
+                    await self._attempt(jobs)
+                finally:
+                    dispatch.busy -= 1
+                    # With the jobs its pipelined runs took from the queue as they went.
+                    self.ledger.put_down(len(jobs) + self.streamed)
+                    self.streamed = 0
+        finally:
+            try:
+                await self.lease.release()
+            finally:
+                dispatch.worker_ended()
+
+    async def _next_jobs(self) -> list[Job] | None:
+        """Wait for work: one job (a pipelined run takes the next ones from the queue
+        only when it is ready to write them, so the workers share the queue fairly).
+
+        Returns None when the pool closes, and an empty list after closing an idle
+        connection.
+        """
+        queue = self.dispatch.jobs_receive
+        try:
+            if self.lease.conn is None:
+                if self.lease.token is None:
+                    # R44: only a worker that may open a connection takes work, so a
+                    # throttled server's jobs wait for the workers it still serves.
+                    state = self.dispatch.servers.pick()
+                    if state is not None:
+                        await self.lease.reserve(state)
+                first = await queue.receive()
+            else:
+                with trio.move_on_after(self.options.idle_timeout):
+                    first = await queue.receive()
+                    return [first]
+                await self.lease.release()  # idle past idle_timeout: QUIT
+                return []
+        except trio.EndOfChannel:
+            return None
+        return [first]
+
+    async def _open_for(self, jobs: list[Job]) -> bool:
+        """Open a connection for ``jobs``, failing over between servers; False if none
+        could be had (each job then has that attempt recorded)."""
+        servers = self.dispatch.servers
+        while True:
+            state = servers.pick()
+            if state is None:
+                # R10, R35: a configuration error; every message fails, none loops.
+                reason = servers.fatal_reason()
+                await self.dispatch.settle_each(
+                    [(job, job.synthetic(Outcome.PERMANENT, reason)) for job in jobs],
+                    final=True,
+                )
+                return False
+            try:
+                if await self._connect_unless_stopped(state):
+                    return True
+                await self._not_sent(jobs, outcomes.STOPPED, final=True)
+                return False
+            except (SMTPAuthenticationError, SMTPCertificateError) as exc:
+                if isinstance(exc, SMTPCertificateError) or exc.permanent:
+                    state.mark_fatal(exc)
+                    continue
+                state.record_connect_failure(self.options.retry)
+                await self._not_sent(jobs, str(exc), final=False)
+                return False
+            except SMTPError as exc:
+                if isinstance(exc, SMTPResponseError) and exc.reply.code == 421:
+                    state.throttle()
+                state.record_connect_failure(self.options.retry)
+                if servers.another_up():
+                    continue  # failover: the same jobs, at once, elsewhere
+                await self._not_sent(jobs, f"{state.server.label}: {exc}", final=False)
+                return False
+
+    async def _connect_unless_stopped(self, state: ServerState) -> bool:
+        """Connect to ``state``'s server; False if ``Pool.stop_connecting`` cut it off."""
+        dispatch = self.dispatch
+        with trio.CancelScope() as connecting:
+            if dispatch.stopped_connecting:
+                connecting.cancel()
+            dispatch.connecting.add(connecting)
+            try:
+                await self.lease.connect(state)
+            finally:
+                dispatch.connecting.discard(connecting)
+        return not connecting.cancelled_caught
+
+    async def _not_sent(self, jobs: list[Job], reason: str, *, final: bool) -> None:
+        await self.dispatch.settle_each([(job, job.not_sent(reason)) for job in jobs], final=final)
+
+    async def _attempt(self, jobs: list[Job]) -> None:
+        """One attempt for each job, on the worker's connection (opened if needed).
+
+        A reused connection that turns out dead before anything was started is replaced
+        and the jobs go again without counting an attempt (R45).
+        """
+        dispatch, ledger, lease = self.dispatch, self.ledger, self.lease
+        if dispatch.rate is not None:
+            for _ in jobs:
+                await dispatch.rate.acquire()
+        while jobs:
+            if lease.conn is None and not await self._open_for(jobs):
+                return
+            conn, state = lease.conn, lease.state
+            assert conn is not None and state is not None
+            reused = conn.transactions > 0
+            if reused and conn.is_stale():
+                # R24, R45: it closed or spoke while idle; nothing was started.
+                ledger.transparent_retries += 1
+                await lease.release()
+                continue
+            ready: _Ready = []
+            local: list[tuple[Job, SendResult]] = []
+            for job in jobs:
+                try:
+                    ready.append((job, as_prepared(job.message, None, job.pending, conn)))
+                except LocalProtocolError as exc:
+                    local.append((job, job.refused(exc)))
+            if local:
+                await dispatch.settle_each(local, final=True)
+            if not ready:
+                return
+            if state.bucket is not None:
+                for _ in ready:
+                    await state.bucket.acquire()
+            refused: _Refused = []
+            results = await self._send(ready, refused)
+            # Every outcome is recorded before any is handed over (which may wait for
+            # the consumer): a cancellation then finds each job with its result.
+            finished: list[tuple[Job, SendResult]] = []
+            for job, refusal in refused:
+                dispatch.settle(job, job.refused(refusal), finished, final=True)
+            if results is None:  # died before anything started: go again, uncounted
+                await dispatch.deliver(finished)
+                ledger.transparent_retries += 1
+                await lease.release()
+                continue
+            lease.sent += len(results)
+            jobs = []
+            for index, ((job, _), result) in enumerate(zip(ready, results, strict=True)):
+                if job.final:
+                    continue  # accepted and delivered during the run
+                if (
+                    (reused or index > 0)
+                    and not result.mail_accepted
+                    and result.outcome is Outcome.TRANSIENT
+                    and (result.reply is None or result.reply.code == 421)
+                    and not conn.is_usable
+                ):
+                    # R45: refused (421) or never started on a connection that is gone.
+                    ledger.transparent_retries += 1
+                    jobs.append(job)
+                    continue
+                if any(throttles(r.reply) for r in result.recipients) or throttles(result.reply):
+                    state.throttle()
+                elif result.ok:
+                    state.record_success()
+                dispatch.settle(job, result, finished)
+            await dispatch.deliver(finished)
+            limit = self.options.max_messages_per_connection
+            if not conn.is_usable or (limit is not None and lease.sent >= limit):
+                await lease.release()
+
+    def _stream(self, ready: _Ready, refused: _Refused) -> Iterator[PreparedMessage]:
+        """The messages for one pipelined run: those in hand, then any that queue up
+        while it runs (pulled only when the pipeline is ready to write the next one).
+
+        With BDAT a run writes up to ``pipeline_depth`` transactions before their
+        replies (a lost connection leaves those unknown, R37). With DATA only one
+        message at a time awaits its final reply, whatever the length of the run, so
+        a run goes on while there is work (up to :data:`DATA_RUN`): each run ends with
+        a round trip of its own.
+        """
+        conn = self.lease.conn
+        assert conn is not None
+        yield from [message for _, message in ready]
+        room = self.dispatch.batch_size
+        if not conn.capabilities.chunking:
+            room = max(room, DATA_RUN)
+        limit = self.options.max_messages_per_connection
+        if limit is not None:
+            room = min(room, limit - self.lease.sent)
+        queue, ledger = self.dispatch.jobs_receive, self.ledger
+        while len(ready) < room:
+            try:
+                job = queue.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
+            ledger.take(1)
+            self.streamed += 1
+            message = job.message
+            if job.pending is not None or not isinstance(message, PreparedMessage):
+                try:
+                    message = as_prepared(message, None, job.pending, conn)
+                except LocalProtocolError as exc:
+                    refused.append((job, exc))
+                    continue
+            ready.append((job, message))
+            yield message
+
+    async def _send(self, ready: _Ready, refused: _Refused) -> list[SendResult] | None:
+        """Send on the worker's connection; None if it was dead before MAIL (R45)."""
+        conn = self.lease.conn
+        assert conn is not None
+        if self.dispatch.batch_size == 1:
+            assert len(ready) == 1
+            return await self._send_one(conn, *ready[0])
+        finished: dict[int, SendResult] = {}
+        state, ledger = self.lease.state, self.ledger
+
+        def on_result(index: int, result: SendResult) -> None:
+            finished[index] = result
+            job = ready[index][0]
+            first_try = job.attempts == 0 and not job.settled
+            # Delivered while the run goes on (the job is then final): the consumer (a
+            # journal, a progress bar) learns of an acceptance at once, and nothing
+            # piles up in here.
+            if first_try and result.ok and ledger.accept_at_once(job, result) and state is not None:
+                state.record_success()
+
+        try:
+            return await conn.send_many(self._stream(ready, refused), on_result=on_result)
+        except trio.Cancelled:
+            # Which unfinished message was past its final dot is not known: report
+            # them all as unknown rather than risk calling a delivered one transient.
+            for i, (job, _) in enumerate(ready):
+                if not job.final:
+                    if i in finished:  # known, but not handed over yet
+                        result = finished[i]
+                    else:
+                        result = job.synthetic(Outcome.UNKNOWN, "pool cancelled")
+                    ledger.cut_short(job, result)
+            for job, refusal in refused:
+                ledger.cut_short(job, job.refused(refusal))
+            raise
+
+    async def _send_one(
+        self, conn: Connection, job: Job, message: PreparedMessage
+    ) -> list[SendResult] | None:
+        deadline = self.options.message_deadline
+        try:
+            with trio.move_on_after(deadline or math.inf) as scope:
+                result = await conn.send(message)
+        except SMTPDisconnected as exc:
+            if conn.transactions > 0:
+                return None
+            return [job.not_sent(str(exc))]
+        except trio.Cancelled:
+            self.ledger.cut_short(
+                job, job.cut_off("pool cancelled", final_dot_out=conn.awaiting_final_reply)
+            )
+            raise
+        if scope.cancelled_caught:
+            reason = f"message_deadline of {deadline:g} s"
+            return [job.cut_off(reason, final_dot_out=conn.awaiting_final_reply)]
+        return [result]
+
+
+def as_prepared(
+    message: MessageLike,
+    sender: str | None,
+    recipients: Sequence[str] | None,
+    conn: Connection | None = None,
+) -> PreparedMessage:
+    """``message`` prepared for ``conn`` (or any server), to the given recipients."""
+    if isinstance(message, PreparedMessage):
+        if recipients is None:
+            return message
+        return dataclasses.replace(message, recipients=tuple(recipients))
+    if conn is not None:
+        return conn.prepare(message, sender=sender, recipients=recipients)
+    return prepare(message, sender=sender, recipients=recipients)
