@@ -26,6 +26,9 @@ MESSAGES = {
         + b"\r\nSubject: a very long subject that goes on\r\n\tand on, folded with a tab\r\n"
         + b"   and three spaces\r\nX-Other:   spaced\t\tout   \r\n\r\nbody\r\n"
     ),
+    "utf8-headers": (
+        "From: Jörg <jörg@bücher.example>\r\nTo: 用户@例子.测试\r\nSubject: Grüße ✉\r\n\r\nx\r\n"
+    ).encode(),
     "dot-lines": HEAD + b"\r\n.\r\n..\r\n.leading dot\r\n.\r\nend\r\n",
     "empty-body": HEAD + b"\r\n",
     "headers-only": HEAD,

@@ -11,6 +11,8 @@ from cases import MESSAGES
 from conftest import DOMAIN, dnsfunc_for
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from triomail._core.dkim import DKIMMultiSigner, DKIMSigner, SplitMessage, load_private_key
 
@@ -249,3 +251,35 @@ def test_split_message_shares_the_body_hash() -> None:
 def test_multi_signer_needs_a_signer() -> None:
     with pytest.raises(ValueError, match="at least one"):
         DKIMMultiSigner()
+
+
+def test_long_domain_goes_over_78_but_never_998(ed_key: ed25519.Ed25519PrivateKey) -> None:
+    domain = ".".join(["d" * 63] * 3) + ".example"  # 200 octets: d= cannot be folded
+    signer = DKIMSigner(domain, "s" * 63, ed_key)
+    field = signer.sign(MESSAGES["plain"])
+    lengths = [len(line) for line in field.split(b"\r\n")]
+    assert 78 < max(lengths) < 998
+    records = {f"{signer.dns_name}.".encode(): signer.dns_record().encode()}
+    assert dkim.verify(field + MESSAGES["plain"], dnsfunc=lambda name, timeout=5: records[name])
+
+
+_TEXT = st.text(alphabet=" \t.:;=aZ\u00e9\u2709", max_size=40)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    values=st.lists(st.lists(_TEXT, min_size=1, max_size=3), min_size=1, max_size=4),
+    body=st.lists(_TEXT, max_size=12),
+)
+def test_dkimpy_verifies_any_whitespace(
+    values: list[list[str]], body: list[str], ed_signer: DKIMSigner
+) -> None:
+    """Header values folded anywhere, bodies of WSP, dots and 8-bit text: dkimpy agrees."""
+    fold = "\r\n "
+    head = "".join(
+        f"{name}: {fold.join(parts)}\r\n"
+        for name, parts in zip(["Subject", "To", "Cc", "Reply-To"], values, strict=False)
+    )
+    text = "From: a@example.com\r\n" + head + "\r\n" + "".join(f"{line}\r\n" for line in body)
+    message = text.encode()
+    assert verify_all(ed_signer.sign(message) + message, ed_signer) == [True]
