@@ -153,6 +153,28 @@ def test_options(ed_key: ed25519.Ed25519PrivateKey) -> None:
     assert verify_all(signer.sign(MESSAGES["plain"]) + MESSAGES["plain"], signer) == [True]
 
 
+def test_header_names_are_listed_once(ed_key: ed25519.Ed25519PrivateKey) -> None:
+    signer = DKIMSigner(DOMAIN, "ed", ed_key, headers=["From", "To", "to", "From"])
+    assert signer.headers == ("From", "To")
+    message = MESSAGES["plain"]
+    assert tags(signer.sign(message))["h"] == "From:From:To"
+    assert verify_all(signer.sign(message) + message, signer) == [True]
+
+
+def test_expiry_must_be_positive(ed_key: ed25519.Ed25519PrivateKey) -> None:
+    with pytest.raises(ValueError, match="positive"):
+        DKIMSigner(DOMAIN, "ed", ed_key, expires_in=0)
+
+
+def test_private_key_is_not_an_attribute(ed_signer: DKIMSigner) -> None:
+    assert not any(
+        isinstance(v, ed25519.Ed25519PrivateKey)
+        for k, v in vars(ed_signer).items()
+        if not k.startswith("_")
+    )
+    assert repr(ed_signer) == "DKIMSigner('example.com', 'ed', ed25519-sha256)"
+
+
 @pytest.mark.parametrize("bad", ["", "From:", "Sub ject", "Ä"])
 def test_header_names_are_checked(bad: str, ed_key: ed25519.Ed25519PrivateKey) -> None:
     with pytest.raises(ValueError, match="header field name"):

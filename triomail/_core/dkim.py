@@ -174,18 +174,28 @@ class DKIMSigner:
         timestamp: bool = True,
         expires_in: int | None = None,
     ) -> None:
-        self.key = load_private_key(private_key, passphrase)
+        self._key = load_private_key(private_key, passphrase)  # private: kept out of vars()
         self.domain = a_label_domain(domain.rstrip("."))
         self.selector = a_label_domain(selector)
         self.algorithm = (
-            "rsa-sha256" if isinstance(self.key, rsa.RSAPrivateKey) else "ed25519-sha256"
+            "rsa-sha256" if isinstance(self._key, rsa.RSAPrivateKey) else "ed25519-sha256"
         )
-        self.headers = tuple(headers)
+        # One entry per name, whatever its case: a name listed twice would sign its
+        # instances twice, while a verifier gives the second listing nothing (§5.4.2).
+        unique: dict[str, str] = {}
+        for name in headers:
+            unique.setdefault(name.lower(), name)
+        self.headers = tuple(unique.values())
         for name in self.headers:
             if not _FIELD_NAME.match(name):
                 raise ValueError(f"not a header field name: {name!r}")
-        self._oversign = {name.lower() for name in oversign}
-        self._lookup = [(name, name.lower().encode("ascii")) for name in self.headers]
+        if expires_in is not None and expires_in <= 0:
+            raise ValueError("expires_in must be a positive number of seconds")
+        oversigned = {name.lower() for name in oversign}
+        self._lookup = [
+            (name, name.lower().encode("ascii"), name.lower() in oversigned)
+            for name in self.headers
+        ]
         self._timestamp = timestamp
         self._expires_in = expires_in
         self._tags = [
@@ -199,7 +209,7 @@ class DKIMSigner:
     @property
     def public_key(self) -> str:
         """The ``p=`` value to publish: base64 SubjectPublicKeyInfo (RSA) or raw key (Ed25519)."""
-        public = self.key.public_key()
+        public = self._key.public_key()
         if isinstance(public, ed25519.Ed25519PublicKey):
             raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         else:
@@ -226,10 +236,9 @@ class DKIMSigner:
         """:meth:`sign` for a message already split (several signatures, one parse)."""
         names: list[str] = []
         signed: list[bytes] = []
-        for name, lower in self._lookup:
+        for name, lower, oversigned in self._lookup:
             instances = message.fields.get(lower, ())
-            listed = len(instances) + (name.lower() in self._oversign)
-            names.extend([name] * listed)
+            names.extend([name] * (len(instances) + oversigned))
             # Bottom-up: the first listing takes the last instance (§5.4.2).
             signed.extend(_relaxed_header(field) for field in reversed(instances))
         tags = list(self._tags)
@@ -244,10 +253,10 @@ class DKIMSigner:
         lines = _fold(tags)
         unsigned = "\r\n".join(lines).encode("ascii")
         data = b"".join(signed) + _relaxed_header(unsigned)[:-2]
-        if isinstance(self.key, rsa.RSAPrivateKey):
-            signature = self.key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+        if isinstance(self._key, rsa.RSAPrivateKey):
+            signature = self._key.sign(data, padding.PKCS1v15(), hashes.SHA256())
         else:
-            signature = self.key.sign(hashlib.sha256(data).digest())
+            signature = self._key.sign(hashlib.sha256(data).digest())
         _fold_b(lines, base64.b64encode(signature).decode("ascii"))
         return ("\r\n".join(lines) + "\r\n").encode("ascii")
 
