@@ -305,3 +305,15 @@ def test_dkimpy_verifies_any_whitespace(
     text = "From: a@example.com\r\n" + head + "\r\n" + "".join(f"{line}\r\n" for line in body)
     message = text.encode()
     assert verify_all(ed_signer.sign(message) + message, ed_signer) == [True]
+
+
+@pytest.mark.parametrize("names", [["From"], [f"X-Long-Header-Name-{i}" for i in range(20)]])
+@pytest.mark.parametrize("domain", ["example.com", ".".join(["d" * 63] * 3)])
+def test_signature_field_canonical_form_without_regex(names: list[str], domain: str) -> None:
+    """The shortcut for the field's relaxed form agrees with the general canonicaliser."""
+    from triomail._core.dkim import _append, _fold, _relaxed_header, _relaxed_signature_field
+
+    lines = _fold(["DKIM-Signature:"], ["v=1", f"d={domain}", "h=" + ":".join(names), "bh=x"])
+    _append(lines, "b=", " ")
+    field = "\r\n".join(lines).encode()
+    assert _relaxed_signature_field(lines) == _relaxed_header(field)[:-2]
