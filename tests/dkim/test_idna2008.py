@@ -7,7 +7,7 @@ import re
 import pytest
 
 from triomail._core.errors import LocalProtocolError
-from triomail._core.idna2008 import a_label_domain, idna_domain
+from triomail._core.idna2008 import a_label_domain, ascii_domain, idna_domain
 
 
 @pytest.mark.parametrize(
@@ -73,3 +73,16 @@ def test_error_is_a_value_error() -> None:
 
 def test_idna_domain_is_the_protocol_drop_in() -> None:
     assert idna_domain("straße.de", "user@straße.de") == "xn--strae-oqa.de"
+
+
+@pytest.mark.parametrize(
+    ("name", "wire"),
+    [
+        ("s_2024", "s_2024"),  # DNS allows what IDNA refuses
+        ("r3---sn-x.example", "r3---sn-x.example"),
+        ("Example.COM", "Example.COM"),
+        ("bücher.example", "xn--bcher-kva.example"),
+    ],
+)
+def test_ascii_domain_leaves_ascii_alone(name: str, wire: str) -> None:
+    assert ascii_domain(name) == wire

@@ -36,7 +36,7 @@ import dns.rdatatype
 import dns.resolver
 import trio
 
-from .._core.idna2008 import a_label_domain
+from .._core.idna2008 import ascii_domain
 
 __all__ = ["DNSCheck", "DNSReport", "check_dns", "format_report"]
 
@@ -100,11 +100,11 @@ async def check_dns(
     ``dkim_public_key`` is the ``p=`` value the published key must equal (base64; white
     space ignored). Raises :class:`ValueError` only for a domain that is not one.
     """
-    domain = a_label_domain(from_domain.rstrip("."))
+    domain = ascii_domain(from_domain.rstrip("."))
     resolver = resolver if resolver is not None else dns.asyncresolver.Resolver()
     names = {"spf": domain, "dmarc": f"_dmarc.{domain}"}
     if dkim_selector is not None:
-        names["dkim"] = f"{a_label_domain(dkim_selector)}._domainkey.{domain}"
+        names["dkim"] = f"{ascii_domain(dkim_selector)}._domainkey.{domain}"
     answers: dict[str, list[str] | DNSCheck] = {}
 
     async def lookup(key: str) -> None:

@@ -44,7 +44,7 @@ from collections.abc import Iterable
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
-from .idna2008 import a_label_domain
+from .idna2008 import ascii_domain
 
 __all__ = [
     "DEFAULT_HEADERS",
@@ -179,8 +179,8 @@ class DKIMSigner:
         expires_in: int | None = None,
     ) -> None:
         self._key = load_private_key(private_key, passphrase)  # private: kept out of vars()
-        self.domain = a_label_domain(domain.rstrip("."))
-        self.selector = a_label_domain(selector)
+        self.domain = ascii_domain(domain.rstrip("."))
+        self.selector = ascii_domain(selector)
         self.algorithm = (
             "rsa-sha256" if isinstance(self._key, rsa.RSAPrivateKey) else "ed25519-sha256"
         )

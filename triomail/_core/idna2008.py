@@ -28,7 +28,7 @@ import idna
 
 from .errors import LocalProtocolError
 
-__all__ = ["a_label_domain", "idna_domain"]
+__all__ = ["a_label_domain", "ascii_domain", "idna_domain"]
 
 
 def a_label_domain(domain: str) -> str:
@@ -40,6 +40,15 @@ def a_label_domain(domain: str) -> str:
     """
     encoded: bytes = idna.encode(domain, uts46=True, transitional=False)
     return encoded.decode("ascii")
+
+
+def ascii_domain(name: str) -> str:
+    """A DNS name for a query or a DKIM tag: ASCII as given, otherwise :func:`a_label_domain`.
+
+    ASCII names are not put through IDNA, whose label rules are narrower than DNS's: a
+    selector may hold an underscore, an old label ``--`` in its third and fourth places.
+    """
+    return name if name.isascii() else a_label_domain(name)
 
 
 def idna_domain(domain: str, address: str) -> str:
