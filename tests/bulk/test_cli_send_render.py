@@ -28,9 +28,9 @@ from test_cli_send import (
 from test_cli_send_process import finish, records, start, wait_until
 
 from triomail._bulk.journal import Journal
+from triomail._bulk.main import GC_THRESHOLDS
 from triomail._bulk.render_process import RenderProcess, RenderProcessError
-from triomail._bulk.send import GC_THRESHOLDS
-from triomail._bulk.template import compile_template
+from triomail._bulk.template.compile import compile_template
 from triomail.testing import Fault, SMTPSink
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")

@@ -29,11 +29,7 @@ frame. A child that dies, or writes something that is not a frame, is a
 
 Frames: a 4-byte big-endian length, then ``marshal.dumps((kind, body))`` with kind
 
-* ``"rows"``: a list of records, in file order:
-  ``(0, line, error)`` a bad row;
-  ``(1, line, key, fields, data, sender, recipients, message_id, smtputf8, eight_bit)``
-  a rendered row (``eight_bit``: :func:`canonical_eight_bit` of ``data``);
-  ``(2, line, key, fields, error)`` a row the template refused;
+* ``"rows"``: a list of records, in file order (their layouts: :mod:`.records`);
 * ``"end"``: the number of records sent (the file was read to its end);
 * ``"error"``: a one-line message (the child stops).
 
@@ -56,12 +52,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from .recipients import BadRow
+from .records import WireRecord, encode_bad, encode_refused, encode_rendered, valid
+from .template.rendered import RowError
+
 __all__ = [
     "NOT_READY",
     "PROTOCOL",
     "RenderProcess",
     "RenderProcessError",
-    "Record",
     "child_main",
     "default_message_id",
 ]
@@ -76,8 +75,6 @@ MAX_ROWS = 256
 MAX_FRAME_BYTES = 512 * 1024
 #: The pipe's capacity (Linux may cap it lower: /proc/sys/fs/pipe-max-size).
 PIPE_SIZE = 1024 * 1024
-
-Record = tuple[Any, ...]
 
 # The child imports the package's modules without running its __init__ (trio, the
 # pool): an empty package object whose __path__ is the package directory.
@@ -175,7 +172,7 @@ class RenderProcess:
             if close:
                 stdin.close()
 
-    def poll(self) -> list[Record] | _NotReady | None:
+    def poll(self) -> list[WireRecord] | _NotReady | None:
         """:meth:`receive` without waiting: :data:`NOT_READY` if no batch is complete."""
         while True:
             if self.finished:
@@ -189,7 +186,7 @@ class RenderProcess:
             except _EndOfPipe:
                 raise RenderProcessError(self._died()) from None
 
-    async def receive(self) -> list[Record] | None:
+    async def receive(self) -> list[WireRecord] | None:
         """The next batch of records, or ``None`` at the end of the file."""
         import trio
 
@@ -232,7 +229,7 @@ class RenderProcess:
         self._buffer += data
         return True
 
-    def _frame(self) -> list[Record] | _NotReady | None:
+    def _frame(self) -> list[WireRecord] | _NotReady | None:
         buffer = self._buffer
         start = self._start
         if len(buffer) - start < 4:
@@ -256,12 +253,12 @@ class RenderProcess:
             self._start = end
         return records
 
-    def _decode(self, payload: bytes | memoryview) -> list[Record] | None:
+    def _decode(self, payload: bytes | memoryview) -> list[WireRecord] | None:
         try:
             kind, body = marshal.loads(payload)
         except (ValueError, EOFError, TypeError):
             raise RenderProcessError(self._garbage("a frame that does not decode")) from None
-        if kind == "rows" and type(body) is list and all(_valid(r) for r in body):
+        if kind == "rows" and type(body) is list and all(valid(r) for r in body):
             self._records += len(body)
             return body
         if kind == "end" and body == self._records:
@@ -311,36 +308,6 @@ class RenderProcess:
             self.proc.wait(5)
 
 
-def _valid(record: object) -> bool:
-    if type(record) is not tuple or not record:
-        return False
-    kind = record[0]
-    if kind == 1:
-        return (
-            len(record) == 10
-            and type(record[1]) is int
-            and type(record[2]) is str
-            and type(record[3]) is dict
-            and type(record[4]) is bytes
-            and type(record[5]) is str
-            and type(record[6]) is tuple
-            and type(record[7]) is str
-            and type(record[8]) is bool
-            and (record[9] is None or type(record[9]) is bool)
-        )
-    if kind == 0:
-        return len(record) == 3 and type(record[1]) is int and type(record[2]) is str
-    if kind == 2:
-        return (
-            len(record) == 5
-            and type(record[1]) is int
-            and type(record[2]) is str
-            and type(record[3]) is dict
-            and type(record[4]) is str
-        )
-    return False
-
-
 # ------------------------------------------------------------------------- the child
 
 
@@ -378,11 +345,8 @@ class _Commands:
 
 def _frames(
     rows: Iterator[Any], render: Any, campaign: str, domain: str, commands: _Commands
-) -> Iterator[list[Record]]:
-    from .recipients import BadRow
-    from .template import RowError, canonical_eight_bit
-
-    batch: list[Record] = []
+) -> Iterator[list[WireRecord]]:
+    batch: list[WireRecord] = []
     size = 0
     limit = 16
     skip = 0  # rows up to this line were read by the parent itself
@@ -390,20 +354,15 @@ def _frames(
         if item.line <= skip:
             continue
         if isinstance(item, BadRow):
-            batch.append((0, item.line, item.error))
+            batch.append(encode_bad(item))
         else:
-            key = item.key
             try:
-                r = render(item.fields, message_id=default_message_id(key, campaign, domain))
+                r = render(item.fields, message_id=default_message_id(item.key, campaign, domain))
             except RowError as exc:
-                batch.append((2, item.line, key, item.fields, str(exc)))
+                batch.append(encode_refused(item, str(exc)))
             else:
-                data = r.data
-                size += len(data)
-                batch.append(
-                    (1, item.line, key, item.fields, data, r.sender, r.recipients,
-                     r.message_id, r.smtputf8, canonical_eight_bit(data))
-                )  # fmt: skip
+                size += len(r.data)
+                batch.append(encode_rendered(item, r))
         if len(batch) >= limit or size >= MAX_FRAME_BYTES:
             yield batch
             batch = []
@@ -423,7 +382,7 @@ def child_main(argv: Sequence[str]) -> int:
     out = sys.stdout.fileno()
     try:
         from .recipients import RecipientsReader
-        from .template import compile_template
+        from .template.compile import compile_template
 
         template_path, recipients_path = argv
         template = compile_template(template_path)
