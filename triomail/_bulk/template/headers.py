@@ -1,4 +1,20 @@
-"""TODO"""
+"""Header fields: RFC 2047 encoded words, folding, address lists, refused values.
+
+Theory of operation
+-------------------
+Unstructured fields (``Subject``...) are encoded word by word: runs of words that need
+it become ``=?utf-8?b?...?=`` encoded words (RFC 2047 §2, §5) of at most 75
+characters, and lines are folded at whitespace near 78 characters (RFC 5322 §2.1.1,
+§2.2.3). Address fields are parsed into (display name, address) pairs; a display
+name is quoted or encoded as a phrase, the address is checked as an SMTP path
+(RFC 5321 §4.1.2); an address with a non-ASCII local part is written as raw UTF-8
+(RFC 6532) and makes the message need SMTPUTF8 (RFC 6531).
+
+A field value holding CR, LF or another C0 control (TAB excepted) is refused for the
+row (:class:`.rendered.RowError`): no header injection through a field (R15). Jinja2
+hands values through :func:`escape_value`, which marks such characters so that they
+are found again after the template has put them in place.
+"""
 
 from __future__ import annotations
 
@@ -48,9 +64,6 @@ _ENCODED_WORD_LIKE = re.compile(r"=\?")
 _SIMPLE_ADDRESS = re.compile(r"[^\s<>()\[\]\\,;:\"@]+@[A-Za-z0-9.-]+\Z")
 _NAME_ADDR = re.compile(r"([^\"<>()\[\]\\,;:@]*?)\s*<([^\s<>()\[\]\\,;:\"@]+@[A-Za-z0-9.-]+)>\Z")
 _SPECIALS = re.compile(r"[()<>\[\]:;@\\,.\"]")
-
-
-# ----------------------------------------------------------------- header encoding
 
 
 def _encoded_words(text: str, first: int = _EW_BYTES) -> list[str]:

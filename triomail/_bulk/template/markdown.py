@@ -1,4 +1,9 @@
-"""Markdown bodies: converted to HTML once, inline images linked to their attachments."""
+"""Markdown bodies: converted to HTML once, inline images linked to their attachments.
+
+The conversion is mailmerge's (python-markdown with ``nl2br``, wrapped in html/body),
+imported only for a markdown template. An ``<img src="file">`` naming an attached file
+is pointed at that part's ``cid:`` (RFC 2392).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from .mime import Attachment
-
-# ---------------------------------------------------------------------- markdown
 
 _MARKDOWN: Any = None
 

@@ -1,4 +1,12 @@
-"""MIME parts that do not change per row: attachments, text parts, their headers."""
+"""MIME parts that do not change per row: attachments, text parts, their headers.
+
+Attachments are read and base64-encoded once per file (an LRU cache keyed by the
+file's size and modification time, so templated paths work too); file names use
+RFC 2231 parameters. Text parts are 7bit when they are ASCII with short lines and
+quoted-printable otherwise, so no line on the wire exceeds 998 octets (RFC 5322
+§2.1.1, R19) and no 8-bit octet needs 8BITMIME (R18). Boundaries are random, made
+once per template; part headers are cached bytes.
+"""
 
 from __future__ import annotations
 

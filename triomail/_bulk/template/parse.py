@@ -1,4 +1,10 @@
-"""The template cut into pieces: literal text and expressions, the header fields."""
+"""The template cut into pieces: literal text and expressions, the header fields.
+
+A *piece* is a literal string or the index of an expression's value; a header field
+is its name and its pieces (RFC 5322 §2.2: unfolded here, long lines allowed in the
+template). A template that cannot be cut this way (statements, names from
+expressions) is rendered whole per row instead.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .headers import FIELD_NAME
-
-# ---------------------------------------------------------------------- structure
 
 # A piece of template text: a literal, or the index of an expression's value.
 Piece = str | int

@@ -1,4 +1,15 @@
-"""The plan of a compiled template: what is constant, what is filled in per row."""
+"""The plan of a compiled template: what is constant, what is filled in per row.
+
+Theory of operation
+-------------------
+:func:`build_plan` decides once per template which header fields are constant
+(encoded now) and which take values (encoded per row), which fields give the envelope
+(``From`` the sender; ``To``/``Cc``/``Bcc`` the recipients, RFC 5321 §3.3), the body's
+MIME structure (text, markdown alternative, attachments, related), and for a markdown
+body which values may go straight into the HTML (:func:`is_inert`: plain text that
+markdown passes through unchanged). Anything the plan cannot express is a
+:class:`PlanError`: the template is then rendered whole per row.
+"""
 
 from __future__ import annotations
 
@@ -26,9 +37,6 @@ _INERT_TEXT = re.compile(
     r"(?:[^\x00-\x1f\x7f*_`\[\]<>&\\!#|~{}\"=^]*[^\s\x00-\x1f\x7f*_`\[\]<>&\\!#|~{}\"=^])?\Z"
 )
 _INERT_IN_TAG = re.compile(r"[A-Za-z0-9.@:/%?;,-]+\Z")
-
-
-# ------------------------------------------------------------------------- the plan
 
 
 @dataclass(slots=True)

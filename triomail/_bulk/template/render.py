@@ -1,4 +1,11 @@
-"""Per row: the plan filled in with the values, or the whole message through email."""
+"""Per row: the plan filled in with the values, or the whole message through email.
+
+:func:`render_plan` joins constant bytes and per-row encoded fields into canonical CRLF
+text (RFC 5322 §2.1; R16), adds ``Date`` (cached per second), ``Message-ID`` and
+``MIME-Version`` where the template has none, and returns the envelope with it.
+:func:`render_with_email` takes a template that writes its own MIME body through the
+:mod:`email` package, as mailmerge does.
+"""
 
 from __future__ import annotations
 

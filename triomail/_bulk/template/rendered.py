@@ -1,4 +1,9 @@
-"""What a rendered row is: canonical message bytes and the envelope to send them with."""
+"""What a rendered row is: canonical message bytes and the envelope to send them with.
+
+Kept apart from the rest of the template package (no Jinja2) because the render
+process's record codec (:mod:`..records`) and the feed need it without compiling
+anything.
+"""
 
 from __future__ import annotations
 
