@@ -59,7 +59,7 @@ def render_processes(parent: int) -> list[int]:
         except OSError:
             continue
         ppid = int(stat.rpartition(")")[2].split()[1])
-        if ppid == parent and b"triomail._bulk.render_process" in cmdline:
+        if ppid == parent and b"triomail._bulk.render_child" in cmdline:
             found.append(int(entry.name))
     return found
 
@@ -299,7 +299,7 @@ async def test_render_process_writing_garbage_mid_batch(
         "package = types.ModuleType('triomail')\n"
         "package.__path__ = [sys.argv[1]]\n"
         "sys.modules.setdefault('triomail', package)\n"
-        "import triomail._bulk.render_process as render\n"
+        "import triomail._bulk.render_child as render\n"
         "real, frames = render._write, []\n"
         "def write(fd, kind, body):\n"
         "    frames.append(kind)\n"

@@ -13,12 +13,10 @@ from pathlib import Path
 from .outcomes import Outcomes
 from .planner import Policy, chunks, plan_chunk
 from .recipients import RecipientsReader
+from .records import MAX_BATCH
 from .settings import EXIT_FAILED, EXIT_OK
 
 __all__ = ["dry_run"]
-
-#: Rows planned at a time.
-CHUNK = 256
 
 
 def dry_run(
@@ -36,7 +34,7 @@ def dry_run(
         out_dir.mkdir(parents=True, exist_ok=True)
     shown = 0
     count = 0
-    for chunk in chunks(reader, CHUNK):
+    for chunk in chunks(reader, MAX_BATCH):
         budget = None if limit is None else limit - count
         if budget is not None and budget <= 0:
             break

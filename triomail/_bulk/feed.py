@@ -38,7 +38,7 @@ from .journal import Journal, Record
 from .outcomes import Outcomes, Tag
 from .planner import ChunkPlan, Policy, chunks, plan_chunk
 from .recipients import BadRow, RecipientsReader, Row
-from .records import WireRecord, decode, last_line
+from .records import FIRST_BATCH, MAX_BATCH, WireRecord, decode, last_line
 from .render_process import NOT_READY, RenderProcess, RenderProcessError
 from .template.rendered import Rendered, canonical_eight_bit
 
@@ -48,10 +48,6 @@ _log = logging.getLogger("triomail.send")
 
 #: --render auto: chunks rendered here while the render process catches up.
 CATCH_UP_CHUNKS = 4
-#: Rows per chunk read here: the first chunk is FIRST_CHUNK rows, each next one twice
-#: as many up to MAX_CHUNK; while the render process catches up, FIRST_CHUNK.
-FIRST_CHUNK = 16
-MAX_CHUNK = 256
 
 
 def prepared_message(rendered: Rendered, recipients: tuple[str, ...], tag: Tag) -> PreparedMessage:
@@ -165,9 +161,9 @@ class Feed:
     async def _chunks(self) -> AsyncGenerator[ChunkPlan]:
         """The plans of chunks of rows, read here or by the render process."""
         renderer = self.renderer
-        rows = chunks(self.reader, MAX_CHUNK)
+        rows = chunks(self.reader, MAX_BATCH)
         pending: list[Row | BadRow] = []
-        size = FIRST_CHUNK
+        size = FIRST_BATCH
         # Reading the render process's batches (no longer rows of our own)? With
         # --render process, from the first row; with auto, once its first batch is ready.
         switched = renderer is not None and not self.catch_up
@@ -220,11 +216,11 @@ class Feed:
                 if not pending:
                     return
             # Small chunks while the render process catches up: it is asked after each.
-            step = size if skipped is None else FIRST_CHUNK
+            step = size if skipped is None else FIRST_BATCH
             chunk, pending = pending[:step], pending[step:]
             last = chunk[-1].line
             yield plan_chunk(self.policy, chunk, budget)
-            size = min(MAX_CHUNK, size * 2)
+            size = min(MAX_BATCH, size * 2)
 
     def close(self) -> None:
         """Stop reading the render process; claimed messages never handed go back."""

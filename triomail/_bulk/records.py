@@ -29,6 +29,8 @@ from .template.rendered import Rendered, canonical_eight_bit
 
 __all__ = [
     "BAD",
+    "FIRST_BATCH",
+    "MAX_BATCH",
     "REFUSED",
     "RENDERED",
     "WireRecord",
@@ -47,6 +49,12 @@ REFUSED: Final = 2
 
 #: A record as marshal carries it.
 WireRecord = tuple[Any, ...]
+
+#: Rows are handled in batches (the render process's frames, the parent's chunks): the
+#: first of FIRST_BATCH rows so that the first messages leave at once, then each twice
+#: as large up to MAX_BATCH.
+FIRST_BATCH = 16
+MAX_BATCH = 256
 
 
 def encode_bad(row: BadRow) -> WireRecord:

@@ -20,11 +20,11 @@ fields with the result, so the parent decides per row as it does without a child
 and renders a row itself in the rare case where the journal holds another
 Message-ID for it.
 
-The child is started without the package's ``__init__`` (it needs neither trio nor
-the pool), ignores SIGINT (the parent decides when it ends), and ends by itself when
-the parent goes away (EOF on stdin before it starts, a broken pipe after). Its
-stderr is the parent's, but it writes nothing there: an error becomes an ``error``
-frame. A child that dies, or writes something that is not a frame, is a
+The child (:mod:`.render_child`) is started without the package's ``__init__`` (it
+needs neither trio nor the pool), ignores SIGINT (the parent decides when it ends),
+and ends by itself when the parent goes away (EOF on stdin before it starts, a broken
+pipe after). Its stderr is the parent's, but it writes nothing there: an error becomes
+an ``error`` frame. A child that dies, or writes something that is not a frame, is a
 :class:`RenderProcessError` in the parent with a one-line message.
 
 Frames: a 4-byte big-endian length, then ``marshal.dumps((kind, body))`` with kind
@@ -38,6 +38,10 @@ the digest is the template's as the parent compiled it),
 then, if the parent renders the first rows itself (``--render auto``), ``skip LINE``:
 rows up to that line need not be rendered (checked between frames; records of such
 rows already sent are dropped by the parent).
+
+trio is imported inside the parent's methods only: the child imports this module too
+(for ``PROTOCOL`` and :func:`default_message_id`) and never needs trio, whose import
+would add to the child's start-up, which the parent waits for.
 """
 
 from __future__ import annotations
@@ -48,20 +52,17 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
-from .recipients import BadRow
-from .records import WireRecord, encode_bad, encode_refused, encode_rendered, valid
-from .template.rendered import RowError
+from .records import WireRecord, valid
 
 __all__ = [
     "NOT_READY",
     "PROTOCOL",
     "RenderProcess",
     "RenderProcessError",
-    "child_main",
     "default_message_id",
 ]
 
@@ -69,10 +70,6 @@ __all__ = [
 PROTOCOL = 4
 #: A frame larger than this is garbage, not a batch of rows.
 MAX_FRAME = 64 * 1024 * 1024
-#: Rows per frame: small at first so the first messages leave at once, then this many.
-MAX_ROWS = 256
-#: ... or fewer, once the frame holds this many bytes of messages.
-MAX_FRAME_BYTES = 512 * 1024
 #: The pipe's capacity (Linux may cap it lower: /proc/sys/fs/pipe-max-size).
 PIPE_SIZE = 1024 * 1024
 
@@ -83,7 +80,7 @@ _BOOTSTRAP = (
     "package = types.ModuleType('triomail')\n"
     "package.__path__ = [sys.argv[1]]\n"
     "sys.modules.setdefault('triomail', package)\n"
-    "from triomail._bulk.render_process import child_main\n"
+    "from triomail._bulk.render_child import child_main\n"
     "raise SystemExit(child_main(sys.argv[2:]))\n"
 )
 
@@ -306,107 +303,3 @@ class RenderProcess:
                 self.proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
-
-
-# ------------------------------------------------------------------------- the child
-
-
-def _write(fd: int, kind: str, body: Any) -> None:
-    payload = marshal.dumps((kind, body))
-    view = memoryview(len(payload).to_bytes(4, "big") + payload)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-class _Commands:
-    """The parent's lines on our stdin: read whole lines, without waiting if asked."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.buffer = b""
-        self.closed = False
-
-    def line(self, *, wait: bool) -> str | None:
-        import select
-
-        while b"\n" not in self.buffer:
-            if self.closed:
-                return None
-            if not wait and not select.select([self.fd], [], [], 0)[0]:
-                return None
-            data = os.read(self.fd, 4096)
-            if not data:
-                self.closed = True
-                return None
-            self.buffer += data
-        line, _, self.buffer = self.buffer.partition(b"\n")
-        return line.decode("ascii", "replace")
-
-
-def _frames(
-    rows: Iterator[Any], render: Any, campaign: str, domain: str, commands: _Commands
-) -> Iterator[list[WireRecord]]:
-    batch: list[WireRecord] = []
-    size = 0
-    limit = 16
-    skip = 0  # rows up to this line were read by the parent itself
-    for item in rows:
-        if item.line <= skip:
-            continue
-        if isinstance(item, BadRow):
-            batch.append(encode_bad(item))
-        else:
-            try:
-                r = render(item.fields, message_id=default_message_id(item.key, campaign, domain))
-            except RowError as exc:
-                batch.append(encode_refused(item, str(exc)))
-            else:
-                size += len(r.data)
-                batch.append(encode_rendered(item, r))
-        if len(batch) >= limit or size >= MAX_FRAME_BYTES:
-            yield batch
-            batch = []
-            size = 0
-            limit = min(MAX_ROWS, limit * 2)
-            if not commands.closed:
-                command = commands.line(wait=False)
-                if command is not None and command.startswith("skip "):
-                    skip = int(command[5:])
-    if batch:
-        yield batch
-
-
-def child_main(argv: Sequence[str]) -> int:
-    """The render process: ``TEMPLATE RECIPIENTS``; the Message-ID parts on stdin."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    out = sys.stdout.fileno()
-    try:
-        from .recipients import RecipientsReader
-        from .template.compile import compile_template
-
-        template_path, recipients_path = argv
-        template = compile_template(template_path)
-        reader = RecipientsReader.open(recipients_path)
-        rows = iter(reader)
-        commands = _Commands(sys.stdin.fileno())
-        line = (commands.line(wait=True) or "").split()
-        if not line:
-            return 0  # the parent went away (or did not need us) before the start
-        version, campaign, domain, digest = line
-        if version != str(PROTOCOL):
-            raise RuntimeError(f"protocol {version}, expected {PROTOCOL}")
-        if digest != template.digest:
-            raise RuntimeError(f"the template {template_path} changed while starting")
-        count = 0
-        for batch in _frames(rows, template.render, campaign, domain, commands):
-            _write(out, "rows", batch)
-            count += len(batch)
-        _write(out, "end", count)
-        return 0
-    except BrokenPipeError:
-        return 0  # the parent stopped reading: it needs no more rows
-    except BaseException as exc:
-        text = str(exc) or type(exc).__name__
-        with contextlib.suppress(OSError):
-            _write(out, "error", " ".join(f"{type(exc).__name__}: {text}".split())[:2000])
-        return 1
