@@ -216,6 +216,38 @@ async def test_render_process_frames_end_to_end(tmp_path: Path) -> None:
     assert "expected 3 fields" in got[2][2]
 
 
+async def test_render_process_imports_the_package_it_was_started_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without an editable install's import hook (as after ``pip install``), the child
+    finds the package through the directory it is given: triomail/, not its _bulk/."""
+    import triomail
+
+    started: list[list[str]] = []
+    real_spawn = RenderProcess.spawn
+
+    def spawn(argv: list[str]) -> RenderProcess:
+        started.append(list(argv))
+        code = argv.index("-c") + 1
+        no_hook = "import sys\nsys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)]\n"
+        return real_spawn([*argv[:code], no_hook + argv[code], *argv[code + 1 :]])
+
+    monkeypatch.setattr(RenderProcess, "spawn", spawn)
+    rows, tpl = batch(tmp_path, 3)
+    renderer = RenderProcess.start(tpl, rows)
+    try:
+        renderer.begin("c4mpaign", "example.com", compile_template(tpl).digest)
+        got = []
+        with trio.fail_after(20):
+            while (batch_ := await renderer.receive()) is not None:
+                got.extend(batch_)
+    finally:
+        renderer.close()
+    assert len(got) == 3
+    (argv,) = started
+    assert (Path(argv[argv.index("-c") + 2]) / "__init__.py").samefile(triomail.__file__)
+
+
 def test_header_row_not_utf8_is_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime
 import json
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -186,10 +185,6 @@ class Outcomes:
             counts[value] = counts.get(value, 0) + 1
         if self.report is not None:
             self._report(result, tag, outcome, downgraded, note)
-
-    def settle_all(self, results: Iterable[SendResult], *, note: str | None = None) -> None:
-        for result in results:
-            self.settle(result, note=note)
 
     # -- the report ---------------------------------------------------------------
 

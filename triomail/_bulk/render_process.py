@@ -124,7 +124,7 @@ class RenderProcess:
     @classmethod
     def start(cls, template: Path, recipients: Path) -> RenderProcess:
         """Start the child; it compiles the template and opens the file meanwhile."""
-        package = str(Path(__file__).resolve().parent)
+        package = str(Path(__file__).resolve().parents[1])  # triomail/, not triomail/_bulk/
         argv = [sys.executable, "-P", "-c", _BOOTSTRAP, package, str(template), str(recipients)]
         return cls.spawn(argv)
 
