@@ -189,12 +189,8 @@ async def test_render_process_failures_are_one_line(script: str, expected: str) 
     assert renderer.proc.returncode is not None
 
 
-async def test_render_process_frames_end_to_end(tmp_path: Path) -> None:
-    """The real child: rows in file order, bad rows and template refusals as records."""
-    rows = tmp_path / "rows.csv"
-    rows.write_text("email,name,number\na@example.com,A,1\nnot-an-address,B,2\nc@example.com,C\n")
-    tpl = tmp_path / "t.txt"
-    tpl.write_text(BIG_TEMPLATE)
+async def every_record(tpl: Path, rows: Path) -> list[tuple[object, ...]]:
+    """Start the real render process on ``rows`` and read it to the end."""
     renderer = RenderProcess.start(tpl, rows)
     try:
         renderer.begin("c4mpaign", "example.com", compile_template(tpl).digest)
@@ -204,6 +200,16 @@ async def test_render_process_frames_end_to_end(tmp_path: Path) -> None:
                 got.extend(batch_)
     finally:
         renderer.close()
+    return got
+
+
+async def test_render_process_frames_end_to_end(tmp_path: Path) -> None:
+    """The real child: rows in file order, bad rows and template refusals as records."""
+    rows = tmp_path / "rows.csv"
+    rows.write_text("email,name,number\na@example.com,A,1\nnot-an-address,B,2\nc@example.com,C\n")
+    tpl = tmp_path / "t.txt"
+    tpl.write_text(BIG_TEMPLATE)
+    got = await every_record(tpl, rows)
     assert [r[:2] for r in got] == [(1, 2), (2, 3), (0, 4)]
     _, _, key, fields, data, sender, recipients, mid, utf8, eight_bit = got[0]
     assert fields == {"email": "a@example.com", "name": "A", "number": "1"}
@@ -234,15 +240,7 @@ async def test_render_process_imports_the_package_it_was_started_from(
 
     monkeypatch.setattr(RenderProcess, "spawn", spawn)
     rows, tpl = batch(tmp_path, 3)
-    renderer = RenderProcess.start(tpl, rows)
-    try:
-        renderer.begin("c4mpaign", "example.com", compile_template(tpl).digest)
-        got = []
-        with trio.fail_after(20):
-            while (batch_ := await renderer.receive()) is not None:
-                got.extend(batch_)
-    finally:
-        renderer.close()
+    got = await every_record(tpl, rows)
     assert len(got) == 3
     (argv,) = started
     assert (Path(argv[argv.index("-c") + 2]) / "__init__.py").samefile(triomail.__file__)
