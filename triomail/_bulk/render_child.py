@@ -2,9 +2,9 @@
 
 The protocol, and why the work is split this way, are described in
 :mod:`.render_process` (the parent's side). This module runs in the child, started
-without the package's ``__init__``: it imports neither trio nor the pool. The
-recipients reader and the template are imported inside :func:`child_main`, so that
-an import error, like any other, reaches the parent as an ``error`` frame.
+without the package's ``__init__``: it imports neither trio nor the pool. The template
+compiler (Jinja2, markdown) is imported inside :func:`child_main`, so that an import
+error there, like any other error, reaches the parent as an ``error`` frame.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from .recipients import BadRow
+from .recipients import BadRow, RecipientsReader
 from .records import (
     FIRST_BATCH,
     MAX_BATCH,
@@ -105,8 +105,7 @@ def child_main(argv: Sequence[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     out = sys.stdout.fileno()
     try:
-        from .recipients import RecipientsReader
-        from .template.compile import compile_template
+        from .template.compile import compile_template  # Jinja2 (see the header)
 
         template_path, recipients_path = argv
         template = compile_template(template_path)
