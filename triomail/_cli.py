@@ -1,9 +1,9 @@
 """The ``triomail`` command line: a thin argparse dispatcher.
 
-Each subcommand lives in its own module (``_cli_<name>.py``) exposing
-``register(subparsers)``, which adds the subcommand's parser and sets ``func`` to a
-callable taking the parsed arguments and returning the exit status. Keep heavy
-imports inside ``func`` so ``triomail --help`` stays fast.
+Each subcommand has a module exposing ``register(subparsers)``, which adds the
+subcommand's parser and sets ``func`` to a callable taking the parsed arguments and
+returning the exit status. Keep heavy imports inside ``func`` so ``triomail --help``
+stays fast.
 """
 
 from __future__ import annotations
@@ -12,17 +12,17 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from ._bulk import send as bulk_send
+from ._bulk import command as bulk_command
 from ._sink import cli as sink_cli
 from ._web import cli as web_cli
 
 __all__ = ["build_parser", "main"]
 
-Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
-
-# Subcommands, in the order `triomail --help` lists them. `triomail send` (the bulk
-# mailer, `_bulk.send.register`) goes here.
-REGISTRARS: tuple[Registrar, ...] = (sink_cli.register, bulk_send.register, web_cli.register)
+# Subcommands, in the order `triomail --help` lists them: `triomail sink` (the capture
+# server), `triomail send` (the bulk mailer) and `triomail view` (the web view of a
+# folder). Each register takes what `add_subparsers()` returns; the tuple's type is
+# inferred, so that no private name of argparse is spelt here.
+REGISTRARS = (sink_cli.register, bulk_command.register, web_cli.register)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,9 +28,9 @@ from test_cli_send import (
 from test_cli_send_process import finish, records, start, wait_until
 
 from triomail._bulk.journal import Journal
+from triomail._bulk.main import GC_THRESHOLDS
 from triomail._bulk.render_process import RenderProcess, RenderProcessError
-from triomail._bulk.send import GC_THRESHOLDS
-from triomail._bulk.template import compile_template
+from triomail._bulk.template.compile import compile_template
 from triomail.testing import Fault, SMTPSink
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
@@ -59,7 +59,7 @@ def render_processes(parent: int) -> list[int]:
         except OSError:
             continue
         ppid = int(stat.rpartition(")")[2].split()[1])
-        if ppid == parent and b"triomail._bulk.render_process" in cmdline:
+        if ppid == parent and b"triomail._bulk.render_child" in cmdline:
             found.append(int(entry.name))
     return found
 
@@ -189,12 +189,8 @@ async def test_render_process_failures_are_one_line(script: str, expected: str) 
     assert renderer.proc.returncode is not None
 
 
-async def test_render_process_frames_end_to_end(tmp_path: Path) -> None:
-    """The real child: rows in file order, bad rows and template refusals as records."""
-    rows = tmp_path / "rows.csv"
-    rows.write_text("email,name,number\na@example.com,A,1\nnot-an-address,B,2\nc@example.com,C\n")
-    tpl = tmp_path / "t.txt"
-    tpl.write_text(BIG_TEMPLATE)
+async def every_record(tpl: Path, rows: Path) -> list[tuple[object, ...]]:
+    """Start the real render process on ``rows`` and read it to the end."""
     renderer = RenderProcess.start(tpl, rows)
     try:
         renderer.begin("c4mpaign", "example.com", compile_template(tpl).digest)
@@ -204,6 +200,16 @@ async def test_render_process_frames_end_to_end(tmp_path: Path) -> None:
                 got.extend(batch_)
     finally:
         renderer.close()
+    return got
+
+
+async def test_render_process_frames_end_to_end(tmp_path: Path) -> None:
+    """The real child: rows in file order, bad rows and template refusals as records."""
+    rows = tmp_path / "rows.csv"
+    rows.write_text("email,name,number\na@example.com,A,1\nnot-an-address,B,2\nc@example.com,C\n")
+    tpl = tmp_path / "t.txt"
+    tpl.write_text(BIG_TEMPLATE)
+    got = await every_record(tpl, rows)
     assert [r[:2] for r in got] == [(1, 2), (2, 3), (0, 4)]
     _, _, key, fields, data, sender, recipients, mid, utf8, eight_bit = got[0]
     assert fields == {"email": "a@example.com", "name": "A", "number": "1"}
@@ -214,6 +220,30 @@ async def test_render_process_frames_end_to_end(tmp_path: Path) -> None:
     assert eight_bit is False  # canonical CRLF text, ASCII only
     assert "not-an-address" in got[1][4]
     assert "expected 3 fields" in got[2][2]
+
+
+async def test_render_process_imports_the_package_it_was_started_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without an editable install's import hook (as after ``pip install``), the child
+    finds the package through the directory it is given: triomail/, not its _bulk/."""
+    import triomail
+
+    started: list[list[str]] = []
+    real_spawn = RenderProcess.spawn
+
+    def spawn(argv: list[str]) -> RenderProcess:
+        started.append(list(argv))
+        code = argv.index("-c") + 1
+        no_hook = "import sys\nsys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)]\n"
+        return real_spawn([*argv[:code], no_hook + argv[code], *argv[code + 1 :]])
+
+    monkeypatch.setattr(RenderProcess, "spawn", spawn)
+    rows, tpl = batch(tmp_path, 3)
+    got = await every_record(tpl, rows)
+    assert len(got) == 3
+    (argv,) = started
+    assert (Path(argv[argv.index("-c") + 2]) / "__init__.py").samefile(triomail.__file__)
 
 
 def test_header_row_not_utf8_is_one_line(
@@ -299,7 +329,7 @@ async def test_render_process_writing_garbage_mid_batch(
         "package = types.ModuleType('triomail')\n"
         "package.__path__ = [sys.argv[1]]\n"
         "sys.modules.setdefault('triomail', package)\n"
-        "import triomail._bulk.render_process as render\n"
+        "import triomail._bulk.render_child as render\n"
         "real, frames = render._write, []\n"
         "def write(fd, kind, body):\n"
         "    frames.append(kind)\n"

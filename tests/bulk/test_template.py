@@ -13,16 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from triomail._bulk.template import (
-    CompiledTemplate,
-    Rendered,
-    RowError,
-    TemplateError,
-    _markdown_to_html,
-    _unescape,
-    compile_template,
-    encode_unstructured,
-)
+from triomail._bulk.template.compile import CompiledTemplate, compile_template
+from triomail._bulk.template.headers import encode_unstructured, unescape
+from triomail._bulk.template.markdown import markdown_to_html
+from triomail._bulk.template.rendered import Rendered, RowError, TemplateError
 
 MID = "<test.1@example.com>"
 
@@ -304,7 +298,7 @@ def test_markdown_becomes_text_and_html(tmp_path: Path) -> None:
     source = t._full.render(row)
     body = source.split("\n\n", 1)[1]
     assert text.replace("\r\n", "\n") == body
-    assert html.replace("\r\n", "\n") == _markdown_to_html(body)
+    assert html.replace("\r\n", "\n") == markdown_to_html(body)
     assert "<strong>Zoë</strong>" in html
 
 
@@ -328,8 +322,8 @@ def test_markdown_fast_path_matches_markdown(
     r = t.render(row, message_id=MID)
     check_wire(r)
     _, html = alternative(parse(r))
-    body = _unescape(t._full.render(row)).split("\n\n", 1)[1]
-    assert html.replace("\r\n", "\n") == _markdown_to_html(body).replace("\r\n", "\n")
+    body = unescape(t._full.render(row)).split("\n\n", 1)[1]
+    assert html.replace("\r\n", "\n") == markdown_to_html(body).replace("\r\n", "\n")
 
 
 _CACHE: dict[str, CompiledTemplate] = {}

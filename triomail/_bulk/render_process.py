@@ -20,20 +20,16 @@ fields with the result, so the parent decides per row as it does without a child
 and renders a row itself in the rare case where the journal holds another
 Message-ID for it.
 
-The child is started without the package's ``__init__`` (it needs neither trio nor
-the pool), ignores SIGINT (the parent decides when it ends), and ends by itself when
-the parent goes away (EOF on stdin before it starts, a broken pipe after). Its
-stderr is the parent's, but it writes nothing there: an error becomes an ``error``
-frame. A child that dies, or writes something that is not a frame, is a
+The child (:mod:`.render_child`) is started without the package's ``__init__`` (it
+needs neither trio nor the pool), ignores SIGINT (the parent decides when it ends),
+and ends by itself when the parent goes away (EOF on stdin before it starts, a broken
+pipe after). Its stderr is the parent's, but it writes nothing there: an error becomes
+an ``error`` frame. A child that dies, or writes something that is not a frame, is a
 :class:`RenderProcessError` in the parent with a one-line message.
 
 Frames: a 4-byte big-endian length, then ``marshal.dumps((kind, body))`` with kind
 
-* ``"rows"``: a list of records, in file order:
-  ``(0, line, error)`` a bad row;
-  ``(1, line, key, fields, data, sender, recipients, message_id, smtputf8, eight_bit)``
-  a rendered row (``eight_bit``: :func:`canonical_eight_bit` of ``data``);
-  ``(2, line, key, fields, error)`` a row the template refused;
+* ``"rows"``: a list of records, in file order (their layouts: :mod:`.records`);
 * ``"end"``: the number of records sent (the file was read to its end);
 * ``"error"``: a one-line message (the child stops).
 
@@ -42,6 +38,10 @@ the digest is the template's as the parent compiled it),
 then, if the parent renders the first rows itself (``--render auto``), ``skip LINE``:
 rows up to that line need not be rendered (checked between frames; records of such
 rows already sent are dropped by the parent).
+
+trio is imported inside the parent's methods only: the child imports this module too
+(for ``PROTOCOL`` and :func:`default_message_id`) and never needs trio, whose import
+would add to the child's start-up, which the parent waits for.
 """
 
 from __future__ import annotations
@@ -52,17 +52,17 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
+
+from .records import WireRecord, valid
 
 __all__ = [
     "NOT_READY",
     "PROTOCOL",
     "RenderProcess",
     "RenderProcessError",
-    "Record",
-    "child_main",
     "default_message_id",
 ]
 
@@ -70,14 +70,8 @@ __all__ = [
 PROTOCOL = 4
 #: A frame larger than this is garbage, not a batch of rows.
 MAX_FRAME = 64 * 1024 * 1024
-#: Rows per frame: small at first so the first messages leave at once, then this many.
-MAX_ROWS = 256
-#: ... or fewer, once the frame holds this many bytes of messages.
-MAX_FRAME_BYTES = 512 * 1024
 #: The pipe's capacity (Linux may cap it lower: /proc/sys/fs/pipe-max-size).
 PIPE_SIZE = 1024 * 1024
-
-Record = tuple[Any, ...]
 
 # The child imports the package's modules without running its __init__ (trio, the
 # pool): an empty package object whose __path__ is the package directory.
@@ -86,7 +80,7 @@ _BOOTSTRAP = (
     "package = types.ModuleType('triomail')\n"
     "package.__path__ = [sys.argv[1]]\n"
     "sys.modules.setdefault('triomail', package)\n"
-    "from triomail._bulk.render_process import child_main\n"
+    "from triomail._bulk.render_child import child_main\n"
     "raise SystemExit(child_main(sys.argv[2:]))\n"
 )
 
@@ -130,7 +124,7 @@ class RenderProcess:
     @classmethod
     def start(cls, template: Path, recipients: Path) -> RenderProcess:
         """Start the child; it compiles the template and opens the file meanwhile."""
-        package = str(Path(__file__).resolve().parent)
+        package = str(Path(__file__).resolve().parents[1])  # triomail/, not triomail/_bulk/
         argv = [sys.executable, "-P", "-c", _BOOTSTRAP, package, str(template), str(recipients)]
         return cls.spawn(argv)
 
@@ -175,7 +169,7 @@ class RenderProcess:
             if close:
                 stdin.close()
 
-    def poll(self) -> list[Record] | _NotReady | None:
+    def poll(self) -> list[WireRecord] | _NotReady | None:
         """:meth:`receive` without waiting: :data:`NOT_READY` if no batch is complete."""
         while True:
             if self.finished:
@@ -189,7 +183,7 @@ class RenderProcess:
             except _EndOfPipe:
                 raise RenderProcessError(self._died()) from None
 
-    async def receive(self) -> list[Record] | None:
+    async def receive(self) -> list[WireRecord] | None:
         """The next batch of records, or ``None`` at the end of the file."""
         import trio
 
@@ -232,7 +226,7 @@ class RenderProcess:
         self._buffer += data
         return True
 
-    def _frame(self) -> list[Record] | _NotReady | None:
+    def _frame(self) -> list[WireRecord] | _NotReady | None:
         buffer = self._buffer
         start = self._start
         if len(buffer) - start < 4:
@@ -256,12 +250,12 @@ class RenderProcess:
             self._start = end
         return records
 
-    def _decode(self, payload: bytes | memoryview) -> list[Record] | None:
+    def _decode(self, payload: bytes | memoryview) -> list[WireRecord] | None:
         try:
             kind, body = marshal.loads(payload)
         except (ValueError, EOFError, TypeError):
             raise RenderProcessError(self._garbage("a frame that does not decode")) from None
-        if kind == "rows" and type(body) is list and all(_valid(r) for r in body):
+        if kind == "rows" and type(body) is list and all(valid(r) for r in body):
             self._records += len(body)
             return body
         if kind == "end" and body == self._records:
@@ -309,145 +303,3 @@ class RenderProcess:
                 self.proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
-
-
-def _valid(record: object) -> bool:
-    if type(record) is not tuple or not record:
-        return False
-    kind = record[0]
-    if kind == 1:
-        return (
-            len(record) == 10
-            and type(record[1]) is int
-            and type(record[2]) is str
-            and type(record[3]) is dict
-            and type(record[4]) is bytes
-            and type(record[5]) is str
-            and type(record[6]) is tuple
-            and type(record[7]) is str
-            and type(record[8]) is bool
-            and (record[9] is None or type(record[9]) is bool)
-        )
-    if kind == 0:
-        return len(record) == 3 and type(record[1]) is int and type(record[2]) is str
-    if kind == 2:
-        return (
-            len(record) == 5
-            and type(record[1]) is int
-            and type(record[2]) is str
-            and type(record[3]) is dict
-            and type(record[4]) is str
-        )
-    return False
-
-
-# ------------------------------------------------------------------------- the child
-
-
-def _write(fd: int, kind: str, body: Any) -> None:
-    payload = marshal.dumps((kind, body))
-    view = memoryview(len(payload).to_bytes(4, "big") + payload)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-class _Commands:
-    """The parent's lines on our stdin: read whole lines, without waiting if asked."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.buffer = b""
-        self.closed = False
-
-    def line(self, *, wait: bool) -> str | None:
-        import select
-
-        while b"\n" not in self.buffer:
-            if self.closed:
-                return None
-            if not wait and not select.select([self.fd], [], [], 0)[0]:
-                return None
-            data = os.read(self.fd, 4096)
-            if not data:
-                self.closed = True
-                return None
-            self.buffer += data
-        line, _, self.buffer = self.buffer.partition(b"\n")
-        return line.decode("ascii", "replace")
-
-
-def _frames(
-    rows: Iterator[Any], render: Any, campaign: str, domain: str, commands: _Commands
-) -> Iterator[list[Record]]:
-    from .recipients import BadRow
-    from .template import RowError, canonical_eight_bit
-
-    batch: list[Record] = []
-    size = 0
-    limit = 16
-    skip = 0  # rows up to this line were read by the parent itself
-    for item in rows:
-        if item.line <= skip:
-            continue
-        if isinstance(item, BadRow):
-            batch.append((0, item.line, item.error))
-        else:
-            key = item.key
-            try:
-                r = render(item.fields, message_id=default_message_id(key, campaign, domain))
-            except RowError as exc:
-                batch.append((2, item.line, key, item.fields, str(exc)))
-            else:
-                data = r.data
-                size += len(data)
-                batch.append(
-                    (1, item.line, key, item.fields, data, r.sender, r.recipients,
-                     r.message_id, r.smtputf8, canonical_eight_bit(data))
-                )  # fmt: skip
-        if len(batch) >= limit or size >= MAX_FRAME_BYTES:
-            yield batch
-            batch = []
-            size = 0
-            limit = min(MAX_ROWS, limit * 2)
-            if not commands.closed:
-                command = commands.line(wait=False)
-                if command is not None and command.startswith("skip "):
-                    skip = int(command[5:])
-    if batch:
-        yield batch
-
-
-def child_main(argv: Sequence[str]) -> int:
-    """The render process: ``TEMPLATE RECIPIENTS``; the Message-ID parts on stdin."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    out = sys.stdout.fileno()
-    try:
-        from .recipients import RecipientsReader
-        from .template import compile_template
-
-        template_path, recipients_path = argv
-        template = compile_template(template_path)
-        reader = RecipientsReader.open(recipients_path)
-        rows = iter(reader)
-        commands = _Commands(sys.stdin.fileno())
-        line = (commands.line(wait=True) or "").split()
-        if not line:
-            return 0  # the parent went away (or did not need us) before the start
-        version, campaign, domain, digest = line
-        if version != str(PROTOCOL):
-            raise RuntimeError(f"protocol {version}, expected {PROTOCOL}")
-        if digest != template.digest:
-            raise RuntimeError(f"the template {template_path} changed while starting")
-        count = 0
-        for batch in _frames(rows, template.render, campaign, domain, commands):
-            _write(out, "rows", batch)
-            count += len(batch)
-        _write(out, "end", count)
-        return 0
-    except BrokenPipeError:
-        return 0  # the parent stopped reading: it needs no more rows
-    except BaseException as exc:
-        text = str(exc) or type(exc).__name__
-        with contextlib.suppress(OSError):
-            _write(out, "error", " ".join(f"{type(exc).__name__}: {text}".split())[:2000])
-        return 1

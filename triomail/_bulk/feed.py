@@ -1,0 +1,231 @@
+"""The pool's input: rows read, planned, claimed in the journal, then handed over.
+
+Theory of operation
+-------------------
+:meth:`Feed.messages` is an async generator that the pool consumes lazily. It takes
+rows a chunk at a time, from the recipients file or from the render process
+(:mod:`.render_process`, records decoded by :mod:`.records`), has the planner decide
+each row (:mod:`.planner`), records what is not sent (:mod:`.outcomes`), marks the
+chunk's messages in flight in one committed journal transaction (a message on the
+wire is never unknown to the journal), and only then yields them one by one. Chunks
+are small at first so the first messages leave at once.
+
+With ``--render auto`` the render process starts while the first rows are read and
+rendered here; once its first batch is there it is told to skip the rows read here so
+far, and rows are read here a few at a time until one of its batches goes beyond them
+(its batches of rows read here are dropped), or for at most ``CATCH_UP_CHUNKS``
+chunks (then its rows are taken, and waited for if need be): a slow template,
+rendered here as fast as there, would never let it catch up.
+
+A first signal sets :attr:`Feed.stopping`: no more rows are read. Messages claimed in
+the journal and not yet handed to the pool go back to pending (:meth:`Feed.close`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+
+import trio
+
+from .._client.connection import PreparedMessage, prepare
+from .._core.errors import LocalProtocolError
+from .._core.protocol import Canonical
+from .journal import Journal, Record
+from .outcomes import Outcomes, Tag
+from .planner import ChunkPlan, Policy, chunks, plan_chunk
+from .recipients import BadRow, RecipientsReader, Row
+from .records import FIRST_BATCH, MAX_BATCH, WireRecord, decode, last_line
+from .render_process import NOT_READY, RenderProcess, RenderProcessError
+from .template.rendered import Rendered, canonical_eight_bit
+
+__all__ = ["CATCH_UP_CHUNKS", "Feed", "prepared_message"]
+
+_log = logging.getLogger("triomail.send")
+
+#: --render auto: chunks rendered here while the render process catches up.
+CATCH_UP_CHUNKS = 4
+
+
+def prepared_message(rendered: Rendered, recipients: tuple[str, ...], tag: Tag) -> PreparedMessage:
+    """The message as the pool takes it, without :func:`prepare`'s checks when possible.
+
+    The renderer writes canonical CRLF text with short lines, so a message that
+    :func:`canonical_eight_bit` finds canonical is built directly; anything else
+    goes through :func:`prepare`. This is the one place that builds a
+    :class:`PreparedMessage` by hand.
+    """
+    data = rendered.data
+    eight_bit = rendered.eight_bit
+    if eight_bit is None:
+        eight_bit = canonical_eight_bit(data)
+    if eight_bit is None:
+        return prepare(data, sender=rendered.sender, recipients=recipients, tag=tag)
+    return PreparedMessage(
+        sender=rendered.sender,
+        recipients=recipients,
+        canonical=Canonical(data, eight_bit),
+        needs_smtputf8=rendered.smtputf8,
+        message_id=rendered.message_id,
+        tag=tag,
+    )
+
+
+def _message(row: Row, rendered: Rendered, record: Record | None) -> PreparedMessage:
+    """A planned row's message, to the recipients without a final outcome yet."""
+    if record is None:
+        tag = Tag(row.key, row.line, rendered.message_id, ())
+        return prepared_message(rendered, rendered.recipients, tag)
+    done = record.done
+    tag = Tag(row.key, row.line, rendered.message_id, done, previous=record.state)
+    recipients = tuple(r for r in rendered.recipients if r not in done)
+    return prepared_message(rendered, recipients, tag)
+
+
+class Feed:
+    """Rows in, prepared messages out (:meth:`messages`), each claimed in the journal."""
+
+    def __init__(
+        self,
+        reader: RecipientsReader,
+        journal: Journal,
+        policy: Policy,
+        outcomes: Outcomes,
+        *,
+        content: str,
+        limit: int | None,
+        renderer: RenderProcess | None = None,
+        catch_up: bool = False,
+    ) -> None:
+        self.reader = reader
+        self.journal = journal
+        self.policy = policy
+        self.outcomes = outcomes
+        #: The template's digest, recorded with each claimed message.
+        self.content = content
+        self.limit = limit
+        #: The render process, if rows are rendered in one (--render).
+        self.renderer = renderer
+        #: --render auto: read and render the first rows here while it starts.
+        self.catch_up = catch_up
+        #: Set by the first signal: read no more rows.
+        self.stopping = False
+        #: Messages handed to the pool so far.
+        self.handed = 0
+        #: Claimed in the journal, not handed to the pool yet (released by :meth:`close`).
+        self.unhanded: deque[str] = deque()
+        #: Why the render process stopped before the end of the file, if it did.
+        self.render_error: str | None = None
+
+    async def messages(self) -> AsyncIterator[PreparedMessage]:
+        """The pool's input: rows planned, claimed in the journal, then yielded."""
+        outcomes = self.outcomes
+        progress = outcomes.progress
+        outstanding = outcomes.outstanding
+        unhanded = self.unhanded
+        report = outcomes.report is not None
+        async with aclosing(self._chunks()) as planned:
+            async for plan in planned:
+                outcomes.planned(plan)
+                sendable = []
+                for row, rendered, record in plan.send:
+                    try:
+                        message = _message(row, rendered, record)
+                    except LocalProtocolError as exc:
+                        outcomes.bad_row(row.line, str(exc))
+                        continue
+                    if message.recipients:
+                        sendable.append(message)
+                    else:  # every recipient had a final outcome in an earlier run
+                        progress.earlier += 1
+                tags: list[Tag] = [m.tag for m in sendable]  # type: ignore[misc]
+                if tags:
+                    self.journal.claim((t.key, t.line, self.content, t.message_id) for t in tags)
+                unhanded.extend(t.key for t in tags)
+                for index, message in enumerate(sendable):
+                    if self.stopping:
+                        return
+                    tag = tags[index]
+                    if report:
+                        tag.started = time.time()
+                    outstanding[tag.key] = tag
+                    unhanded.popleft()
+                    self.handed += 1
+                    progress.started += 1
+                    yield message
+                await trio.lowlevel.checkpoint()
+
+    async def _chunks(self) -> AsyncGenerator[ChunkPlan]:
+        """The plans of chunks of rows, read here or by the render process."""
+        renderer = self.renderer
+        rows = chunks(self.reader, MAX_BATCH)
+        pending: list[Row | BadRow] = []
+        size = FIRST_BATCH
+        # Reading the render process's batches (no longer rows of our own)? With
+        # --render process, from the first row; with auto, once its first batch is ready.
+        switched = renderer is not None and not self.catch_up
+        last = 0  # the last line read here
+        # Chunks read here since the render process was told to skip the rows read
+        # here (None: not yet); after a few, its rows are taken even if it is behind.
+        skipped: int | None = None
+        while not self.stopping:
+            budget = None if self.limit is None else self.limit - self.handed
+            if budget is not None and budget <= 0:
+                return
+            if renderer is not None:
+                records: list[WireRecord] | None = None
+                try:
+                    if switched:
+                        records = await renderer.receive()
+                    else:
+                        polled = renderer.poll()
+                        if skipped is None and polled is not NOT_READY:
+                            # It has started: let it jump to the rows not read here yet.
+                            renderer.skip_through(last)
+                            skipped = 0
+                        while (
+                            isinstance(polled, list)
+                            and last_line(polled) <= last
+                            and (skipped or 0) < CATCH_UP_CHUNKS
+                        ):
+                            # Rows already read and rendered here: keep rendering here
+                            # while it catches up (no waiting), for a few chunks.
+                            polled = renderer.poll()
+                        if skipped is not None:
+                            skipped += 1
+                        if polled is None or isinstance(polled, list):
+                            _log.debug("render process: taking its rows after line %d", last)
+                            switched = True
+                            pending = []
+                            records = polled
+                except RenderProcessError as exc:
+                    self.render_error = str(exc)
+                    return
+                if switched:
+                    if records is None:
+                        return
+                    chunk, made = decode(records, last)
+                    if chunk:
+                        yield plan_chunk(self.policy, chunk, budget, made)
+                    continue
+            if not pending:
+                pending = next(rows, [])
+                if not pending:
+                    return
+            # Small chunks while the render process catches up: it is asked after each.
+            step = size if skipped is None else FIRST_BATCH
+            chunk, pending = pending[:step], pending[step:]
+            last = chunk[-1].line
+            yield plan_chunk(self.policy, chunk, budget)
+            size = min(MAX_BATCH, size * 2)
+
+    def close(self) -> None:
+        """Stop reading the render process; claimed messages never handed go back."""
+        if self.renderer is not None:
+            self.renderer.close_pipe()
+        if self.unhanded:
+            self.journal.release(list(self.unhanded))
+            self.unhanded.clear()

@@ -1,0 +1,271 @@
+"""What becomes of each row: the journal, the progress counters and the JSONL report.
+
+Theory of operation
+-------------------
+Every row ends up here exactly once: as a note of the planner (:mod:`.planner`: a bad
+row, a duplicate, a row ``--at-most-once`` skips), or as the pool's result for its
+message (:meth:`Outcomes.settle`). Each is recorded three ways: in the journal (the
+truth ``--resume`` reads; batched commits, :mod:`.journal`), in the progress counters
+(:mod:`.progress`) and, with ``--report``, as JSON lines (buffered, written in batches
+and at least once per progress tick, so a killed run loses at most a tick of them).
+
+A message the pool reports as transient after an earlier attempt lost the reply to
+its final dot may have been delivered (R38): it is recorded as *unknown*, so that
+``--resume`` sends it again with the same Message-ID, or skips it with
+``--at-most-once``. Recipients with a final outcome are remembered (``done``) so
+that a message sent again goes only to the others.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from .._core.results import Outcome, SendResult
+from .journal import Journal
+from .planner import ChunkPlan
+from .progress import Display, Progress
+from .recipients import BadRow
+
+__all__ = ["MAX_PRINTED_ERRORS", "Outcomes", "Tag"]
+
+#: Bad rows printed on stderr before the rest are only counted (all are in --report).
+MAX_PRINTED_ERRORS = 50
+#: Report lines buffered before they are written.
+REPORT_BATCH = 256
+
+_ACCEPTED = Outcome.ACCEPTED
+_TRANSIENT = Outcome.TRANSIENT
+_PERMANENT = Outcome.PERMANENT
+_UNKNOWN = Outcome.UNKNOWN
+_FINAL = (_ACCEPTED, _PERMANENT)
+
+#: One JSON object as one line (``json.dumps`` would build an encoder per call).
+_json_line = json.JSONEncoder(ensure_ascii=False, check_circular=False).encode
+
+
+def _iso(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(slots=True)
+class Tag:
+    """What the command keeps about a message while the pool has it (``SendResult.tag``)."""
+
+    key: str
+    line: int
+    message_id: str
+    done: tuple[str, ...]
+    started: float = 0.0
+    #: The state an earlier run left the message in (``--resume``), if any.
+    previous: str | None = None
+
+
+class Outcomes:
+    """Records rows and results; :attr:`outstanding` holds the messages the pool has."""
+
+    def __init__(
+        self, journal: Journal, progress: Progress, display: Display, recipients: Path
+    ) -> None:
+        self.journal = journal
+        self.progress = progress
+        self.display = display
+        self.recipients = recipients
+        #: Handed to the pool, no result yet, by key.
+        self.outstanding: dict[str, Tag] = {}
+        #: Retries that the results seen so far took (attempts beyond the first).
+        self.retries_done = 0
+        self.report: IO[str] | None = None
+        self._report_lines: list[str] = []
+        self._errors_printed = 0
+
+    # -- the planner's notes ------------------------------------------------------
+
+    def planned(self, plan: ChunkPlan) -> None:
+        """Record what the planner decided not to send, in file order."""
+        p = self.progress
+        skipped: list[tuple[str, int, str, str]] = []
+        for note in plan.notes:
+            if isinstance(note, BadRow):
+                self.bad_row(note.line, note.error)
+                continue
+            row, record = note.row, note.record
+            skipped.append((row.key, row.line, record.content, record.message_id))
+            p.unknown += 1
+            self.write(
+                {
+                    "type": "message",
+                    "line": row.line,
+                    "key": row.key,
+                    "message_id": record.message_id,
+                    "outcome": "unknown",
+                    "skipped": "at-most-once",
+                    "time": _iso(time.time()),
+                }
+            )
+        p.earlier += plan.earlier
+        p.earlier_failed += plan.earlier_refused
+        if skipped:
+            self.journal.mark(skipped, "unknown")
+
+    def bad_row(self, line: int, error: str) -> None:
+        """A row that is not sent: counted, printed (the first few), reported."""
+        self.progress.skipped += 1
+        if self._errors_printed < MAX_PRINTED_ERRORS:
+            self.display.message(f"{self.recipients}:{line}: skipped: {error}")
+        elif self._errors_printed == MAX_PRINTED_ERRORS:
+            self.display.message("(more bad rows: only counted; see --report)")
+        self._errors_printed += 1
+        self.write({"type": "bad_row", "line": line, "error": error, "time": _iso(time.time())})
+
+    # -- the pool's results -------------------------------------------------------
+
+    def settle(self, result: SendResult, *, note: str | None = None) -> None:
+        """Record the pool's result for one of our messages."""
+        tag = result.tag
+        if type(tag) is not Tag:
+            return
+        self.outstanding.pop(tag.key, None)
+        attempts = result.attempts
+        if attempts > 1:
+            self.retries_done += attempts - 1
+        recipients = result.recipients
+        reply = result.reply
+        p = self.progress
+        if len(recipients) == 1 and recipients[0].outcome is _ACCEPTED:
+            # The common case, kept short: one recipient, accepted.
+            p.accepted += 1
+            counts = p.recipients
+            counts["accepted"] = counts.get("accepted", 0) + 1
+            if reply is not None:
+                lines = reply.lines
+                line = lines[0] if len(lines) == 1 else "\n".join(lines)
+                self.journal.record_outcome(
+                    tag.key, "accepted", attempts, reply.code, reply.enhanced_code, line, None
+                )
+            else:
+                self.journal.record_outcome(tag.key, "accepted", attempts, None, None, None, None)
+            if self.report is not None:
+                self._report(result, tag, _ACCEPTED, False, note)
+            return
+        outcome = result.outcome
+        downgraded = outcome is _TRANSIENT and result.earlier_unknown
+        if downgraded:
+            # An earlier attempt lost the reply to its final dot, a later one failed
+            # before it: the message may have been delivered (R38).
+            outcome = _UNKNOWN
+        done: tuple[str, ...] | None = None
+        if outcome not in _FINAL:
+            # Only a message sent again needs to know who already has a final outcome.
+            settled = [r.recipient for r in recipients if r.outcome in _FINAL]
+            done = tuple(dict.fromkeys([*tag.done, *settled])) or None
+        code = enhanced = text = None
+        if reply is not None:
+            code = reply.code
+            enhanced = reply.enhanced_code
+            text = "\n".join(reply.lines)
+        elif result.error:
+            text = result.error
+        self.journal.record_outcome(tag.key, outcome.value, attempts, code, enhanced, text, done)
+        if outcome is _ACCEPTED:
+            p.accepted += 1
+        elif outcome is _PERMANENT:
+            p.failed += 1
+        elif outcome is _TRANSIENT:
+            p.deferred += 1
+        else:
+            p.unknown += 1
+        counts = p.recipients
+        for r in recipients:
+            value = "unknown" if downgraded and r.outcome is _TRANSIENT else r.outcome.value
+            counts[value] = counts.get(value, 0) + 1
+        if self.report is not None:
+            self._report(result, tag, outcome, downgraded, note)
+
+    # -- the report ---------------------------------------------------------------
+
+    def _report(
+        self, result: SendResult, tag: Tag, outcome: Outcome, downgraded: bool, note: str | None
+    ) -> None:
+        """The JSONL report's lines for one message and its recipients."""
+        finished = time.time()
+        reply = result.reply
+        code = enhanced = text = None
+        if reply is not None:
+            code = reply.code
+            enhanced = reply.enhanced_code
+            text = reply.text
+        started = _iso(tag.started or finished)
+        ended = _iso(finished)
+        message: dict[str, Any] = {
+            "type": "message",
+            "line": tag.line,
+            "key": tag.key,
+            "message_id": tag.message_id,
+            "outcome": outcome.value,
+            "attempts": result.attempts,
+            "code": code,
+            "enhanced_code": enhanced,
+            "text": text,
+            "error": result.error,
+            "sender": result.sender,
+            "recipients": [r.recipient for r in result.recipients],
+            "started": started,
+            "finished": ended,
+        }
+        if tag.previous is not None:
+            message["previous"] = "unknown" if tag.previous == "in-flight" else tag.previous
+        if note:
+            message["note"] = note
+        self.write(message)
+        for r in result.recipients:
+            r_reply = r.reply
+            if r_reply is reply:  # the same reply decided the message (its text is known)
+                r_code, r_enhanced, r_text = code, enhanced, text
+            elif r_reply is not None:
+                r_code, r_enhanced, r_text = r_reply.code, r_reply.enhanced_code, r_reply.text
+            else:
+                r_code = r_enhanced = r_text = None
+            r_outcome = r.outcome
+            self.write(
+                {
+                    "type": "recipient",
+                    "line": tag.line,
+                    "message_id": tag.message_id,
+                    "recipient": r.recipient,
+                    "outcome": "unknown"
+                    if downgraded and r_outcome is _TRANSIENT
+                    else r_outcome.value,
+                    "code": r_code,
+                    "enhanced_code": r_enhanced,
+                    "text": r_text,
+                    "attempts": result.attempts,
+                    "started": started,
+                    "finished": ended,
+                }
+            )
+
+    def write(self, obj: dict[str, Any]) -> None:
+        """One report line (buffered; nothing without --report)."""
+        if self.report is not None:
+            lines = self._report_lines
+            lines.append(_json_line(obj))
+            if len(lines) >= REPORT_BATCH:
+                self._write_lines()
+
+    def _write_lines(self) -> None:
+        lines = self._report_lines
+        if lines and self.report is not None:
+            lines.append("")
+            self.report.write("\n".join(lines))
+            lines.clear()
+
+    def flush_report(self) -> None:
+        """Write the buffered report lines and flush the file."""
+        if self.report is not None:
+            self._write_lines()
+            self.report.flush()
