@@ -62,7 +62,7 @@ if TYPE_CHECKING:
 
     import trio
 
-    from .._client.connection import PreparedMessage
+    from .._core.prepare import PreparedMessage
     from .._core.results import SendResult
     from .._pool.pool import Pool, Server
     from .journal import Journal, Record
@@ -521,7 +521,7 @@ def _server(settings: Settings) -> Server:
 def _ssl_context(ca_file: Path | None) -> ssl.SSLContext | None:
     if ca_file is None:
         return None
-    from .._client.connection import default_ssl_context
+    from .._client.session import default_ssl_context
 
     context = default_ssl_context()
     try:
@@ -1270,8 +1270,8 @@ _PREPARE: tuple[Any, Any, Any, Any] | None = None
 def _prepare_types() -> tuple[Any, Any, Any, Any]:
     """What :meth:`_Batch._prepared` needs, imported once (not at module import)."""
     global _PREPARE
-    from .._client.connection import PreparedMessage, prepare
-    from .._core.protocol import Canonical
+    from .._core.data import Canonical
+    from .._core.prepare import PreparedMessage, prepare
     from .template import canonical_eight_bit
 
     _PREPARE = (PreparedMessage, Canonical, prepare, canonical_eight_bit)

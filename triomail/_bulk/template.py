@@ -65,7 +65,7 @@ import jinja2
 import jinja2.exceptions
 
 from .._core.errors import LocalProtocolError
-from .._core.protocol import format_path
+from .._core.paths import format_path
 
 __all__ = ["CompiledTemplate", "Rendered", "RowError", "TemplateError", "compile_template"]
 

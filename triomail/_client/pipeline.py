@@ -4,9 +4,11 @@ Theory of operation
 -------------------
 :func:`send_pipelined` (``SMTPConnection.send_many``) sends a batch of prepared messages
 over one connection and returns one :class:`~triomail.SendResult` per message, in order,
-each as :meth:`SMTPConnection.send` would report it. It drives the connection's own I/O
-methods (``_write``/``_read``, so every deadline, the 421 handling and the error
-translation are the connection's) and adds only the scheduling:
+each as :meth:`SMTPConnection.send` would report it. What a reply means is decided by
+the sans-IO :class:`~triomail._core.transaction.Transaction`, the same rules ``send``
+runs; the bytes, deadlines and error translation are the
+:class:`~triomail._client.transport.Transport`'s (one batch deadline, re-armed per
+stage). This module adds only the scheduling:
 
 * **Expected replies.** Every command written appends a *slot* (what it was, which
   message) to a FIFO; every reply read takes the next slot. Replies are matched one for
@@ -52,61 +54,58 @@ translation are the connection's) and adds only the scheduling:
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
 
-import trio
-
-from .._core.errors import (
-    LocalProtocolError,
-    SMTPDisconnected,
-    SMTPError,
-    SMTPProtocolError,
-    SMTPTimeoutError,
-)
-from .._core.protocol import Canonical
+from .._core.capabilities import Capabilities
+from .._core.data import stuffed_parts
+from .._core.errors import LocalProtocolError, SMTPDisconnected, SMTPError, SMTPTimeoutError
+from .._core.plan import Plan, plan
+from .._core.prepare import DSN, PreparedMessage
 from .._core.reply import Reply
-from .._core.results import Outcome, RecipientResult, SendResult, outcome_of, transaction_result
+from .._core.results import SendResult, local_failure, never_started
+from .._core.timeouts import Timeouts
+from .._core.transaction import (
+    CLOSING_421,
+    DATA_CHUNK,
+    RCPT_GROUP,
+    STAGES,
+    Decision,
+    Expect,
+    Transaction,
+    stage_seconds,
+)
+from .transport import Transport
 
-if TYPE_CHECKING:
-    from .connection import DSN, PreparedMessage, SMTPConnection
-
-__all__ = ["send_pipelined"]
+__all__ = ["DATA_CHUNK", "RCPT_GROUP", "WINDOW_BYTES", "WINDOW_MESSAGES", "send_pipelined"]
 
 log = logging.getLogger("triomail")
 
-#: RCPT commands per write; a bounded group cannot deadlock against a small window (R29).
-RCPT_GROUP = 100
 #: A BDAT window: at most this many messages ...
 WINDOW_MESSAGES = 32
 #: ... or this many octets per write.
 WINDOW_BYTES = 1 << 20
 #: ... or this many replies owed for one window (they must fit in socket buffers).
 WINDOW_REPLIES = 512
-#: Message content larger than this is written in pieces of this size (R46).
-DATA_CHUNK = 256 * 1024
-#: How long to keep reading replies after a write failed (as ``send``'s early reply).
-SALVAGE_SECONDS = 1.0
-#: Reads that wait for the socket at once after an early try found no reply.
-EAGER_PAUSE = 32
 
-# Slot kinds: what a pending reply answers.
-_RSET, _MAIL, _RCPT, _DATA, _DOT, _BDAT = range(6)
-_STAGES = ("RSET", "MAIL", "RCPT", "DATA", "end of data", "BDAT")
-
-_RECEIVE_SIZE = 65536
-_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+# Slot kinds as plain names: a global load per slot, not an enum attribute look-up.
+_RSET, _MAIL, _RCPT, _DATA, _DOT, _BDAT = Expect
+_FINISHED, _DELIVERED, _BODY, _RESET, _CLOSING, _RSET_REFUSED = (
+    Decision.FINISHED,
+    Decision.DELIVERED,
+    Decision.BODY,
+    Decision.RESET,
+    Decision.CLOSING,
+    Decision.RSET_REFUSED,
+)
 
 _RSET_LINE = b"RSET\r\n"
 _DATA_LINE = b"DATA\r\n"
 _DOT_LINE = b".\r\n"
 
 
-class _Stop(Exception):
+class _Stop(SMTPError):
     """Internal: the server said 421; it acts on nothing after that reply."""
 
     def __init__(self, reason: str) -> None:
@@ -114,130 +113,56 @@ class _Stop(Exception):
         self.reason = reason
 
 
-class _Txn:
-    """One message's transaction and what the server has said about it so far."""
-
-    __slots__ = (
-        "accepted",
-        "canonical",
-        "clean",
-        "data_reply",
-        "done",
-        "final_maybe",
-        "final_written",
-        "index",
-        "mail",
-        "mail_ok",
-        "mail_reply",
-        "prepared",
-        "rcpt_replies",
-        "rcpts",
-        "rset_failed",
-        "started",
-    )
-
-    def __init__(
-        self,
-        index: int,
-        prepared: PreparedMessage,
-        mail: bytes,
-        rcpts: list[bytes],
-        canonical: Canonical,
-    ) -> None:
-        self.index = index
-        self.prepared = prepared
-        self.mail = mail
-        self.rcpts = rcpts
-        self.canonical = canonical
-        self.rcpt_replies: list[Reply | None] = [None] * len(rcpts)
-        self.mail_reply: Reply | None = None
-        self.mail_ok = False
-        self.accepted = 0
-        self.data_reply: Reply | None = None
-        self.started = False  # MAIL has been (or is being) written
-        self.final_written = False  # the last octet of the content is on the wire
-        self.final_maybe = False  # a write holding the last octet failed part-way
-        self.rset_failed: Reply | None = None  # the RSET in front of it was refused
-        self.clean = False  # BDAT mode: the server is certainly outside any transaction
-        self.done = False
-
-
-def _stuffed(canonical: Canonical) -> tuple[bytes, bytes]:
-    """The DATA content as (body, terminator): ``body + terminator == dot_stuff(canonical)``.
-
-    Kept in two parts so that a message needing no transparency dots is not copied just
-    to append ``.\\r\\n`` (the write that carries it joins the parts anyway).
-    """
-    data = canonical.data
-    if b"\r\n." in data:
-        data = data.replace(b"\r\n.", b"\r\n..")
-    if data[:1] == b".":
-        data = b"." + data
-    return data, _DOT_LINE
-
-
 class _Batch:
     """The state of one :func:`send_pipelined` call."""
 
     def __init__(
         self,
-        conn: SMTPConnection,
+        io: Transport,
+        timeouts: Timeouts,
         results: list[SendResult | None],
-        txns: list[_Txn],
+        txns: list[Transaction],
         on_result: Callable[[int, SendResult], None] | None,
-        lazy: Iterator[PreparedMessage] | None = None,
-        dsn: DSN | None = None,
-        requiretls: bool = False,
+        lazy: Iterator[PreparedMessage] | None,
+        plan_one: Callable[[PreparedMessage], SendResult | Plan],
     ) -> None:
-        self.conn = conn
+        self.io = io
+        self.t = timeouts
         self.results = results
         self.txns = txns  # every transaction taken so far (all of them for a Sequence)
         self.on_result = on_result
         self.lazy = lazy  # messages not taken yet, for an iterable that is not a Sequence
-        self.dsn = dsn
-        self.requiretls = requiretls
-        self.last: _Txn | None = None  # the transaction taken last
-        self.slots: deque[tuple[int, _Txn, int]] = deque()
+        self.plan_one = plan_one
+        self.last: Transaction | None = None  # the transaction taken last
+        self.slots: deque[tuple[int, Transaction, int]] = deque()
         self.need_rset = False  # DATA mode: the last transaction must be reset
-        self.body_due: _Txn | None = None  # DATA mode: 354 received, body not yet sent
-        t = conn._timeouts
-        self.seconds = (t.rset, t.mail, t.rcpt, t.data_init, t.data_done, t.data_done)
+        self.body_due: Transaction | None = None  # DATA mode: 354 received, body not yet sent
+        self.seconds = stage_seconds(timeouts)
         self.stop_reason: str | None = None  # set when a refused RSET ends the batch
-        self.scope = trio.CancelScope()  # replaced by the running batch's scope
-        self.stage = "MAIL"
-        self.stage_seconds = t.mail
         self.debug = log.isEnabledFor(logging.DEBUG)
-        self.now = trio.lowlevel.current_clock().current_time  # one call, not three
-        # A plain TCP stream is driven through its socket (os.write, wait_readable and
-        # os.read): no per-call wrapper, no failed recv before each wait, no deadline
-        # for a write the kernel takes at once. TLS and other streams use the stream.
-        stream = conn._stream
-        self.fd: int | None = stream.socket.fileno() if type(stream) is trio.SocketStream else None
         self.awaiting = 0  # messages whose content is written and whose reply is not read
-        self.eager_pause = 0  # reads left that skip the early try of the socket
 
     # ------------------------------------------------------------------ messages
 
-    def pending(self) -> Iterator[_Txn]:
+    def pending(self) -> Iterator[Transaction]:
         """The transactions in order; from an iterator, each planned only when reached."""
         if self.lazy is None:
             for txn in self.txns:
                 self.last = txn
                 yield txn
             return
-        conn = self.conn
         for prepared in self.lazy:
             index = len(self.results)
             self.results.append(None)
             try:
-                plan = conn._plan(prepared, dsn=self.dsn, requiretls=self.requiretls)
+                planned = self.plan_one(prepared)
             except LocalProtocolError as exc:
                 # Earlier messages may be on the wire already: report it, do not raise.
-                plan = _refused(prepared, str(exc))
-            if isinstance(plan, SendResult):
-                self.record(index, plan)
+                planned = local_failure(prepared, 554, "5.6.0", str(exc))
+            if isinstance(planned, SendResult):
+                self.record(index, planned)
                 continue
-            txn = _Txn(index, prepared, *plan)
+            txn = Transaction(index, prepared, *planned)
             self.txns.append(txn)
             self.last = txn
             yield txn
@@ -247,20 +172,6 @@ class _Batch:
         if self.on_result is not None:
             self.on_result(index, result)
 
-    # ------------------------------------------------------------------ results
-
-    def finish(
-        self, txn: _Txn, outcome: Outcome, reply: Reply | None, error: str | None = None
-    ) -> None:
-        """Record ``txn``'s result the way ``SMTPConnection.send`` builds it."""
-        if txn.done:
-            return
-        txn.done = True
-        result = transaction_result(
-            txn.prepared, txn.rcpt_replies, outcome, reply, error, txn.mail_ok
-        )
-        self.record(txn.index, result)
-
     def settle(self, error: str, *, closing: bool = False) -> None:
         """The connection is gone: classify everything still open (R37).
 
@@ -268,30 +179,21 @@ class _Batch:
         no message in flight can have been delivered.
         """
         for txn in self.txns:
-            if txn.done:
-                continue
-            if not txn.started:
-                self.finish(
-                    txn,
-                    Outcome.TRANSIENT,
-                    None,
-                    f"not sent: never started, the connection ended first ({error})",
-                )
-            elif (txn.final_written or txn.final_maybe) and not closing:
-                self.finish(txn, Outcome.UNKNOWN, None, error)
-            else:
-                self.finish(txn, Outcome.TRANSIENT, None, error)
+            if not txn.done:
+                txn.lost(error, closing=closing)
+                self.record(txn.index, txn.result)  # type: ignore[arg-type]
         if self.lazy is not None:
             # One result per message: those not taken yet were never started either.
             for prepared in self.lazy:
                 self.results.append(None)
-                self.record(len(self.results) - 1, _never_started(prepared, error))
-        self.conn.awaiting_final_reply = self.awaiting > 0 and not closing
-        if self.conn.awaiting_final_reply:
+                self.record(len(self.results) - 1, never_started(prepared, error))
+        io = self.io
+        io.awaiting_final_reply = self.awaiting > 0 and not closing
+        if io.awaiting_final_reply:
             log.warning(
                 "%s: connection lost with messages awaiting their final reply; "
                 "they may have been delivered",
-                self.conn.host,
+                io.host,
             )
 
     # ------------------------------------------------------------------ replies
@@ -299,364 +201,150 @@ class _Batch:
     async def drain(self, keep: int = 0) -> None:
         """Read and apply replies until only ``keep`` slots are still owed."""
         slots = self.slots
-        apply = self.apply
-        conn = self.conn
-        parser = conn._parser
+        io = self.io
+        next_reply = io.parser.next_reply
+        seconds = self.seconds
         while len(slots) > keep:
             kind, txn, i = slots.popleft()
             # Most replies of a group are already buffered: no coroutine for those.
             try:
-                reply = parser.next_reply()
+                reply = next_reply()
             except BaseException:
-                conn._broken = conn._broken or f"protocol error in {_STAGES[kind]}"
+                io.broken = io.broken or f"protocol error in {STAGES[kind]}"
                 raise
             if reply is None:
-                reply = await self.read(kind)
-            if self.debug:
-                log.debug("%s %s < %s", conn.host, conn._phase, reply)
-            if reply.code == 421:
-                conn._broken = "server sent 421"  # RFC 5321 §3.8 (R40)
-            apply(kind, txn, i, reply)
-
-    async def read(self, kind: int) -> Reply:
-        """Read the stream until the parser completes a reply (``drain`` has found
-        none complete in its buffer), under the stage's deadline (R26), set on the
-        batch's cancel scope."""
-        conn = self.conn
-        parser = conn._parser
-        stage = _STAGES[kind]
-        reply: Reply | None = None
-        try:
-            if not conn.is_usable:
-                raise SMTPDisconnected(f"connection is not usable ({conn._broken or 'closed'})")
-            self.arm(stage, self.seconds[kind])
-            fd = self.fd
-            receive = conn._stream.receive_some
-            # Early try: let the other tasks run, then try the socket. When the process
-            # is busy (many connections, a fast server) the reply is there by then and
-            # no epoll registration and wakeup is needed. When it is not (a slow link),
-            # the next EAGER_PAUSE reads wait for the socket at once instead.
-            eager = self.eager_pause == 0
-            if not eager:
-                self.eager_pause -= 1
-            ready = not eager
-            while reply is None:
-                if fd is None:
-                    data = await receive(_RECEIVE_SIZE)
-                else:
-                    if ready:
-                        await trio.lowlevel.wait_readable(fd)
-                    else:
-                        await trio.lowlevel.checkpoint()
-                        ready = True
-                    try:
-                        data = os.read(fd, _RECEIVE_SIZE)
-                    except BlockingIOError:
-                        if eager:
-                            eager = False
-                            self.eager_pause = EAGER_PAUSE
-                        continue
-                if not data:
-                    raise SMTPDisconnected(
-                        f"connection lost during {stage}: server closed the connection"
-                    )
-                parser.feed(data)
-                reply = parser.next_reply()
-        except _GONE as exc:
-            conn._broken = f"broken in {stage}"
-            raise SMTPDisconnected(f"connection lost during {stage}: {exc!r}") from exc
-        except BaseException as exc:
-            # Protocol errors, cancellation, bugs: a reply is half read; never reuse.
-            conn._broken = conn._broken or f"{type(exc).__name__} in {stage}"
-            raise
-        return reply
-
-    def arm(self, stage: str, seconds: float) -> None:
-        """Point the batch's deadline at this operation (one scope, not one per I/O).
-
-        A deadline set less than 1% of ``seconds`` ago for as long an operation is kept
-        (at most 1% stricter than asked, never later): a steady pipeline re-arms every
-        few seconds instead of for every reply.
-        """
-        self.stage = stage
-        self.stage_seconds = seconds
-        due = self.now() + seconds
-        if not due - seconds * 0.01 <= self.scope.deadline <= due:
-            self.scope.deadline = due
-
-    def apply(self, kind: int, txn: _Txn, i: int, reply: Reply) -> None:
-        """Apply one reply to the transaction it answers (``send``'s rules, per stage)."""
-        code = reply.code
-        if 300 <= code < 400 and kind != _DATA:
-            # A 354 (or any 3xx) where none can be: the replies are out of step (R24, R47).
-            self.conn._broken = "unexpected intermediate reply"
-            raise SMTPProtocolError(f"unexpected {reply} in reply to {_STAGES[kind]}")
-        if kind == _MAIL:
-            txn.mail_reply = reply
-            if code < 300:
-                txn.mail_ok = True
-            elif code == 421:
-                self.finish(txn, Outcome.TRANSIENT, reply, "server closing (421)")
-                raise _Stop("server closing (421)")
-            elif txn.rset_failed is not None:
-                self.finish(
-                    txn, Outcome.TRANSIENT, txn.rset_failed, f"RSET refused: {txn.rset_failed}"
-                )
+                reply = await io.read(STAGES[kind], seconds[kind])  # logs and handles 421
             else:
-                self.finish(txn, outcome_of(reply), reply)
-        elif kind == _RCPT:
-            if not txn.mail_ok:
-                return  # answers to RCPT after a refused MAIL are not the recipient's
-            txn.rcpt_replies[i] = reply
-            if code < 300:
-                txn.accepted += 1
-            elif code == 421:
-                self.finish(txn, Outcome.TRANSIENT, reply, "server closing (421)")
-                raise _Stop("server closing (421)")
-        elif kind == _DATA:
-            txn.data_reply = reply
-            if code == 354:
-                self.body_due = txn  # with no recipient accepted, the body is just "."
-                return
-            if code < 400:
-                # R47: only 354 lets the body go; a 250 here would claim a delivery.
-                self.conn._broken = "unexpected reply to DATA"
-                raise SMTPProtocolError(f"unexpected {reply} in reply to DATA")
-            if not txn.done:
-                self.finish(txn, outcome_of(reply), reply)  # R47: no body after this
-            self.need_rset = txn.mail_ok
-            if code == 421:
-                raise _Stop("server closing (421)")
-        elif kind in (_DOT, _BDAT):
-            if txn.final_written:
-                self.awaiting -= 1
-                self.conn.awaiting_final_reply = self.awaiting > 0
-            if not txn.done:
-                error = None
-                if not txn.final_written:
-                    error = "server replied before the end of data"
-                if txn.mail_ok and txn.accepted and code < 300:
-                    self.conn.messages_sent += 1
-                if txn.accepted == 0:
-                    # R29: every RCPT was refused (each keeps its own reply).
-                    self.finish(txn, Outcome.PERMANENT, reply, error)
-                else:
-                    self.finish(txn, outcome_of(reply), reply, error)
-            if kind == _BDAT and code < 300:
-                txn.clean = True
-            if code == 421:
-                raise _Stop("server closing (421)")
-        else:  # _RSET
-            if code == 421:
-                self.finish(txn, Outcome.TRANSIENT, reply, "server closing (421)")
-                raise _Stop("server closing (421)")
-            if code != 250:
-                txn.rset_failed = reply
-                self.stop_reason = f"RSET refused: {reply}"
+                if self.debug:
+                    log.debug("%s %s < %s", io.host, io.phase, reply)
+                if reply.code == 421:
+                    io.broken = "server sent 421"  # RFC 5321 §3.8 (R40)
+            decision = txn.apply(kind, i, reply)
+            if decision:
+                self.decide(decision, kind, txn, reply)
+
+    def decide(self, decision: Decision, kind: int, txn: Transaction, reply: Reply) -> None:
+        """Act on what the transaction decided (the rare replies: most decide nothing)."""
+        if kind >= _DOT and txn.final_written:  # an end-of-data reply that was owed
+            self.awaiting -= 1
+            self.io.awaiting_final_reply = self.awaiting > 0
+        if decision == _BODY:
+            self.body_due = txn  # with no recipient accepted, the body is just "."
+            return
+        if decision == _RSET_REFUSED:
+            self.stop_reason = f"RSET refused: {reply}"
+            return
+        if decision == _DELIVERED:
+            self.io.messages_sent += 1
+        elif decision == _RESET:
+            self.need_rset = True
+        result = txn.result
+        if result is not None and self.results[txn.index] is None:
+            self.record(txn.index, result)
+        if decision == _CLOSING:
+            raise _Stop(CLOSING_421)
 
     # -------------------------------------------------------------------- writes
 
     async def write(
-        self, data: bytes, stage: str, seconds: float, finals: Sequence[tuple[_Txn, int]] = ()
+        self,
+        data: bytes,
+        stage: str,
+        seconds: float,
+        finals: Sequence[tuple[Transaction, int]] = (),
     ) -> None:
-        """One ``send_all`` under its own deadline (R46); ``finals`` are the messages
+        """One ``send_all`` with its own deadline (R46); ``finals`` are the messages
         whose last octet this write carries, with the offset where it ends."""
-        conn = self.conn
-        if not conn.is_usable:
-            raise SMTPDisconnected(f"connection is not usable ({conn._broken or 'closed'})")
-        if self.debug:
-            conn._log_out(data)
         try:
-            fd = self.fd
-            if fd is None:
-                self.arm(stage, seconds)
-                await conn._stream.send_all(data)
-            else:
-                # send_all on the socket itself: one write when the kernel takes it all
-                # (the usual case; nothing waited, so no deadline), else wait for room.
-                try:
-                    sent = os.write(fd, data)
-                except BlockingIOError:
-                    sent = 0
-                if sent < len(data):
-                    await self._send_rest(fd, memoryview(data)[sent:], stage, seconds)
-        except _GONE as exc:
-            conn._broken = f"broken in {stage}"
+            await self.io.write(data, stage, seconds)
+        except SMTPError:
             for txn, end in finals:
                 # Octets before the failure point may have reached the server.
                 if end < len(data):
                     txn.final_maybe = True
-            await self.salvage()
-            raise SMTPDisconnected(f"connection lost during {stage}: {exc!r}") from exc
-        except BaseException as exc:
-            conn._broken = conn._broken or f"{type(exc).__name__} in {stage}"
+            # Read what the server said before it gave up (R46).
+            await self.io.salvage(self.drain)
             raise
         if finals:
             for txn, _end in finals:
                 txn.final_written = True
             self.awaiting += len(finals)
-            conn.awaiting_final_reply = True
-
-    async def _send_rest(self, fd: int, view: memoryview, stage: str, seconds: float) -> None:
-        """The rest of a write the kernel could not take at once, under the deadline (R46)."""
-        self.arm(stage, seconds)
-        while view:
-            await trio.lowlevel.wait_writable(fd)
-            with contextlib.suppress(BlockingIOError):
-                view = view[os.write(fd, view) :]
-
-    async def salvage(self) -> None:
-        """After a failed write, read what the server said before it gave up (R46)."""
-        conn = self.conn
-        broken = conn._broken
-        with trio.move_on_after(SALVAGE_SECONDS):
-            try:
-                conn._broken = None
-                await self.drain()
-            except (SMTPError, _Stop):
-                pass
-            finally:
-                conn._broken = broken
+            self.io.awaiting_final_reply = True
 
 
 async def send_pipelined(
-    conn: SMTPConnection,
+    io: Transport,
+    timeouts: Timeouts,
+    caps: Capabilities,
     messages: Iterable[PreparedMessage],
     *,
+    tls_active: bool,
     chunking: bool | None = None,
     dsn: DSN | None = None,
     requiretls: bool = False,
     on_result: Callable[[int, SendResult], None] | None = None,
 ) -> list[SendResult]:
-    """Send ``messages`` over ``conn``; one :class:`SendResult` per message, in order.
+    """Send ``messages`` over a PIPELINING session; one :class:`SendResult` per message.
 
-    ``chunking``: ``None`` uses BDAT when the server advertises CHUNKING (and
-    PIPELINING), ``False`` never does, ``True`` requires it (:class:`LocalProtocolError`
-    if not advertised). ``on_result(index, result)`` is called as each result is known
-    (useful if the batch may be cancelled). Without PIPELINING this is ``conn.send`` per
-    message.
-
-    A :class:`~collections.abc.Sequence` is checked whole before the first byte is
-    written, so this raises only what ``send`` raises before writing:
-    :class:`LocalProtocolError` for a message no server could take, and
-    :class:`SMTPDisconnected` if the connection is closed or went stale while idle.
-    Any other iterable (a generator preparing each message, say) is consumed lazily,
-    each message planned just before it is written, with no pause between messages; a
-    message then found unsendable gets a failed result instead of an exception, and
-    if the connection is lost the rest of the iterable is consumed into "never started"
-    results. An exception raised by the iterable itself ends the batch mid-way: the
-    connection is left unusable and the results so far reach only ``on_result``.
+    ``SMTPConnection.send_many`` checks the connection and the options and documents
+    the contract; this is its PIPELINING half. A :class:`~collections.abc.Sequence` is
+    planned whole before the first byte; any other iterable lazily.
     """
-    if not conn.is_usable:
-        raise SMTPDisconnected(f"connection is not usable ({conn._broken or 'closed'})")
-    caps = conn.capabilities
-    if chunking and not caps.chunking:
-        raise LocalProtocolError("chunking=True but the server does not advertise CHUNKING")
-    if not caps.pipelining:
-        return await _one_by_one(conn, messages, dsn, requiretls, on_result)
+
+    def plan_one(prepared: PreparedMessage) -> SendResult | Plan:
+        return plan(prepared, caps, tls_active=tls_active, dsn=dsn, requiretls=requiretls)
+
     results: list[SendResult | None] = []
-    txns: list[_Txn] = []
+    txns: list[Transaction] = []
     lazy: Iterator[PreparedMessage] | None = None
     if isinstance(messages, Sequence):
         results = [None] * len(messages)
         for index, prepared in enumerate(messages):
-            plan = conn._plan(prepared, dsn=dsn, requiretls=requiretls)
-            if isinstance(plan, SendResult):
-                results[index] = plan  # refused by the client's own checks: nothing written
+            planned = plan(prepared, caps, tls_active=tls_active, dsn=dsn, requiretls=requiretls)
+            if isinstance(planned, SendResult):
+                results[index] = planned  # refused by the client's own checks: nothing written
                 if on_result is not None:
-                    on_result(index, plan)
+                    on_result(index, planned)
             else:
-                txns.append(_Txn(index, prepared, *plan))
+                txns.append(Transaction(index, prepared, *planned))
     else:
         lazy = iter(messages)
     if txns or lazy is not None:
-        if conn.is_stale():
-            await conn.abort()
+        if io.is_stale():
+            await io.abort()
             raise SMTPDisconnected("server closed or wrote to the connection while it was idle")
-        batch = _Batch(conn, results, txns, on_result, lazy, dsn, requiretls)
+        batch = _Batch(io, timeouts, results, txns, on_result, lazy, plan_one)
         use_bdat = caps.chunking and chunking is not False
         await _run(batch, _bdat if use_bdat else _data)
     return [r for r in results if r is not None]
 
 
-async def _one_by_one(
-    conn: SMTPConnection,
-    messages: Iterable[PreparedMessage],
-    dsn: DSN | None,
-    requiretls: bool,
-    on_result: Callable[[int, SendResult], None] | None,
-) -> list[SendResult]:
-    """No PIPELINING: ``send`` each message; once the connection is gone, the rest wait."""
-    before = conn.transactions
-    results: list[SendResult] = []
-    for index, prepared in enumerate(messages):
-        try:
-            result = await conn.send(prepared, dsn=dsn, requiretls=requiretls)
-        except SMTPDisconnected as exc:
-            if conn.transactions == before:
-                raise  # nothing was started: like send()
-            result = _never_started(prepared, str(exc))
-        results.append(result)
-        if on_result is not None:
-            on_result(index, result)
-    return results
-
-
-def _refused(prepared: PreparedMessage, reason: str) -> SendResult:
-    """A lazily taken message the client cannot send (``send`` would have raised)."""
-    reply = Reply.from_lines(554, (f"5.6.0 {reason}",))
-    return SendResult(
-        prepared.sender,
-        tuple(RecipientResult(r, Outcome.PERMANENT, reply) for r in prepared.recipients),
-        reply,
-        prepared.message_id,
-        f"not sent: {reason}",
-        tag=prepared.tag,
-    )
-
-
-def _never_started(prepared: PreparedMessage, reason: str) -> SendResult:
-    return SendResult(
-        prepared.sender,
-        tuple(RecipientResult(r, Outcome.TRANSIENT, None) for r in prepared.recipients),
-        None,
-        prepared.message_id,
-        f"not sent: never started, the connection ended first ({reason})",
-        tag=prepared.tag,
-    )
-
-
 async def _run(batch: _Batch, driver: Callable[[_Batch], Awaitable[None]]) -> None:
-    """Run a driver under the batch's cancel scope; settle whatever it leaves open."""
-    conn = batch.conn
+    """Run a driver under the batch's deadline; settle whatever it leaves open."""
+    io = batch.io
     failure: str | None = None
     closing = False
-    with trio.CancelScope() as scope:
-        batch.scope = scope
-        try:
-            await driver(batch)
-        except _Stop as stop:
-            failure, closing = stop.reason, True
-        except SMTPError as exc:
-            failure = f"{type(exc).__name__}: {exc}"
-        except BaseException:
-            # Cancelled, or the caller's iterable raised: replies may be owed, so the
-            # session cannot be reused (the pool closes it; awaiting_final_reply tells).
-            conn._broken = conn._broken or "batch interrupted"
-            raise
-    if scope.cancelled_caught:
-        # The deadline of the operation under way passed (R26).
-        conn._broken = f"timeout in {batch.stage}"
-        error = SMTPTimeoutError(
-            f"{batch.stage}: not done within {batch.stage_seconds:g} s", stage=batch.stage
-        )
-        failure = f"{type(error).__name__}: {error}"
+    try:
+        async with io.deadline():
+            try:
+                await driver(batch)
+            except _Stop as stop:
+                failure, closing = stop.reason, True
+            except SMTPError as exc:
+                failure = f"{type(exc).__name__}: {exc}"
+            except BaseException:
+                # Cancelled, or the caller's iterable raised: replies may be owed, so the
+                # session cannot be reused (the pool closes it; awaiting_final_reply tells).
+                io.broken = io.broken or "batch interrupted"
+                raise
+    except SMTPTimeoutError as exc:  # the deadline of the operation under way (R26)
+        failure = f"{type(exc).__name__}: {exc}"
     if failure is not None:
-        await conn.abort()
+        await io.abort()
         batch.settle(failure, closing=closing)
     elif batch.stop_reason is not None:
         # A refused RSET leaves the session in an unknown state: like rset(), stop.
-        conn._broken = "RSET failed"
+        io.broken = "RSET failed"
         batch.settle(batch.stop_reason)
 
 
@@ -665,14 +353,14 @@ async def _run(batch: _Batch, driver: Callable[[_Batch], Awaitable[None]]) -> No
 
 async def _data(batch: _Batch) -> None:
     """PIPELINING with DATA: each write is [body of the previous | RSET] + next envelope."""
-    conn = batch.conn
-    t = conn._timeouts
+    io = batch.io
+    t = batch.t
     slots = batch.slots
     for txn in batch.pending():
         if batch.stop_reason is not None:
             return
         parts: list[bytes] = []
-        finals: list[tuple[_Txn, int]] = []
+        finals: list[tuple[Transaction, int]] = []
         stage, seconds = "MAIL", t.mail
         due = batch.body_due
         if due is not None:
@@ -700,7 +388,7 @@ async def _data(batch: _Batch) -> None:
             parts.append(_DATA_LINE)
             slots.append((_DATA, txn, 0))
         txn.started = True
-        conn.transactions += 1
+        io.transactions += 1
         await batch.write(b"".join(parts), stage, seconds, finals)
         await batch.drain()
         # More than one group of recipients: the rest, a group per round trip.
@@ -715,7 +403,7 @@ async def _data(batch: _Batch) -> None:
             await batch.write(b"".join(group), "RCPT", t.rcpt)
             await batch.drain()
         # Nothing may follow the reply to DATA until the body is sent (R24).
-        conn._check_drained("DATA")
+        io.check_drained("DATA")
     if batch.stop_reason is not None:
         return
     due = batch.body_due
@@ -726,40 +414,40 @@ async def _data(batch: _Batch) -> None:
         data = b"".join(parts)
         await batch.write(data, "data block", t.data_block, [(due, len(data))])
         await batch.drain()
-        conn._check_drained("end of data")
+        io.check_drained("end of data")
     if batch.need_rset and batch.last is not None:
         batch.need_rset = False
         slots.append((_RSET, batch.last, 0))
         await batch.write(_RSET_LINE, "RSET", t.rset)
         await batch.drain()
-        conn._check_drained("RSET")
+        io.check_drained("RSET")
 
 
-def _small_body(txn: _Txn) -> list[bytes] | None:
+def _small_body(txn: Transaction) -> list[bytes] | None:
     """``txn``'s content to join into one write, or None if it must be streamed.
 
     With no recipient accepted (or MAIL refused) the content is just ``.\r\n`` (R29).
     """
-    if not txn.accepted or txn.done:
+    if not txn.has_takers:
         return [_DOT_LINE]
     if len(txn.canonical.data) > DATA_CHUNK - 1024:  # leave room for the transparency dots
         return None
-    body, end = _stuffed(txn.canonical)
+    body, end = stuffed_parts(txn.canonical)
     return [body, end] if len(body) <= DATA_CHUNK else None
 
 
-async def _body_head(batch: _Batch, txn: _Txn) -> list[bytes]:
+async def _body_head(batch: _Batch, txn: Transaction) -> list[bytes]:
     """Write all but the last piece of ``txn``'s content; return the pieces left to join.
 
     With no recipient accepted (or MAIL refused) the content is just ``.\\r\\n`` (R29).
     """
-    if not txn.accepted or txn.done:
+    if not txn.has_takers:
         return [_DOT_LINE]
-    body, end = _stuffed(txn.canonical)
+    body, end = stuffed_parts(txn.canonical)
     size = len(body)
     if size <= DATA_CHUNK:
         return [body, end]
-    t = batch.conn._timeouts
+    t = batch.t
     last = (size - 1) // DATA_CHUNK * DATA_CHUNK
     for offset in range(0, last, DATA_CHUNK):
         await batch.write(body[offset : offset + DATA_CHUNK], "data block", t.data_block)
@@ -771,14 +459,14 @@ async def _body_head(batch: _Batch, txn: _Txn) -> list[bytes]:
 
 async def _bdat(batch: _Batch) -> None:
     """CHUNKING: whole transactions back to back, one window read while the next is sent."""
-    conn = batch.conn
-    t = conn._timeouts
+    io = batch.io
+    t = batch.t
     slots = batch.slots
     parts: list[bytes] = []
-    finals: list[tuple[_Txn, int]] = []
+    finals: list[tuple[Transaction, int]] = []
     size = 0
     owed_before = 0  # slots owed by windows already written
-    prev: _Txn | None = None
+    prev: Transaction | None = None
     for txn in batch.pending():
         if batch.stop_reason is not None:
             break
@@ -808,7 +496,7 @@ async def _bdat(batch: _Batch) -> None:
         parts.append(txn.canonical.data)
         slots.append((_BDAT, txn, 0))
         txn.started = True
-        conn.transactions += 1
+        io.transactions += 1
         size += 60 + length + 40 * n
         finals.append((txn, -1))
         if (
@@ -831,21 +519,21 @@ async def _bdat(batch: _Batch) -> None:
             slots.append((_RSET, last, 0))
             await batch.write(_RSET_LINE, "RSET", t.rset)
             await batch.drain()
-        conn._check_drained("BDAT")
+        io.check_drained("BDAT")
 
 
-async def _flush(batch: _Batch, parts: list[bytes], finals: list[tuple[_Txn, int]]) -> None:
+async def _flush(batch: _Batch, parts: list[bytes], finals: list[tuple[Transaction, int]]) -> None:
     data = b"".join(parts)
     # Each message's data ends where the next transaction's lines begin; only the last
     # one ends at the end of the write (R37: a failed write may have carried the others).
     marks = [(txn, len(data) if i == len(finals) - 1 else 0) for i, (txn, _) in enumerate(finals)]
-    await batch.write(data, "BDAT", batch.conn._timeouts.data_block, marks)
+    await batch.write(data, "BDAT", batch.t.data_block, marks)
 
 
-async def _bdat_alone(batch: _Batch, txn: _Txn, rset: bool) -> None:
+async def _bdat_alone(batch: _Batch, txn: Transaction, rset: bool) -> None:
     """A large message: envelope in bounded groups, then the data only if it has takers."""
-    conn = batch.conn
-    t = conn._timeouts
+    io = batch.io
+    t = batch.t
     slots = batch.slots
     rcpts = txn.rcpts
     n = len(rcpts)
@@ -856,7 +544,7 @@ async def _bdat_alone(batch: _Batch, txn: _Txn, rset: bool) -> None:
     parts.append(txn.mail)
     slots.append((_MAIL, txn, 0))
     txn.started = True
-    conn.transactions += 1
+    io.transactions += 1
     start = 0
     while True:
         group = rcpts[start : start + RCPT_GROUP]
@@ -870,10 +558,11 @@ async def _bdat_alone(batch: _Batch, txn: _Txn, rset: bool) -> None:
             return
         if txn.done or start >= n:
             break
-    if txn.done or not txn.accepted:
+    if not txn.has_takers:
         # MAIL refused, or no recipient: no data at all (R41); reset the envelope.
         if not txn.done:
-            batch.finish(txn, Outcome.PERMANENT, None)
+            txn.no_takers()
+            batch.record(txn.index, txn.result)  # type: ignore[arg-type]
         if txn.mail_ok:
             slots.append((_RSET, txn, 0))
             await batch.write(_RSET_LINE, "RSET", t.rset)

@@ -1,4 +1,10 @@
-"""Outcomes of a send: per recipient, as values rather than exceptions (R37, R41)."""
+"""Outcomes of a send: per recipient, as values rather than exceptions (R37, R41).
+
+Every :class:`SendResult` the client makes comes from a function here:
+:func:`transaction_result` for a transaction the server answered, :func:`local_failure`
+for a message the client's own checks refused before MAIL, and :func:`never_started`
+for a message that never left because the connection ended first.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +12,18 @@ import enum
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from .errors import SMTPSendError
 from .frozen import fast_constructor
+from .prepare import PreparedMessage
 from .reply import Reply
 
 __all__ = [
     "Outcome",
     "RecipientResult",
     "SendResult",
+    "local_failure",
+    "never_started",
     "new_recipient_result",
     "new_send_result",
     "transaction_result",
@@ -130,21 +138,8 @@ new_recipient_result = fast_constructor(RecipientResult)
 new_send_result = fast_constructor(SendResult)
 
 
-class _Prepared(Protocol):
-    """What a result copies from a ``PreparedMessage`` (the core does not import it)."""
-
-    @property
-    def sender(self) -> str: ...
-    @property
-    def recipients(self) -> tuple[str, ...]: ...
-    @property
-    def message_id(self) -> str | None: ...
-    @property
-    def tag(self) -> object: ...
-
-
 def transaction_result(
-    prepared: _Prepared,
+    prepared: PreparedMessage,
     replies: Sequence[Reply | None],
     outcome: Outcome,
     reply: Reply | None,
@@ -172,4 +167,29 @@ def transaction_result(
         prepared.tag,
         1,
         mail_accepted,
+    )
+
+
+def local_failure(prepared: PreparedMessage, code: int, enhanced: str, text: str) -> SendResult:
+    """A message refused before MAIL by the client's own checks: nothing was written."""
+    reply = Reply.from_lines(code, (f"{enhanced} {text}",))
+    return SendResult(
+        prepared.sender,
+        tuple(RecipientResult(r, outcome_of(reply), reply) for r in prepared.recipients),
+        reply,
+        prepared.message_id,
+        error=f"not sent: {text}",
+        tag=prepared.tag,
+    )
+
+
+def never_started(prepared: PreparedMessage, reason: str) -> SendResult:
+    """A message whose MAIL was never written: the connection ended first (transient)."""
+    return SendResult(
+        prepared.sender,
+        tuple(RecipientResult(r, Outcome.TRANSIENT, None) for r in prepared.recipients),
+        None,
+        prepared.message_id,
+        f"not sent: never started, the connection ended first ({reason})",
+        tag=prepared.tag,
     )

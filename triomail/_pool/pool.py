@@ -60,14 +60,8 @@ from urllib.parse import unquote, urlsplit
 
 import trio
 
-from .._client.connection import (
-    PreparedMessage,
-    SMTPConnection,
-    TLSMode,
-    TokenSource,
-    open_connection,
-    prepare,
-)
+from .._client.open import open_connection
+from .._client.session import SMTPConnection, TLSMode, TokenSource
 from .._core.errors import (
     LocalProtocolError,
     SMTPAuthenticationError,
@@ -76,6 +70,7 @@ from .._core.errors import (
     SMTPError,
     SMTPResponseError,
 )
+from .._core.prepare import PreparedMessage, prepare
 from .._core.reply import Reply
 from .._core.results import Outcome, RecipientResult, SendResult
 from .._core.timeouts import Timeouts

@@ -1,0 +1,519 @@
+"""One SMTP session: greeting, EHLO, STARTTLS and AUTH, and the SMTPConnection facade.
+
+Theory of operation
+-------------------
+:meth:`SMTPConnection.start` reads the greeting, sends EHLO, upgrades with STARTTLS when
+asked and then forgets everything it learnt in plaintext (R7), and authenticates. With
+implicit TLS the handshake comes before the greeting (R8). Security is decided by the
+mode the caller chose, never by what the server offers: ``starttls`` without a 220 to
+STARTTLS, or with bytes queued behind that 220, ends the connection before AUTH or MAIL
+(R3-R6).
+
+Every exchange goes through the connection's
+:class:`~triomail._client.transport.Transport`, the one place where trio and ssl errors
+become :class:`~triomail.SMTPError` and deadlines run (R26). When anything goes wrong
+mid-command the connection is broken and its stream closed; it is never used again
+(R24, R27, R40).
+
+Sending is delegated: :meth:`SMTPConnection.send` to ``lockstep`` and
+:meth:`SMTPConnection.send_many` to ``pipeline``, both drivers over the sans-IO
+transaction in ``_core.transaction``. SMTP refusals and lost connections are *values*
+on the :class:`~triomail.SendResult` (R37); only the caller's own mistakes raise, before
+any byte is written (R13).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import functools
+import socket
+import ssl
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from email.message import Message
+from typing import Literal, TypedDict
+
+import trio
+
+from .._core.capabilities import Capabilities
+from .._core.commands import check_argument, encode_command
+from .._core.errors import (
+    LocalProtocolError,
+    SMTPAuthenticationError,
+    SMTPDisconnected,
+    SMTPError,
+    SMTPProtocolError,
+    SMTPResponseError,
+    SMTPSecurityError,
+)
+from .._core.parser import ReplyParser
+from .._core.plan import plan
+from .._core.prepare import DSN, PreparedMessage, prepare
+from .._core.reply import Reply
+from .._core.results import SendResult, never_started
+from .._core.sasl import SASLMechanism, XOAuth2, choose_mechanism
+from .._core.timeouts import Timeouts
+from .._core.transaction import Transaction
+from .lockstep import reset, send_one
+from .pipeline import send_pipelined
+from .transport import HANDSHAKE, Transport
+
+__all__ = [
+    "OptionArgs",
+    "SMTPConnection",
+    "SessionOptions",
+    "TLSMode",
+    "TokenSource",
+    "default_ssl_context",
+    "local_name",
+]
+
+TLSMode = Literal["implicit", "starttls", "none"]
+TokenSource = str | Callable[[], Awaitable[str]]
+
+# smtplib's _MAXCHALLENGE: an endless 334 loop ends here (R35).
+_MAX_CHALLENGES = 5
+# RFC 4954 §4: the AUTH line may be at most 12288 octets with its initial response.
+_MAX_AUTH_LINE = 12288
+
+
+class OptionArgs(TypedDict, total=False):
+    """The keyword arguments :class:`SessionOptions` takes besides ``tls`` (for ``**``)."""
+
+    ssl_context: ssl.SSLContext | None
+    username: str | None
+    password: str | None
+    oauth_token: TokenSource | None
+    local_hostname: str | None
+    timeouts: Timeouts
+    allow_insecure_auth: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOptions:
+    """How to run a session: the options of :func:`~triomail.connect`, in one place.
+
+    ``tls`` is ``"implicit"`` (the default for port 465), ``"starttls"`` (the default
+    otherwise, and required: never a silent downgrade, R1) or ``"none"`` (explicit
+    plaintext); ``None`` picks by port. Credentials go only over TLS unless
+    ``allow_insecure_auth`` (R9). Deadlines come from ``timeouts`` (R26).
+    """
+
+    tls: TLSMode | None = None
+    ssl_context: ssl.SSLContext | None = None
+    username: str | None = None
+    password: str | None = None
+    oauth_token: TokenSource | None = None
+    local_hostname: str | None = None
+    timeouts: Timeouts = Timeouts()
+    allow_insecure_auth: bool = False
+
+
+def default_ssl_context() -> ssl.SSLContext:
+    """A verifying client context: CERT_REQUIRED, host name check, TLS >= 1.2 (R2)."""
+    context = ssl.create_default_context()
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # Keep truncation detection (R11), as trio.open_ssl_over_tcp_stream does.
+    context.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
+    return context
+
+
+@functools.lru_cache(maxsize=1)
+def local_name() -> str:
+    """The EHLO name: the FQDN in A-label form, or an address literal (R32)."""
+    name = socket.getfqdn()
+    try:
+        name = name.encode("idna").decode("ascii")
+    except UnicodeError:
+        name = "localhost"
+    if "." not in name or any(c in name for c in " \r\n\t\x00\x7f"):
+        return "[127.0.0.1]"
+    return name
+
+
+class SMTPConnection:
+    """An open SMTP session. Create it with :func:`connect`."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        host: str,
+        timeouts: Timeouts = Timeouts(),
+        local_hostname: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        name = local_hostname if local_hostname is not None else local_name()
+        check_argument(name, "local_hostname")
+        self._io = Transport(stream, host)
+        self._timeouts = timeouts
+        self._local_hostname = name
+        self._ssl_context = ssl_context
+        self.capabilities = Capabilities()
+        self.greeting: Reply | None = None
+        self.authenticated = False
+        self._allow_insecure_auth = False  # R9
+
+    # ---------------------------------------------------------------- properties
+
+    @property
+    def host(self) -> str:
+        return self._io.host
+
+    @property
+    def tls_active(self) -> bool:
+        return self._io.phase == "tls"
+
+    @property
+    def is_usable(self) -> bool:
+        """False once the connection was closed, broken or told 421."""
+        return self._io.usable
+
+    @property
+    def messages_sent(self) -> int:
+        """Messages the server accepted (a 2xx to their end of data) on this connection."""
+        return self._io.messages_sent
+
+    @property
+    def transactions(self) -> int:
+        """Transactions started (MAIL written) on this connection."""
+        return self._io.transactions
+
+    @property
+    def awaiting_final_reply(self) -> bool:
+        """True from a final dot until its reply: a loss now is an unknown outcome (R37)."""
+        return self._io.awaiting_final_reply
+
+    def __repr__(self) -> str:
+        io = self._io
+        state = "closed" if io.closed else (f"broken: {io.broken}" if io.broken else "open")
+        return f"<SMTPConnection {io.host} {io.phase} {state} sent={io.messages_sent}>"
+
+    # ------------------------------------------------------------------ closing
+
+    async def abort(self) -> None:
+        """Close the stream at once, without QUIT (safe in a cancelled scope)."""
+        await self._io.abort()
+
+    async def aclose(self) -> None:
+        """QUIT under a shielded, short deadline, then close (R11, R48).
+
+        A connection that broke mid-command, or was told 421, is closed without QUIT.
+        """
+        io = self._io
+        if io.closed:
+            return
+        if io.broken is not None:
+            await io.abort()
+            return
+        seconds = self._timeouts.quit
+        with trio.move_on_after(seconds, shield=True) as scope:
+            # A server may close right after 221, TLS without close_notify (R11); a
+            # strange reply to QUIT (R47) changes nothing either.
+            with contextlib.suppress(SMTPError):
+                await io.command(b"QUIT\r\n", "QUIT", seconds, alone=False)
+            await io.close()
+        if scope.cancelled_caught:
+            await io.abort()
+
+    def is_stale(self) -> bool:
+        """True if an idle connection has unsolicited bytes or EOF pending (R24, R45).
+
+        A pooled connection that got a 421 or was closed while idle must not be reused;
+        this peeks at the socket without blocking.
+        """
+        return self._io.is_stale()
+
+    # ----------------------------------------------------------------- handshake
+
+    async def start(self, options: SessionOptions) -> None:
+        """Greeting, EHLO, STARTTLS and AUTH as ``options`` say (``options.tls`` set).
+
+        :func:`~triomail.start_session` calls this; a pool that opens its own streams
+        may too. On failure the caller closes the connection.
+        """
+        t = self._timeouts
+        io = self._io
+        self._allow_insecure_auth = options.allow_insecure_auth
+        if options.tls == "implicit":
+            await self._start_tls()  # R8: the handshake comes before the greeting
+        greeting = await io.receive("greeting", t.greeting)
+        io.check_drained("greeting")  # R25: nothing may precede our first command
+        if greeting.code != 220:
+            if greeting.code == 554 or greeting.is_transient:
+                # §3.1: 554 means no service here; QUIT and report (R25).
+                if greeting.code != 421:
+                    await self.aclose()
+                raise SMTPResponseError("greeting", greeting)
+            io.broken = "unexpected greeting"
+            raise SMTPProtocolError(f"unexpected greeting: {greeting}")
+        self.greeting = greeting
+        await self._ehlo()
+        if options.tls == "starttls":
+            await self._starttls()
+        if options.username is not None:
+            await self._login(options.username, options.password, options.oauth_token)
+
+    async def _ehlo(self) -> None:
+        io = self._io
+        seconds = self._timeouts.ehlo
+        reply = await io.command(encode_command("EHLO", self._local_hostname), "EHLO", seconds)
+        if reply.code == 250:
+            self.capabilities = Capabilities.from_ehlo(reply)
+            return
+        if reply.code in (500, 501, 502, 504, 550):
+            # §4.1.4: fall back to HELO; this server has no extensions at all (R4).
+            line = encode_command("HELO", self._local_hostname)
+            reply = await io.command(line, "HELO", seconds)
+            if reply.code == 250:
+                self.capabilities = Capabilities.helo_only()
+                return
+        # 220/221/354/421/530 to EHLO and the like: close, never crash (R47).
+        io.broken = "EHLO refused"
+        raise SMTPResponseError("EHLO", reply)
+
+    async def _starttls(self) -> None:
+        io = self._io
+        if not self.capabilities.starttls:
+            # R3/R4: STARTTLS required but not offered; stop before AUTH or MAIL.
+            io.broken = "STARTTLS not offered"
+            raise SMTPSecurityError(
+                "tls='starttls' but the server does not offer STARTTLS"
+                + ("" if self.capabilities.esmtp else " (it refused EHLO)")
+                + "; refusing to continue in plaintext"
+            )
+        # R5: STARTTLS is the last command of any group; wait for its reply.
+        reply = await io.command(b"STARTTLS\r\n", "STARTTLS", self._timeouts.starttls, alone=False)
+        if reply.code != 220:
+            io.broken = "STARTTLS refused"
+            raise SMTPSecurityError(f"STARTTLS refused: {reply}; refusing to continue in plaintext")
+        if io.parser.has_unprocessed:
+            # R6: anything queued behind the 220 was injected before TLS.
+            io.broken = "data after STARTTLS"
+            raise SMTPSecurityError(
+                "bytes received after the 220 to STARTTLS (response injection); aborted"
+            )
+        await self._start_tls()
+        # R7: forget all that was learnt in plaintext, greeting included (R12), and ask again.
+        self.capabilities = Capabilities()
+        self.greeting = None
+        await self._ehlo()
+
+    async def _start_tls(self) -> None:
+        io = self._io
+        context = self._ssl_context or default_ssl_context()
+        io.parser = ReplyParser()
+        ssl_stream = trio.SSLStream(io.stream, context, server_hostname=io.host)
+        io.stream = ssl_stream
+        io.fd = None  # TLS goes through the stream, never the raw socket
+        await io.run(HANDSHAKE, self._timeouts.tls_handshake, ssl_stream.do_handshake)
+        version = ssl_stream.version()
+        if version in ("SSLv3", "TLSv1", "TLSv1.1"):  # a caller's context may allow them
+            io.broken = "old TLS"
+            raise SMTPSecurityError(f"server negotiated {version}; TLS 1.2 or later required")
+        io.phase = "tls"
+
+    async def _login(
+        self, username: str, password: str | None, oauth_token: TokenSource | None
+    ) -> None:
+        self._check_auth_allowed()
+        advertised = self.capabilities.auth_mechanisms
+        mechanism: SASLMechanism | None
+        if oauth_token is not None:
+            if "XOAUTH2" not in advertised:
+                raise SMTPSecurityError("server does not offer XOAUTH2")
+            token = oauth_token if isinstance(oauth_token, str) else await oauth_token()
+            mechanism = XOAuth2(username, token)
+        else:
+            if password is None:
+                raise LocalProtocolError("username given without password or oauth_token")
+            mechanism = choose_mechanism(advertised, username, password)
+            if mechanism is None:
+                raise SMTPSecurityError(
+                    "server offers no usable AUTH mechanism"
+                    + (f" (offers {', '.join(sorted(advertised))})" if advertised else "")
+                )
+        await self.auth(mechanism)
+
+    def _check_auth_allowed(self) -> None:
+        if self.authenticated:
+            raise LocalProtocolError("already authenticated (RFC 4954 §4: AUTH only once)")
+        if not self.tls_active and not self._allow_insecure_auth:
+            # R9: credentials only over TLS.
+            raise SMTPSecurityError(
+                "refusing to send credentials without TLS (allow_insecure_auth=True to override)"
+            )
+
+    async def auth(self, mechanism: SASLMechanism) -> None:
+        """Run one AUTH exchange (RFC 4954); raises :class:`SMTPAuthenticationError`.
+
+        Refused without TLS unless the session was opened with ``allow_insecure_auth``
+        (R9). The exchange is redacted in the debug log (R36).
+        """
+        self._check_auth_allowed()
+        self._io.in_auth = True
+        try:
+            reply = await self._auth_exchange(mechanism)
+        finally:
+            self._io.in_auth = False
+        if reply.code != 235:
+            raise SMTPAuthenticationError("AUTH", reply)
+        self.authenticated = True
+
+    async def _auth_exchange(self, mechanism: SASLMechanism) -> Reply:
+        io = self._io
+        t = self._timeouts.auth
+        initial = mechanism.initial_response()
+        line = b"AUTH " + mechanism.name.encode("ascii")
+        if initial is not None:
+            encoded = base64.b64encode(initial) or b"="  # §4: an empty response is "="
+            # §4: a response too long for the AUTH line answers the first 334 instead.
+            if len(line) + 1 + len(encoded) + 2 <= _MAX_AUTH_LINE:
+                line += b" " + encoded
+        reply = await io.command(line + b"\r\n", "AUTH", t)
+        challenges = 0
+        while reply.code == 334:
+            challenges += 1
+            try:
+                challenge = base64.b64decode(reply.text.strip(), validate=True)
+                if challenges > _MAX_CHALLENGES:
+                    raise ValueError("too many challenges")
+                answer = mechanism.respond(challenge)
+            except (binascii.Error, ValueError):
+                reply = await io.command(b"*\r\n", "AUTH", t)  # cancel (R35)
+                io.broken = "AUTH exchange cancelled"
+                await io.abort()
+                raise SMTPAuthenticationError("AUTH", reply) from None
+            reply = await io.command(base64.b64encode(answer) + b"\r\n", "AUTH", t)
+        return reply
+
+    # --------------------------------------------------------------- transactions
+
+    async def noop(self) -> Reply:
+        return await self._io.command(b"NOOP\r\n", "NOOP", self._timeouts.noop)
+
+    async def rset(self) -> Reply:
+        return await reset(self._io, self._timeouts.rset)
+
+    def prepare(
+        self,
+        message: Message | bytes | str,
+        *,
+        sender: str | None = None,
+        recipients: Sequence[str] | None = None,
+    ) -> PreparedMessage:
+        """Check and encode ``message`` for this server (no I/O)."""
+        caps = self.capabilities
+        return prepare(
+            message,
+            sender=sender,
+            recipients=recipients,
+            smtputf8=caps.smtputf8,
+            eight_bit=caps.eightbitmime or caps.smtputf8,
+        )
+
+    async def send(
+        self,
+        message: Message | bytes | str | PreparedMessage,
+        *,
+        sender: str | None = None,
+        recipients: Sequence[str] | None = None,
+        dsn: DSN | None = None,
+        requiretls: bool = False,
+    ) -> SendResult:
+        """Send one message; every recipient's outcome is on the result (R37).
+
+        ``message`` is an ``EmailMessage`` (envelope from its headers unless given) or
+        raw ``bytes``/``str`` with ``sender`` and ``recipients``. Raises only for the
+        caller's mistakes (:class:`LocalProtocolError`, before any byte is written) and
+        for a connection that is already closed (:class:`SMTPDisconnected`).
+        """
+        io = self._io
+        io.check_usable()
+        prepared = (
+            message
+            if isinstance(message, PreparedMessage)
+            else self.prepare(message, sender=sender, recipients=recipients)
+        )
+        caps = self.capabilities
+        planned = plan(prepared, caps, tls_active=self.tls_active, dsn=dsn, requiretls=requiretls)
+        if isinstance(planned, SendResult):
+            return planned
+        if io.is_stale():
+            await io.abort()
+            raise SMTPDisconnected("server closed or wrote to the connection while it was idle")
+        txn = Transaction(0, prepared, *planned)
+        return await send_one(io, self._timeouts, txn, pipelining=caps.pipelining)
+
+    async def send_many(
+        self,
+        messages: Iterable[PreparedMessage],
+        *,
+        chunking: bool | None = None,
+        dsn: DSN | None = None,
+        requiretls: bool = False,
+        on_result: Callable[[int, SendResult], None] | None = None,
+    ) -> list[SendResult]:
+        """Send prepared messages; one result per message, in order.
+
+        With PIPELINING the end of data of one message shares a write with the envelope
+        of the next (about one round trip a message); with CHUNKING (unless
+        ``chunking=False``) whole ``BDAT`` transactions are pipelined in bounded windows;
+        ``chunking=True`` requires CHUNKING (:class:`LocalProtocolError` if not
+        advertised). Without PIPELINING this is :meth:`send` per message. Each result is
+        what :meth:`send` would report; ``on_result(index, result)`` is called as each
+        is known (useful if the batch may be cancelled).
+
+        A list is checked whole before the first byte is written, so this raises only
+        what ``send`` raises before writing: :class:`LocalProtocolError` for a message no
+        server could take, and :class:`SMTPDisconnected` if the connection is closed or
+        went stale while idle. Any other iterable (a generator preparing each message,
+        say) is consumed lazily, each message planned just before it is written, with no
+        pause between messages; a message then found unsendable gets a failed result
+        instead of an exception, and if the connection is lost the rest of the iterable
+        is consumed into "never started" results. An exception raised by the iterable
+        itself ends the batch mid-way: the connection is left unusable and the results
+        so far reach only ``on_result``.
+        """
+        io = self._io
+        io.check_usable()
+        caps = self.capabilities
+        if chunking and not caps.chunking:
+            raise LocalProtocolError("chunking=True but the server does not advertise CHUNKING")
+        if not caps.pipelining:
+            return await self._one_by_one(messages, dsn, requiretls, on_result)
+        return await send_pipelined(
+            io,
+            self._timeouts,
+            caps,
+            messages,
+            tls_active=self.tls_active,
+            chunking=chunking,
+            dsn=dsn,
+            requiretls=requiretls,
+            on_result=on_result,
+        )
+
+    async def _one_by_one(
+        self,
+        messages: Iterable[PreparedMessage],
+        dsn: DSN | None,
+        requiretls: bool,
+        on_result: Callable[[int, SendResult], None] | None,
+    ) -> list[SendResult]:
+        """No PIPELINING: ``send`` each message; once the connection is gone, the rest wait."""
+        before = self.transactions
+        results: list[SendResult] = []
+        for index, prepared in enumerate(messages):
+            try:
+                result = await self.send(prepared, dsn=dsn, requiretls=requiretls)
+            except SMTPDisconnected as exc:
+                if self.transactions == before:
+                    raise  # nothing was started: like send()
+                result = never_started(prepared, str(exc))
+            results.append(result)
+            if on_result is not None:
+                on_result(index, result)
+        return results

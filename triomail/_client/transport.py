@@ -1,0 +1,400 @@
+"""The one I/O boundary: the only code that touches the stream or its socket.
+
+Theory of operation
+-------------------
+Everything above this module speaks in :class:`~triomail.Reply` values and
+:class:`~triomail.SMTPError`; everything below it is trio, :mod:`ssl` and the OS. So:
+
+* **Errors.** :meth:`Transport.failure` is the one place where trio, ssl and OS errors
+  become :class:`SMTPError` (certificate, TLS, lost connection). Any failure marks the
+  transport broken; it is never used again (R24, R27, R40). A failed read, and any
+  cancellation, closes the stream at once; a failed *write* leaves it open so the
+  caller can still read why the server gave up (R46) and then close it.
+
+* **Deadlines** (R26). One mechanism serves a single command and a whole pipelined
+  batch: :meth:`Transport.deadline` opens a cancel scope, and each operation under it
+  *arms* that scope for its stage (:meth:`Transport.arm`). A missed deadline becomes
+  :class:`SMTPTimeoutError` naming the stage, and the stream is closed. Re-arming is
+  cheap and rare: a deadline set less than 1% of the stage's time ago is kept (at most
+  that much stricter than asked, never later), so a steady pipeline re-arms every few
+  seconds instead of for every reply.
+
+* **The fast path.** A plain TCP stream is driven through its socket: ``os.write`` (no
+  deadline is needed for a write the kernel takes at once, the usual case),
+  ``wait_readable`` and ``os.read``, with no per-call wrapper and no failed ``recv``
+  before each wait. Before waiting, a read first yields to the other tasks and tries
+  the socket (*early try*): when the process is busy the reply is there by then and no
+  epoll registration or wake-up is needed. When it is not (a slow link), the next
+  :data:`EAGER_PAUSE` reads wait for the socket at once. TLS and other streams use the
+  stream's own methods.
+
+* **Counters.** Messages delivered, transactions started and whether a final reply is
+  owed (R37: a loss now is an unknown outcome) live here, with the stream whose loss
+  they describe.
+
+A 421 read here marks the transport broken and closes it (RFC 5321 §3.8, R40).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import ssl
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import TypeVar
+
+import trio
+
+from .._core.errors import (
+    SMTPCertificateError,
+    SMTPDisconnected,
+    SMTPError,
+    SMTPProtocolError,
+    SMTPSecurityError,
+    SMTPTimeoutError,
+)
+from .._core.parser import ReplyParser
+from .._core.reply import Reply
+
+__all__ = ["EAGER_PAUSE", "HANDSHAKE", "SALVAGE_SECONDS", "Transport"]
+
+log = logging.getLogger("triomail")
+
+#: Bytes asked of the stream or socket per read.
+RECEIVE_SIZE = 65536
+#: Reads that wait for the socket at once after an early try found no reply.
+EAGER_PAUSE = 32
+#: How long to keep reading replies after a write failed (R46).
+SALVAGE_SECONDS = 1.0
+#: The stage name of the TLS handshake (its SSL errors are security errors).
+HANDSHAKE = "TLS handshake"
+
+_T = TypeVar("_T")
+
+
+class Transport:
+    """One SMTP stream: bytes out, replies in, deadlines and errors mapped."""
+
+    __slots__ = (
+        "awaiting_final_reply",
+        "broken",
+        "closed",
+        "eager_pause",
+        "fd",
+        "host",
+        "in_auth",
+        "messages_sent",
+        "now",
+        "parser",
+        "phase",
+        "scope",
+        "stage",
+        "stage_seconds",
+        "stream",
+        "transactions",
+    )
+
+    def __init__(self, stream: trio.abc.Stream, host: str) -> None:
+        self.stream = stream
+        self.host = host
+        self.parser = ReplyParser()
+        self.phase = "plain"
+        #: Why the transport may not be used again (``None``: it may).
+        self.broken: str | None = None
+        self.closed = False
+        self.in_auth = False  # redact the AUTH exchange in the log (R36)
+        self.messages_sent = 0
+        self.transactions = 0
+        #: True from the final dot until its reply: a loss now is an unknown outcome (R37).
+        self.awaiting_final_reply = False
+        # See the module header: the socket itself for a plain TCP stream.
+        self.fd: int | None = stream.socket.fileno() if type(stream) is trio.SocketStream else None
+        self.eager_pause = 0  # reads left that skip the early try of the socket
+        self.now = trio.lowlevel.current_clock().current_time  # bound once: called per arm
+        self.scope: trio.CancelScope | None = None  # the deadline being armed
+        self.stage = ""
+        self.stage_seconds = 0.0
+
+    @property
+    def usable(self) -> bool:
+        return not self.closed and self.broken is None
+
+    def check_usable(self) -> None:
+        if self.closed or self.broken is not None:
+            raise SMTPDisconnected(f"connection is not usable ({self.broken or 'closed'})")
+
+    # ------------------------------------------------------------------ deadlines
+
+    def deadline(self) -> _Deadline:
+        """``async with transport.deadline():`` runs operations under one deadline."""
+        return _Deadline(self)
+
+    def arm(self, stage: str, seconds: float) -> None:
+        """Point the running deadline at this operation (see the module header)."""
+        self.stage = stage
+        self.stage_seconds = seconds
+        scope = self.scope
+        if scope is None:
+            raise RuntimeError("I/O outside Transport.deadline()")
+        due = self.now() + seconds
+        if not due - seconds * 0.01 <= scope.deadline <= due:
+            scope.deadline = due
+
+    # ------------------------------------------------------------------ errors
+
+    def failure(self, exc: BaseException, stage: str) -> SMTPError | None:
+        """Mark the transport broken; the error to raise for ``exc`` (None: ``exc`` itself)."""
+        if isinstance(exc, trio.BrokenResourceError):
+            self.broken = f"broken in {stage}"
+            cause = exc.__cause__
+            if isinstance(cause, ssl.SSLCertVerificationError | ssl.CertificateError):
+                return SMTPCertificateError(f"certificate verification failed: {cause}")
+            if isinstance(cause, ssl.SSLError) and (
+                stage == HANDSHAKE or not isinstance(cause, ssl.SSLEOFError)
+            ):
+                return SMTPSecurityError(f"TLS failed during {stage}: {cause}")
+            # Includes EOF without close_notify once TLS is up: a lost connection (R11).
+            return SMTPDisconnected(f"connection lost during {stage}")
+        if isinstance(exc, trio.ClosedResourceError | OSError):
+            self.broken = f"closed in {stage}"
+            return SMTPDisconnected(f"connection lost during {stage}: {exc}")
+        # Cancelled, protocol errors, bugs: a command is in flight, so never reuse.
+        self.broken = self.broken or f"{type(exc).__name__} in {stage}"
+        return None
+
+    async def abort(self) -> None:
+        """Close the stream at once, without QUIT (safe in a cancelled scope)."""
+        self.closed = True
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(self.stream)
+
+    async def close(self) -> None:
+        """Close the stream politely (TLS close_notify); a peer already gone is fine."""
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await self.stream.aclose()
+
+    # ------------------------------------------------------------------ reads
+
+    async def read(self, stage: str, seconds: float, *, rearm: bool = True) -> Reply:
+        """The next reply, whole, armed for ``stage`` (R26); under :meth:`deadline`.
+
+        ``rearm=False`` keeps the deadline of the write before it (one per command).
+        More replies may follow when pipelining; :meth:`check_drained` says if any did.
+        """
+        parser = self.parser
+        try:
+            self.check_usable()
+            if rearm:
+                self.arm(stage, seconds)
+            reply = parser.next_reply()
+            fd = self.fd
+            # The early try (module header): only for a socket, after a checkpoint.
+            eager = self.eager_pause == 0
+            if not eager:
+                self.eager_pause -= 1
+            ready = not eager
+            while reply is None:
+                if fd is None:
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                else:
+                    if ready:
+                        await trio.lowlevel.wait_readable(fd)
+                    else:
+                        await trio.lowlevel.checkpoint()
+                        ready = True
+                    try:
+                        data = os.read(fd, RECEIVE_SIZE)
+                    except BlockingIOError:
+                        if eager:
+                            eager = False
+                            self.eager_pause = EAGER_PAUSE
+                        continue
+                if not data:
+                    raise trio.ClosedResourceError("server closed the connection")
+                parser.feed(data)
+                reply = parser.next_reply()
+        except BaseException as exc:
+            error = self.failure(exc, stage)
+            await self.abort()
+            if error is None:
+                raise
+            raise error from exc
+        if log.isEnabledFor(logging.DEBUG):
+            shown = "334 <redacted>" if self.in_auth and reply.code == 334 else str(reply)
+            log.debug("%s %s < %s", self.host, self.phase, shown)
+        if reply.code == 421:
+            # RFC 5321 §3.8: the server is closing; stop using the connection (R40).
+            self.broken = "server sent 421"
+            await self.abort()
+        return reply
+
+    def check_drained(self, stage: str) -> None:
+        """Raise if the server said more than was asked (R24): the replies are out of step."""
+        if self.parser.has_unprocessed:
+            self.broken = f"unsolicited data after {stage}"
+            raise SMTPProtocolError(
+                f"server sent more than one reply to {stage}: {self.parser.unprocessed[:80]!r}"
+            )
+
+    def is_stale(self) -> bool:
+        """True if an idle connection has unsolicited bytes or EOF pending (R24, R45).
+
+        This peeks at the socket without blocking.
+        """
+        if not self.usable or self.parser.has_unprocessed:
+            return True
+        stream = self.stream
+        while isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
+        if not isinstance(stream, trio.SocketStream):
+            return False
+        # Readable while idle means data or EOF arrived unasked; poll, don't consume.
+        readable, _, _ = select.select([stream.socket.fileno()], [], [], 0)
+        return bool(readable)
+
+    # ------------------------------------------------------------------ writes
+
+    async def write(self, data: bytes, stage: str, seconds: float, *, rearm: bool = True) -> None:
+        """One ``send_all`` armed for ``stage`` (R46); under :meth:`deadline`.
+
+        On a stream error the transport is broken but the stream stays open: the caller
+        may read a last reply (:meth:`salvage`), then closes it. Anything else closes.
+        """
+        self.check_usable()
+        if log.isEnabledFor(logging.DEBUG):
+            self.log_out(data)
+        try:
+            fd = self.fd
+            if fd is None:
+                if rearm:
+                    self.arm(stage, seconds)
+                await self.stream.send_all(data)
+                return
+            # One write when the kernel takes it all (nothing waited: no deadline).
+            try:
+                sent = os.write(fd, data)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(data):
+                if rearm:
+                    self.arm(stage, seconds)
+                view = memoryview(data)[sent:]
+                while view:
+                    await trio.lowlevel.wait_writable(fd)
+                    with contextlib.suppress(BlockingIOError):
+                        view = view[os.write(fd, view) :]
+        except BaseException as exc:
+            error = self.failure(exc, stage)
+            if error is None:
+                await self.abort()
+                raise
+            raise error from exc
+
+    async def salvage(self, read: Callable[[], Awaitable[object]]) -> None:
+        """After a failed write, let ``read`` take what the server said before it gave
+        up, for at most :data:`SALVAGE_SECONDS` (R46); the transport stays broken."""
+        broken, self.broken = self.broken, None
+        try:
+            with trio.move_on_after(SALVAGE_SECONDS):
+                await read()
+        except SMTPError:
+            pass
+        finally:
+            self.broken = broken
+
+    def log_out(self, data: bytes) -> None:
+        if self.in_auth and data != b"*\r\n":
+            # R36: the AUTH line keeps its mechanism; no payload reaches the log.
+            parts = data.split(b" ", 2)
+            if parts[0] != b"AUTH":
+                data = b"<redacted>"
+            elif len(parts) == 3:
+                data = parts[0] + b" " + parts[1] + b" <redacted>"
+        head = data[:200]
+        log.debug("%s %s > %r%s", self.host, self.phase, head, "..." if len(data) > 200 else "")
+
+    # ------------------------------------------------------------------ one exchange
+
+    async def command(
+        self, line: bytes, stage: str, seconds: float, *, alone: bool = True
+    ) -> Reply:
+        """One command, one reply under one deadline. With ``alone`` anything more in the
+        buffer is a desync (R24): the connection is closed."""
+        async with self.deadline():
+            self.arm(stage, seconds)  # one deadline for the line and its reply
+            try:
+                await self.write(line, stage, seconds, rearm=False)
+            except SMTPError:
+                await self.abort()
+                raise
+            reply = await self.read(stage, seconds, rearm=False)
+        if alone and self.parser.has_unprocessed:
+            await self.abort()
+            self.check_drained(stage)
+        return reply
+
+    async def receive(self, stage: str, seconds: float) -> Reply:
+        """One reply under its own deadline."""
+        async with self.deadline():
+            return await self.read(stage, seconds)
+
+    async def send(self, data: bytes, stage: str, seconds: float) -> None:
+        """One write under its own deadline (the stream stays open on a stream error)."""
+        async with self.deadline():
+            await self.write(data, stage, seconds)
+
+    async def run(self, stage: str, seconds: float, operation: Callable[[], Awaitable[_T]]) -> _T:
+        """Any other stream operation (the TLS handshake) under a deadline; failures close."""
+        self.check_usable()
+        async with self.deadline():
+            self.arm(stage, seconds)
+            try:
+                return await operation()
+            except BaseException as exc:
+                error = self.failure(exc, stage)
+                await self.abort()
+                if error is None:
+                    raise
+                raise error from exc
+
+
+class _Deadline:
+    """The cancel scope that :meth:`Transport.arm` points at (see the module header)."""
+
+    __slots__ = ("outer", "scope", "transport")
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self.scope = trio.CancelScope()
+        self.outer: trio.CancelScope | None = None
+
+    async def __aenter__(self) -> trio.CancelScope:
+        self.outer = self.transport.scope
+        self.transport.scope = self.scope
+        return self.scope.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        transport = self.transport
+        transport.scope = self.outer
+        # The scope swallows only the cancellation it caused itself, which becomes the
+        # timeout below; anything else propagates.
+        self.scope.__exit__(exc_type, exc, tb)
+        if not self.scope.cancelled_caught:
+            return
+        # The deadline of the operation under way passed (R26).
+        stage = transport.stage
+        transport.broken = f"timeout in {stage}"
+        await transport.abort()
+        raise SMTPTimeoutError(
+            f"{stage}: not done within {transport.stage_seconds:g} s", stage=stage
+        ) from None
