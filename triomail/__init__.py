@@ -3,9 +3,9 @@
 from ._client.open import connect as connect
 from ._client.open import open_connection as open_connection
 from ._client.open import start_session as start_session
+from ._client.options import TLSMode as TLSMode
+from ._client.options import default_ssl_context as default_ssl_context
 from ._client.session import SMTPConnection as SMTPConnection
-from ._client.session import TLSMode as TLSMode
-from ._client.session import default_ssl_context as default_ssl_context
 from ._core.capabilities import Capabilities as Capabilities
 from ._core.errors import LocalProtocolError as LocalProtocolError
 from ._core.errors import SMTPAuthenticationError as SMTPAuthenticationError

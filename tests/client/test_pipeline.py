@@ -49,7 +49,8 @@ from hypothesis import strategies as st
 import triomail
 from triomail import Outcome, PreparedMessage, SendResult, SMTPConnection
 from triomail._client import pipeline
-from triomail._client.pipeline import RCPT_GROUP, WINDOW_MESSAGES
+from triomail._client.chunking import WINDOW_MESSAGES
+from triomail._client.pipeline import RCPT_GROUP
 from triomail._core.data import dot_stuff
 from triomail.testing import Fault, SMTPSink
 
@@ -826,7 +827,8 @@ async def test_bdat_windows_are_bounded_and_overlap() -> None:
 
 
 async def test_bdat_large_message_sends_envelope_first() -> None:
-    from triomail._client.pipeline import DATA_CHUNK, WINDOW_BYTES
+    from triomail._client.chunking import WINDOW_BYTES
+    from triomail._client.pipeline import DATA_CHUNK
 
     big = b"Subject: big\r\n\r\n" + (b"z" * 998 + b"\r\n") * (WINDOW_BYTES // 1000 + 10)
     m = [prep(body(0), "b0@example.com"), prep(big, "b1@example.com"), prep(big, "b2@example.com")]

@@ -521,7 +521,7 @@ def _server(settings: Settings) -> Server:
 def _ssl_context(ca_file: Path | None) -> ssl.SSLContext | None:
     if ca_file is None:
         return None
-    from .._client.session import default_ssl_context
+    from .._client.options import default_ssl_context
 
     context = default_ssl_context()
     try:

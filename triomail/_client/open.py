@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 All three take the same options, gathered once into a
-:class:`~triomail._client.session.SessionOptions`; only ``tls`` is spelled out, since
+:class:`~triomail._client.options.SessionOptions`; only ``tls`` is spelled out, since
 its default differs (chosen by port here, required for an already-open stream).
 :func:`open_connection` opens TCP under the ``connect`` deadline (R26) and hands the
 stream to :func:`start_session`, which runs greeting, EHLO, STARTTLS and AUTH
@@ -21,7 +21,8 @@ import trio
 
 from .._core.commands import check_argument
 from .._core.errors import SMTPConnectError, SMTPTimeoutError
-from .session import OptionArgs, SessionOptions, SMTPConnection, TLSMode, local_name
+from .options import OptionArgs, SessionOptions, TLSMode, local_name
+from .session import SMTPConnection
 
 __all__ = ["connect", "open_connection", "start_session"]
 

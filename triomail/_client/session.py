@@ -24,16 +24,10 @@ any byte is written (R13).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
-import functools
-import socket
 import ssl
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
 from email.message import Message
-from typing import Literal, TypedDict
 
 import trio
 
@@ -41,7 +35,6 @@ from .._core.capabilities import Capabilities
 from .._core.commands import check_argument, encode_command
 from .._core.errors import (
     LocalProtocolError,
-    SMTPAuthenticationError,
     SMTPDisconnected,
     SMTPError,
     SMTPProtocolError,
@@ -53,84 +46,16 @@ from .._core.plan import plan
 from .._core.prepare import DSN, PreparedMessage, prepare
 from .._core.reply import Reply
 from .._core.results import SendResult, never_started
-from .._core.sasl import SASLMechanism, XOAuth2, choose_mechanism
+from .._core.sasl import SASLMechanism
 from .._core.timeouts import Timeouts
 from .._core.transaction import Transaction
+from .auth import authenticate, choose
 from .lockstep import reset, send_one
+from .options import SessionOptions, TokenSource, default_ssl_context, local_name
 from .pipeline import send_pipelined
 from .transport import HANDSHAKE, Transport
 
-__all__ = [
-    "OptionArgs",
-    "SMTPConnection",
-    "SessionOptions",
-    "TLSMode",
-    "TokenSource",
-    "default_ssl_context",
-    "local_name",
-]
-
-TLSMode = Literal["implicit", "starttls", "none"]
-TokenSource = str | Callable[[], Awaitable[str]]
-
-# smtplib's _MAXCHALLENGE: an endless 334 loop ends here (R35).
-_MAX_CHALLENGES = 5
-# RFC 4954 §4: the AUTH line may be at most 12288 octets with its initial response.
-_MAX_AUTH_LINE = 12288
-
-
-class OptionArgs(TypedDict, total=False):
-    """The keyword arguments :class:`SessionOptions` takes besides ``tls`` (for ``**``)."""
-
-    ssl_context: ssl.SSLContext | None
-    username: str | None
-    password: str | None
-    oauth_token: TokenSource | None
-    local_hostname: str | None
-    timeouts: Timeouts
-    allow_insecure_auth: bool
-
-
-@dataclass(frozen=True, slots=True)
-class SessionOptions:
-    """How to run a session: the options of :func:`~triomail.connect`, in one place.
-
-    ``tls`` is ``"implicit"`` (the default for port 465), ``"starttls"`` (the default
-    otherwise, and required: never a silent downgrade, R1) or ``"none"`` (explicit
-    plaintext); ``None`` picks by port. Credentials go only over TLS unless
-    ``allow_insecure_auth`` (R9). Deadlines come from ``timeouts`` (R26).
-    """
-
-    tls: TLSMode | None = None
-    ssl_context: ssl.SSLContext | None = None
-    username: str | None = None
-    password: str | None = None
-    oauth_token: TokenSource | None = None
-    local_hostname: str | None = None
-    timeouts: Timeouts = Timeouts()
-    allow_insecure_auth: bool = False
-
-
-def default_ssl_context() -> ssl.SSLContext:
-    """A verifying client context: CERT_REQUIRED, host name check, TLS >= 1.2 (R2)."""
-    context = ssl.create_default_context()
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    # Keep truncation detection (R11), as trio.open_ssl_over_tcp_stream does.
-    context.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
-    return context
-
-
-@functools.lru_cache(maxsize=1)
-def local_name() -> str:
-    """The EHLO name: the FQDN in A-label form, or an address literal (R32)."""
-    name = socket.getfqdn()
-    try:
-        name = name.encode("idna").decode("ascii")
-    except UnicodeError:
-        name = "localhost"
-    if "." not in name or any(c in name for c in " \r\n\t\x00\x7f"):
-        return "[127.0.0.1]"
-    return name
+__all__ = ["SMTPConnection"]
 
 
 class SMTPConnection:
@@ -319,22 +244,7 @@ class SMTPConnection:
         self, username: str, password: str | None, oauth_token: TokenSource | None
     ) -> None:
         self._check_auth_allowed()
-        advertised = self.capabilities.auth_mechanisms
-        mechanism: SASLMechanism | None
-        if oauth_token is not None:
-            if "XOAUTH2" not in advertised:
-                raise SMTPSecurityError("server does not offer XOAUTH2")
-            token = oauth_token if isinstance(oauth_token, str) else await oauth_token()
-            mechanism = XOAuth2(username, token)
-        else:
-            if password is None:
-                raise LocalProtocolError("username given without password or oauth_token")
-            mechanism = choose_mechanism(advertised, username, password)
-            if mechanism is None:
-                raise SMTPSecurityError(
-                    "server offers no usable AUTH mechanism"
-                    + (f" (offers {', '.join(sorted(advertised))})" if advertised else "")
-                )
+        mechanism = await choose(self.capabilities.auth_mechanisms, username, password, oauth_token)
         await self.auth(mechanism)
 
     def _check_auth_allowed(self) -> None:
@@ -353,41 +263,8 @@ class SMTPConnection:
         (R9). The exchange is redacted in the debug log (R36).
         """
         self._check_auth_allowed()
-        self._io.in_auth = True
-        try:
-            reply = await self._auth_exchange(mechanism)
-        finally:
-            self._io.in_auth = False
-        if reply.code != 235:
-            raise SMTPAuthenticationError("AUTH", reply)
+        await authenticate(self._io, mechanism, self._timeouts.auth)
         self.authenticated = True
-
-    async def _auth_exchange(self, mechanism: SASLMechanism) -> Reply:
-        io = self._io
-        t = self._timeouts.auth
-        initial = mechanism.initial_response()
-        line = b"AUTH " + mechanism.name.encode("ascii")
-        if initial is not None:
-            encoded = base64.b64encode(initial) or b"="  # §4: an empty response is "="
-            # §4: a response too long for the AUTH line answers the first 334 instead.
-            if len(line) + 1 + len(encoded) + 2 <= _MAX_AUTH_LINE:
-                line += b" " + encoded
-        reply = await io.command(line + b"\r\n", "AUTH", t)
-        challenges = 0
-        while reply.code == 334:
-            challenges += 1
-            try:
-                challenge = base64.b64decode(reply.text.strip(), validate=True)
-                if challenges > _MAX_CHALLENGES:
-                    raise ValueError("too many challenges")
-                answer = mechanism.respond(challenge)
-            except (binascii.Error, ValueError):
-                reply = await io.command(b"*\r\n", "AUTH", t)  # cancel (R35)
-                io.broken = "AUTH exchange cancelled"
-                await io.abort()
-                raise SMTPAuthenticationError("AUTH", reply) from None
-            reply = await io.command(base64.b64encode(answer) + b"\r\n", "AUTH", t)
-        return reply
 
     # --------------------------------------------------------------- transactions
 

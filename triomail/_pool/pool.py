@@ -61,7 +61,8 @@ from urllib.parse import unquote, urlsplit
 import trio
 
 from .._client.open import open_connection
-from .._client.session import SMTPConnection, TLSMode, TokenSource
+from .._client.options import TLSMode, TokenSource
+from .._client.session import SMTPConnection
 from .._core.errors import (
     LocalProtocolError,
     SMTPAuthenticationError,
