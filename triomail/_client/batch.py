@@ -172,7 +172,7 @@ class Batch:
                 io.broken = io.broken or f"protocol error in {STAGES[kind]}"
                 raise
             if reply is None:
-                reply = await io.read(STAGES[kind], seconds[kind])  # logs and handles 421
+                reply = await io.wait_reply(STAGES[kind], seconds[kind])  # logs it, sees 421
             else:
                 if self.debug:
                     log.debug("%s %s < %s", io.host, io.phase, reply)
@@ -180,16 +180,16 @@ class Batch:
                     io.broken = "server sent 421"  # RFC 5321 §3.8 (R40)
             decision = txn.apply(kind, i, reply)
             if decision:
-                self.decide(decision, kind, txn, reply)
+                if decision == _BODY:  # once a message in DATA mode: no call for it
+                    self.body_due = txn  # with no recipient accepted, the body is just "."
+                else:
+                    self.decide(decision, kind, txn, reply)
 
     def decide(self, decision: Decision, kind: int, txn: Transaction, reply: Reply) -> None:
         """Act on what the transaction decided (the rare replies: most decide nothing)."""
         if kind >= _DOT and txn.final_written:  # an end-of-data reply that was owed
             self.awaiting -= 1
             self.io.awaiting_final_reply = self.awaiting > 0
-        if decision == _BODY:
-            self.body_due = txn  # with no recipient accepted, the body is just "."
-            return
         if decision == _RSET_REFUSED:
             self.stop_reason = f"RSET refused: {reply}"
             return
@@ -214,8 +214,13 @@ class Batch:
     ) -> None:
         """One ``send_all`` with its own deadline (R46); ``finals`` are the messages
         whose last octet this write carries, with the offset where it ends."""
+        io = self.io
         try:
-            await self.io.write(data, stage, seconds)
+            # Transport.write, unrolled: the kernel usually takes it all at once, and
+            # then no coroutine is made for the rest.
+            sent = io.write_now(data, stage)
+            if sent < len(data):
+                await io.write_rest(data, sent, stage, seconds)
         except SMTPError:
             for txn, end in finals:
                 # Octets before the failure point may have reached the server.
@@ -236,6 +241,7 @@ async def run_batch(batch: Batch, driver: Callable[[Batch], Awaitable[None]]) ->
     io = batch.io
     failure: str | None = None
     closing = False
+    io.eager_pause = 0  # each batch starts with an early try of the socket
     try:
         async with io.deadline():
             try:

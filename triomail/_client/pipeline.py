@@ -166,7 +166,7 @@ def _small_body(txn: Transaction) -> list[bytes] | None:
 
     With no recipient accepted (or MAIL refused) the content is just ``.\r\n`` (R29).
     """
-    if not txn.has_takers:
+    if not txn.accepted or txn.done:  # not has_takers: no property call per message
         return [DOT_LINE]
     if len(txn.canonical.data) > DATA_CHUNK - 1024:  # leave room for the transparency dots
         return None

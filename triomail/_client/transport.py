@@ -44,7 +44,7 @@ import select
 import ssl
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import trio
 
@@ -82,6 +82,7 @@ class Transport:
         "awaiting_final_reply",
         "broken",
         "closed",
+        "debug",
         "eager_pause",
         "fd",
         "host",
@@ -113,6 +114,7 @@ class Transport:
         # See the module header: the socket itself for a plain TCP stream.
         self.fd: int | None = stream.socket.fileno() if type(stream) is trio.SocketStream else None
         self.eager_pause = 0  # reads left that skip the early try of the socket
+        self.debug = False  # whether the log shows the conversation (see deadline())
         self.now = trio.lowlevel.current_clock().current_time  # bound once: called per arm
         self.scope: trio.CancelScope | None = None  # the deadline being armed
         self.stage = ""
@@ -130,6 +132,7 @@ class Transport:
 
     def deadline(self) -> _Deadline:
         """``async with transport.deadline():`` runs operations under one deadline."""
+        self.debug = log.isEnabledFor(logging.DEBUG)  # asked once per command or batch
         return _Deadline(self)
 
     def arm(self, stage: str, seconds: float) -> None:
@@ -186,18 +189,34 @@ class Transport:
         ``rearm=False`` keeps the deadline of the write before it (one per command).
         More replies may follow when pipelining; :meth:`check_drained` says if any did.
         """
+        try:
+            reply = self.parser.next_reply()
+        except BaseException as exc:
+            await self._fail(exc, stage)
+        if reply is None:
+            return await self.wait_reply(stage, seconds, rearm=rearm)
+        if self.debug:
+            self._log_in(reply)
+        if reply.code == 421:
+            await self._closing()
+        return reply
+
+    async def wait_reply(self, stage: str, seconds: float, *, rearm: bool = True) -> Reply:
+        """Read until the parser completes a reply: the caller found none complete in
+        its buffer (a pipelined batch asks the parser itself first: no coroutine)."""
         parser = self.parser
         try:
-            self.check_usable()
+            if self.closed or self.broken is not None:
+                self.check_usable()
             if rearm:
                 self.arm(stage, seconds)
-            reply = parser.next_reply()
             fd = self.fd
             # The early try (module header): only for a socket, after a checkpoint.
             eager = self.eager_pause == 0
             if not eager:
                 self.eager_pause -= 1
             ready = not eager
+            reply = None
             while reply is None:
                 if fd is None:
                     data = await self.stream.receive_some(RECEIVE_SIZE)
@@ -219,19 +238,29 @@ class Transport:
                 parser.feed(data)
                 reply = parser.next_reply()
         except BaseException as exc:
-            error = self.failure(exc, stage)
-            await self.abort()
-            if error is None:
-                raise
-            raise error from exc
-        if log.isEnabledFor(logging.DEBUG):
-            shown = "334 <redacted>" if self.in_auth and reply.code == 334 else str(reply)
-            log.debug("%s %s < %s", self.host, self.phase, shown)
+            await self._fail(exc, stage)
+        if self.debug:
+            self._log_in(reply)
         if reply.code == 421:
-            # RFC 5321 §3.8: the server is closing; stop using the connection (R40).
-            self.broken = "server sent 421"
-            await self.abort()
+            await self._closing()
         return reply
+
+    async def _fail(self, exc: BaseException, stage: str) -> NoReturn:
+        """A read failed: mark broken, close, raise the mapped error."""
+        error = self.failure(exc, stage)
+        await self.abort()
+        if error is None:
+            raise exc
+        raise error from exc
+
+    async def _closing(self) -> None:
+        # RFC 5321 §3.8: the server is closing; stop using the connection (R40).
+        self.broken = "server sent 421"
+        await self.abort()
+
+    def _log_in(self, reply: Reply) -> None:
+        shown = "334 <redacted>" if self.in_auth and reply.code == 334 else str(reply)
+        log.debug("%s %s < %s", self.host, self.phase, shown)
 
     def check_drained(self, stage: str) -> None:
         """Raise if the server said more than was asked (R24): the replies are out of step."""
@@ -265,29 +294,48 @@ class Transport:
         On a stream error the transport is broken but the stream stays open: the caller
         may read a last reply (:meth:`salvage`), then closes it. Anything else closes.
         """
-        self.check_usable()
-        if log.isEnabledFor(logging.DEBUG):
+        sent = self.write_now(data, stage)
+        if sent < len(data):
+            await self.write_rest(data, sent, stage, seconds, rearm=rearm)
+
+    def write_now(self, data: bytes, stage: str) -> int:
+        """As much of ``data`` as the socket takes at once, without waiting: one
+        ``os.write``, usually all of it, and then no deadline is needed (0 for a stream
+        without the fast path). A pipelined batch calls this first: no coroutine."""
+        if self.closed or self.broken is not None:
+            self.check_usable()
+        if self.debug:
             self.log_out(data)
+        fd = self.fd
+        if fd is None:
+            return 0
         try:
+            return os.write(fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            error = self.failure(exc, stage)
+            if error is None:
+                raise
+            raise error from exc
+
+    async def write_rest(
+        self, data: bytes, sent: int, stage: str, seconds: float, *, rearm: bool = True
+    ) -> None:
+        """The rest of a write :meth:`write_now` began, waiting for room under the
+        deadline (R46). Errors as for :meth:`write`."""
+        try:
+            if rearm:
+                self.arm(stage, seconds)
             fd = self.fd
             if fd is None:
-                if rearm:
-                    self.arm(stage, seconds)
                 await self.stream.send_all(data)
                 return
-            # One write when the kernel takes it all (nothing waited: no deadline).
-            try:
-                sent = os.write(fd, data)
-            except BlockingIOError:
-                sent = 0
-            if sent < len(data):
-                if rearm:
-                    self.arm(stage, seconds)
-                view = memoryview(data)[sent:]
-                while view:
-                    await trio.lowlevel.wait_writable(fd)
-                    with contextlib.suppress(BlockingIOError):
-                        view = view[os.write(fd, view) :]
+            view = memoryview(data)[sent:]
+            while view:
+                await trio.lowlevel.wait_writable(fd)
+                with contextlib.suppress(BlockingIOError):
+                    view = view[os.write(fd, view) :]
         except BaseException as exc:
             error = self.failure(exc, stage)
             if error is None:
