@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable, Iterable
 
 from .._core.data import dot_stuff
-from .._core.errors import SMTPError
+from .._core.errors import SMTPDisconnected, SMTPError
+from .._core.prepare import PreparedMessage
 from .._core.reply import Reply
-from .._core.results import Outcome, SendResult
+from .._core.results import Outcome, SendResult, never_started
 from .._core.timeouts import Timeouts
 from .._core.transaction import (
     DATA_CHUNK,
@@ -36,7 +38,7 @@ from .._core.transaction import (
 )
 from .transport import SALVAGE_SECONDS, Transport
 
-__all__ = ["reset", "send_one"]
+__all__ = ["reset", "send_each", "send_one"]
 
 log = logging.getLogger("triomail")
 
@@ -182,3 +184,26 @@ def _result(txn: Transaction) -> SendResult:
     if result is None:  # every path above decides it; a bug otherwise
         raise RuntimeError("transaction ended without a result")
     return result
+
+
+async def send_each(
+    io: Transport,
+    send: Callable[[PreparedMessage], Awaitable[SendResult]],
+    messages: Iterable[PreparedMessage],
+    on_result: Callable[[int, SendResult], None] | None,
+) -> list[SendResult]:
+    """``send_many`` without PIPELINING: ``send`` each message; once the connection is
+    gone, the rest were never started."""
+    before = io.transactions
+    results: list[SendResult] = []
+    for index, prepared in enumerate(messages):
+        try:
+            result = await send(prepared)
+        except SMTPDisconnected as exc:
+            if io.transactions == before:
+                raise  # nothing was started: like send()
+            result = never_started(prepared, str(exc))
+        results.append(result)
+        if on_result is not None:
+            on_result(index, result)
+    return results

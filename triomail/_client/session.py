@@ -25,6 +25,7 @@ any byte is written (R13).
 from __future__ import annotations
 
 import contextlib
+import functools
 import ssl
 from collections.abc import Callable, Iterable, Sequence
 from email.message import Message
@@ -41,19 +42,18 @@ from .._core.errors import (
     SMTPResponseError,
     SMTPSecurityError,
 )
-from .._core.parser import ReplyParser
 from .._core.plan import plan
 from .._core.prepare import DSN, PreparedMessage, prepare
 from .._core.reply import Reply
-from .._core.results import SendResult, never_started
+from .._core.results import SendResult
 from .._core.sasl import SASLMechanism
 from .._core.timeouts import Timeouts
 from .._core.transaction import Transaction
 from .auth import authenticate, choose
-from .lockstep import reset, send_one
+from .lockstep import reset, send_each, send_one
 from .options import SessionOptions, TokenSource, default_ssl_context, local_name
 from .pipeline import send_pipelined
-from .transport import HANDSHAKE, Transport
+from .transport import Transport
 
 __all__ = ["SMTPConnection"]
 
@@ -162,8 +162,9 @@ class SMTPConnection:
         t = self._timeouts
         io = self._io
         self._allow_insecure_auth = options.allow_insecure_auth
+        context = self._ssl_context or default_ssl_context()
         if options.tls == "implicit":
-            await self._start_tls()  # R8: the handshake comes before the greeting
+            await io.start_tls(context, t.tls_handshake)  # R8: before the greeting
         greeting = await io.receive("greeting", t.greeting)
         io.check_drained("greeting")  # R25: nothing may precede our first command
         if greeting.code != 220:
@@ -175,32 +176,15 @@ class SMTPConnection:
             io.broken = "unexpected greeting"
             raise SMTPProtocolError(f"unexpected greeting: {greeting}")
         self.greeting = greeting
-        await self._ehlo()
+        self.capabilities = await _ehlo(io, self._local_hostname, t.ehlo)
         if options.tls == "starttls":
-            await self._starttls()
+            await self._starttls(context)
         if options.username is not None:
             await self._login(options.username, options.password, options.oauth_token)
 
-    async def _ehlo(self) -> None:
+    async def _starttls(self, context: ssl.SSLContext) -> None:
         io = self._io
-        seconds = self._timeouts.ehlo
-        reply = await io.command(encode_command("EHLO", self._local_hostname), "EHLO", seconds)
-        if reply.code == 250:
-            self.capabilities = Capabilities.from_ehlo(reply)
-            return
-        if reply.code in (500, 501, 502, 504, 550):
-            # §4.1.4: fall back to HELO; this server has no extensions at all (R4).
-            line = encode_command("HELO", self._local_hostname)
-            reply = await io.command(line, "HELO", seconds)
-            if reply.code == 250:
-                self.capabilities = Capabilities.helo_only()
-                return
-        # 220/221/354/421/530 to EHLO and the like: close, never crash (R47).
-        io.broken = "EHLO refused"
-        raise SMTPResponseError("EHLO", reply)
-
-    async def _starttls(self) -> None:
-        io = self._io
+        t = self._timeouts
         if not self.capabilities.starttls:
             # R3/R4: STARTTLS required but not offered; stop before AUTH or MAIL.
             io.broken = "STARTTLS not offered"
@@ -210,7 +194,7 @@ class SMTPConnection:
                 + "; refusing to continue in plaintext"
             )
         # R5: STARTTLS is the last command of any group; wait for its reply.
-        reply = await io.command(b"STARTTLS\r\n", "STARTTLS", self._timeouts.starttls, alone=False)
+        reply = await io.command(b"STARTTLS\r\n", "STARTTLS", t.starttls, alone=False)
         if reply.code != 220:
             io.broken = "STARTTLS refused"
             raise SMTPSecurityError(f"STARTTLS refused: {reply}; refusing to continue in plaintext")
@@ -220,25 +204,11 @@ class SMTPConnection:
             raise SMTPSecurityError(
                 "bytes received after the 220 to STARTTLS (response injection); aborted"
             )
-        await self._start_tls()
+        await io.start_tls(context, t.tls_handshake)
         # R7: forget all that was learnt in plaintext, greeting included (R12), and ask again.
         self.capabilities = Capabilities()
         self.greeting = None
-        await self._ehlo()
-
-    async def _start_tls(self) -> None:
-        io = self._io
-        context = self._ssl_context or default_ssl_context()
-        io.parser = ReplyParser()
-        ssl_stream = trio.SSLStream(io.stream, context, server_hostname=io.host)
-        io.stream = ssl_stream
-        io.fd = None  # TLS goes through the stream, never the raw socket
-        await io.run(HANDSHAKE, self._timeouts.tls_handshake, ssl_stream.do_handshake)
-        version = ssl_stream.version()
-        if version in ("SSLv3", "TLSv1", "TLSv1.1"):  # a caller's context may allow them
-            io.broken = "old TLS"
-            raise SMTPSecurityError(f"server negotiated {version}; TLS 1.2 or later required")
-        io.phase = "tls"
+        self.capabilities = await _ehlo(io, self._local_hostname, t.ehlo)
 
     async def _login(
         self, username: str, password: str | None, oauth_token: TokenSource | None
@@ -360,7 +330,8 @@ class SMTPConnection:
         if chunking and not caps.chunking:
             raise LocalProtocolError("chunking=True but the server does not advertise CHUNKING")
         if not caps.pipelining:
-            return await self._one_by_one(messages, dsn, requiretls, on_result)
+            send = functools.partial(self.send, dsn=dsn, requiretls=requiretls)
+            return await send_each(io, send, messages, on_result)
         return await send_pipelined(
             io,
             self._timeouts,
@@ -373,24 +344,17 @@ class SMTPConnection:
             on_result=on_result,
         )
 
-    async def _one_by_one(
-        self,
-        messages: Iterable[PreparedMessage],
-        dsn: DSN | None,
-        requiretls: bool,
-        on_result: Callable[[int, SendResult], None] | None,
-    ) -> list[SendResult]:
-        """No PIPELINING: ``send`` each message; once the connection is gone, the rest wait."""
-        before = self.transactions
-        results: list[SendResult] = []
-        for index, prepared in enumerate(messages):
-            try:
-                result = await self.send(prepared, dsn=dsn, requiretls=requiretls)
-            except SMTPDisconnected as exc:
-                if self.transactions == before:
-                    raise  # nothing was started: like send()
-                result = never_started(prepared, str(exc))
-            results.append(result)
-            if on_result is not None:
-                on_result(index, result)
-        return results
+
+async def _ehlo(io: Transport, name: str, seconds: float) -> Capabilities:
+    """EHLO, or HELO if the server has no ESMTP (RFC 5321 §4.1.4, R4); what it offers."""
+    reply = await io.command(encode_command("EHLO", name), "EHLO", seconds)
+    if reply.code == 250:
+        return Capabilities.from_ehlo(reply)
+    if reply.code in (500, 501, 502, 504, 550):
+        # §4.1.4: fall back to HELO; this server has no extensions at all (R4).
+        reply = await io.command(encode_command("HELO", name), "HELO", seconds)
+        if reply.code == 250:
+            return Capabilities.helo_only()
+    # 220/221/354/421/530 to EHLO and the like: close, never crash (R47).
+    io.broken = "EHLO refused"
+    raise SMTPResponseError("EHLO", reply)

@@ -5,19 +5,14 @@ Theory of operation
 Everything above this module speaks in :class:`~triomail.Reply` values and
 :class:`~triomail.SMTPError`; everything below it is trio, :mod:`ssl` and the OS. So:
 
-* **Errors.** :meth:`Transport.failure` is the one place where trio, ssl and OS errors
-  become :class:`SMTPError` (certificate, TLS, lost connection). Any failure marks the
-  transport broken; it is never used again (R24, R27, R40). A failed read, and any
-  cancellation, closes the stream at once; a failed *write* leaves it open so the
-  caller can still read why the server gave up (R46) and then close it.
+* **Errors.** Every failed operation goes through :meth:`Transport.failure`, which
+  asks the one translation table (``exceptions.map_failure``) and marks the transport
+  broken; it is never used again (R24, R27, R40). A failed read, and any cancellation,
+  closes the stream at once; a failed *write* leaves it open so the caller can still
+  read why the server gave up (R46) and then close it.
 
-* **Deadlines** (R26). One mechanism serves a single command and a whole pipelined
-  batch: :meth:`Transport.deadline` opens a cancel scope, and each operation under it
-  *arms* that scope for its stage (:meth:`Transport.arm`). A missed deadline becomes
-  :class:`SMTPTimeoutError` naming the stage, and the stream is closed. Re-arming is
-  cheap and rare: a deadline set less than 1% of the stage's time ago is kept (at most
-  that much stricter than asked, never later), so a steady pipeline re-arms every few
-  seconds instead of for every reply.
+* **Deadlines** (R26): every operation runs under a :class:`~.deadline.Deadline` (one
+  per command, or one per pipelined batch) and arms it for its stage.
 
 * **The fast path.** A plain TCP stream is driven through its socket: ``os.write`` (no
   deadline is needed for a write the kernel takes at once, the usual case),
@@ -43,21 +38,15 @@ import os
 import select
 import ssl
 from collections.abc import Awaitable, Callable
-from types import TracebackType
-from typing import NoReturn, TypeVar
+from typing import NoReturn
 
 import trio
 
-from .._core.errors import (
-    SMTPCertificateError,
-    SMTPDisconnected,
-    SMTPError,
-    SMTPProtocolError,
-    SMTPSecurityError,
-    SMTPTimeoutError,
-)
+from .._core.errors import SMTPDisconnected, SMTPError, SMTPProtocolError, SMTPSecurityError
 from .._core.parser import ReplyParser
 from .._core.reply import Reply
+from .deadline import Deadline
+from .exceptions import HANDSHAKE, map_failure
 
 __all__ = ["EAGER_PAUSE", "HANDSHAKE", "SALVAGE_SECONDS", "Transport"]
 
@@ -69,10 +58,6 @@ RECEIVE_SIZE = 65536
 EAGER_PAUSE = 32
 #: How long to keep reading replies after a write failed (R46).
 SALVAGE_SECONDS = 1.0
-#: The stage name of the TLS handshake (its SSL errors are security errors).
-HANDSHAKE = "TLS handshake"
-
-_T = TypeVar("_T")
 
 
 class Transport:
@@ -130,10 +115,10 @@ class Transport:
 
     # ------------------------------------------------------------------ deadlines
 
-    def deadline(self) -> _Deadline:
+    def deadline(self) -> Deadline:
         """``async with transport.deadline():`` runs operations under one deadline."""
         self.debug = log.isEnabledFor(logging.DEBUG)  # asked once per command or batch
-        return _Deadline(self)
+        return Deadline(self)
 
     def arm(self, stage: str, seconds: float) -> None:
         """Point the running deadline at this operation (see the module header)."""
@@ -150,23 +135,10 @@ class Transport:
 
     def failure(self, exc: BaseException, stage: str) -> SMTPError | None:
         """Mark the transport broken; the error to raise for ``exc`` (None: ``exc`` itself)."""
-        if isinstance(exc, trio.BrokenResourceError):
-            self.broken = f"broken in {stage}"
-            cause = exc.__cause__
-            if isinstance(cause, ssl.SSLCertVerificationError | ssl.CertificateError):
-                return SMTPCertificateError(f"certificate verification failed: {cause}")
-            if isinstance(cause, ssl.SSLError) and (
-                stage == HANDSHAKE or not isinstance(cause, ssl.SSLEOFError)
-            ):
-                return SMTPSecurityError(f"TLS failed during {stage}: {cause}")
-            # Includes EOF without close_notify once TLS is up: a lost connection (R11).
-            return SMTPDisconnected(f"connection lost during {stage}")
-        if isinstance(exc, trio.ClosedResourceError | OSError):
-            self.broken = f"closed in {stage}"
-            return SMTPDisconnected(f"connection lost during {stage}: {exc}")
-        # Cancelled, protocol errors, bugs: a command is in flight, so never reuse.
-        self.broken = self.broken or f"{type(exc).__name__} in {stage}"
-        return None
+        reason, error = map_failure(exc, stage)
+        # A reason already given (a 421, a desync) outlives the error it caused.
+        self.broken = reason if error is not None else (self.broken or reason)
+        return error
 
     async def abort(self) -> None:
         """Close the stream at once, without QUIT (safe in a cancelled scope)."""
@@ -196,7 +168,7 @@ class Transport:
         if reply is None:
             return await self.wait_reply(stage, seconds, rearm=rearm)
         if self.debug:
-            self._log_in(reply)
+            _log_in(self, reply)
         if reply.code == 421:
             await self._closing()
         return reply
@@ -240,7 +212,7 @@ class Transport:
         except BaseException as exc:
             await self._fail(exc, stage)
         if self.debug:
-            self._log_in(reply)
+            _log_in(self, reply)
         if reply.code == 421:
             await self._closing()
         return reply
@@ -257,10 +229,6 @@ class Transport:
         # RFC 5321 §3.8: the server is closing; stop using the connection (R40).
         self.broken = "server sent 421"
         await self.abort()
-
-    def _log_in(self, reply: Reply) -> None:
-        shown = "334 <redacted>" if self.in_auth and reply.code == 334 else str(reply)
-        log.debug("%s %s < %s", self.host, self.phase, shown)
 
     def check_drained(self, stage: str) -> None:
         """Raise if the server said more than was asked (R24): the replies are out of step."""
@@ -305,7 +273,7 @@ class Transport:
         if self.closed or self.broken is not None:
             self.check_usable()
         if self.debug:
-            self.log_out(data)
+            _log_out(self, data)
         fd = self.fd
         if fd is None:
             return 0
@@ -355,17 +323,6 @@ class Transport:
         finally:
             self.broken = broken
 
-    def log_out(self, data: bytes) -> None:
-        if self.in_auth and data != b"*\r\n":
-            # R36: the AUTH line keeps its mechanism; no payload reaches the log.
-            parts = data.split(b" ", 2)
-            if parts[0] != b"AUTH":
-                data = b"<redacted>"
-            elif len(parts) == 3:
-                data = parts[0] + b" " + parts[1] + b" <redacted>"
-        head = data[:200]
-        log.debug("%s %s > %r%s", self.host, self.phase, head, "..." if len(data) > 200 else "")
-
     # ------------------------------------------------------------------ one exchange
 
     async def command(
@@ -391,58 +348,46 @@ class Transport:
         async with self.deadline():
             return await self.read(stage, seconds)
 
-    async def send(self, data: bytes, stage: str, seconds: float) -> None:
-        """One write under its own deadline (the stream stays open on a stream error)."""
-        async with self.deadline():
-            await self.write(data, stage, seconds)
+    async def start_tls(self, context: ssl.SSLContext, seconds: float) -> None:
+        """Wrap the stream in TLS and handshake under a deadline (R2, R8, R11).
 
-    async def run(self, stage: str, seconds: float, operation: Callable[[], Awaitable[_T]]) -> _T:
-        """Any other stream operation (the TLS handshake) under a deadline; failures close."""
+        Bytes buffered in plaintext are dropped with the old parser; from now on the
+        stream, not the raw socket, carries every byte.
+        """
         self.check_usable()
+        self.parser = ReplyParser()
+        ssl_stream = trio.SSLStream(self.stream, context, server_hostname=self.host)
+        self.stream = ssl_stream
+        self.fd = None
         async with self.deadline():
-            self.arm(stage, seconds)
+            self.arm(HANDSHAKE, seconds)
             try:
-                return await operation()
+                await ssl_stream.do_handshake()
             except BaseException as exc:
-                error = self.failure(exc, stage)
+                error = self.failure(exc, HANDSHAKE)
                 await self.abort()
                 if error is None:
                     raise
                 raise error from exc
+        version = ssl_stream.version()
+        if version in ("SSLv3", "TLSv1", "TLSv1.1"):  # a caller's context may allow them
+            self.broken = "old TLS"
+            raise SMTPSecurityError(f"server negotiated {version}; TLS 1.2 or later required")
+        self.phase = "tls"
 
 
-class _Deadline:
-    """The cancel scope that :meth:`Transport.arm` points at (see the module header)."""
+def _log_out(io: Transport, data: bytes) -> None:
+    if io.in_auth and data != b"*\r\n":
+        # R36: the AUTH line keeps its mechanism; no payload reaches the log.
+        parts = data.split(b" ", 2)
+        if parts[0] != b"AUTH":
+            data = b"<redacted>"
+        elif len(parts) == 3:
+            data = parts[0] + b" " + parts[1] + b" <redacted>"
+    head = data[:200]
+    log.debug("%s %s > %r%s", io.host, io.phase, head, "..." if len(data) > 200 else "")
 
-    __slots__ = ("outer", "scope", "transport")
 
-    def __init__(self, transport: Transport) -> None:
-        self.transport = transport
-        self.scope = trio.CancelScope()
-        self.outer: trio.CancelScope | None = None
-
-    async def __aenter__(self) -> trio.CancelScope:
-        self.outer = self.transport.scope
-        self.transport.scope = self.scope
-        return self.scope.__enter__()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        transport = self.transport
-        transport.scope = self.outer
-        # The scope swallows only the cancellation it caused itself, which becomes the
-        # timeout below; anything else propagates.
-        self.scope.__exit__(exc_type, exc, tb)
-        if not self.scope.cancelled_caught:
-            return
-        # The deadline of the operation under way passed (R26).
-        stage = transport.stage
-        transport.broken = f"timeout in {stage}"
-        await transport.abort()
-        raise SMTPTimeoutError(
-            f"{stage}: not done within {transport.stage_seconds:g} s", stage=stage
-        ) from None
+def _log_in(io: Transport, reply: Reply) -> None:
+    shown = "334 <redacted>" if io.in_auth and reply.code == 334 else str(reply)
+    log.debug("%s %s < %s", io.host, io.phase, shown)
