@@ -23,6 +23,7 @@ written by ``chunking`` instead. Here, the DATA schedule:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from .._core.capabilities import Capabilities
@@ -61,16 +62,17 @@ async def send_pipelined(
     planned whole before the first byte; any other iterable lazily.
     """
 
-    def plan_one(prepared: PreparedMessage) -> SendResult | Plan:
-        return plan(prepared, caps, tls_active=tls_active, dsn=dsn, requiretls=requiretls)
-
+    # One planner for both paths; a partial calls plan() without a frame of its own.
+    plan_one: Callable[[PreparedMessage], SendResult | Plan] = functools.partial(
+        plan, caps=caps, tls_active=tls_active, dsn=dsn, requiretls=requiretls
+    )
     results: list[SendResult | None] = []
     txns: list[Transaction] = []
     lazy: Iterator[PreparedMessage] | None = None
     if isinstance(messages, Sequence):
         results = [None] * len(messages)
         for index, prepared in enumerate(messages):
-            planned = plan(prepared, caps, tls_active=tls_active, dsn=dsn, requiretls=requiretls)
+            planned = plan_one(prepared)
             if isinstance(planned, SendResult):
                 results[index] = planned  # refused by the client's own checks: nothing written
                 if on_result is not None:
