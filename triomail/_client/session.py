@@ -162,9 +162,8 @@ class SMTPConnection:
         t = self._timeouts
         io = self._io
         self._allow_insecure_auth = options.allow_insecure_auth
-        context = self._ssl_context or default_ssl_context()
         if options.tls == "implicit":
-            await io.start_tls(context, t.tls_handshake)  # R8: before the greeting
+            await io.start_tls(self._tls_context(), t.tls_handshake)  # R8: before the greeting
         greeting = await io.receive("greeting", t.greeting)
         io.check_drained("greeting")  # R25: nothing may precede our first command
         if greeting.code != 220:
@@ -178,11 +177,15 @@ class SMTPConnection:
         self.greeting = greeting
         self.capabilities = await _ehlo(io, self._local_hostname, t.ehlo)
         if options.tls == "starttls":
-            await self._starttls(context)
+            await self._starttls()
         if options.username is not None:
             await self._login(options.username, options.password, options.oauth_token)
 
-    async def _starttls(self, context: ssl.SSLContext) -> None:
+    def _tls_context(self) -> ssl.SSLContext:
+        # Built only when TLS is used: loading the CA store costs milliseconds.
+        return self._ssl_context or default_ssl_context()
+
+    async def _starttls(self) -> None:
         io = self._io
         t = self._timeouts
         if not self.capabilities.starttls:
@@ -204,7 +207,7 @@ class SMTPConnection:
             raise SMTPSecurityError(
                 "bytes received after the 220 to STARTTLS (response injection); aborted"
             )
-        await io.start_tls(context, t.tls_handshake)
+        await io.start_tls(self._tls_context(), t.tls_handshake)
         # R7: forget all that was learnt in plaintext, greeting included (R12), and ask again.
         self.capabilities = Capabilities()
         self.greeting = None
