@@ -48,7 +48,7 @@ from hypothesis import strategies as st
 
 import triomail
 from triomail import Outcome, PreparedMessage, SendResult, SMTPConnection
-from triomail._client import pipeline
+from triomail._client import batch as batch_module
 from triomail._client.chunking import WINDOW_MESSAGES
 from triomail._client.pipeline import RCPT_GROUP
 from triomail._core.data import dot_stuff
@@ -1367,14 +1367,14 @@ async def test_a_lazily_refused_message_is_a_result_not_an_exception(
         expect_data(), send_lines("250 queued"),
         *quit_steps(),
     ]  # fmt: skip
-    real_plan = pipeline.plan
+    real_plan = batch_module.plan
 
     def plan(prepared: PreparedMessage, *args: Any, **kw: Any) -> object:
         if prepared.sender == "bad@example.com":
             raise triomail.LocalProtocolError("no such thing")
         return real_plan(prepared, *args, **kw)
 
-    monkeypatch.setattr(pipeline, "plan", plan)
+    monkeypatch.setattr(batch_module, "plan", plan)  # a generator is planned by the batch
     async with scripted(script) as (conn, _rec, _srv):
         results = await conn.send_many(
             iter([prep(body(0), "b@example.com"), eight_bit, prep(body(1), "c@x.example",

@@ -35,29 +35,30 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 
+from .._core.capabilities import Capabilities
 from .._core.errors import LocalProtocolError, SMTPError, SMTPTimeoutError
-from .._core.plan import Plan
-from .._core.prepare import PreparedMessage
+from .._core.plan import plan
+from .._core.prepare import DSN, PreparedMessage
 from .._core.reply import Reply
 from .._core.results import SendResult, local_failure, never_started
 from .._core.timeouts import Timeouts
-from .._core.transaction import CLOSING_421, STAGES, Decision, Expect, Transaction, stage_seconds
+from .._core.transaction import (
+    BODY,
+    CLOSING,
+    CLOSING_421,
+    DELIVERED,
+    DOT,
+    RESET,
+    RSET_REFUSED,
+    STAGES,
+    Transaction,
+    stage_seconds,
+)
 from .transport import Transport
 
 __all__ = ["DATA_LINE", "DOT_LINE", "RSET_LINE", "Batch", "run_batch"]
 
 log = logging.getLogger("triomail")
-
-# Slot kinds as plain names: a global load per slot, not an enum attribute look-up.
-_DOT = Expect.DOT
-_FINISHED, _DELIVERED, _BODY, _RESET, _CLOSING, _RSET_REFUSED = (
-    Decision.FINISHED,
-    Decision.DELIVERED,
-    Decision.BODY,
-    Decision.RESET,
-    Decision.CLOSING,
-    Decision.RSET_REFUSED,
-)
 
 RSET_LINE = b"RSET\r\n"
 DATA_LINE = b"DATA\r\n"
@@ -83,7 +84,10 @@ class Batch:
         txns: list[Transaction],
         on_result: Callable[[int, SendResult], None] | None,
         lazy: Iterator[PreparedMessage] | None,
-        plan_one: Callable[[PreparedMessage], SendResult | Plan],
+        caps: Capabilities,
+        tls_active: bool,
+        dsn: DSN | None,
+        requiretls: bool,
     ) -> None:
         self.io = io
         self.t = timeouts
@@ -91,7 +95,11 @@ class Batch:
         self.txns = txns  # every transaction taken so far (all of them for a Sequence)
         self.on_result = on_result
         self.lazy = lazy  # messages not taken yet, for an iterable that is not a Sequence
-        self.plan_one = plan_one
+        # What plan() needs for a message taken lazily.
+        self.caps = caps
+        self.tls_active = tls_active
+        self.dsn = dsn
+        self.requiretls = requiretls
         self.last: Transaction | None = None  # the transaction taken last
         self.slots: deque[tuple[int, Transaction, int]] = deque()
         self.need_rset = False  # DATA mode: the last transaction must be reset
@@ -114,7 +122,13 @@ class Batch:
             index = len(self.results)
             self.results.append(None)
             try:
-                planned = self.plan_one(prepared)
+                planned = plan(
+                    prepared,
+                    self.caps,
+                    tls_active=self.tls_active,
+                    dsn=self.dsn,
+                    requiretls=self.requiretls,
+                )
             except LocalProtocolError as exc:
                 # Earlier messages may be on the wire already: report it, do not raise.
                 planned = local_failure(prepared, 554, "5.6.0", str(exc))
@@ -180,27 +194,27 @@ class Batch:
                     io.broken = "server sent 421"  # RFC 5321 §3.8 (R40)
             decision = txn.apply(kind, i, reply)
             if decision:
-                if decision == _BODY:  # once a message in DATA mode: no call for it
+                if decision == BODY:  # once a message in DATA mode: no call for it
                     self.body_due = txn  # with no recipient accepted, the body is just "."
                 else:
                     self.decide(decision, kind, txn, reply)
 
-    def decide(self, decision: Decision, kind: int, txn: Transaction, reply: Reply) -> None:
+    def decide(self, decision: int, kind: int, txn: Transaction, reply: Reply) -> None:
         """Act on what the transaction decided (the rare replies: most decide nothing)."""
-        if kind >= _DOT and txn.final_written:  # an end-of-data reply that was owed
+        if kind >= DOT and txn.final_written:  # an end-of-data reply that was owed
             self.awaiting -= 1
             self.io.awaiting_final_reply = self.awaiting > 0
-        if decision == _RSET_REFUSED:
+        if decision == RSET_REFUSED:
             self.stop_reason = f"RSET refused: {reply}"
             return
-        if decision == _DELIVERED:
+        if decision == DELIVERED:
             self.io.messages_sent += 1
-        elif decision == _RESET:
+        elif decision == RESET:
             self.need_rset = True
         result = txn.result
         if result is not None and self.results[txn.index] is None:
             self.record(txn.index, result)
-        if decision == _CLOSING:
+        if decision == CLOSING:
             raise _Stop(CLOSING_421)
 
     # -------------------------------------------------------------------- writes

@@ -22,7 +22,7 @@ and PIPELINING; the expected replies, results and failures are the
 
 from __future__ import annotations
 
-from .._core.transaction import DATA_CHUNK, RCPT_GROUP, Expect, Transaction
+from .._core.transaction import BDAT, DATA_CHUNK, MAIL, RCPT, RCPT_GROUP, RSET, Transaction
 from .batch import RSET_LINE, Batch
 
 __all__ = ["WINDOW_BYTES", "WINDOW_MESSAGES", "WINDOW_REPLIES", "send_chunked"]
@@ -33,8 +33,6 @@ WINDOW_MESSAGES = 32
 WINDOW_BYTES = 1 << 20
 #: ... or this many replies owed for one window (they must fit in socket buffers).
 WINDOW_REPLIES = 512
-
-_RSET, _MAIL, _RCPT, _BDAT = Expect.RSET, Expect.MAIL, Expect.RCPT, Expect.BDAT
 
 
 async def send_chunked(batch: Batch) -> None:
@@ -67,14 +65,14 @@ async def send_chunked(batch: Batch) -> None:
         rset = before is not None and not before.clean
         if rset:
             parts.append(RSET_LINE)
-            slots.append((_RSET, txn, 0))
+            slots.append((RSET, txn, 0))
         parts.append(txn.mail)
-        slots.append((_MAIL, txn, 0))
+        slots.append((MAIL, txn, 0))
         parts += txn.rcpts
-        slots.extend([(_RCPT, txn, i) for i in range(n)])
+        slots.extend([(RCPT, txn, i) for i in range(n)])
         parts.append(b"BDAT %d LAST\r\n" % length)
         parts.append(txn.canonical.data)
-        slots.append((_BDAT, txn, 0))
+        slots.append((BDAT, txn, 0))
         txn.started = True
         io.transactions += 1
         size += 60 + length + 40 * n
@@ -96,7 +94,7 @@ async def send_chunked(batch: Batch) -> None:
     if batch.stop_reason is None and last is not None:
         if not last.clean:
             # Leave the session clean: the last BDAT (or MAIL) failed.
-            slots.append((_RSET, last, 0))
+            slots.append((RSET, last, 0))
             await batch.write(RSET_LINE, "RSET", t.rset)
             await batch.drain()
         io.check_drained("BDAT")
@@ -120,16 +118,16 @@ async def _bdat_alone(batch: Batch, txn: Transaction, rset: bool) -> None:
     parts: list[bytes] = []
     if rset:
         parts.append(RSET_LINE)
-        slots.append((_RSET, txn, 0))
+        slots.append((RSET, txn, 0))
     parts.append(txn.mail)
-    slots.append((_MAIL, txn, 0))
+    slots.append((MAIL, txn, 0))
     txn.started = True
     io.transactions += 1
     start = 0
     while True:
         group = rcpts[start : start + RCPT_GROUP]
         parts += group
-        slots.extend([(_RCPT, txn, i) for i in range(start, start + len(group))])
+        slots.extend([(RCPT, txn, i) for i in range(start, start + len(group))])
         start += len(group)
         await batch.write(b"".join(parts), "RCPT", t.rcpt)
         parts = []
@@ -144,7 +142,7 @@ async def _bdat_alone(batch: Batch, txn: Transaction, rset: bool) -> None:
             txn.no_takers()
             batch.record(txn.index, txn.result)  # type: ignore[arg-type]
         if txn.mail_ok:
-            slots.append((_RSET, txn, 0))
+            slots.append((RSET, txn, 0))
             await batch.write(RSET_LINE, "RSET", t.rset)
             await batch.drain()
         txn.clean = batch.stop_reason is None
@@ -152,7 +150,7 @@ async def _bdat_alone(batch: Batch, txn: Transaction, rset: bool) -> None:
     data = txn.canonical.data
     length = len(data)
     header = b"BDAT %d LAST\r\n" % length
-    slots.append((_BDAT, txn, 0))
+    slots.append((BDAT, txn, 0))
     if length <= DATA_CHUNK:
         await batch.write(header + data, "BDAT", t.data_block, [(txn, length)])
     else:

@@ -28,11 +28,18 @@ from .._core.reply import Reply
 from .._core.results import Outcome, SendResult, never_started
 from .._core.timeouts import Timeouts
 from .._core.transaction import (
+    BODY,
+    CLOSING,
+    DATA,
     DATA_CHUNK,
+    DELIVERED,
+    DOT,
+    FINISHED,
+    MAIL,
+    RCPT,
     RCPT_GROUP,
+    RESET,
     STAGES,
-    Decision,
-    Expect,
     Transaction,
     stage_seconds,
 )
@@ -64,16 +71,16 @@ async def send_one(io: Transport, t: Timeouts, txn: Transaction, *, pipelining: 
         next_step = await _envelope(io, t, txn, pipelining)
     except SMTPError as exc:
         return await _lost(io, txn, exc, Outcome.TRANSIENT)
-    if next_step == Decision.BODY:
+    if next_step == BODY:
         await _content(io, t, txn)
-    elif next_step == Decision.RESET and io.usable:
+    elif next_step == RESET and io.usable:
         # After a refusal, leave the session clean for the next transaction (R45).
         with contextlib.suppress(SMTPError):
             await reset(io, t.rset)
     return _result(txn)
 
 
-async def _envelope(io: Transport, t: Timeouts, txn: Transaction, pipelining: bool) -> Decision:
+async def _envelope(io: Transport, t: Timeouts, txn: Transaction, pipelining: bool) -> int:
     """MAIL, RCPT... and DATA: BODY if the content is to follow (a 354 with takers),
     RESET if the transaction was refused, FINISHED if nothing more is to be done."""
     seconds = stage_seconds(t)
@@ -82,26 +89,26 @@ async def _envelope(io: Transport, t: Timeouts, txn: Transaction, pipelining: bo
     group = RCPT_GROUP if pipelining else 1
     start = 0
     lines = [txn.mail]
-    owed: list[tuple[int, int]] = [(Expect.MAIL, 0)]
+    owed: list[tuple[int, int]] = [(MAIL, 0)]
     while True:
         if pipelining:
             # One write per group (RFC 2920); DATA goes with the last one.
             end = min(n, start + group)
             lines += rcpts[start:end]
-            owed += [(Expect.RCPT, i) for i in range(start, end)]
+            owed += [(RCPT, i) for i in range(start, end)]
             start = end
             if end == n:
                 lines.append(_DATA_LINE)
-                owed.append((Expect.DATA, 0))
+                owed.append((DATA, 0))
         elif not owed:
             if start < n:
-                lines, owed = [rcpts[start]], [(Expect.RCPT, start)]
+                lines, owed = [rcpts[start]], [(RCPT, start)]
                 start += 1
             elif txn.accepted:
-                lines, owed = [_DATA_LINE], [(Expect.DATA, 0)]
+                lines, owed = [_DATA_LINE], [(DATA, 0)]
             else:
                 txn.no_takers()  # R41: nobody accepted, so no DATA
-                return Decision.RESET
+                return RESET
         # The write is armed for the stage of its first command (a group: MAIL or RCPT).
         stage, write_seconds = STAGES[owed[0][0]], seconds[owed[0][0]]
         async with io.deadline():
@@ -113,22 +120,22 @@ async def _envelope(io: Transport, t: Timeouts, txn: Transaction, pipelining: bo
                 if not pipelining:
                     io.check_drained(STAGES[kind])  # R24: one command, one reply
                 decision = txn.apply(kind, i, reply)
-                if decision == Decision.BODY:
+                if decision == BODY:
                     if pipelining:
                         io.check_drained("DATA")
                     if txn.has_takers:
-                        return Decision.BODY
+                        return BODY
                     # R29: 354 although no recipient was accepted: end the data at once.
                     await io.write(_DOT_LINE, "DATA", t.data_block)
                     txn.final_written = True
-                    txn.apply(Expect.DOT, 0, await io.read("end of data", t.data_done))
+                    txn.apply(DOT, 0, await io.read("end of data", t.data_done))
                     io.check_drained("end of data")
-                    return Decision.FINISHED
-                if decision == Decision.CLOSING:
-                    return Decision.FINISHED  # the transport closed on the 421 (R40)
+                    return FINISHED
+                if decision == CLOSING:
+                    return FINISHED  # the transport closed on the 421 (R40)
             owed = []
         if txn.done:
-            return Decision.RESET
+            return RESET
 
 
 async def _content(io: Transport, t: Timeouts, txn: Transaction) -> None:
@@ -150,7 +157,7 @@ async def _content(io: Transport, t: Timeouts, txn: Transaction) -> None:
             await io.salvage(read_early)
         if early and not early[0].is_positive:
             await io.abort()
-            txn.apply(Expect.DOT, 0, early[0])  # "server replied before the end of data"
+            txn.apply(DOT, 0, early[0])  # "server replied before the end of data"
             return
         await _lost(io, txn, exc, Outcome.TRANSIENT)
         return
@@ -159,7 +166,7 @@ async def _content(io: Transport, t: Timeouts, txn: Transaction) -> None:
     try:
         reply = await io.receive("end of data", t.data_done)
         io.check_drained("end of data")
-        decision = txn.apply(Expect.DOT, 0, reply)
+        decision = txn.apply(DOT, 0, reply)
     except SMTPError as exc:
         log.warning(
             "%s: no reply to the final dot; message %s may have been delivered",
@@ -169,7 +176,7 @@ async def _content(io: Transport, t: Timeouts, txn: Transaction) -> None:
         await _lost(io, txn, exc, Outcome.UNKNOWN)
         return
     io.awaiting_final_reply = False
-    if decision == Decision.DELIVERED:
+    if decision == DELIVERED:
         io.messages_sent += 1
 
 

@@ -23,24 +23,21 @@ written by ``chunking`` instead. Here, the DATA schedule:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from .._core.capabilities import Capabilities
 from .._core.data import stuffed_parts
 from .._core.errors import SMTPDisconnected
-from .._core.plan import Plan, plan
+from .._core.plan import plan
 from .._core.prepare import DSN, PreparedMessage
 from .._core.results import SendResult
 from .._core.timeouts import Timeouts
-from .._core.transaction import DATA_CHUNK, RCPT_GROUP, Expect, Transaction
+from .._core.transaction import DATA, DATA_CHUNK, DOT, MAIL, RCPT, RCPT_GROUP, RSET, Transaction
 from .batch import DATA_LINE, DOT_LINE, RSET_LINE, Batch, run_batch
 from .chunking import send_chunked
 from .transport import Transport
 
 __all__ = ["DATA_CHUNK", "RCPT_GROUP", "send_pipelined"]
-
-_RSET, _MAIL, _RCPT, _DATA, _DOT = Expect.RSET, Expect.MAIL, Expect.RCPT, Expect.DATA, Expect.DOT
 
 
 async def send_pipelined(
@@ -62,17 +59,13 @@ async def send_pipelined(
     planned whole before the first byte; any other iterable lazily.
     """
 
-    # One planner for both paths; a partial calls plan() without a frame of its own.
-    plan_one: Callable[[PreparedMessage], SendResult | Plan] = functools.partial(
-        plan, caps=caps, tls_active=tls_active, dsn=dsn, requiretls=requiretls
-    )
     results: list[SendResult | None] = []
     txns: list[Transaction] = []
     lazy: Iterator[PreparedMessage] | None = None
     if isinstance(messages, Sequence):
         results = [None] * len(messages)
         for index, prepared in enumerate(messages):
-            planned = plan_one(prepared)
+            planned = plan(prepared, caps, tls_active=tls_active, dsn=dsn, requiretls=requiretls)
             if isinstance(planned, SendResult):
                 results[index] = planned  # refused by the client's own checks: nothing written
                 if on_result is not None:
@@ -85,7 +78,9 @@ async def send_pipelined(
         if io.is_stale():
             await io.abort()
             raise SMTPDisconnected("server closed or wrote to the connection while it was idle")
-        batch = Batch(io, timeouts, results, txns, on_result, lazy, plan_one)
+        batch = Batch(
+            io, timeouts, results, txns, on_result, lazy, caps, tls_active, dsn, requiretls
+        )
         use_bdat = caps.chunking and chunking is not False
         await run_batch(batch, send_chunked if use_bdat else _data)
     return [r for r in results if r is not None]
@@ -105,28 +100,28 @@ async def _data(batch: Batch) -> None:
         due = batch.body_due
         if due is not None:
             batch.body_due = None
-            slots.append((_DOT, due, 0))  # first: a reply to a failed write is its answer
+            slots.append((DOT, due, 0))  # first: a reply to a failed write is its answer
             parts = _small_body(due) or await _body_head(batch, due)
             finals.append((due, sum(map(len, parts))))
             stage, seconds = "data block", t.data_block
         elif batch.need_rset:
             parts.append(RSET_LINE)
-            slots.append((_RSET, txn, 0))
+            slots.append((RSET, txn, 0))
         batch.need_rset = False
         rcpts = txn.rcpts
         n = len(rcpts)
         first = n if n <= RCPT_GROUP else RCPT_GROUP
         parts.append(txn.mail)
-        slots.append((_MAIL, txn, 0))
+        slots.append((MAIL, txn, 0))
         if n == 1:
             parts.append(rcpts[0])
-            slots.append((_RCPT, txn, 0))
+            slots.append((RCPT, txn, 0))
         else:
             parts += rcpts[:first]
-            slots.extend([(_RCPT, txn, i) for i in range(first)])
+            slots.extend([(RCPT, txn, i) for i in range(first)])
         if n == first:
             parts.append(DATA_LINE)
-            slots.append((_DATA, txn, 0))
+            slots.append((DATA, txn, 0))
         txn.started = True
         io.transactions += 1
         await batch.write(b"".join(parts), stage, seconds, finals)
@@ -135,11 +130,11 @@ async def _data(batch: Batch) -> None:
         start = first
         while start < n and not txn.done:
             group = rcpts[start : start + RCPT_GROUP]
-            slots.extend([(_RCPT, txn, i) for i in range(start, start + len(group))])
+            slots.extend([(RCPT, txn, i) for i in range(start, start + len(group))])
             start += len(group)
             if start == n:
                 group = [*group, DATA_LINE]
-                slots.append((_DATA, txn, 0))
+                slots.append((DATA, txn, 0))
             await batch.write(b"".join(group), "RCPT", t.rcpt)
             await batch.drain()
         # Nothing may follow the reply to DATA until the body is sent (R24).
@@ -149,7 +144,7 @@ async def _data(batch: Batch) -> None:
     due = batch.body_due
     if due is not None:
         batch.body_due = None
-        slots.append((_DOT, due, 0))
+        slots.append((DOT, due, 0))
         parts = _small_body(due) or await _body_head(batch, due)
         data = b"".join(parts)
         await batch.write(data, "data block", t.data_block, [(due, len(data))])
@@ -157,7 +152,7 @@ async def _data(batch: Batch) -> None:
         io.check_drained("end of data")
     if batch.need_rset and batch.last is not None:
         batch.need_rset = False
-        slots.append((_RSET, batch.last, 0))
+        slots.append((RSET, batch.last, 0))
         await batch.write(RSET_LINE, "RSET", t.rset)
         await batch.drain()
         io.check_drained("RSET")

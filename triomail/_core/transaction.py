@@ -51,7 +51,21 @@ from .results import Outcome, SendResult, outcome_of, transaction_result
 from .timeouts import Timeouts
 
 __all__ = [
+    "ANSWERED",
+    "BDAT",
+    "BODY",
+    "CLOSING",
     "CLOSING_421",
+    "DATA",
+    "DELIVERED",
+    "DOT",
+    "FINISHED",
+    "MAIL",
+    "NOTHING",
+    "RCPT",
+    "RESET",
+    "RSET",
+    "RSET_REFUSED",
     "DATA_CHUNK",
     "RCPT_GROUP",
     "STAGES",
@@ -107,9 +121,11 @@ class Decision(enum.IntEnum):
     RSET_REFUSED = 7
 
 
-# Module-level aliases: a global load, not an enum attribute look-up, per reply.
-_RSET, _MAIL, _RCPT, _DATA, _DOT, _BDAT = Expect
-_NOTHING, _FINISHED, _DELIVERED, _ANSWERED, _BODY, _RESET, _CLOSING, _RSET_REFUSED = Decision
+# The same values as plain ints, for the drivers' per-reply path: a global load, not an
+# enum attribute look-up, and CPython specialises comparisons and tuple indexing for
+# exact ints only (an IntEnum member is an int subclass).
+RSET, MAIL, RCPT, DATA, DOT, BDAT = map(int, Expect)
+NOTHING, FINISHED, DELIVERED, ANSWERED, BODY, RESET, CLOSING, RSET_REFUSED = map(int, Decision)
 #: The error on a result that a 421 ended.
 CLOSING_421 = "server closing (421)"
 _EARLY = "server replied before the end of data"
@@ -191,65 +207,66 @@ class Transaction:
         else:
             self.finish(Outcome.TRANSIENT, None, error)
 
-    def apply(self, kind: int, i: int, reply: Reply) -> Decision:
-        """Apply the reply to command ``kind`` (recipient ``i`` for RCPT); the decision."""
+    def apply(self, kind: int, i: int, reply: Reply) -> int:
+        """Apply the reply to command ``kind`` (an :class:`Expect`; recipient ``i`` for
+        RCPT); the :class:`Decision`, as its int."""
         code = reply.code
-        if kind == _RCPT:  # most replies: tested first
+        if kind == RCPT:  # most replies: tested first
             if 300 <= code < 400:
                 raise _desync(reply, kind)
             if not self.mail_ok:
-                return _NOTHING  # answers to RCPT after a refused MAIL are not the recipient's
+                return NOTHING  # answers to RCPT after a refused MAIL are not the recipient's
             self.rcpt_replies[i] = reply
             if code < 300:
                 self.accepted += 1
-                return _NOTHING
+                return NOTHING
             if code == 421:
                 self.finish(Outcome.TRANSIENT, reply, CLOSING_421)
-                return _CLOSING
-            return _NOTHING
-        if kind == _MAIL:
+                return CLOSING
+            return NOTHING
+        if kind == MAIL:
             if code < 300:
                 self.mail_ok = True
-                return _NOTHING
+                return NOTHING
             if code < 400:
                 raise _desync(reply, kind)
             if code == 421:
                 self.finish(Outcome.TRANSIENT, reply, CLOSING_421)
-                return _CLOSING
+                return CLOSING
             if self.rset_failed is not None:
                 self.finish(
                     Outcome.TRANSIENT, self.rset_failed, f"RSET refused: {self.rset_failed}"
                 )
             else:
                 self.finish(outcome_of(reply), reply)
-            return _FINISHED
-        if kind == _DATA:
+            return FINISHED
+        if kind == DATA:
             if code == 354:
-                return _BODY  # with no recipient accepted, the content is just "."
+                return BODY  # with no recipient accepted, the content is just "."
             if code < 400:
                 # R47: only 354 lets the body go; a 250 here would claim a delivery.
                 raise SMTPProtocolError(f"unexpected {reply} in reply to DATA")
             self.finish(outcome_of(reply), reply)  # R47: no body after this
             if code == 421:
-                return _CLOSING
-            return _RESET if self.mail_ok else _FINISHED
-        if kind == _RSET:
+                return CLOSING
+            return RESET if self.mail_ok else FINISHED
+        if kind == RSET:
             if 300 <= code < 400:
                 raise _desync(reply, kind)
             if code == 421:
                 self.finish(Outcome.TRANSIENT, reply, CLOSING_421)
-                return _CLOSING
+                return CLOSING
             if code != 250:
                 self.rset_failed = reply
-                return _RSET_REFUSED
-            return _NOTHING
+                return RSET_REFUSED
+            return NOTHING
         # The end of data: "." after DATA, or BDAT ... LAST.
         if 300 <= code < 400:
             raise _desync(reply, kind)
-        if kind == _BDAT and code < 300:
+        if kind == BDAT and code < 300:
             self.clean = True
         if self.done:
-            return _CLOSING if code == 421 else _ANSWERED
+            return CLOSING if code == 421 else ANSWERED
         error = None if self.final_written else _EARLY
         if self.accepted == 0:
             # R29: every RCPT was refused (each keeps its own reply).
@@ -257,8 +274,8 @@ class Transaction:
         else:
             self.finish(outcome_of(reply), reply, error)
         if code == 421:
-            return _CLOSING
-        return _DELIVERED if code < 300 and self.mail_ok and self.accepted else _FINISHED
+            return CLOSING
+        return DELIVERED if code < 300 and self.mail_ok and self.accepted else FINISHED
 
 
 def _desync(reply: Reply, kind: int) -> SMTPProtocolError:
