@@ -107,9 +107,6 @@ def test_imports_point_down_the_data_flow(module: str) -> None:
     assert not wrong, "\n".join(wrong)
 
 
-@pytest.mark.xfail(
-    reason="issue 11 in progress: _core.errors/_core.reply, _client.connection/pipeline"
-)
 def test_the_module_graph_has_no_cycle() -> None:
     graph = {m: {t for _, t in imports(m) if t != m and t in MODULES} for m in MODULES}
     # A package imports its own modules to re-export them; that is not a cycle.

@@ -1,14 +1,12 @@
 """triomail: a Trio-native SMTP client, connection pool and bulk mailer."""
 
-from ._client.connection import DSN as DSN
-from ._client.connection import PreparedMessage as PreparedMessage
-from ._client.connection import SMTPConnection as SMTPConnection
-from ._client.connection import TLSMode as TLSMode
-from ._client.connection import connect as connect
-from ._client.connection import default_ssl_context as default_ssl_context
-from ._client.connection import open_connection as open_connection
-from ._client.connection import prepare as prepare
-from ._client.connection import start_session as start_session
+from ._client.open import connect as connect
+from ._client.open import open_connection as open_connection
+from ._client.open import start_session as start_session
+from ._client.options import TLSMode as TLSMode
+from ._client.options import default_ssl_context as default_ssl_context
+from ._client.session import SMTPConnection as SMTPConnection
+from ._core.capabilities import Capabilities as Capabilities
 from ._core.errors import LocalProtocolError as LocalProtocolError
 from ._core.errors import SMTPAuthenticationError as SMTPAuthenticationError
 from ._core.errors import SMTPCertificateError as SMTPCertificateError
@@ -20,9 +18,11 @@ from ._core.errors import SMTPResponseError as SMTPResponseError
 from ._core.errors import SMTPSecurityError as SMTPSecurityError
 from ._core.errors import SMTPSendError as SMTPSendError
 from ._core.errors import SMTPTimeoutError as SMTPTimeoutError
-from ._core.protocol import Capabilities as Capabilities
+from ._core.parser import ReplyParser as ReplyParser
+from ._core.prepare import DSN as DSN
+from ._core.prepare import PreparedMessage as PreparedMessage
+from ._core.prepare import prepare as prepare
 from ._core.reply import Reply as Reply
-from ._core.reply import ReplyParser as ReplyParser
 from ._core.results import Outcome as Outcome
 from ._core.results import RecipientResult as RecipientResult
 from ._core.results import SendResult as SendResult

@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -47,8 +48,10 @@ from hypothesis import strategies as st
 
 import triomail
 from triomail import Outcome, PreparedMessage, SendResult, SMTPConnection
-from triomail._client.pipeline import RCPT_GROUP, WINDOW_MESSAGES
-from triomail._core.protocol import dot_stuff
+from triomail._client import batch as batch_module
+from triomail._client.chunking import WINDOW_MESSAGES
+from triomail._client.pipeline import RCPT_GROUP
+from triomail._core.data import dot_stuff
 from triomail.testing import Fault, SMTPSink
 
 # -- helpers ------------------------------------------------------------------------------
@@ -824,7 +827,8 @@ async def test_bdat_windows_are_bounded_and_overlap() -> None:
 
 
 async def test_bdat_large_message_sends_envelope_first() -> None:
-    from triomail._client.pipeline import DATA_CHUNK, WINDOW_BYTES
+    from triomail._client.chunking import WINDOW_BYTES
+    from triomail._client.pipeline import DATA_CHUNK
 
     big = b"Subject: big\r\n\r\n" + (b"z" * 998 + b"\r\n") * (WINDOW_BYTES // 1000 + 10)
     m = [prep(body(0), "b0@example.com"), prep(big, "b1@example.com"), prep(big, "b2@example.com")]
@@ -1353,7 +1357,9 @@ async def test_a_generator_is_drained_into_never_started_results(chunking: bool)
         assert all("never started" in (r.error or "") for r in results[2:])
 
 
-async def test_a_lazily_refused_message_is_a_result_not_an_exception() -> None:
+async def test_a_lazily_refused_message_is_a_result_not_an_exception(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     eight_bit = prep("Subject: caf\u00e9\r\n\r\nd\u00e9j\u00e0\r\n", "x@example.com")
     script = [
         expect_line(MAIL), expect_line(rcpt("b@example.com")), expect_line("DATA"),
@@ -1361,15 +1367,15 @@ async def test_a_lazily_refused_message_is_a_result_not_an_exception() -> None:
         expect_data(), send_lines("250 queued"),
         *quit_steps(),
     ]  # fmt: skip
+    real_plan = batch_module.plan
+
+    def plan(prepared: PreparedMessage, *args: Any, **kw: Any) -> object:
+        if prepared.sender == "bad@example.com":
+            raise triomail.LocalProtocolError("no such thing")
+        return real_plan(prepared, *args, **kw)
+
+    monkeypatch.setattr(batch_module, "plan", plan)  # a generator is planned by the batch
     async with scripted(script) as (conn, _rec, _srv):
-        real_plan = conn._plan
-
-        def plan(prepared: PreparedMessage, **kw: object) -> object:
-            if prepared.sender == "bad@example.com":
-                raise triomail.LocalProtocolError("no such thing")
-            return real_plan(prepared, **kw)  # type: ignore[arg-type]
-
-        conn._plan = plan  # type: ignore[method-assign]
         results = await conn.send_many(
             iter([prep(body(0), "b@example.com"), eight_bit, prep(body(1), "c@x.example",
                  sender="bad@example.com")])

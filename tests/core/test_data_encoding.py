@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from triomail._core import protocol as _protocol
+from triomail._core import data as _protocol
+from triomail._core.data import MAX_DATA_LINE, Canonical, canonicalize, dot_stuff, unstuff
 from triomail._core.errors import LocalProtocolError
-from triomail._core.protocol import MAX_DATA_LINE, Canonical, canonicalize, dot_stuff, unstuff
 
 # hannob/smtpsmug endings, plus \r\r\n (Postfix before the 3.9 prerelease fix).
 SMUGGLING_ENDINGS = [

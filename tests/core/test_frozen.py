@@ -11,9 +11,9 @@ import pytest
 
 import triomail
 from triomail import Outcome, PreparedMessage, RecipientResult, SendResult
-from triomail._client.connection import _new_prepared
+from triomail._core.data import Canonical, canonicalize, new_canonical
 from triomail._core.frozen import fast_constructor
-from triomail._core.protocol import Canonical, _new_canonical, canonicalize
+from triomail._core.prepare import _new_prepared
 from triomail._core.reply import Reply
 from triomail._core.results import new_recipient_result, new_send_result, transaction_result
 
@@ -25,7 +25,7 @@ def _cases() -> list[tuple[type[Any], type[Any], tuple[Any, ...], dict[str, Any]
     canonical = canonicalize(b"Subject: x\r\n\r\nbody\r\n")
     rr = RecipientResult("a@example.com", Outcome.ACCEPTED, OK)
     return [
-        (Canonical, _new_canonical, (b"x\r\n", False), {}),
+        (Canonical, new_canonical, (b"x\r\n", False), {}),
         (RecipientResult, new_recipient_result, ("a@example.com", Outcome.PERMANENT, None), {}),
         (SendResult, new_send_result, ("s@example.com", (rr,)), {}),
         (
@@ -69,7 +69,7 @@ def test_fast_constructor_checks_arguments_like_the_class() -> None:
     with pytest.raises(TypeError):
         new_send_result("s@example.com")  # type: ignore[call-arg]
     with pytest.raises(TypeError):
-        _new_canonical(b"x\r\n", False, extra=1)  # type: ignore[call-arg]
+        new_canonical(b"x\r\n", False, extra=1)  # type: ignore[call-arg]
 
 
 def test_fast_constructor_refuses_classes_it_cannot_twin() -> None:

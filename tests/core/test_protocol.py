@@ -9,19 +9,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from triomail._core.capabilities import Capabilities
+from triomail._core.commands import check_argument, encode_command, xtext
 from triomail._core.errors import LocalProtocolError
-from triomail._core.protocol import (
-    MAX_DOMAIN,
-    MAX_LOCAL_PART,
-    MAX_PATH,
-    Capabilities,
-    Path,
-    check_argument,
-    encode_command,
-    format_path,
-    xtext,
-)
-from triomail._core.reply import Reply, ReplyParser
+from triomail._core.parser import ReplyParser
+from triomail._core.paths import MAX_DOMAIN, MAX_LOCAL_PART, MAX_PATH, Path, format_path
+from triomail._core.reply import Reply
 
 # ------------------------------------------------------------------ R13 command encoder
 
@@ -536,7 +529,7 @@ def test_r28_full_ehlo_reply() -> None:
 def test_path_character_classes_match_the_rfc_ranges_for_every_code_point() -> None:
     """The atext/qtext classes are written as complements (they compile faster); they
     must be exactly RFC 5322 atext + RFC 6532 UTF8-non-ascii, and RFC 5321 qtextSMTP."""
-    from triomail._core.protocol import _ATEXT_UTF8, _QTEXT_UTF8
+    from triomail._core.paths import _ATEXT_UTF8, _QTEXT_UTF8
 
     listed_atext = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\x80-\U0010ffff]")
     listed_qtext = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e\x80-\U0010ffff]")

@@ -9,13 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from triomail._core.errors import SMTPProtocolError
-from triomail._core.reply import (
-    MAX_LINE_LENGTH,
-    MAX_REPLY_LENGTH,
-    MAX_REPLY_LINES,
-    Reply,
-    ReplyParser,
-)
+from triomail._core.parser import MAX_LINE_LENGTH, MAX_REPLY_LENGTH, MAX_REPLY_LINES, ReplyParser
+from triomail._core.reply import Reply
 
 
 def parse_all(data: bytes) -> list[Reply]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import triomail._core.reply as reply_module
+import triomail._core.parser as reply_module
 from triomail import SMTPProtocolError
-from triomail._core.reply import Reply, ReplyParser
+from triomail._core.parser import ReplyParser
+from triomail._core.reply import Reply
 
 LINES = [
     b"250 2.1.0 Ok",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from triomail._core.protocol import canonicalize
+from triomail._core.data import canonicalize
 
 HEAD = (
     b"From: Alice <alice@example.com>\r\n"

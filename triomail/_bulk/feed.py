@@ -31,9 +31,8 @@ from contextlib import aclosing
 
 import trio
 
-from .._client.connection import PreparedMessage, prepare
 from .._core.errors import LocalProtocolError
-from .._core.protocol import Canonical
+from .._core.prepare import PreparedMessage, prepare, prepare_rendered
 from .journal import Journal, Record
 from .outcomes import Outcomes, Tag
 from .planner import ChunkPlan, Policy, chunks, plan_chunk
@@ -53,10 +52,10 @@ CATCH_UP_CHUNKS = 4
 def prepared_message(rendered: Rendered, recipients: tuple[str, ...], tag: Tag) -> PreparedMessage:
     """The message as the pool takes it, without :func:`prepare`'s checks when possible.
 
-    The renderer writes canonical CRLF text with short lines, so a message that
-    :func:`canonical_eight_bit` finds canonical is built directly; anything else
-    goes through :func:`prepare`. This is the one place that builds a
-    :class:`PreparedMessage` by hand.
+    The renderer writes canonical CRLF text with short lines and checks the addresses,
+    so a message that :func:`canonical_eight_bit` finds canonical goes through the
+    core's one trusted constructor, :func:`prepare_rendered`; anything else goes
+    through :func:`prepare`.
     """
     data = rendered.data
     eight_bit = rendered.eight_bit
@@ -64,10 +63,11 @@ def prepared_message(rendered: Rendered, recipients: tuple[str, ...], tag: Tag) 
         eight_bit = canonical_eight_bit(data)
     if eight_bit is None:
         return prepare(data, sender=rendered.sender, recipients=recipients, tag=tag)
-    return PreparedMessage(
+    return prepare_rendered(
+        data,
+        eight_bit=eight_bit,
         sender=rendered.sender,
         recipients=recipients,
-        canonical=Canonical(data, eight_bit),
         needs_smtputf8=rendered.smtputf8,
         message_id=rendered.message_id,
         tag=tag,

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import trio
 
-from .._client.connection import default_ssl_context
+from .._client.options import default_ssl_context
 from .._pool.pool import Server
 from .dry_run import dry_run
 from .feed import Feed

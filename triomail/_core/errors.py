@@ -1,16 +1,13 @@
 """The exception hierarchy: everything triomail raises derives from :class:`SMTPError`.
 
-Errors from trio and :mod:`ssl` are translated at the I/O boundary (``_connection``), so
-callers never need to catch ``trio.BrokenResourceError`` or ``ssl.SSLError``. Credentials
-never appear in a message or an attribute (R36).
+Errors from trio and :mod:`ssl` are translated at the one I/O boundary
+(``_client.transport``), so callers never need to catch ``trio.BrokenResourceError`` or
+``ssl.SSLError``. Credentials never appear in a message or an attribute (R36).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .reply import Reply
+from .reply import Reply
 
 
 class SMTPError(Exception):

@@ -1,23 +1,47 @@
-"""Outcomes of a send: per recipient, as values rather than exceptions (R37, R41)."""
+"""Outcomes of a send: per recipient, as values rather than exceptions (R37, R41).
+
+Every :class:`SendResult` triomail makes comes from a function here:
+:func:`transaction_result` for a transaction the server answered, :func:`local_failure`
+for a message the client's own checks refused before MAIL, :func:`never_started` for a
+message that never left because the connection ended first, and the pool's own
+(:func:`synthetic` and the functions built on it, :func:`merged` over several attempts)
+for a message whose outcome no server reply decided: a connection that could not be
+opened, a send cut off by a deadline or a cancellation, a retry that never came. Every
+message handed to the pool ends with exactly one result (R48); the outcome follows RFC
+5321 §4.5.4.1 and R37: nothing reached the server -> transient (safe to retry); the
+final dot may have gone out -> unknown; refused before sending -> permanent.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from .errors import SMTPSendError
 from .frozen import fast_constructor
+from .prepare import PreparedMessage
 from .reply import Reply
 
 __all__ = [
+    "NOT_SENT",
+    "POSSIBLE_DUPLICATE",
+    "STOPPED",
     "Outcome",
     "RecipientResult",
     "SendResult",
+    "abandoned",
+    "cut_off",
+    "local_failure",
+    "merged",
+    "never_started",
     "new_recipient_result",
     "new_send_result",
+    "not_sent",
+    "refused_locally",
+    "synthetic",
     "transaction_result",
 ]
 
@@ -130,21 +154,8 @@ new_recipient_result = fast_constructor(RecipientResult)
 new_send_result = fast_constructor(SendResult)
 
 
-class _Prepared(Protocol):
-    """What a result copies from a ``PreparedMessage`` (the core does not import it)."""
-
-    @property
-    def sender(self) -> str: ...
-    @property
-    def recipients(self) -> tuple[str, ...]: ...
-    @property
-    def message_id(self) -> str | None: ...
-    @property
-    def tag(self) -> object: ...
-
-
 def transaction_result(
-    prepared: _Prepared,
+    prepared: PreparedMessage,
     replies: Sequence[Reply | None],
     outcome: Outcome,
     reply: Reply | None,
@@ -173,3 +184,127 @@ def transaction_result(
         1,
         mail_accepted,
     )
+
+
+def local_failure(prepared: PreparedMessage, code: int, enhanced: str, text: str) -> SendResult:
+    """A message refused before MAIL by the client's own checks: nothing was written."""
+    reply = Reply.from_lines(code, (f"{enhanced} {text}",))
+    return SendResult(
+        prepared.sender,
+        tuple(RecipientResult(r, outcome_of(reply), reply) for r in prepared.recipients),
+        reply,
+        prepared.message_id,
+        error=f"not sent: {text}",
+        tag=prepared.tag,
+    )
+
+
+def never_started(prepared: PreparedMessage, reason: str) -> SendResult:
+    """A message whose MAIL was never written: the connection ended first (transient)."""
+    return not_sent(
+        prepared,
+        prepared.recipients,
+        f"not sent: never started, the connection ended first ({reason})",
+    )
+
+
+STOPPED = "not sent: the pool stopped opening connections"
+NOT_SENT = "not sent: cancelled before it was sent"
+NOT_RETRIED = "not sent again: cancelled before the retry"
+POSSIBLE_DUPLICATE = "an earlier attempt had an unknown outcome: possible duplicate"
+
+
+def synthetic(
+    prepared: PreparedMessage | None, recipients: Sequence[str], outcome: Outcome, reason: str
+) -> SendResult:
+    """``outcome`` for each of ``recipients``, with no reply; sender, Message-ID and tag
+    come from ``prepared`` (None: a message that could not be prepared)."""
+    return SendResult(
+        prepared.sender if prepared is not None else "",
+        tuple(RecipientResult(r, outcome, None) for r in recipients),
+        None,
+        prepared.message_id if prepared is not None else None,
+        reason,
+        tag=prepared.tag if prepared is not None else None,
+    )
+
+
+def not_sent(
+    prepared: PreparedMessage | None, recipients: Sequence[str], reason: str
+) -> SendResult:
+    """Nothing reached the server: transient for every recipient due."""
+    return synthetic(prepared, recipients, Outcome.TRANSIENT, reason)
+
+
+def refused_locally(
+    prepared: PreparedMessage | None, recipients: Sequence[str], reason: str
+) -> SendResult:
+    """The client would not send it (a local check failed): permanent."""
+    return synthetic(prepared, recipients, Outcome.PERMANENT, f"refused locally: {reason}")
+
+
+def cut_off(
+    prepared: PreparedMessage | None, recipients: Sequence[str], reason: str, *, final_dot_out: bool
+) -> SendResult:
+    """A send cut short: unknown once the final dot may have gone out (R37), else
+    transient."""
+    outcome = Outcome.UNKNOWN if final_dot_out else Outcome.TRANSIENT
+    return synthetic(prepared, recipients, outcome, reason)
+
+
+def merged(
+    result: SendResult,
+    settled: Sequence[RecipientResult],
+    due: Sequence[RecipientResult],
+    *,
+    order: Sequence[str],
+    attempts: int,
+    earlier_unknown: bool,
+    error: str | None = None,
+) -> SendResult:
+    """A message's final result over several attempts: the recipients earlier attempts
+    ``settled`` and those still ``due``, in the message's ``order``, on ``result``'s
+    replies; flagged if an earlier attempt may have delivered it (R38)."""
+    final_recipients = [*settled, *due]
+    rank = {name: i for i, name in enumerate(order)}
+    final_recipients.sort(key=lambda r: rank.get(r.recipient, len(rank)))
+    return dataclasses.replace(
+        result,
+        recipients=tuple(final_recipients),
+        attempts=attempts,
+        earlier_unknown=earlier_unknown,
+        error=error or result.error or (POSSIBLE_DUPLICATE if earlier_unknown else None),
+    )
+
+
+def abandoned(
+    prepared: PreparedMessage | None,
+    recipients: Sequence[str],
+    last: SendResult | None,
+    settled: Sequence[RecipientResult],
+    *,
+    order: Sequence[str],
+    attempts: int,
+    earlier_unknown: bool,
+) -> SendResult:
+    """The final result of a message the pool was only holding (queued, or waiting for a
+    retry's backoff) when it was cancelled: not sent if it never had an attempt (``last``
+    is None), else its last attempt's replies for the recipients still due."""
+    if last is None:
+        return dataclasses.replace(not_sent(prepared, recipients, NOT_SENT), attempts=0)
+    done = {r.recipient for r in settled}
+    due = [r for r in last.recipients if r.recipient not in done]
+    error = f"{NOT_RETRIED} (last attempt: {last.error})" if last.error else NOT_RETRIED
+    if earlier_unknown:
+        error += f"; {POSSIBLE_DUPLICATE}"
+    result = merged(
+        last,
+        settled,
+        due,
+        order=order,
+        attempts=attempts,
+        earlier_unknown=earlier_unknown,
+        error=error,
+    )
+    # R42's follow-up transaction is not counted, but the first one did take place.
+    return result if result.attempts else dataclasses.replace(result, attempts=1)

@@ -1,8 +1,9 @@
 """SASL mechanisms for SMTP AUTH (RFC 4954) as pure, I/O-free objects.
 
 A mechanism gives an optional initial response and answers each decoded 334 challenge.
-The connection owns the exchange: base64, the challenge cap and the ``*`` cancel (R35).
-Credentials are UTF-8 (RFC 4616 §2); nothing here logs or stringifies them (R36).
+The client's ``_client.auth`` owns the exchange: base64, the challenge cap and the ``*``
+cancel (R35). Credentials are UTF-8 (RFC 4616 §2); nothing here logs or stringifies
+them (R36).
 """
 
 from __future__ import annotations

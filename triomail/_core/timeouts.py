@@ -1,4 +1,4 @@
-"""Per-stage deadlines (RFC 5321 §4.5.3.2), applied as trio cancel scopes by the connection."""
+"""Per-stage deadlines (RFC 5321 §4.5.3.2), armed by the transport for each operation."""
 
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterable, Sequence
 from email.message import Message
 from typing import Protocol
 
-from .._client.connection import PreparedMessage
-from .._core.protocol import Capabilities
+from .._core.capabilities import Capabilities
+from .._core.prepare import PreparedMessage
 from .._core.results import SendResult
 
 __all__ = ["Connection"]

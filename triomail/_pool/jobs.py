@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from email.message import Message
 from typing import Protocol
 
-from .._client.connection import PreparedMessage, prepare
+from .._core import results as outcomes
 from .._core.errors import LocalProtocolError
+from .._core.prepare import PreparedMessage, prepare
 from .._core.results import Outcome, RecipientResult, SendResult
-from . import outcomes
 from .options import RetryPolicy
 
 __all__ = ["Destination", "Job", "Ledger", "MessageLike", "Retry"]

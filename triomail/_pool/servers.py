@@ -27,7 +27,9 @@ from urllib.parse import unquote, urlsplit
 
 import trio
 
-from .._client.connection import SMTPConnection, TLSMode, TokenSource, open_connection
+from .._client.open import open_connection
+from .._client.options import TLSMode, TokenSource
+from .._client.session import SMTPConnection
 from .._core.reply import Reply
 from .._core.timeouts import Timeouts
 from .interfaces import Connection

@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 
 import trio
 
-from .._client.connection import PreparedMessage, prepare
+from .._core import results as outcomes
 from .._core.errors import (
     LocalProtocolError,
     SMTPAuthenticationError,
@@ -37,8 +37,8 @@ from .._core.errors import (
     SMTPError,
     SMTPResponseError,
 )
+from .._core.prepare import PreparedMessage, prepare
 from .._core.results import Outcome, SendResult
-from . import outcomes
 from .dispatch import Dispatch
 from .interfaces import Connection
 from .jobs import Job, MessageLike

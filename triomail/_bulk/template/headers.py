@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..._core.errors import LocalProtocolError
-from ..._core.protocol import format_path
+from ..._core.paths import format_path
 from .rendered import RowError
 
 # RFC 5321 §4.5.3.1.6 / RFC 5322 §2.1.1: 998 octets plus CRLF.

@@ -20,7 +20,7 @@ from email.generator import BytesGenerator
 from pathlib import Path
 
 from ..._core.errors import LocalProtocolError
-from ..._core.protocol import format_path
+from ..._core.paths import format_path
 from .headers import (
     ADDRESS_FIELDS,
     MAX_LINE,

@@ -1,0 +1,91 @@
+"""SMTP AUTH (RFC 4954): choosing a SASL mechanism and running its exchange.
+
+Theory of operation
+-------------------
+:func:`choose` picks the mechanism: XOAUTH2 when a token is given, else the strongest
+advertised one the password can serve (``_core.sasl``). :func:`authenticate` runs the
+exchange: the initial response rides on the AUTH line when it fits (RFC 4954 §4, an
+empty one is ``=``), each 334 challenge is answered, and a challenge that cannot be
+decoded, or one too many, is cancelled with ``*`` and the connection closed (R35). The
+exchange is redacted in the debug log (R36). Only the session decides whether
+credentials may be sent at all (TLS, R9).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from .._core.errors import LocalProtocolError, SMTPAuthenticationError, SMTPSecurityError
+from .._core.reply import Reply
+from .._core.sasl import SASLMechanism, XOAuth2, choose_mechanism
+from .options import TokenSource
+from .transport import Transport
+
+__all__ = ["authenticate", "choose"]
+
+# smtplib's _MAXCHALLENGE: an endless 334 loop ends here (R35).
+_MAX_CHALLENGES = 5
+# RFC 4954 §4: the AUTH line may be at most 12288 octets with its initial response.
+_MAX_AUTH_LINE = 12288
+
+
+async def choose(
+    advertised: frozenset[str],
+    username: str,
+    password: str | None,
+    oauth_token: TokenSource | None,
+) -> SASLMechanism:
+    """The mechanism for these credentials; :class:`SMTPSecurityError` if none fits."""
+    if oauth_token is not None:
+        if "XOAUTH2" not in advertised:
+            raise SMTPSecurityError("server does not offer XOAUTH2")
+        token = oauth_token if isinstance(oauth_token, str) else await oauth_token()
+        return XOAuth2(username, token)
+    if password is None:
+        raise LocalProtocolError("username given without password or oauth_token")
+    mechanism = choose_mechanism(advertised, username, password)
+    if mechanism is None:
+        raise SMTPSecurityError(
+            "server offers no usable AUTH mechanism"
+            + (f" (offers {', '.join(sorted(advertised))})" if advertised else "")
+        )
+    return mechanism
+
+
+async def authenticate(io: Transport, mechanism: SASLMechanism, seconds: float) -> None:
+    """Run one AUTH exchange; :class:`SMTPAuthenticationError` unless it ends in 235."""
+    io.in_auth = True
+    try:
+        reply = await _exchange(io, mechanism, seconds)
+    finally:
+        io.in_auth = False
+    if reply.code != 235:
+        raise SMTPAuthenticationError("AUTH", reply)
+
+
+async def _exchange(io: Transport, mechanism: SASLMechanism, t: float) -> Reply:
+    """The AUTH line, then a response per 334 challenge; the final reply."""
+    initial = mechanism.initial_response()
+    line = b"AUTH " + mechanism.name.encode("ascii")
+    if initial is not None:
+        encoded = base64.b64encode(initial) or b"="  # §4: an empty response is "="
+        # §4: a response too long for the AUTH line answers the first 334 instead.
+        if len(line) + 1 + len(encoded) + 2 <= _MAX_AUTH_LINE:
+            line += b" " + encoded
+    reply = await io.command(line + b"\r\n", "AUTH", t)
+    challenges = 0
+    while reply.code == 334:
+        challenges += 1
+        try:
+            challenge = base64.b64decode(reply.text.strip(), validate=True)
+            if challenges > _MAX_CHALLENGES:
+                raise ValueError("too many challenges")
+            answer = mechanism.respond(challenge)
+        except (binascii.Error, ValueError):
+            reply = await io.command(b"*\r\n", "AUTH", t)  # cancel (R35)
+            io.broken = "AUTH exchange cancelled"
+            await io.abort()
+            raise SMTPAuthenticationError("AUTH", reply) from None
+        reply = await io.command(base64.b64encode(answer) + b"\r\n", "AUTH", t)
+    return reply

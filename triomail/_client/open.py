@@ -1,0 +1,107 @@
+"""Opening a session: :func:`connect`, :func:`open_connection`, :func:`start_session`.
+
+Theory of operation
+-------------------
+All three take the same options, gathered once into a
+:class:`~triomail._client.options.SessionOptions`; only ``tls`` is spelled out, since
+its default differs (chosen by port here, required for an already-open stream).
+:func:`open_connection` opens TCP under the ``connect`` deadline (R26) and hands the
+stream to :func:`start_session`, which runs greeting, EHLO, STARTTLS and AUTH
+(:meth:`SMTPConnection.start`) and, on any failure, closes the stream before raising:
+a connection that failed to start is never returned half-open (R3, R10, R13).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Unpack
+
+import trio
+
+from .._core.commands import check_argument
+from .._core.errors import SMTPConnectError, SMTPTimeoutError
+from .options import OptionArgs, SessionOptions, TLSMode, local_name
+from .session import SMTPConnection
+
+__all__ = ["connect", "open_connection", "start_session"]
+
+_DEFAULT_PORTS = {"implicit": 465, "starttls": 587, "none": 25}
+
+
+@asynccontextmanager
+async def connect(
+    host: str, port: int | None = None, *, tls: TLSMode | None = None, **options: Unpack[OptionArgs]
+) -> AsyncIterator[SMTPConnection]:
+    """Open an SMTP session; QUIT and close it when the block ends.
+
+    ``tls`` is ``"implicit"`` (the default for port 465), ``"starttls"`` (the default
+    otherwise, and required: never a silent downgrade, R1) or ``"none"`` (explicit
+    plaintext). The other options are :class:`SessionOptions`' (``ssl_context``,
+    ``username``, ``password``, ``oauth_token``, ``local_hostname``, ``timeouts``,
+    ``allow_insecure_auth``); deadlines come from ``timeouts``.
+    """
+    conn = await open_connection(host, port, tls=tls, **options)
+    try:
+        yield conn
+    finally:
+        await conn.aclose()
+
+
+async def open_connection(
+    host: str, port: int | None = None, *, tls: TLSMode | None = None, **options: Unpack[OptionArgs]
+) -> SMTPConnection:
+    """Like :func:`connect`, but the caller must ``await conn.aclose()``."""
+    if tls is None:
+        tls = "implicit" if port == 465 else "starttls"
+    if tls not in _DEFAULT_PORTS:
+        raise ValueError(f"tls must be 'implicit', 'starttls' or 'none', not {tls!r}")
+    settings = SessionOptions(tls, **options)
+    if port is None:
+        port = _DEFAULT_PORTS[tls]
+    check_argument(host, "host")
+    try:
+        with trio.fail_after(settings.timeouts.connect):
+            stream = await trio.open_tcp_stream(host, port)
+    except trio.TooSlowError:
+        raise SMTPTimeoutError(f"connecting to {host}:{port} timed out", stage="connect") from None
+    except OSError as exc:
+        raise SMTPConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
+    return await _start(stream, host, settings)
+
+
+async def start_session(
+    stream: trio.abc.Stream, *, host: str, tls: TLSMode, **options: Unpack[OptionArgs]
+) -> SMTPConnection:
+    """Run greeting, EHLO, STARTTLS and AUTH over an already-open stream.
+
+    ``host`` is the name the certificate must match (R2). On failure the stream is
+    closed and the error raised.
+    """
+    return await _start(stream, host, SessionOptions(tls, **options))
+
+
+async def _start(stream: trio.abc.Stream, host: str, options: SessionOptions) -> SMTPConnection:
+    try:
+        if options.local_hostname is None and not local_name.cache_info().currsize:
+            # The first look-up of our FQDN may block on DNS: keep it off the trio thread.
+            await trio.to_thread.run_sync(local_name)
+        conn = SMTPConnection(
+            stream,
+            host=host,
+            timeouts=options.timeouts,
+            local_hostname=options.local_hostname,
+            ssl_context=options.ssl_context,
+        )
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(stream)  # R13: a bad EHLO name; nothing written
+        raise
+    try:
+        await conn.start(options)
+    except BaseException:
+        # QUIT if the session is still sound (AUTH refused); after a TLS failure or any
+        # broken state, close without another byte (R3, R10).
+        await conn.aclose()
+        raise
+    return conn

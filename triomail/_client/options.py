@@ -1,0 +1,85 @@
+"""The options of a session, gathered once, and the defaults they fall back on.
+
+:class:`SessionOptions` is the one list of what :func:`~triomail.connect`,
+:func:`~triomail.open_connection` and :func:`~triomail.start_session` accept;
+:class:`OptionArgs` is the same list as keyword arguments (all but ``tls``, whose
+default differs between them). :func:`default_ssl_context` verifies (R2) and
+:func:`local_name` is the EHLO name when none is given (R32).
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal, TypedDict
+
+from .._core.timeouts import Timeouts
+
+__all__ = [
+    "OptionArgs",
+    "SessionOptions",
+    "TLSMode",
+    "TokenSource",
+    "default_ssl_context",
+    "local_name",
+]
+
+TLSMode = Literal["implicit", "starttls", "none"]
+TokenSource = str | Callable[[], Awaitable[str]]
+
+
+class OptionArgs(TypedDict, total=False):
+    """The keyword arguments :class:`SessionOptions` takes besides ``tls`` (for ``**``)."""
+
+    ssl_context: ssl.SSLContext | None
+    username: str | None
+    password: str | None
+    oauth_token: TokenSource | None
+    local_hostname: str | None
+    timeouts: Timeouts
+    allow_insecure_auth: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOptions:
+    """How to run a session: the options of :func:`~triomail.connect`, in one place.
+
+    ``tls`` is ``"implicit"`` (the default for port 465), ``"starttls"`` (the default
+    otherwise, and required: never a silent downgrade, R1) or ``"none"`` (explicit
+    plaintext); ``None`` picks by port. Credentials go only over TLS unless
+    ``allow_insecure_auth`` (R9). Deadlines come from ``timeouts`` (R26).
+    """
+
+    tls: TLSMode | None = None
+    ssl_context: ssl.SSLContext | None = None
+    username: str | None = None
+    password: str | None = None
+    oauth_token: TokenSource | None = None
+    local_hostname: str | None = None
+    timeouts: Timeouts = Timeouts()
+    allow_insecure_auth: bool = False
+
+
+def default_ssl_context() -> ssl.SSLContext:
+    """A verifying client context: CERT_REQUIRED, host name check, TLS >= 1.2 (R2)."""
+    context = ssl.create_default_context()
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # Keep truncation detection (R11), as trio.open_ssl_over_tcp_stream does.
+    context.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
+    return context
+
+
+@functools.lru_cache(maxsize=1)
+def local_name() -> str:
+    """The EHLO name: the FQDN in A-label form, or an address literal (R32)."""
+    name = socket.getfqdn()
+    try:
+        name = name.encode("idna").decode("ascii")
+    except UnicodeError:
+        name = "localhost"
+    if "." not in name or any(c in name for c in " \r\n\t\x00\x7f"):
+        return "[127.0.0.1]"
+    return name
