@@ -16,7 +16,6 @@ from ._core.errors import SMTPError as SMTPError
 from ._core.errors import SMTPProtocolError as SMTPProtocolError
 from ._core.errors import SMTPResponseError as SMTPResponseError
 from ._core.errors import SMTPSecurityError as SMTPSecurityError
-from ._core.errors import SMTPSendError as SMTPSendError
 from ._core.errors import SMTPTimeoutError as SMTPTimeoutError
 from ._core.parser import ReplyParser as ReplyParser
 from ._core.prepare import DSN as DSN
@@ -26,6 +25,7 @@ from ._core.reply import Reply as Reply
 from ._core.results import Outcome as Outcome
 from ._core.results import RecipientResult as RecipientResult
 from ._core.results import SendResult as SendResult
+from ._core.results import SMTPSendError as SMTPSendError
 from ._core.timeouts import Timeouts as Timeouts
 from ._pool.pool import Pool as Pool
 from ._pool.pool import PoolStatistics as PoolStatistics

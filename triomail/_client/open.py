@@ -38,8 +38,8 @@ async def connect(
     ``tls`` is ``"implicit"`` (the default for port 465), ``"starttls"`` (the default
     otherwise, and required: never a silent downgrade, R1) or ``"none"`` (explicit
     plaintext). The other options are :class:`SessionOptions`' (``ssl_context``,
-    ``username``, ``password``, ``oauth_token``, ``local_hostname``, ``timeouts``,
-    ``allow_insecure_auth``); deadlines come from ``timeouts``.
+    ``username``, ``password``, ``oauth_token``, ``local_hostname``, ``server_hostname``,
+    ``timeouts``, ``allow_insecure_auth``); deadlines come from ``timeouts``.
     """
     conn = await open_connection(host, port, tls=tls, **options)
     try:
@@ -88,7 +88,7 @@ async def _start(stream: trio.abc.Stream, host: str, options: SessionOptions) ->
             await trio.to_thread.run_sync(local_name)
         conn = SMTPConnection(
             stream,
-            host=host,
+            host=options.server_hostname or host,  # the name TLS checks (R2)
             timeouts=options.timeouts,
             local_hostname=options.local_hostname,
             ssl_context=options.ssl_context,

@@ -10,6 +10,7 @@ default differs between them). :func:`default_ssl_context` verifies (R2) and
 from __future__ import annotations
 
 import functools
+import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -39,6 +40,7 @@ class OptionArgs(TypedDict, total=False):
     password: str | None
     oauth_token: TokenSource | None
     local_hostname: str | None
+    server_hostname: str | None
     timeouts: Timeouts
     allow_insecure_auth: bool
 
@@ -51,6 +53,8 @@ class SessionOptions:
     otherwise, and required: never a silent downgrade, R1) or ``"none"`` (explicit
     plaintext); ``None`` picks by port. Credentials go only over TLS unless
     ``allow_insecure_auth`` (R9). Deadlines come from ``timeouts`` (R26).
+    ``server_hostname`` is the name the server's certificate must match when it is not
+    the host connected to (an IP address, say); by default that host (R2).
     """
 
     tls: TLSMode | None = None
@@ -59,13 +63,24 @@ class SessionOptions:
     password: str | None = None
     oauth_token: TokenSource | None = None
     local_hostname: str | None = None
+    server_hostname: str | None = None
     timeouts: Timeouts = Timeouts()
     allow_insecure_auth: bool = False
 
 
-def default_ssl_context() -> ssl.SSLContext:
-    """A verifying client context: CERT_REQUIRED, host name check, TLS >= 1.2 (R2)."""
-    context = ssl.create_default_context()
+def default_ssl_context(
+    cafile: str | os.PathLike[str] | None = None,
+    *,
+    capath: str | os.PathLike[str] | None = None,
+    cadata: str | bytes | None = None,
+) -> ssl.SSLContext:
+    """A verifying client context: CERT_REQUIRED, host name check, TLS >= 1.2 (R2).
+
+    It trusts the system's certificate authorities, or, when ``cafile`` (a PEM file),
+    ``capath`` (a hashed directory) or ``cadata`` (PEM text or DER bytes) is given, those
+    instead: how to reach a relay whose certificate a private CA issued.
+    """
+    context = ssl.create_default_context(cafile=cafile, capath=capath, cadata=cadata)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     # Keep truncation detection (R11), as trio.open_ssl_over_tcp_stream does.
     context.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)

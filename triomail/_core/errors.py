@@ -66,6 +66,3 @@ class SMTPAuthenticationError(SMTPResponseError):
     def permanent(self) -> bool:
         return self.reply.code >= 500
 
-
-class SMTPSendError(SMTPError):
-    """Raised by :meth:`SendResult.raise_for_status` when a recipient was not accepted."""

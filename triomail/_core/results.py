@@ -20,7 +20,7 @@ import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import SMTPSendError
+from .errors import SMTPError
 from .frozen import fast_constructor
 from .prepare import PreparedMessage
 from .reply import Reply
@@ -30,6 +30,7 @@ __all__ = [
     "POSSIBLE_DUPLICATE",
     "STOPPED",
     "Outcome",
+    "SMTPSendError",
     "RecipientResult",
     "SendResult",
     "abandoned",
@@ -46,8 +47,11 @@ __all__ = [
 ]
 
 
-class Outcome(enum.Enum):
-    """What became of one recipient (R37)."""
+class Outcome(enum.StrEnum):
+    """What became of one recipient (R37).
+
+    A string enum: ``str(Outcome.ACCEPTED) == "accepted"``, and it goes into JSON as is.
+    """
 
     #: 250 to the final dot (or the last BDAT chunk).
     ACCEPTED = "accepted"
@@ -146,7 +150,19 @@ class SendResult:
                 if r.outcome is not Outcome.ACCEPTED
             )
             suffix = f" [{self.error}]" if self.error else ""
-            raise SMTPSendError(f"not accepted: {failed}{suffix}")
+            raise SMTPSendError(f"not accepted: {failed}{suffix}", self)
+
+
+class SMTPSendError(SMTPError):
+    """Raised by :meth:`SendResult.raise_for_status` when a recipient was not accepted.
+
+    :attr:`result` is the :class:`SendResult` itself: every recipient's outcome and reply,
+    so a handler can tell the refused from the accepted without parsing the message.
+    """
+
+    def __init__(self, message: str, result: SendResult) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 # Per-message hot paths build results with these (same arguments; see ._frozen).
