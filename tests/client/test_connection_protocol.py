@@ -418,11 +418,10 @@ async def test_R35_non_base64_challenge_is_cancelled(challenge: str) -> None:
     assert srv.transcript.lines()[1:3] == [b"AUTH LOGIN", b"*"]
 
 
-@pytest.mark.parametrize(
-    ("code", "permanent"), [(535, True), (534, True), (454, False), (432, False)]
-)
+@pytest.mark.parametrize(("code", "permanent"), [(535, True), (454, False), (432, False)])
 async def test_R35_auth_failure_is_classified_and_not_retried(code: int, permanent: bool) -> None:
-    """R35: 535/534 are permanent, 454/432 temporary; AUTH is written exactly once."""
+    """R35: 535 is permanent, 454/432 temporary; AUTH is written exactly once: a wrong
+    password is not tried again with another mechanism (a lockout), nor is a 4xx."""
     script = [
         *prelude("AUTH PLAIN LOGIN"),
         expect_line(b"AUTH PLAIN " + PLAIN_IR),
@@ -435,6 +434,86 @@ async def test_R35_auth_failure_is_classified_and_not_retried(code: int, permane
     assert info.value.permanent is permanent
     assert info.value.code == code
     assert srv.transcript.data().count(b"AUTH") == 1
+
+
+@pytest.mark.parametrize("code", [504, 534, 538])
+async def test_R35_a_refused_mechanism_gives_way_to_the_next(code: int) -> None:
+    """Issue 12: a reply that refuses the mechanism (not the credentials) makes the
+    session try the next advertised one, as smtplib and aiosmtplib do."""
+    script = [
+        *prelude("AUTH PLAIN LOGIN"),
+        expect_line(b"AUTH PLAIN " + PLAIN_IR),
+        reply(code, f"5.7.{code % 10} mechanism refused"),
+        expect_line("AUTH LOGIN"),
+        reply(334, "VXNlcm5hbWU6"),
+        expect_line(base64.b64encode(b"user")),
+        reply(334, "UGFzc3dvcmQ6"),
+        expect_line(base64.b64encode(b"secret")),
+        reply(235, "2.7.0 ok"),
+        *QUIT,
+    ]
+    async with scripted_stream(script) as (stream, _srv):
+        conn = await login(stream)
+        assert conn.authenticated
+        await conn.aclose()
+
+
+async def test_R35_the_last_mechanism_refused_raises() -> None:
+    script = [
+        *prelude("AUTH PLAIN"),
+        expect_line(b"AUTH PLAIN " + PLAIN_IR),
+        reply(534, "5.7.9 too weak"),
+        *QUIT,
+    ]
+    async with scripted_stream(script) as (stream, _srv):
+        with pytest.raises(triomail.SMTPAuthenticationError) as info:
+            await login(stream)
+    assert info.value.code == 534
+
+
+async def test_auth_names_the_mechanism() -> None:
+    """Issue 12: ``auth=`` chooses the mechanism (here PLAIN although CRAM-MD5, the
+    stronger, is offered)."""
+    script = [
+        *prelude("AUTH CRAM-MD5 PLAIN"),
+        expect_line(b"AUTH PLAIN " + PLAIN_IR),
+        reply(235, "2.7.0 ok"),
+        *QUIT,
+    ]
+    async with scripted_stream(script) as (stream, _srv):
+        conn = await login(stream, auth="plain")
+        await conn.aclose()
+
+
+async def test_auth_list_is_tried_in_order() -> None:
+    script = [
+        *prelude("AUTH CRAM-MD5 PLAIN LOGIN"),
+        expect_line("AUTH LOGIN"),
+        reply(504, "5.5.4 not here"),
+        expect_line(b"AUTH PLAIN " + PLAIN_IR),
+        reply(235, "2.7.0 ok"),
+        *QUIT,
+    ]
+    async with scripted_stream(script) as (stream, _srv):
+        conn = await login(stream, auth=["LOGIN", "PLAIN"])
+        await conn.aclose()
+
+
+async def test_auth_naming_an_unoffered_mechanism_sends_nothing() -> None:
+    script = [*prelude("AUTH PLAIN"), *QUIT]
+    async with scripted_stream(script) as (stream, srv):
+        with pytest.raises(triomail.SMTPSecurityError, match="does not offer LOGIN"):
+            await login(stream, auth="LOGIN")
+    assert b"AUTH" not in srv.transcript.data()
+
+
+async def test_auth_offered_only_after_tls_says_so() -> None:
+    """Issue 12: no AUTH in plaintext but STARTTLS offered: the error says AUTH comes
+    after TLS, not that no mechanism is usable."""
+    script = [*prelude("STARTTLS"), *QUIT]
+    async with scripted_stream(script) as (stream, _srv):
+        with pytest.raises(triomail.SMTPSecurityError, match="only after TLS"):
+            await login(stream)
 
 
 async def test_R35_legacy_auth_equals_and_login_exchange() -> None:

@@ -2,23 +2,27 @@
 
 Theory of operation
 -------------------
-:func:`choose` picks the mechanism: XOAUTH2 when a token is given, else the strongest
-advertised one the password can serve (``_core.sasl``). :func:`authenticate` runs the
-exchange: the initial response rides on the AUTH line when it fits (RFC 4954 §4, an
-empty one is ``=``), each 334 challenge is answered, and a challenge that cannot be
-decoded, or one too many, is cancelled with ``*`` and the connection closed (R35). The
-exchange is redacted in the debug log (R36). Only the session decides whether
-credentials may be sent at all (TLS, R9).
+:func:`choose` lists the mechanisms to try: XOAUTH2 when a token is given, else those
+the caller named (``auth=``) or every advertised one the password can serve, strongest
+first (``_core.sasl``); the session tries them in turn until one is accepted or the
+server refuses the credentials themselves (535), as smtplib and aiosmtplib do.
+:func:`authenticate` runs the exchange: the initial response rides on the AUTH line when
+it fits (RFC 4954 §4, an empty one is ``=``), each 334 challenge is answered, and a
+challenge that cannot be decoded, or one too many, is cancelled with ``*`` and the
+connection closed (R35). The exchange is redacted in the debug log (R36). Only the
+session decides whether credentials may be sent at all (TLS, R9).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Sequence
 
+from .._core.capabilities import Capabilities
 from .._core.errors import LocalProtocolError, SMTPAuthenticationError, SMTPSecurityError
 from .._core.reply import Reply
-from .._core.sasl import SASLMechanism, XOAuth2, choose_mechanism
+from .._core.sasl import SASLMechanism, XOAuth2, password_mechanisms
 from .options import TokenSource
 from .transport import Transport
 
@@ -31,26 +35,44 @@ _MAX_AUTH_LINE = 12288
 
 
 async def choose(
-    advertised: frozenset[str],
+    caps: Capabilities,
+    tls_active: bool,
     username: str,
     password: str | None,
     oauth_token: TokenSource | None,
-) -> SASLMechanism:
-    """The mechanism for these credentials; :class:`SMTPSecurityError` if none fits."""
+    wanted: Sequence[str] = (),
+) -> list[SASLMechanism]:
+    """The mechanisms to try for these credentials, in order (``wanted``, or every
+    advertised one, strongest first); :class:`SMTPSecurityError` if none fits."""
+    advertised = caps.auth_mechanisms
+    if not advertised and not tls_active and caps.starttls:
+        # Many servers advertise AUTH only once TLS is up (RFC 4954 §4 allows it).
+        raise SMTPSecurityError(
+            "the server offers AUTH only after TLS (none advertised in plaintext; "
+            "it offers STARTTLS): use tls='starttls'"
+        )
     if oauth_token is not None:
         if "XOAUTH2" not in advertised:
-            raise SMTPSecurityError("server does not offer XOAUTH2")
+            raise SMTPSecurityError(_not_offered("XOAUTH2", advertised))
         token = oauth_token if isinstance(oauth_token, str) else await oauth_token()
-        return XOAuth2(username, token)
+        return [XOAuth2(username, token)]
     if password is None:
         raise LocalProtocolError("username given without password or oauth_token")
-    mechanism = choose_mechanism(advertised, username, password)
-    if mechanism is None:
-        raise SMTPSecurityError(
-            "server offers no usable AUTH mechanism"
-            + (f" (offers {', '.join(sorted(advertised))})" if advertised else "")
-        )
-    return mechanism
+    for name in wanted:
+        if name.upper() not in advertised:
+            raise SMTPSecurityError(_not_offered(name.upper(), advertised))
+    mechanisms = password_mechanisms(advertised, username, password, wanted)
+    if not mechanisms:
+        raise SMTPSecurityError(f"server offers no usable AUTH mechanism ({_offers(advertised)})")
+    return mechanisms
+
+
+def _not_offered(what: str, advertised: frozenset[str]) -> str:
+    return f"server does not offer {what} ({_offers(advertised)})"
+
+
+def _offers(advertised: frozenset[str]) -> str:
+    return f"it offers {', '.join(sorted(advertised))}" if advertised else "it offers no AUTH"
 
 
 async def authenticate(io: Transport, mechanism: SASLMechanism, seconds: float) -> None:

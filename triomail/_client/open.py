@@ -38,7 +38,8 @@ async def connect(
     ``tls`` is ``"implicit"`` (the default for port 465), ``"starttls"`` (the default
     otherwise, and required: never a silent downgrade, R1) or ``"none"`` (explicit
     plaintext). The other options are :class:`SessionOptions`' (``ssl_context``,
-    ``username``, ``password``, ``oauth_token``, ``local_hostname``, ``server_hostname``,
+    ``username``, ``password``, ``oauth_token``, ``auth``, ``local_hostname``,
+    ``server_hostname``,
     ``timeouts``, ``allow_insecure_auth``); deadlines come from ``timeouts``.
     """
     conn = await open_connection(host, port, tls=tls, **options)

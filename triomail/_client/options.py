@@ -13,7 +13,7 @@ import functools
 import os
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypedDict
 
@@ -39,6 +39,7 @@ class OptionArgs(TypedDict, total=False):
     username: str | None
     password: str | None
     oauth_token: TokenSource | None
+    auth: str | Sequence[str] | None
     local_hostname: str | None
     server_hostname: str | None
     timeouts: Timeouts
@@ -53,6 +54,8 @@ class SessionOptions:
     otherwise, and required: never a silent downgrade, R1) or ``"none"`` (explicit
     plaintext); ``None`` picks by port. Credentials go only over TLS unless
     ``allow_insecure_auth`` (R9). Deadlines come from ``timeouts`` (R26).
+    ``auth`` names the SASL mechanism (or mechanisms, in order) to try; by default each
+    one the server offers that the credentials can serve, strongest first.
     ``server_hostname`` is the name the server's certificate must match when it is not
     the host connected to (an IP address, say); by default that host (R2).
     """
@@ -62,6 +65,7 @@ class SessionOptions:
     username: str | None = None
     password: str | None = None
     oauth_token: TokenSource | None = None
+    auth: str | Sequence[str] | None = None
     local_hostname: str | None = None
     server_hostname: str | None = None
     timeouts: Timeouts = Timeouts()

@@ -36,6 +36,7 @@ from .._core.capabilities import Capabilities
 from .._core.commands import check_argument, encode_command
 from .._core.errors import (
     LocalProtocolError,
+    SMTPAuthenticationError,
     SMTPDisconnected,
     SMTPError,
     SMTPProtocolError,
@@ -51,11 +52,15 @@ from .._core.timeouts import Timeouts
 from .._core.transaction import Transaction
 from .auth import authenticate, choose
 from .lockstep import reset, send_each, send_one
-from .options import SessionOptions, TokenSource, default_ssl_context, local_name
+from .options import SessionOptions, default_ssl_context, local_name
 from .pipeline import send_pipelined
 from .transport import Transport
 
 __all__ = ["SMTPConnection"]
+
+
+#: AUTH replies that refuse the mechanism, not the credentials (RFC 4954 §6).
+_MECHANISM_REFUSED = frozenset({504, 534, 538})
 
 
 class SMTPConnection:
@@ -179,7 +184,7 @@ class SMTPConnection:
         if options.tls == "starttls":
             await self._starttls()
         if options.username is not None:
-            await self._login(options.username, options.password, options.oauth_token)
+            await self._login(options)
 
     def _tls_context(self) -> ssl.SSLContext:
         # Built only when TLS is used: loading the CA store costs milliseconds.
@@ -213,12 +218,28 @@ class SMTPConnection:
         self.greeting = None
         self.capabilities = await _ehlo(io, self._local_hostname, t.ehlo)
 
-    async def _login(
-        self, username: str, password: str | None, oauth_token: TokenSource | None
-    ) -> None:
+    async def _login(self, options: SessionOptions) -> None:
         self._check_auth_allowed()
-        mechanism = await choose(self.capabilities.auth_mechanisms, username, password, oauth_token)
-        await self.auth(mechanism)
+        assert options.username is not None
+        wanted = (options.auth,) if isinstance(options.auth, str) else tuple(options.auth or ())
+        mechanisms = await choose(
+            self.capabilities,
+            self.tls_active,
+            options.username,
+            options.password,
+            options.oauth_token,
+            wanted,
+        )
+        for i, mechanism in enumerate(mechanisms):
+            try:
+                await self.auth(mechanism)
+                return
+            except SMTPAuthenticationError as exc:
+                # RFC 4954 §6: 504, 534 and 538 refuse the mechanism, so the next one
+                # may do. 535 refuses the credentials, whatever the mechanism, and a
+                # 4xx the moment: trying on would only invite a lockout (R35).
+                if exc.reply.code not in _MECHANISM_REFUSED or i == len(mechanisms) - 1:
+                    raise
 
     def _check_auth_allowed(self) -> None:
         if self.authenticated:

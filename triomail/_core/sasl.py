@@ -9,6 +9,7 @@ them (R36).
 from __future__ import annotations
 
 import hmac
+from collections.abc import Sequence
 from typing import Protocol
 
 from .errors import LocalProtocolError
@@ -120,15 +121,35 @@ class XOAuth2:
 _PREFERENCE = ("CRAM-MD5", "PLAIN", "LOGIN")
 
 
+#: The mechanisms a user name and password can serve, by their SASL names.
+PASSWORD_MECHANISMS: dict[str, type[CramMD5 | Plain | Login]] = {
+    "CRAM-MD5": CramMD5,
+    "PLAIN": Plain,
+    "LOGIN": Login,
+}
+
+
+def password_mechanisms(
+    advertised: frozenset[str], username: str, password: str, wanted: Sequence[str] = ()
+) -> list[SASLMechanism]:
+    """The mechanisms to try for a password, in order: those ``wanted`` (SASL names, in
+    the caller's order) or, when none is named, every advertised one, strongest first.
+
+    A wanted name that the server did not advertise, or that a password cannot serve,
+    is a :class:`LocalProtocolError`: nothing is sent for it.
+    """
+    names = [name.upper() for name in wanted] or [n for n in _PREFERENCE if n in advertised]
+    for name in names:
+        if name not in PASSWORD_MECHANISMS:
+            raise LocalProtocolError(
+                f"AUTH {name}: not a password mechanism (known: {', '.join(_PREFERENCE)})"
+            )
+    return [PASSWORD_MECHANISMS[name](username, password) for name in names]
+
+
 def choose_mechanism(
     advertised: frozenset[str], username: str, password: str
 ) -> SASLMechanism | None:
-    """Pick the mechanism to use for a password among those the server advertised."""
-    for name in _PREFERENCE:
-        if name in advertised:
-            if name == "CRAM-MD5":
-                return CramMD5(username, password)
-            if name == "PLAIN":
-                return Plain(username, password)
-            return Login(username, password)
-    return None
+    """The strongest mechanism the server advertised for a password, or None."""
+    found = password_mechanisms(advertised, username, password)
+    return found[0] if found else None
