@@ -77,6 +77,9 @@ class Job:
     #: The final result has been delivered (or recorded in ``Ledger.interrupted``).
     final: bool = False
     last: SendResult | None = None
+    #: Why the client refused to send a message that names no recipient at all: the
+    #: caller of ``Pool.send`` gets it raised, as ``conn.send`` would raise it.
+    refusal: LocalProtocolError | None = None
 
     @property
     def prepared(self) -> PreparedMessage | None:
@@ -110,7 +113,11 @@ class Job:
         return outcomes.not_sent(self.prepared, self.due(), reason)
 
     def refused(self, refusal: LocalProtocolError) -> SendResult:
-        return outcomes.refused_locally(self.prepared, self.due(), str(refusal))
+        """Refused locally: permanent, even for a message that names no recipient."""
+        due = self.due()
+        if not due:
+            self.refusal = refusal
+        return outcomes.refused_locally(self.prepared, due, str(refusal))
 
     def cut_off(self, reason: str, *, final_dot_out: bool) -> SendResult:
         return outcomes.cut_off(self.prepared, self.due(), reason, final_dot_out=final_dot_out)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NOT_SENT",
+    "NO_RECIPIENT",
     "POSSIBLE_DUPLICATE",
     "STOPPED",
     "abandoned",
@@ -42,16 +43,21 @@ STOPPED = "not sent: the pool stopped opening connections"
 NOT_SENT = "not sent: cancelled before it was sent"
 NOT_RETRIED = "not sent again: cancelled before the retry"
 POSSIBLE_DUPLICATE = "an earlier attempt had an unknown outcome: possible duplicate"
+#: The one recipient of a result for a message that names none: "every recipient
+#: accepted" is true of an empty list, so such a result would read as accepted.
+NO_RECIPIENT = "(no recipient)"
 
 
 def synthetic(
     prepared: Prepared | None, recipients: Sequence[str], outcome: Outcome, reason: str
 ) -> SendResult:
     """``outcome`` for each of ``recipients``, with no reply; sender, Message-ID and tag
-    come from ``prepared`` (None: a message that could not be prepared)."""
+    come from ``prepared`` (None: a message that could not be prepared). With no
+    recipient at all, the result names :data:`NO_RECIPIENT`, so it never reads as
+    accepted."""
     return SendResult(
         prepared.sender if prepared is not None else "",
-        tuple(RecipientResult(r, outcome, None) for r in recipients),
+        tuple(RecipientResult(r, outcome, None) for r in recipients or (NO_RECIPIENT,)),
         None,
         prepared.message_id if prepared is not None else None,
         reason,

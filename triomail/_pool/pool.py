@@ -110,22 +110,31 @@ class Pool:
         sender: str | None = None,
         recipients: Sequence[str] | None = None,
     ) -> SendResult:
-        """Send one message, retrying per the policy; never raises for SMTP outcomes."""
+        """Send one message, retrying per the policy; never raises for SMTP outcomes.
+
+        A message that names no recipient (an ``EmailMessage`` without To/Cc/Bcc, raw
+        bytes without ``sender=``/``recipients=``) raises :exc:`LocalProtocolError`, as
+        ``conn.send`` does.
+        """
         if sender is not None or recipients is not None:
             message = as_prepared(message, sender, recipients)
         done_send, done_receive = trio.open_memory_channel[SendResult](1)
         done = self._dispatch.results(done_send)
+        job = self._ledger.job(message, done)
         try:
-            await self._dispatch.submit(self._ledger.job(message, done))
+            await self._dispatch.submit(job)
         finally:
             done.fed()
         async with done_receive:
             try:
-                return await done_receive.receive()
+                result = await done_receive.receive()
             except trio.EndOfChannel:
                 raise trio.BrokenResourceError(
                     "the pool's workers are gone (cancelled); the result is in interrupted"
                 ) from None
+        if job.refusal is not None:
+            raise job.refusal
+        return result
 
     @asynccontextmanager
     async def send_all(

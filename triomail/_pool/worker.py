@@ -340,10 +340,13 @@ def as_prepared(
     recipients: Sequence[str] | None,
     conn: Connection | None = None,
 ) -> PreparedMessage:
-    """``message`` prepared for ``conn`` (or any server), to the given recipients."""
+    """``message`` prepared for ``conn`` (or any server), to the given recipients;
+    :exc:`LocalProtocolError` if it names none (as ``prepare`` says)."""
     if isinstance(message, PreparedMessage):
         if recipients is None:
             return message
+        if not recipients:
+            raise LocalProtocolError("no recipients")
         return dataclasses.replace(message, recipients=tuple(recipients))
     if conn is not None:
         return conn.prepare(message, sender=sender, recipients=recipients)
