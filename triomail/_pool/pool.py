@@ -35,7 +35,7 @@ from .channels import ResultChannel
 from .dispatch import Dispatch
 from .jobs import MessageLike
 from .options import PoolOptions, RetryPolicy
-from .servers import Server, Servers
+from .servers import Server, Servers, checked
 from .worker import Worker, as_prepared
 
 __all__ = [
@@ -254,9 +254,13 @@ def connect_pool(nursery: trio.Nursery, server: ServerSpec, options: PoolOptions
     keywords are those of :class:`PoolOptions`. The caller closes the pool with
     ``await pool.aclose()`` (or cancels the nursery).
     """
+    return Pool(nursery, _resolve(server), options)
+
+
+def _resolve(server: ServerSpec) -> list[Server]:
+    """The servers ``server`` names (URLs parsed): a configuration error raises here."""
     servers = [server] if isinstance(server, Server | str) else list(server)
-    resolved = [Server.from_url(s) if isinstance(s, str) else s for s in servers]
-    return Pool(nursery, resolved, options)
+    return [checked(Server.from_url(s) if isinstance(s, str) else s) for s in servers]
 
 
 def _in_own_nursery(
@@ -280,8 +284,10 @@ def _in_own_nursery(
                 pool.close()
 
     def open_pool(*args: _P.args, **kwargs: _P.kwargs) -> AbstractAsyncContextManager[Pool]:
-        own.bind(*args, **kwargs)  # a wrong argument fails at the call, not in the nursery
-        return block(*args, **kwargs)
+        # A wrong argument or server fails at the call, not wrapped by the nursery.
+        bound = own.bind(*args, **kwargs)
+        bound.arguments["server"] = _resolve(bound.arguments["server"])
+        return block(*bound.args, **bound.kwargs)
 
     open_pool.__signature__ = own  # type: ignore[attr-defined]
     open_pool.__qualname__ = open_pool.__name__

@@ -23,17 +23,31 @@ import random
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import trio
 
-from .._client.connection import SMTPConnection, TLSMode, TokenSource, open_connection
+from .._client.connection import (
+    SMTPConnection,
+    TLSMode,
+    TokenSource,
+    default_ssl_context,
+    open_connection,
+)
 from .._core.reply import Reply
 from .._core.timeouts import Timeouts
 from .interfaces import Connection
 from .options import RetryPolicy
 
-__all__ = ["Lease", "Server", "ServerState", "Servers", "TokenBucket", "throttles"]
+__all__ = [
+    "Lease",
+    "Server",
+    "ServerState",
+    "Servers",
+    "TokenBucket",
+    "checked",
+    "throttles",
+]
 
 #: Successes after which a throttled server gets one step of concurrency and rate back.
 RECOVER_EVERY = 20
@@ -62,8 +76,15 @@ class Server:
 
     @classmethod
     def from_url(cls, url: str, **overrides: object) -> Server:
-        """``smtp://user@host:587`` (STARTTLS), ``smtps://host:465`` (implicit TLS),
-        ``smtp+plain://host:1025`` (explicit plaintext)."""
+        """A server from a URL; ``overrides`` are any other :class:`Server` fields.
+
+        ``smtp://user@host:587`` (STARTTLS), ``smtps://host:465`` (implicit TLS),
+        ``smtp+plain://host:1025`` (explicit plaintext). ``?cafile=PATH`` trusts the CAs
+        in that PEM file instead of the system's (a private CA). A user name needs a
+        password: in the URL (``user:password@``) or as ``password=`` (or
+        ``oauth_token=``); a pool given one without refuses it at once
+        (:func:`checked`).
+        """
         parts = urlsplit(url)
         tls: TLSMode
         if parts.scheme == "smtp":
@@ -85,6 +106,14 @@ class Server:
             "username": unquote(parts.username) if parts.username else None,
             "password": unquote(parts.password) if parts.password else None,
         }
+        query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+        unknown = query.keys() - {"cafile"}
+        if unknown:
+            raise ValueError(f"unknown URL parameter(s) {sorted(unknown)}: only cafile")
+        if "cafile" in query:
+            context = default_ssl_context()
+            context.load_verify_locations(cafile=query["cafile"][-1])
+            values["ssl_context"] = context
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
 
@@ -106,6 +135,18 @@ class Server:
     @property
     def label(self) -> str:
         return f"{self.host}:{self.port or '-'}"
+
+
+def checked(server: Server) -> Server:
+    """``server``, if a pool can use it; :exc:`ValueError` for a configuration error that
+    would otherwise fail every connection attempt (a user name without a password
+    source: say so now, not after a round of retries)."""
+    if server.username is not None and server.password is None and server.oauth_token is None:
+        raise ValueError(
+            f"{server.label}: username {server.username!r} given without a password or "
+            "oauth_token (a URL names no password: Server.from_url(url, password=...))"
+        )
+    return server
 
 
 class TokenBucket:
