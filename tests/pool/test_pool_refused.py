@@ -48,9 +48,7 @@ async def test_send_all_fails_a_message_with_no_recipient(pipeline_depth: int) -
     ok = triomail.prepare(RAW, sender="ann@example.com", recipients=["bob@example.org"])
     async with SMTPSink(tls=False) as sink:
         server = Server(sink.host, sink.port, tls="none")
-        async with triomail.open_pool(
-            server, connections=2, pipeline_depth=pipeline_depth
-        ) as pool:
+        async with triomail.open_pool(server, connections=2, pipeline_depth=pipeline_depth) as pool:
             async with pool.send_all([_no_to(), RAW, ok]) as results:  # type: ignore[list-item]
                 got = [r async for r in results]
             stats = pool.statistics()
