@@ -34,7 +34,7 @@ async def test_pool_send_raises_for_a_message_with_no_recipient() -> None:
         async with triomail.open_pool(server, connections=2) as pool:
             for message in (_no_to(), RAW):
                 with pytest.raises(LocalProtocolError):
-                    await pool.send(message)  # type: ignore[arg-type]
+                    await pool.send(message)  # type: ignore[call-overload]
             with pytest.raises(LocalProtocolError, match="no recipients"):
                 await pool.send(RAW, sender="ann@example.com", recipients=[])
             stats = pool.statistics()

@@ -26,7 +26,7 @@ import inspect
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast, overload
 
 import trio
 
@@ -103,9 +103,23 @@ class Pool:
             self._dispatch.workers += 1
             nursery.start_soon(Worker(self._dispatch).run)
 
+    @overload
     async def send(
         self,
         message: MessageLike,
+        *,
+        sender: str | None = None,
+        recipients: Sequence[str] | None = None,
+    ) -> SendResult: ...
+
+    @overload
+    async def send(
+        self, message: bytes | str, *, sender: str, recipients: Sequence[str]
+    ) -> SendResult: ...
+
+    async def send(
+        self,
+        message: MessageLike | bytes | str,
         *,
         sender: str | None = None,
         recipients: Sequence[str] | None = None,
@@ -116,7 +130,7 @@ class Pool:
         bytes without ``sender=``/``recipients=``) raises :exc:`LocalProtocolError`, as
         ``conn.send`` does.
         """
-        if sender is not None or recipients is not None:
+        if sender is not None or recipients is not None or isinstance(message, bytes | str):
             message = as_prepared(message, sender, recipients)
         done_send, done_receive = trio.open_memory_channel[SendResult](1)
         done = self._dispatch.results(done_send)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator, Sequence
+from email.message import Message
 
 import trio
 
@@ -335,7 +336,7 @@ class Worker:
 
 
 def as_prepared(
-    message: MessageLike,
+    message: MessageLike | bytes | str,
     sender: str | None,
     recipients: Sequence[str] | None,
     conn: Connection | None = None,
@@ -348,6 +349,6 @@ def as_prepared(
         if not recipients:
             raise LocalProtocolError("no recipients")
         return dataclasses.replace(message, recipients=tuple(recipients))
-    if conn is not None:
+    if conn is not None and isinstance(message, Message):
         return conn.prepare(message, sender=sender, recipients=recipients)
     return prepare(message, sender=sender, recipients=recipients)
