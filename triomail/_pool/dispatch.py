@@ -17,8 +17,6 @@ waiting (queued, for a connection, for a retry's backoff) gets its result there 
 
 from __future__ import annotations
 
-import math
-
 import trio
 
 from .._core.results import SendResult
@@ -72,20 +70,15 @@ class Dispatch:
         self.all_done.set()
 
     def results(self, channel: trio.MemorySendChannel[SendResult]) -> Results:
-        return Results(channel, self._orphaned)
-
-    def _orphaned(self, result: SendResult) -> None:
-        """A result found its consumer gone. If the pool is being cancelled, that is why
-        the consumer left (it may have drained its channel just before): the result goes
-        to ``interrupted``. Otherwise the consumer left early on purpose and the outcome
-        only counts in the statistics."""
-        if trio.current_effective_deadline() == -math.inf:
-            self.ledger.interrupted.append(result)
+        return Results(channel, self.ledger.interrupted)
 
     # -------------------------------------------------------------- hand-over
 
-    async def submit(self, job: Job) -> None:
-        """Hand ``job`` to the workers; wait while the queue is full."""
+    async def submit(self, job: Job, *, withdraw_if_cancelled: bool = False) -> None:
+        """Hand ``job`` to the workers; wait while the queue is full. Cancelled while
+        waiting, the job goes to ``interrupted`` ("not sent"), or is withdrawn (no
+        result owed) with ``withdraw_if_cancelled``: the caller of ``Pool.send`` sees
+        the cancellation itself."""
         ledger = self.ledger
         ledger.hand_over(job)
         if self.all_done.is_set():
@@ -108,7 +101,7 @@ class Dispatch:
             ledger.queued -= 1
             if job.final:
                 pass  # recorded while it waited: no worker was left to take it
-            elif isinstance(exc, trio.Cancelled):
+            elif isinstance(exc, trio.Cancelled) and not withdraw_if_cancelled:
                 # Taken from the caller's messages (the pool, or a send_all left early,
                 # was cancelled), never handed to a worker: not sent.
                 ledger.abandon(job)

@@ -20,8 +20,9 @@ what comes next, the final result or a :class:`Retry`:
   not counted as an attempt (R42, RFC 5321 §4.5.3.1.10).
 
 A job ends by one of three verbs: :meth:`Ledger.delivered` (its consumer took the
-result), :meth:`Ledger.interrupt` (the cancellation kept it from the consumer) or
-:meth:`Ledger.withdraw` (never really handed over: no result owed). The counts behind
+result), :meth:`Ledger.interrupt` (the pool's cancellation kept it from the consumer) or
+:meth:`Ledger.withdraw` (no result owed: never really handed over, or its ``Pool.send``
+caller was cancelled before a worker took it). The counts behind
 ``Pool.statistics()`` are kept here too.
 """
 
@@ -76,6 +77,8 @@ class Job:
     unknown_seen: bool = False
     #: The final result has been delivered (or recorded in ``Ledger.interrupted``).
     final: bool = False
+    #: A worker has taken it (it is, or was, on the wire): too late to withdraw it.
+    taken: bool = False
     last: SendResult | None = None
     #: Why the client refused to send a message that names no recipient at all: the
     #: caller of ``Pool.send`` gets it raised, as ``conn.send`` would raise it.
@@ -188,10 +191,15 @@ class Ledger:
         self.held[job] = None
         self.queued += 1
 
-    def take(self, count: int) -> None:
-        """A worker took ``count`` jobs from the queue."""
-        self.queued -= count
-        self.in_flight += count
+    def take(self, job: Job) -> bool:
+        """A worker took ``job`` from the queue; False if it was withdrawn while it
+        waited there (the worker drops it)."""
+        self.queued -= 1
+        if job.final:
+            return False
+        job.taken = True
+        self.in_flight += 1
+        return True
 
     def put_down(self, count: int) -> None:
         """A worker is through with ``count`` jobs (each finished, or waiting again)."""
@@ -290,7 +298,9 @@ class Ledger:
             self.abandon(job)
 
     def withdraw(self, job: Job) -> None:
-        """The job was never really handed over (its hand-over failed): no result."""
+        """No result is owed for the job: its hand-over failed, or the caller of
+        ``Pool.send`` was cancelled before a worker took it (if it is still queued, the
+        worker that takes it drops it)."""
         self._end(job)
         if job.done is not None:
             job.done.withdraw()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, cast, overload
 import trio
 
 from .._core.results import SendResult
-from .channels import ResultChannel
+from .channels import ResultChannel, Results
 from .dispatch import Dispatch
 from .jobs import MessageLike
 from .options import PoolOptions, RetryPolicy
@@ -126,6 +127,13 @@ class Pool:
     ) -> SendResult:
         """Send one message, retrying per the policy; never raises for SMTP outcomes.
 
+        Cancelling the call (the caller's cancel scope, e.g. a web request that went
+        away) withdraws the message if no worker has taken it yet: it is not sent. A
+        message a worker took (on the wire, or waiting for a retry) goes on to its end,
+        its result dropped but counted in :meth:`statistics`. Neither touches
+        :attr:`interrupted`, which belongs to cancelling the pool (a message taken
+        when the pool itself is cancelled gets its result there, as in ``send_all``).
+
         A message that names no recipient (an ``EmailMessage`` without To/Cc/Bcc, raw
         bytes without ``sender=``/``recipients=``) raises :exc:`LocalProtocolError`, as
         ``conn.send`` does.
@@ -136,7 +144,7 @@ class Pool:
         done = self._dispatch.results(done_send)
         job = self._ledger.job(message, done)
         try:
-            await self._dispatch.submit(job)
+            await self._dispatch.submit(job, withdraw_if_cancelled=True)
         finally:
             done.fed()
         async with done_receive:
@@ -146,6 +154,10 @@ class Pool:
                 raise trio.BrokenResourceError(
                     "the pool's workers are gone (cancelled); the result is in interrupted"
                 ) from None
+            except trio.Cancelled:
+                if not job.final and not job.taken:
+                    self._ledger.withdraw(job)  # not on the wire: it will not be sent
+                raise
         if job.refusal is not None:
             raise job.refusal
         return result
@@ -161,18 +173,18 @@ class Pool:
         # Room for a burst of results from every worker, so a worker rarely waits
         # for the consumer.
         results_send, results_receive = trio.open_memory_channel[SendResult](self._dispatch.burst)
+        done = self._dispatch.results(results_send)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._feed, messages, results_send)
-            async with ResultChannel(results_receive) as results:
-                yield results
+            nursery.start_soon(self._feed, messages, done)
+            try:
+                yield ResultChannel(results_receive)
+            finally:
+                done.left(results_receive, cancelled=_cancelled())
             nursery.cancel_scope.cancel()
 
     async def _feed(
-        self,
-        messages: Iterable[MessageLike] | AsyncIterable[MessageLike],
-        results: trio.MemorySendChannel[SendResult],
+        self, messages: Iterable[MessageLike] | AsyncIterable[MessageLike], done: Results
     ) -> None:
-        done = self._dispatch.results(results)
         submit, job = self._dispatch.submit, self._ledger.job
         try:
             if isinstance(messages, AsyncIterable):
@@ -229,6 +241,11 @@ class Pool:
             f"{s.connections_idle} idle | messages: {s.queued} queued, {s.in_flight} in flight, "
             f"done: {done or 'none'} | retries: {s.retries}>"
         )
+
+
+def _cancelled() -> bool:
+    """True if the running task is being cancelled (its consumer leaves because of it)."""
+    return trio.current_effective_deadline() == -math.inf
 
 
 def _keywords_of(

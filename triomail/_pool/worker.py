@@ -74,7 +74,6 @@ class Worker:
                     return
                 if not jobs:
                     continue
-                self.ledger.take(len(jobs))
                 dispatch.busy += 1
                 try:
                     await self._attempt(jobs)
@@ -94,7 +93,7 @@ class Worker:
         only when it is ready to write them, so the workers share the queue fairly).
 
         Returns None when the pool closes, and an empty list after closing an idle
-        connection.
+        connection or dropping a withdrawn job.
         """
         queue = self.dispatch.jobs_receive
         try:
@@ -109,12 +108,12 @@ class Worker:
             else:
                 with trio.move_on_after(self.options.idle_timeout):
                     first = await queue.receive()
-                    return [first]
+                    return [first] if self.ledger.take(first) else []
                 await self.lease.release()  # idle past idle_timeout: QUIT
                 return []
         except trio.EndOfChannel:
             return None
-        return [first]
+        return [first] if self.ledger.take(first) else []
 
     async def _open_for(self, jobs: list[Job]) -> bool:
         """Open a connection for ``jobs``, failing over between servers; False if none
@@ -265,7 +264,8 @@ class Worker:
                 job = queue.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel):
                 return
-            ledger.take(1)
+            if not ledger.take(job):
+                continue
             self.streamed += 1
             message = job.message
             if job.pending is not None or not isinstance(message, PreparedMessage):
