@@ -52,8 +52,10 @@ class Dispatch:
         self.jobs_send, self.jobs_receive = trio.open_memory_channel[Job](self.burst)
         #: Worker tasks not ended yet.
         self.workers = 0
-        #: Workers sending.
+        #: Workers sending (or connecting to send).
         self.busy = 0
+        #: Workers holding jobs while their server is down (a subset of ``busy``).
+        self.waiting = 0
         self.stopped_connecting = False
         #: Cancel scopes of the connection attempts under way.
         self.connecting: set[trio.CancelScope] = set()
@@ -126,7 +128,11 @@ class Dispatch:
 
     async def _retry_later(self, job: Job, delay: float) -> None:
         # Cancelled here, the job stays held: the last worker to end records it.
-        await trio.sleep(delay)
+        self.ledger.backoff += 1
+        try:
+            await trio.sleep(delay)
+        finally:
+            self.ledger.backoff -= 1
         self.ledger.queued += 1
         try:
             await self.jobs_send.send(job)

@@ -172,6 +172,8 @@ class Ledger:
         self.queued = 0
         #: Jobs a worker has taken and not finished with.
         self.in_flight = 0
+        #: Jobs waiting for a retry's backoff or for their server to answer again.
+        self.backoff = 0
         #: Finished jobs per final outcome (the value of :class:`Outcome`).
         self.done = {o.value: 0 for o in Outcome}
         self.retries = 0
@@ -204,6 +206,28 @@ class Ledger:
     def put_down(self, count: int) -> None:
         """A worker is through with ``count`` jobs (each finished, or waiting again)."""
         self.in_flight -= count
+
+    def wait_for_server(
+        self, jobs: list[Job], down_for: float, reason: str, *, first: bool
+    ) -> list[Job]:
+        """A worker could not connect for ``jobs`` (``reason``); the server has been
+        down ``down_for`` seconds. At the ``first`` failure each job is charged an
+        attempt (not sent, transient; the last of ``max_attempts`` is kept for the
+        final result); then it waits for the server, uncharged: a wait is not an
+        attempt. Return those that give up: the server has been down ``max_backoff``
+        seconds, or ``give_up_after`` has passed. The caller records their end."""
+        policy, now = self.retry, self._clock()
+        giving_up = []
+        for job in jobs:
+            if down_for >= policy.max_backoff or (
+                policy.give_up_after is not None and now - job.first_attempt >= policy.give_up_after
+            ):
+                giving_up.append(job)
+            elif first and job.attempts + 1 < policy.max_attempts:
+                job.attempts += 1
+                job.last = job.not_sent(reason)
+                self.retries += 1
+        return giving_up
 
     # ----------------------------------------------------------------- attempts
 

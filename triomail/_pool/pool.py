@@ -73,6 +73,8 @@ class PoolStatistics:
     unknown_seen: int
     rate: float | None
     servers: dict[str, int]
+    #: Messages waiting for a retry's backoff, or for their server to answer again.
+    backoff: int = 0
 
 
 class Pool:
@@ -219,10 +221,12 @@ class Pool:
     def statistics(self) -> PoolStatistics:
         dispatch, ledger = self._dispatch, self._ledger
         connections_open = dispatch.servers.connections_open
+        # A worker waiting for a server that is down has no connection to be busy on.
+        busy = dispatch.busy - dispatch.waiting
         return PoolStatistics(
             connections_open=connections_open,
-            connections_busy=dispatch.busy,
-            connections_idle=connections_open - dispatch.busy,
+            connections_busy=busy,
+            connections_idle=max(0, connections_open - busy),
             queued=ledger.queued,
             in_flight=ledger.in_flight,
             done=dict(ledger.done),
@@ -231,6 +235,7 @@ class Pool:
             unknown_seen=ledger.unknown_seen,
             rate=dispatch.rate.rate if dispatch.rate else None,
             servers=dispatch.servers.limits(),
+            backoff=ledger.backoff,
         )
 
     def __repr__(self) -> str:
@@ -239,6 +244,7 @@ class Pool:
         return (
             f"<Pool connections: {s.connections_open} open, {s.connections_busy} busy, "
             f"{s.connections_idle} idle | messages: {s.queued} queued, {s.in_flight} in flight, "
+            f"{s.backoff} in backoff, "
             f"done: {done or 'none'} | retries: {s.retries}>"
         )
 

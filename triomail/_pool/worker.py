@@ -64,6 +64,8 @@ class Worker:
         self.lease = Lease()
         #: Jobs taken from the queue during the current attempt (beyond the first).
         self.streamed = 0
+        #: Jobs this worker holds while their server is down (counted as in backoff).
+        self.waiting = 0
 
     async def run(self) -> None:
         dispatch = self.dispatch
@@ -78,6 +80,7 @@ class Worker:
                 try:
                     await self._attempt(jobs)
                 finally:
+                    self._done_waiting()
                     dispatch.busy -= 1
                     # With the jobs its pipelined runs took from the queue as they went.
                     self.ledger.put_down(len(jobs) + self.streamed)
@@ -131,6 +134,7 @@ class Worker:
                 return False
             try:
                 if await self._connect_unless_stopped(state):
+                    self._done_waiting()
                     return True
                 await self._not_sent(jobs, outcomes.STOPPED, final=True)
                 return False
@@ -138,17 +142,48 @@ class Worker:
                 if isinstance(exc, SMTPCertificateError) or exc.permanent:
                     state.mark_fatal(exc)
                     continue
-                state.record_connect_failure(self.options.retry)
+                state.record_connect_failure(self.options.retry, exc)
                 await self._not_sent(jobs, str(exc), final=False)
                 return False
             except SMTPError as exc:
                 if isinstance(exc, SMTPResponseError) and exc.reply.code == 421:
                     state.throttle()
-                state.record_connect_failure(self.options.retry)
+                state.record_connect_failure(self.options.retry, exc)
                 if servers.another_up():
                     continue  # failover: the same jobs, at once, elsewhere
-                await self._not_sent(jobs, f"{state.server.label}: {exc}", final=False)
-                return False
+                jobs = await self._wait_for(state, jobs, f"{state.server.label}: {exc}")
+                if not jobs:
+                    return False
+
+    async def _wait_for(self, state: ServerState, jobs: list[Job], reason: str) -> list[Job]:
+        """The server is down: those of ``jobs`` that have waited long enough fail (not
+        sent, transient); the others stay with this worker, which tries again when the
+        server's backoff window ends (the loop in :meth:`_open_for`), so they go out as
+        soon as it answers. Returns those."""
+        giving_up = self.ledger.wait_for_server(
+            jobs, state.outage(), reason, first=not self.waiting
+        )
+        if giving_up:
+            await self._not_sent(giving_up, reason, final=True)
+            jobs = [job for job in jobs if job not in giving_up]
+        if not jobs:
+            self._done_waiting()
+            return jobs
+        if not self.waiting:
+            self.dispatch.waiting += 1
+        moved = len(jobs) - self.waiting
+        self.ledger.in_flight -= moved
+        self.ledger.backoff += moved
+        self.waiting = len(jobs)
+        return jobs
+
+    def _done_waiting(self) -> None:
+        """The jobs held through an outage are in flight again (or finished)."""
+        if self.waiting:
+            self.ledger.backoff -= self.waiting
+            self.ledger.in_flight += self.waiting
+            self.dispatch.waiting -= 1
+            self.waiting = 0
 
     async def _connect_unless_stopped(self, state: ServerState) -> bool:
         """Connect to ``state``'s server; False if ``Pool.stop_connecting`` cut it off."""
@@ -177,8 +212,11 @@ class Worker:
             for _ in jobs:
                 await dispatch.rate.acquire()
         while jobs:
-            if lease.conn is None and not await self._open_for(jobs):
-                return
+            if lease.conn is None:
+                if not await self._open_for(jobs):
+                    return
+                # Some may have given up waiting for the server.
+                jobs = [job for job in jobs if not job.final]
             conn, state = lease.conn, lease.state
             assert conn is not None and state is not None
             reused = conn.transactions > 0
