@@ -17,7 +17,9 @@ connections, even a TLS or AUTH failure -- into a :class:`SendResult` and gives 
 ledger, which decides what comes next. Only bugs escape. A failure of a *reused*
 connection before MAIL was accepted is retried at once on a fresh connection without
 counting an attempt (R45); a 535 or a certificate failure fails every message for that
-server at once (R10, R35); a connect failure fails over to another server if one is up.
+server at once (R10, R35); a connect failure fails over to another server if one is up,
+else the worker keeps its jobs through the outage and sends them as soon as the server
+answers (:mod:`.servers` counts the outage in backoff windows).
 """
 
 from __future__ import annotations
