@@ -5,6 +5,12 @@ test can take it; outside trio mode mark the test ``@pytest.mark.trio``. Configu
 the sink per test with ``@pytest.mark.smtp_sink(**kwargs)`` (any
 :class:`~triomail.testing.SMTPSink` keyword argument). The sink module is imported
 only when the fixture is used, so the plugin costs nothing otherwise.
+
+What the fixture needs is the ``testing`` extra: ``pip install 'triomail[testing]'``
+(pytest, pytest-trio, and trustme for the sink's throwaway TLS certificate). Without
+trustme the sink still runs, without STARTTLS, and ``client_ssl_context()`` says why.
+``smtp_sink.wait_for_messages(n)`` gives up after ``timeout`` seconds (10 by default)
+with a :exc:`TimeoutError` naming what arrived.
 """
 
 from __future__ import annotations

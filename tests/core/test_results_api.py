@@ -34,3 +34,13 @@ def test_send_error_carries_the_result() -> None:
     assert info.value.result is result
     assert info.value.result.by_outcome(triomail.Outcome.PERMANENT) == ["c@example.com"]
     assert isinstance(info.value, triomail.SMTPError)
+
+
+def test_a_result_with_no_recipient_is_not_a_delivery() -> None:
+    """Issue 12, point 1: "every recipient accepted" is true of an empty list; a result
+    with no recipient (a message refused before sending) must not read as accepted."""
+    result = new_send_result("a@example.com", (), None, None, "refused locally: no recipients")
+    assert not result.ok
+    assert result.outcome is triomail.Outcome.PERMANENT
+    with pytest.raises(triomail.SMTPSendError):
+        result.raise_for_status()

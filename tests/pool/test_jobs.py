@@ -76,7 +76,7 @@ class Book:
         )
         job = self.ledger.job(message, self.consumer)
         self.ledger.hand_over(job)
-        self.ledger.take(1)
+        assert self.ledger.take(job)
         return job
 
     def finish(self, job: Job, verdict: SendResult | Retry) -> SendResult:
@@ -122,8 +122,19 @@ def test_hand_over_holds_the_job_and_counts_it() -> None:
     book.ledger.hand_over(job)
     assert list(book.ledger.held) == [job]
     assert (book.ledger.queued, book.ledger.in_flight) == (1, 0)
-    book.ledger.take(1)
+    assert book.ledger.take(job)
     assert (book.ledger.queued, book.ledger.in_flight) == (0, 1)
+    assert job.taken
+
+
+def test_a_job_withdrawn_while_queued_is_dropped_by_the_worker_that_takes_it() -> None:
+    book = Book()
+    job = book.ledger.job(triomail.prepare(b"\r\n", sender="f@x", recipients=["a@y"]), None)
+    book.ledger.hand_over(job)
+    book.ledger.withdraw(job)  # its Pool.send caller was cancelled
+    assert list(book.ledger.held) == [] and book.ledger.interrupted == []
+    assert book.ledger.take(job) is False
+    assert (book.ledger.queued, book.ledger.in_flight) == (0, 0)
 
 
 def test_an_attempt_that_settles_every_recipient_is_final_at_once() -> None:

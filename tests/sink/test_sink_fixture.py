@@ -83,3 +83,49 @@ async def test_fixture_works_outside_trio_mode(tmp_path: Path) -> None:
     output = result.stdout.decode()
     assert result.returncode == 0, output
     assert "2 passed" in output
+
+
+async def test_wait_for_messages_times_out_naming_what_arrived(smtp_sink: SMTPSink) -> None:
+    context = smtp_sink.client_ssl_context()
+
+    def send() -> None:
+        with smtplib.SMTP(smtp_sink.host, smtp_sink.port, timeout=10) as client:
+            client.starttls(context=context)
+            client.sendmail("app@example.org", ["one@example.net"], b"Subject: first\r\n\r\n")
+
+    await trio.to_thread.run_sync(send)
+    with trio.fail_after(5), pytest.raises(TimeoutError) as info:
+        await smtp_sink.wait_for_messages(2, timeout=0.2)
+    text = str(info.value)
+    assert "2 message(s)" in text and "1 arrived" in text and "'first'" in text
+    assert "one@example.net" in text
+    assert len(await smtp_sink.wait_for_messages(1, timeout=0.2)) == 1
+
+
+async def test_without_trustme_the_sink_runs_without_tls_and_says_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from triomail._sink import server
+
+    monkeypatch.setattr(server, "_trustme_installed", lambda: False)
+    async with SMTPSink() as sink:
+        assert sink.ca is None
+
+        def send() -> None:
+            with smtplib.SMTP(sink.host, sink.port, timeout=10) as client:
+                assert not client.has_extn("starttls")
+                client.sendmail("a@example.org", ["b@example.net"], b"Subject: plain\r\n\r\n")
+
+        await trio.to_thread.run_sync(send)
+        assert len(await sink.wait_for_messages(1)) == 1
+        with pytest.raises(RuntimeError, match=r"triomail\[testing\]"):
+            sink.client_ssl_context()
+
+
+def test_the_testing_extra_declares_what_the_fixture_needs() -> None:
+    import tomllib
+
+    pyproject = Path(__file__).parents[2] / "pyproject.toml"
+    extras = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
+    assert any(req.startswith("trustme") for req in extras["testing"])
+    assert any(req.startswith("pytest-trio") for req in extras["testing"])

@@ -121,12 +121,17 @@ class SendResult:
 
     @property
     def ok(self) -> bool:
-        """True if every recipient was accepted."""
-        return _ACCEPTED_ONLY.issuperset(map(_OUTCOME, self.recipients))  # C-level loop
+        """True if every recipient was accepted, and there was one: a result with no
+        recipient (a message refused before sending) delivered nothing."""
+        recipients = self.recipients
+        return bool(recipients) and _ACCEPTED_ONLY.issuperset(map(_OUTCOME, recipients))
 
     @property
     def outcome(self) -> Outcome:
-        """The overall outcome: accepted only if all were, else unknown > transient > permanent."""
+        """The overall outcome: accepted only if all were, else unknown > transient >
+        permanent; permanent for a result with no recipient (nothing can deliver it)."""
+        if not self.recipients:
+            return Outcome.PERMANENT
         present = {r.outcome for r in self.recipients}
         for outcome in _SEVERITY:
             if outcome in present:

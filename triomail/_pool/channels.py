@@ -11,7 +11,6 @@ consumer reads it through a :class:`ResultChannel`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import final
 
 import trio
@@ -66,20 +65,41 @@ class ResultChannel(trio.abc.ReceiveChannel[SendResult]):
 
 
 class Results:
-    """The sending side of one call's results (a ``jobs.Destination``)."""
+    """The sending side of one call's results (a ``jobs.Destination``).
 
-    __slots__ = ("_channel", "_fed", "_orphaned", "_owed")
+    A result whose consumer is gone goes to ``interrupted`` if the consumer was
+    cancelled (:meth:`left`); if it left on purpose, the result only counts in the
+    statistics.
+    """
+
+    __slots__ = ("_cancelled", "_channel", "_fed", "_interrupted", "_owed")
 
     def __init__(
-        self,
-        channel: trio.MemorySendChannel[SendResult],
-        orphaned: Callable[[SendResult], None],
+        self, channel: trio.MemorySendChannel[SendResult], interrupted: list[SendResult]
     ) -> None:
         self._channel = channel
-        #: Called with a result whose consumer has gone (closed its channel).
-        self._orphaned = orphaned
+        self._interrupted = interrupted
+        #: The consumer left because it was cancelled.
+        self._cancelled = False
         self._owed = 0
         self._fed = False
+
+    def left(self, receiving: trio.MemoryReceiveChannel[SendResult], *, cancelled: bool) -> None:
+        """The consumer leaves: close its end. Cancelled, it never takes the results
+        already waiting in the channel's buffer, nor any still to come: they go to
+        ``interrupted``, so each message still ends with exactly one result."""
+        self._cancelled = cancelled
+        while True:
+            try:
+                result = receiving.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            self._orphaned(result)
+        receiving.close()
+
+    def _orphaned(self, result: SendResult) -> None:
+        if self._cancelled:
+            self._interrupted.append(result)
 
     def expect(self) -> None:
         self._owed += 1

@@ -17,8 +17,6 @@ waiting (queued, for a connection, for a retry's backoff) gets its result there 
 
 from __future__ import annotations
 
-import math
-
 import trio
 
 from .._core.results import SendResult
@@ -54,8 +52,10 @@ class Dispatch:
         self.jobs_send, self.jobs_receive = trio.open_memory_channel[Job](self.burst)
         #: Worker tasks not ended yet.
         self.workers = 0
-        #: Workers sending.
+        #: Workers sending (or connecting to send).
         self.busy = 0
+        #: Workers holding jobs while their server is down (a subset of ``busy``).
+        self.waiting = 0
         self.stopped_connecting = False
         #: Cancel scopes of the connection attempts under way.
         self.connecting: set[trio.CancelScope] = set()
@@ -72,20 +72,15 @@ class Dispatch:
         self.all_done.set()
 
     def results(self, channel: trio.MemorySendChannel[SendResult]) -> Results:
-        return Results(channel, self._orphaned)
-
-    def _orphaned(self, result: SendResult) -> None:
-        """A result found its consumer gone. If the pool is being cancelled, that is why
-        the consumer left (it may have drained its channel just before): the result goes
-        to ``interrupted``. Otherwise the consumer left early on purpose and the outcome
-        only counts in the statistics."""
-        if trio.current_effective_deadline() == -math.inf:
-            self.ledger.interrupted.append(result)
+        return Results(channel, self.ledger.interrupted)
 
     # -------------------------------------------------------------- hand-over
 
-    async def submit(self, job: Job) -> None:
-        """Hand ``job`` to the workers; wait while the queue is full."""
+    async def submit(self, job: Job, *, withdraw_if_cancelled: bool = False) -> None:
+        """Hand ``job`` to the workers; wait while the queue is full. Cancelled while
+        waiting, the job goes to ``interrupted`` ("not sent"), or is withdrawn (no
+        result owed) with ``withdraw_if_cancelled``: the caller of ``Pool.send`` sees
+        the cancellation itself."""
         ledger = self.ledger
         ledger.hand_over(job)
         if self.all_done.is_set():
@@ -108,7 +103,7 @@ class Dispatch:
             ledger.queued -= 1
             if job.final:
                 pass  # recorded while it waited: no worker was left to take it
-            elif isinstance(exc, trio.Cancelled):
+            elif isinstance(exc, trio.Cancelled) and not withdraw_if_cancelled:
                 # Taken from the caller's messages (the pool, or a send_all left early,
                 # was cancelled), never handed to a worker: not sent.
                 ledger.abandon(job)
@@ -133,7 +128,11 @@ class Dispatch:
 
     async def _retry_later(self, job: Job, delay: float) -> None:
         # Cancelled here, the job stays held: the last worker to end records it.
-        await trio.sleep(delay)
+        self.ledger.backoff += 1
+        try:
+            await trio.sleep(delay)
+        finally:
+            self.ledger.backoff -= 1
         self.ledger.queued += 1
         try:
             await self.jobs_send.send(job)

@@ -20,8 +20,9 @@ what comes next, the final result or a :class:`Retry`:
   not counted as an attempt (R42, RFC 5321 §4.5.3.1.10).
 
 A job ends by one of three verbs: :meth:`Ledger.delivered` (its consumer took the
-result), :meth:`Ledger.interrupt` (the cancellation kept it from the consumer) or
-:meth:`Ledger.withdraw` (never really handed over: no result owed). The counts behind
+result), :meth:`Ledger.interrupt` (the pool's cancellation kept it from the consumer) or
+:meth:`Ledger.withdraw` (no result owed: never really handed over, or its ``Pool.send``
+caller was cancelled before a worker took it). The counts behind
 ``Pool.statistics()`` are kept here too.
 """
 
@@ -76,7 +77,12 @@ class Job:
     unknown_seen: bool = False
     #: The final result has been delivered (or recorded in ``Ledger.interrupted``).
     final: bool = False
+    #: A worker has taken it (it is, or was, on the wire): too late to withdraw it.
+    taken: bool = False
     last: SendResult | None = None
+    #: Why the client refused to send a message that names no recipient at all: the
+    #: caller of ``Pool.send`` gets it raised, as ``conn.send`` would raise it.
+    refusal: LocalProtocolError | None = None
 
     @property
     def prepared(self) -> PreparedMessage | None:
@@ -110,7 +116,11 @@ class Job:
         return outcomes.not_sent(self.prepared, self.due(), reason)
 
     def refused(self, refusal: LocalProtocolError) -> SendResult:
-        return outcomes.refused_locally(self.prepared, self.due(), str(refusal))
+        """Refused locally: permanent, even for a message that names no recipient."""
+        due = self.due()
+        if not due:
+            self.refusal = refusal
+        return outcomes.refused_locally(self.prepared, due, str(refusal))
 
     def cut_off(self, reason: str, *, final_dot_out: bool) -> SendResult:
         return outcomes.cut_off(self.prepared, self.due(), reason, final_dot_out=final_dot_out)
@@ -162,6 +172,8 @@ class Ledger:
         self.queued = 0
         #: Jobs a worker has taken and not finished with.
         self.in_flight = 0
+        #: Jobs waiting for a retry's backoff or for their server to answer again.
+        self.backoff = 0
         #: Finished jobs per final outcome (the value of :class:`Outcome`).
         self.done = {o.value: 0 for o in Outcome}
         self.retries = 0
@@ -181,14 +193,41 @@ class Ledger:
         self.held[job] = None
         self.queued += 1
 
-    def take(self, count: int) -> None:
-        """A worker took ``count`` jobs from the queue."""
-        self.queued -= count
-        self.in_flight += count
+    def take(self, job: Job) -> bool:
+        """A worker took ``job`` from the queue; False if it was withdrawn while it
+        waited there (the worker drops it)."""
+        self.queued -= 1
+        if job.final:
+            return False
+        job.taken = True
+        self.in_flight += 1
+        return True
 
     def put_down(self, count: int) -> None:
         """A worker is through with ``count`` jobs (each finished, or waiting again)."""
         self.in_flight -= count
+
+    def wait_for_server(
+        self, jobs: list[Job], down_for: float, reason: str, *, first: bool
+    ) -> list[Job]:
+        """A worker could not connect for ``jobs`` (``reason``); the server has been
+        down ``down_for`` seconds. At the ``first`` failure each job is charged an
+        attempt (not sent, transient; the last of ``max_attempts`` is kept for the
+        final result); then it waits for the server, uncharged: a wait is not an
+        attempt. Return those that give up: the server has been down ``max_backoff``
+        seconds, or ``give_up_after`` has passed. The caller records their end."""
+        policy, now = self.retry, self._clock()
+        giving_up = []
+        for job in jobs:
+            if down_for >= policy.max_backoff or (
+                policy.give_up_after is not None and now - job.first_attempt >= policy.give_up_after
+            ):
+                giving_up.append(job)
+            elif first and job.attempts + 1 < policy.max_attempts:
+                job.attempts += 1
+                job.last = job.not_sent(reason)
+                self.retries += 1
+        return giving_up
 
     # ----------------------------------------------------------------- attempts
 
@@ -283,7 +322,9 @@ class Ledger:
             self.abandon(job)
 
     def withdraw(self, job: Job) -> None:
-        """The job was never really handed over (its hand-over failed): no result."""
+        """No result is owed for the job: its hand-over failed, or the caller of
+        ``Pool.send`` was cancelled before a worker took it (if it is still queued, the
+        worker that takes it drops it)."""
         self._end(job)
         if job.done is not None:
             job.done.withdraw()

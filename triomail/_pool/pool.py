@@ -23,19 +23,20 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast, overload
 
 import trio
 
 from .._core.results import SendResult
-from .channels import ResultChannel
+from .channels import ResultChannel, Results
 from .dispatch import Dispatch
 from .jobs import MessageLike
 from .options import PoolOptions, RetryPolicy
-from .servers import Server, Servers
+from .servers import Server, Servers, checked
 from .worker import Worker, as_prepared
 
 __all__ = [
@@ -72,6 +73,8 @@ class PoolStatistics:
     unknown_seen: int
     rate: float | None
     servers: dict[str, int]
+    #: Messages waiting for a retry's backoff, or for their server to answer again.
+    backoff: int = 0
 
 
 class Pool:
@@ -103,29 +106,63 @@ class Pool:
             self._dispatch.workers += 1
             nursery.start_soon(Worker(self._dispatch).run)
 
+    @overload
     async def send(
         self,
         message: MessageLike,
         *,
         sender: str | None = None,
         recipients: Sequence[str] | None = None,
+    ) -> SendResult: ...
+
+    @overload
+    async def send(
+        self, message: bytes | str, *, sender: str, recipients: Sequence[str]
+    ) -> SendResult: ...
+
+    async def send(
+        self,
+        message: MessageLike | bytes | str,
+        *,
+        sender: str | None = None,
+        recipients: Sequence[str] | None = None,
     ) -> SendResult:
-        """Send one message, retrying per the policy; never raises for SMTP outcomes."""
-        if sender is not None or recipients is not None:
+        """Send one message, retrying per the policy; never raises for SMTP outcomes.
+
+        Cancelling the call (the caller's cancel scope, e.g. a web request that went
+        away) withdraws the message if no worker has taken it yet: it is not sent. A
+        message a worker took (on the wire, or waiting for a retry) goes on to its end,
+        its result dropped but counted in :meth:`statistics`. Neither touches
+        :attr:`interrupted`, which belongs to cancelling the pool (a message taken
+        when the pool itself is cancelled gets its result there, as in ``send_all``).
+
+        A message that names no recipient (an ``EmailMessage`` without To/Cc/Bcc, raw
+        bytes without ``sender=``/``recipients=``) raises :exc:`LocalProtocolError`, as
+        ``conn.send`` does.
+        """
+        if sender is not None or recipients is not None or isinstance(message, bytes | str):
             message = as_prepared(message, sender, recipients)
         done_send, done_receive = trio.open_memory_channel[SendResult](1)
         done = self._dispatch.results(done_send)
+        job = self._ledger.job(message, done)
         try:
-            await self._dispatch.submit(self._ledger.job(message, done))
+            await self._dispatch.submit(job, withdraw_if_cancelled=True)
         finally:
             done.fed()
         async with done_receive:
             try:
-                return await done_receive.receive()
+                result = await done_receive.receive()
             except trio.EndOfChannel:
                 raise trio.BrokenResourceError(
                     "the pool's workers are gone (cancelled); the result is in interrupted"
                 ) from None
+            except trio.Cancelled:
+                if not job.final and not job.taken:
+                    self._ledger.withdraw(job)  # not on the wire: it will not be sent
+                raise
+        if job.refusal is not None:
+            raise job.refusal
+        return result
 
     @asynccontextmanager
     async def send_all(
@@ -138,18 +175,18 @@ class Pool:
         # Room for a burst of results from every worker, so a worker rarely waits
         # for the consumer.
         results_send, results_receive = trio.open_memory_channel[SendResult](self._dispatch.burst)
+        done = self._dispatch.results(results_send)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._feed, messages, results_send)
-            async with ResultChannel(results_receive) as results:
-                yield results
+            nursery.start_soon(self._feed, messages, done)
+            try:
+                yield ResultChannel(results_receive)
+            finally:
+                done.left(results_receive, cancelled=_cancelled())
             nursery.cancel_scope.cancel()
 
     async def _feed(
-        self,
-        messages: Iterable[MessageLike] | AsyncIterable[MessageLike],
-        results: trio.MemorySendChannel[SendResult],
+        self, messages: Iterable[MessageLike] | AsyncIterable[MessageLike], done: Results
     ) -> None:
-        done = self._dispatch.results(results)
         submit, job = self._dispatch.submit, self._ledger.job
         try:
             if isinstance(messages, AsyncIterable):
@@ -184,10 +221,12 @@ class Pool:
     def statistics(self) -> PoolStatistics:
         dispatch, ledger = self._dispatch, self._ledger
         connections_open = dispatch.servers.connections_open
+        # A worker waiting for a server that is down has no connection to be busy on.
+        busy = dispatch.busy - dispatch.waiting
         return PoolStatistics(
             connections_open=connections_open,
-            connections_busy=dispatch.busy,
-            connections_idle=connections_open - dispatch.busy,
+            connections_busy=busy,
+            connections_idle=max(0, connections_open - busy),
             queued=ledger.queued,
             in_flight=ledger.in_flight,
             done=dict(ledger.done),
@@ -196,6 +235,7 @@ class Pool:
             unknown_seen=ledger.unknown_seen,
             rate=dispatch.rate.rate if dispatch.rate else None,
             servers=dispatch.servers.limits(),
+            backoff=ledger.backoff,
         )
 
     def __repr__(self) -> str:
@@ -204,8 +244,14 @@ class Pool:
         return (
             f"<Pool connections: {s.connections_open} open, {s.connections_busy} busy, "
             f"{s.connections_idle} idle | messages: {s.queued} queued, {s.in_flight} in flight, "
+            f"{s.backoff} in backoff, "
             f"done: {done or 'none'} | retries: {s.retries}>"
         )
+
+
+def _cancelled() -> bool:
+    """True if the running task is being cancelled (its consumer leaves because of it)."""
+    return trio.current_effective_deadline() == -math.inf
 
 
 def _keywords_of(
@@ -245,9 +291,13 @@ def connect_pool(nursery: trio.Nursery, server: ServerSpec, options: PoolOptions
     keywords are those of :class:`PoolOptions`. The caller closes the pool with
     ``await pool.aclose()`` (or cancels the nursery).
     """
+    return Pool(nursery, _resolve(server), options)
+
+
+def _resolve(server: ServerSpec) -> list[Server]:
+    """The servers ``server`` names (URLs parsed): a configuration error raises here."""
     servers = [server] if isinstance(server, Server | str) else list(server)
-    resolved = [Server.from_url(s) if isinstance(s, str) else s for s in servers]
-    return Pool(nursery, resolved, options)
+    return [checked(Server.from_url(s) if isinstance(s, str) else s) for s in servers]
 
 
 def _in_own_nursery(
@@ -271,8 +321,10 @@ def _in_own_nursery(
                 pool.close()
 
     def open_pool(*args: _P.args, **kwargs: _P.kwargs) -> AbstractAsyncContextManager[Pool]:
-        own.bind(*args, **kwargs)  # a wrong argument fails at the call, not in the nursery
-        return block(*args, **kwargs)
+        # A wrong argument or server fails at the call, not wrapped by the nursery.
+        bound = own.bind(*args, **kwargs)
+        bound.arguments["server"] = _resolve(bound.arguments["server"])
+        return block(*bound.args, **bound.kwargs)
 
     open_pool.__signature__ = own  # type: ignore[attr-defined]
     open_pool.__qualname__ = open_pool.__name__

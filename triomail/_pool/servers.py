@@ -5,8 +5,15 @@ Theory of operation
 A :class:`Server` says where and how to connect. Behind each, the pool keeps a
 :class:`ServerState`: a :class:`trio.CapacityLimiter` bounding its connections, a token
 bucket bounding its message rate, and whether it is down (a failed connect marks it
-unreachable for a backoff that grows per failure, R43) or unusable for good (a 535 or an
-untrusted certificate is a configuration error, R10, R35).
+unreachable for a backoff window, R43) or unusable for good (a 535 or an untrusted
+certificate is a configuration error, R10, R35).
+
+An outage is counted in windows, not in failed attempts: every worker that finds the
+server down during one window is one failure, not one each, and the next window is the
+policy's delay for that count, capped at :data:`PROBE_EVERY` so that a server that
+answers again is found within seconds. The first connection that succeeds ends the
+outage at once: the count starts over and every waiting worker connects. Failures,
+backoff and recovery are logged on the ``triomail`` logger (WARNING, INFO).
 
 Backpressure per server (R44): a 421 or a 4.7.x reply halves both bounds, and they
 recover step by step after successes (RFC 5321 §4.5.4.1 asks a client to back off from a
@@ -19,26 +26,39 @@ backoff.
 
 from __future__ import annotations
 
+import logging
 import random
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import trio
 
 from .._client.open import open_connection
-from .._client.options import TLSMode, TokenSource
+from .._client.options import TLSMode, TokenSource, default_ssl_context
 from .._client.session import SMTPConnection
 from .._core.reply import Reply
 from .._core.timeouts import Timeouts
 from .interfaces import Connection
 from .options import RetryPolicy
 
-__all__ = ["Lease", "Server", "ServerState", "Servers", "TokenBucket", "throttles"]
+__all__ = [
+    "Lease",
+    "Server",
+    "ServerState",
+    "Servers",
+    "TokenBucket",
+    "checked",
+    "throttles",
+]
 
 #: Successes after which a throttled server gets one step of concurrency and rate back.
 RECOVER_EVERY = 20
+#: Seconds between connection attempts to a server that is down, at most.
+PROBE_EVERY = 4.0
+
+log = logging.getLogger("triomail")
 
 
 @dataclass(frozen=True)
@@ -64,8 +84,15 @@ class Server:
 
     @classmethod
     def from_url(cls, url: str, **overrides: object) -> Server:
-        """``smtp://user@host:587`` (STARTTLS), ``smtps://host:465`` (implicit TLS),
-        ``smtp+plain://host:1025`` (explicit plaintext)."""
+        """A server from a URL; ``overrides`` are any other :class:`Server` fields.
+
+        ``smtp://user@host:587`` (STARTTLS), ``smtps://host:465`` (implicit TLS),
+        ``smtp+plain://host:1025`` (explicit plaintext). ``?cafile=PATH`` trusts the CAs
+        in that PEM file instead of the system's (a private CA). A user name needs a
+        password: in the URL (``user:password@``) or as ``password=`` (or
+        ``oauth_token=``); a pool given one without refuses it at once
+        (:func:`checked`).
+        """
         parts = urlsplit(url)
         tls: TLSMode
         if parts.scheme == "smtp":
@@ -87,6 +114,13 @@ class Server:
             "username": unquote(parts.username) if parts.username else None,
             "password": unquote(parts.password) if parts.password else None,
         }
+        query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+        unknown = query.keys() - {"cafile"}
+        if unknown:
+            raise ValueError(f"unknown URL parameter(s) {sorted(unknown)}: only cafile")
+        if "cafile" in query:
+            context = default_ssl_context(query["cafile"][-1])
+            values["ssl_context"] = context
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
 
@@ -108,6 +142,18 @@ class Server:
     @property
     def label(self) -> str:
         return f"{self.host}:{self.port or '-'}"
+
+
+def checked(server: Server) -> Server:
+    """``server``, if a pool can use it; :exc:`ValueError` for a configuration error that
+    would otherwise fail every connection attempt (a user name without a password
+    source: say so now, not after a round of retries)."""
+    if server.username is not None and server.password is None and server.oauth_token is None:
+        raise ValueError(
+            f"{server.label}: username {server.username!r} given without a password or "
+            "oauth_token (a URL names no password: Server.from_url(url, password=...))"
+        )
+    return server
 
 
 class TokenBucket:
@@ -142,7 +188,10 @@ class ServerState:
         self.max_rate = server.rate
         self.bucket = TokenBucket(server.rate) if server.rate else None
         self.down_until = 0.0
+        #: Backoff windows that ended in a failed connect, in a row.
         self.failures = 0
+        #: When the current outage began (None: the server is up).
+        self.down_since: float | None = None
         self.fatal: str | None = None
         self.successes_since_throttle = 0
         self.open = 0
@@ -165,10 +214,43 @@ class ServerState:
             if self.bucket is not None and self.max_rate and self.bucket.rate < self.max_rate:
                 self.bucket.rate = min(self.max_rate, self.bucket.rate * 1.25)
 
-    def record_connect_failure(self, policy: RetryPolicy) -> None:
-        """Mark the host unreachable for a backoff that grows per failure (R43)."""
+    def record_connect_failure(self, policy: RetryPolicy, reason: object) -> None:
+        """A connect failed: mark the server unreachable for a backoff window (R43),
+        unless it is in one already (the attempt began before the window: the same
+        failure, seen by another worker)."""
+        now = trio.current_time()
+        if now < self.down_until:
+            return
+        if self.down_since is None:
+            self.down_since = now
         self.failures += 1
-        self.down_until = trio.current_time() + policy.delay(self.failures)
+        wait = min(policy.delay(self.failures), PROBE_EVERY)
+        self.down_until = now + wait
+        log.warning(
+            "%s: cannot connect (%s); down for %.1f s, next try in %.1f s",
+            self.server.label,
+            reason,
+            now - self.down_since,
+            wait,
+        )
+
+    def record_connected(self) -> None:
+        """A connection opened: an outage, if any, is over, and the server is used at once."""
+        if self.down_since is not None:
+            log.info(
+                "%s: connected again after %.1f s down",
+                self.server.label,
+                trio.current_time() - self.down_since,
+            )
+        self.down_since = None
+        self.failures = 0
+        self.down_until = 0.0
+
+    def outage(self) -> float:
+        """Seconds the server has been unreachable (0 if it is up)."""
+        if self.down_since is None:
+            return 0.0
+        return trio.current_time() - self.down_since
 
     def mark_fatal(self, reason: object) -> None:
         """A configuration error (R10, R35): no message goes to this server any more."""
@@ -248,6 +330,7 @@ class Lease:
             self.token = None
             state.limiter.release()
             raise
+        state.record_connected()
         state.open += 1
         self.conn, self.state, self.sent = conn, state, 0
 

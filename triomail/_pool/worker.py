@@ -17,7 +17,9 @@ connections, even a TLS or AUTH failure -- into a :class:`SendResult` and gives 
 ledger, which decides what comes next. Only bugs escape. A failure of a *reused*
 connection before MAIL was accepted is retried at once on a fresh connection without
 counting an attempt (R45); a 535 or a certificate failure fails every message for that
-server at once (R10, R35); a connect failure fails over to another server if one is up.
+server at once (R10, R35); a connect failure fails over to another server if one is up,
+else the worker keeps its jobs through the outage and sends them as soon as the server
+answers (:mod:`.servers` counts the outage in backoff windows).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator, Sequence
+from email.message import Message
 
 import trio
 
@@ -63,6 +66,8 @@ class Worker:
         self.lease = Lease()
         #: Jobs taken from the queue during the current attempt (beyond the first).
         self.streamed = 0
+        #: Jobs this worker holds while their server is down (counted as in backoff).
+        self.waiting = 0
 
     async def run(self) -> None:
         dispatch = self.dispatch
@@ -73,11 +78,11 @@ class Worker:
                     return
                 if not jobs:
                     continue
-                self.ledger.take(len(jobs))
                 dispatch.busy += 1
                 try:
                     await self._attempt(jobs)
                 finally:
+                    self._done_waiting()
                     dispatch.busy -= 1
                     # With the jobs its pipelined runs took from the queue as they went.
                     self.ledger.put_down(len(jobs) + self.streamed)
@@ -93,7 +98,7 @@ class Worker:
         only when it is ready to write them, so the workers share the queue fairly).
 
         Returns None when the pool closes, and an empty list after closing an idle
-        connection.
+        connection or dropping a withdrawn job.
         """
         queue = self.dispatch.jobs_receive
         try:
@@ -108,12 +113,12 @@ class Worker:
             else:
                 with trio.move_on_after(self.options.idle_timeout):
                     first = await queue.receive()
-                    return [first]
+                    return [first] if self.ledger.take(first) else []
                 await self.lease.release()  # idle past idle_timeout: QUIT
                 return []
         except trio.EndOfChannel:
             return None
-        return [first]
+        return [first] if self.ledger.take(first) else []
 
     async def _open_for(self, jobs: list[Job]) -> bool:
         """Open a connection for ``jobs``, failing over between servers; False if none
@@ -131,6 +136,7 @@ class Worker:
                 return False
             try:
                 if await self._connect_unless_stopped(state):
+                    self._done_waiting()
                     return True
                 await self._not_sent(jobs, outcomes.STOPPED, final=True)
                 return False
@@ -138,17 +144,48 @@ class Worker:
                 if isinstance(exc, SMTPCertificateError) or exc.permanent:
                     state.mark_fatal(exc)
                     continue
-                state.record_connect_failure(self.options.retry)
+                state.record_connect_failure(self.options.retry, exc)
                 await self._not_sent(jobs, str(exc), final=False)
                 return False
             except SMTPError as exc:
                 if isinstance(exc, SMTPResponseError) and exc.reply.code == 421:
                     state.throttle()
-                state.record_connect_failure(self.options.retry)
+                state.record_connect_failure(self.options.retry, exc)
                 if servers.another_up():
                     continue  # failover: the same jobs, at once, elsewhere
-                await self._not_sent(jobs, f"{state.server.label}: {exc}", final=False)
-                return False
+                jobs = await self._wait_for(state, jobs, f"{state.server.label}: {exc}")
+                if not jobs:
+                    return False
+
+    async def _wait_for(self, state: ServerState, jobs: list[Job], reason: str) -> list[Job]:
+        """The server is down: those of ``jobs`` that have waited long enough fail (not
+        sent, transient); the others stay with this worker, which tries again when the
+        server's backoff window ends (the loop in :meth:`_open_for`), so they go out as
+        soon as it answers. Returns those."""
+        giving_up = self.ledger.wait_for_server(
+            jobs, state.outage(), reason, first=not self.waiting
+        )
+        if giving_up:
+            await self._not_sent(giving_up, reason, final=True)
+            jobs = [job for job in jobs if job not in giving_up]
+        if not jobs:
+            self._done_waiting()
+            return jobs
+        if not self.waiting:
+            self.dispatch.waiting += 1
+        moved = len(jobs) - self.waiting
+        self.ledger.in_flight -= moved
+        self.ledger.backoff += moved
+        self.waiting = len(jobs)
+        return jobs
+
+    def _done_waiting(self) -> None:
+        """The jobs held through an outage are in flight again (or finished)."""
+        if self.waiting:
+            self.ledger.backoff -= self.waiting
+            self.ledger.in_flight += self.waiting
+            self.dispatch.waiting -= 1
+            self.waiting = 0
 
     async def _connect_unless_stopped(self, state: ServerState) -> bool:
         """Connect to ``state``'s server; False if ``Pool.stop_connecting`` cut it off."""
@@ -177,8 +214,11 @@ class Worker:
             for _ in jobs:
                 await dispatch.rate.acquire()
         while jobs:
-            if lease.conn is None and not await self._open_for(jobs):
-                return
+            if lease.conn is None:
+                if not await self._open_for(jobs):
+                    return
+                # Some may have given up waiting for the server.
+                jobs = [job for job in jobs if not job.final]
             conn, state = lease.conn, lease.state
             assert conn is not None and state is not None
             reused = conn.transactions > 0
@@ -264,7 +304,8 @@ class Worker:
                 job = queue.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel):
                 return
-            ledger.take(1)
+            if not ledger.take(job):
+                continue
             self.streamed += 1
             message = job.message
             if job.pending is not None or not isinstance(message, PreparedMessage):
@@ -335,16 +376,19 @@ class Worker:
 
 
 def as_prepared(
-    message: MessageLike,
+    message: MessageLike | bytes | str,
     sender: str | None,
     recipients: Sequence[str] | None,
     conn: Connection | None = None,
 ) -> PreparedMessage:
-    """``message`` prepared for ``conn`` (or any server), to the given recipients."""
+    """``message`` prepared for ``conn`` (or any server), to the given recipients;
+    :exc:`LocalProtocolError` if it names none (as ``prepare`` says)."""
     if isinstance(message, PreparedMessage):
         if recipients is None:
             return message
+        if not recipients:
+            raise LocalProtocolError("no recipients")
         return dataclasses.replace(message, recipients=tuple(recipients))
-    if conn is not None:
+    if conn is not None and isinstance(message, Message):
         return conn.prepare(message, sender=sender, recipients=recipients)
     return prepare(message, sender=sender, recipients=recipients)

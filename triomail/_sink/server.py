@@ -50,6 +50,7 @@ client context that trusts it and nothing else.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import secrets
 import ssl
@@ -84,7 +85,8 @@ class SMTPSink:
         host, port: where to listen; port 0 (the default) picks a free port.
         hostname: the name the server gives in its greeting and replies.
         tls: offer STARTTLS. ``None`` (default) means yes when ``ssl_context`` is
-            given or ``trustme`` is installed to make a throwaway certificate.
+            given or ``trustme`` (``triomail[testing]``) is installed to make a
+            throwaway certificate.
         implicit_tls: speak TLS from the first byte (RFC 8314) instead of STARTTLS.
         ssl_context: a server context to use instead of the throwaway certificate.
         auth: user name to password; enables AUTH PLAIN and LOGIN (RFC 4954).
@@ -143,7 +145,7 @@ class SMTPSink:
         on_message: Callable[[CapturedMessage], object] | None = None,
     ) -> None:
         if tls is None:
-            tls = ssl_context is not None or importlib.util.find_spec("trustme") is not None
+            tls = ssl_context is not None or _trustme_installed()
         if implicit_tls and not tls:
             raise ValueError("implicit_tls needs tls")
         mechanisms = tuple(m.upper() for m in auth_mechanisms)
@@ -317,21 +319,43 @@ class SMTPSink:
     def client_ssl_context(self) -> ssl.SSLContext:
         """A new client context (verification on) that trusts the sink's certificate."""
         if self._ca is None:
-            raise RuntimeError(
-                "this sink has no generated certificate (tls off or own ssl_context)"
-            )
+            if self._config.tls_context is not None:
+                why = "it serves TLS with the ssl_context it was given"
+            elif _trustme_installed():
+                why = "TLS is off (tls=False)"
+            else:
+                why = (
+                    "TLS is off because trustme is not installed: "
+                    "pip install 'triomail[testing]' (or trustme), or pass tls=False"
+                )
+            raise RuntimeError(f"this sink has no generated certificate: {why}")
         context = ssl.create_default_context()
         self._ca.configure_trust(context)
         return context
 
-    async def wait_for_messages(self, count: int = 1) -> list[CapturedMessage]:
+    # A timeout of its own (not only the caller's fail_after): a test that forgot one
+    # fails with what arrived instead of hanging.
+    async def wait_for_messages(
+        self,
+        count: int = 1,
+        *,
+        timeout: float | None = 10.0,  # noqa: ASYNC109
+    ) -> list[CapturedMessage]:
         """Wait until ``count`` messages were accepted; return :attr:`messages`.
 
-        Bound the wait with :func:`trio.fail_after` in the caller.
+        After ``timeout`` seconds (None: no limit) raise :exc:`TimeoutError` saying how
+        many arrived and which, so a failing test fails instead of hanging.
         """
-        while self._received < count:
-            await self._arrived.wait()
-        return self._messages
+        with trio.move_on_after(math.inf if timeout is None else timeout):
+            while self._received < count:
+                await self._arrived.wait()
+        if self._received >= count:
+            return self._messages
+        arrived = ", ".join(f"{m.subject!r} to {m.rcpt_to}" for m in self._messages[-5:])
+        raise TimeoutError(
+            f"waited {timeout:g} s for {count} message(s); {self._received} arrived"
+            + (f" (the last: {arrived})" if arrived else "")
+        )
 
     def clear(self) -> None:
         """Forget the messages received so far (and reset :attr:`received`)."""
@@ -343,11 +367,18 @@ class SMTPSink:
         return f"<SMTPSink {where} received={self._received} active={self._active}>"
 
 
+def _trustme_installed() -> bool:
+    """True if ``trustme`` (``triomail[testing]``) can make a throwaway certificate."""
+    return importlib.util.find_spec("trustme") is not None
+
+
 def _throwaway_certificate(host: str) -> tuple[trustme.CA, ssl.SSLContext]:
     try:
         import trustme
     except ImportError as exc:  # pragma: no cover - trustme is a test dependency
-        raise RuntimeError("TLS in the sink needs `trustme` (pip install trustme)") from exc
+        raise RuntimeError(
+            "TLS in the sink needs trustme: pip install 'triomail[testing]'"
+        ) from exc
     names = ["localhost", "127.0.0.1", "::1"]
     if host not in names and host not in ("", "0.0.0.0", "::"):
         names.append(host)
