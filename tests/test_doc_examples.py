@@ -12,7 +12,9 @@ Nothing is edited in the text. What is arranged around it:
 - the server takes the examples' credentials (``ann``/``secret``; ``SMTP_PASSWORD``).
 
 A program that starts its own capture server (the sink examples) runs the same way; it
-binds loopback itself. Blocks that are fragments (a signature, a fixture, a fault list)
+binds loopback itself. A block that is a complete test file (its tests marked ``@pytest.mark.trio``, as a
+user's own must be without ``trio_mode``) is run by pytest, with the plugin's
+``smtp_sink`` fixture. Blocks that are fragments (a signature, a fixture, a fault list)
 are only compiled, by ``tests/test_docs.py``.
 """
 
@@ -54,17 +56,19 @@ trio.open_tcp_stream = _to_the_capture_server
 """
 
 
-def programs() -> list[tuple[str, str]]:
+def blocks(runnable: str) -> list[tuple[str, str]]:
+    """(name, code) of each python block of the documents that contains ``runnable``."""
     found = []
     for document in DOCUMENTS:
-        blocks = re.findall(r"```python\n(.*?)```", document.read_text(encoding="utf-8"), re.S)
-        for i, block in enumerate(blocks):
-            if "trio.run(" in block:
+        text = document.read_text(encoding="utf-8")
+        for i, block in enumerate(re.findall(r"```python\n(.*?)```", text, re.S)):
+            if runnable in block:
                 found.append((f"{document.relative_to(ROOT)}[{i}]", block))
     return found
 
 
-PROGRAMS = programs()
+PROGRAMS = blocks("trio.run(")
+TESTS = blocks("@pytest.mark.trio\n")
 
 
 def test_the_readme_has_programs_to_run() -> None:
@@ -103,3 +107,22 @@ async def test_example_runs_as_written(name: str, code: str, tmp_path: Path) -> 
             assert sink.received > 0, f"{name} sent nothing:\n{output}"
     # What the program says it did is what the server saw: nothing refused or lost.
     assert "Traceback" not in output
+
+
+def test_the_docs_have_a_test_to_run() -> None:
+    assert any(name.startswith("docs/trio-apps.md") for name, _ in TESTS)
+
+
+@pytest.mark.parametrize(("name", "code"), TESTS, ids=[name for name, _ in TESTS])
+async def test_example_test_passes(name: str, code: str, tmp_path: Path) -> None:
+    (tmp_path / "test_example.py").write_text(code, encoding="utf-8")
+    done = await trio.run_process(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_example.py"],
+        cwd=tmp_path,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    output = (done.stdout + done.stderr).decode(errors="replace")
+    assert done.returncode == 0, f"{name} failed:\n{output}"
+    assert " passed" in output and "failed" not in output
