@@ -26,7 +26,8 @@ PUBLIC = {
         "SMTPConnection", "SMTPDisconnected", "SMTPError", "SMTPProtocolError",
         "SMTPResponseError", "SMTPSecurityError", "SMTPSendError", "SMTPTimeoutError",
         "SendResult", "Server", "TLSMode", "Timeouts", "connect", "connect_pool",
-        "default_ssl_context", "open_connection", "open_pool", "prepare", "start_session",
+        "default_ssl_context", "open_connection", "open_pool", "prepare", "start_pool",
+        "start_session",
     ],
     "triomail.testing": ["CapturedMessage", "Drop", "Fault", "SMTPSink"],
     "triomail.pytest_plugin": ["smtp_sink", "smtp_sink_web"],
@@ -72,3 +73,15 @@ def test_python_dash_m_runs_the_command() -> None:
     assert done.returncode == 0, done.stderr
     for command in ("send", "sink"):
         assert command in done.stdout
+
+
+def test_names_say_which_call_is_a_block() -> None:
+    """``connect`` and ``open_pool`` are ``async with`` blocks; ``open_connection`` and
+    ``start_pool`` return the object (issue 12). The first name of ``start_pool`` stays."""
+    assert triomail.connect_pool is triomail.start_pool
+    assert triomail.start_pool.__name__ == "start_pool"
+    blocks = [triomail.connect("localhost"), triomail.open_pool("smtp+plain://127.0.0.1:1")]
+    for block in blocks:  # built, never entered: nothing connects
+        assert hasattr(block, "__aenter__")
+    assert inspect.iscoroutinefunction(triomail.open_connection)
+    assert "nursery" in inspect.signature(triomail.start_pool).parameters

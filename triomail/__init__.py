@@ -34,6 +34,7 @@ from ._pool.pool import RetryPolicy as RetryPolicy
 from ._pool.pool import Server as Server
 from ._pool.pool import connect_pool as connect_pool
 from ._pool.pool import open_pool as open_pool
+from ._pool.pool import start_pool as start_pool
 from ._public import publish
 
 __version__ = "0.1.0"
@@ -72,6 +73,7 @@ __all__ = [
     "open_connection",
     "open_pool",
     "prepare",
+    "start_pool",
     "start_session",
 ]
 

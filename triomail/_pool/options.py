@@ -1,6 +1,6 @@
 """What a pool can be told: its options, written once, and its retry policy.
 
-``open_pool`` and ``connect_pool`` take these options as keywords (their signatures are
+``open_pool`` and ``start_pool`` take these options as keywords (their signatures are
 made from :class:`PoolOptions`), and the pool's parts read them from one object.
 """
 
@@ -40,7 +40,7 @@ class RetryPolicy:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class PoolOptions:
-    """The keywords of :func:`open_pool` and :func:`connect_pool`."""
+    """The keywords of :func:`open_pool` and :func:`start_pool`."""
 
     #: Worker tasks, hence connections open at most (per server: ``Server.max_connections``).
     connections: int = 10

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 ``open_pool`` opens a nursery and starts ``connections`` worker tasks in it
-(:mod:`.worker`); ``connect_pool`` starts them in the caller's nursery. Messages reach
+(:mod:`.worker`); ``start_pool`` starts them in the caller's nursery. Messages reach
 them over a bounded queue (:mod:`.dispatch`), so a producer runs only a little ahead and
 an unbounded iterable is consumed lazily; every result comes back on the channel of the
 ``send_all`` (or ``send``) it came from, as soon as it is known (:mod:`.channels`).
@@ -47,6 +47,7 @@ __all__ = [
     "RetryPolicy",
     "Server",
     "connect_pool",
+    "start_pool",
     "open_pool",
 ]
 
@@ -214,7 +215,7 @@ class Pool:
         self._dispatch.stop_connecting()
 
     async def aclose(self) -> None:
-        """Drain, then close (for pools started with :func:`connect_pool`)."""
+        """Drain, then close (for pools started with :func:`start_pool`)."""
         await self.wait_idle()
         self.close()
 
@@ -284,14 +285,21 @@ def _keywords_of(
 
 
 @_keywords_of(PoolOptions)
-def connect_pool(nursery: trio.Nursery, server: ServerSpec, options: PoolOptions) -> Pool:
-    """Start a pool whose workers run in the caller's ``nursery``.
+def start_pool(nursery: trio.Nursery, server: ServerSpec, options: PoolOptions) -> Pool:
+    """Start a pool whose workers run in the caller's ``nursery``; not a context manager.
 
-    ``server`` is a :class:`Server`, a URL, or a list of them (failover by weight); the
-    keywords are those of :class:`PoolOptions`. The caller closes the pool with
-    ``await pool.aclose()`` (or cancels the nursery).
+    The pool lives as long as that nursery (a long-lived pool in an application's own
+    nursery, say); :func:`open_pool` is the same as an ``async with`` block. ``server``
+    is a :class:`Server`, a URL, or a list of them (failover by weight); the keywords are
+    those of :class:`PoolOptions`. The caller closes the pool with ``await
+    pool.aclose()`` (or cancels the nursery). ``connect_pool`` is the same function
+    under its first name.
     """
     return Pool(nursery, _resolve(server), options)
+
+
+#: The first name of :func:`start_pool` (kept: it did not say that it is no ``async with``).
+connect_pool = start_pool
 
 
 def _resolve(server: ServerSpec) -> list[Server]:
@@ -331,7 +339,7 @@ def _in_own_nursery(
     return open_pool
 
 
-open_pool = _in_own_nursery(connect_pool)
+open_pool = _in_own_nursery(start_pool)
 open_pool.__doc__ = """Run a pool in its own nursery; leaving the block drains, then QUITs every
 connection.
 
