@@ -33,14 +33,40 @@ _DEFAULT_PORTS = {"implicit": 465, "starttls": 587, "none": 25}
 async def connect(
     host: str, port: int | None = None, *, tls: TLSMode | None = None, **options: Unpack[OptionArgs]
 ) -> AsyncIterator[SMTPConnection]:
-    """Open an SMTP session; QUIT and close it when the block ends.
+    """Open an SMTP session as an ``async with`` block; QUIT and close it at the end.
 
-    ``tls`` is ``"implicit"`` (the default for port 465), ``"starttls"`` (the default
-    otherwise, and required: never a silent downgrade, R1) or ``"none"`` (explicit
-    plaintext). The other options are :class:`SessionOptions`' (``ssl_context``,
-    ``username``, ``password``, ``oauth_token``, ``auth``, ``local_hostname``,
-    ``server_hostname``,
-    ``timeouts``, ``allow_insecure_auth``); deadlines come from ``timeouts``.
+    Args:
+        host: the server's name (or address) to connect to; also the name its
+            certificate must match, unless ``server_hostname`` says otherwise.
+        port: 587 for ``tls="starttls"``, 465 for ``"implicit"``, 25 for ``"none"``
+            when not given.
+        tls: ``"starttls"`` (the default except on port 465): upgrade with STARTTLS
+            and stop before AUTH or MAIL if the server does not offer it or refuses;
+            ``"implicit"`` (the default on 465): TLS before the greeting; ``"none"``:
+            plaintext, by explicit choice only. Never a silent downgrade.
+        ssl_context: the TLS client context; by default
+            :func:`default_ssl_context` (certificates verified, TLS 1.2 or later). For
+            a private CA: ``default_ssl_context("ca.pem")``.
+        server_hostname: the name the certificate must match when ``host`` is an
+            address or another name.
+        username: log in with AUTH as this user (only over TLS unless
+            ``allow_insecure_auth``).
+        password: the password for ``username``.
+        oauth_token: instead of a password, an OAuth 2 bearer token for XOAUTH2: a
+            string, or an async callable returning one (called at each login).
+        auth: the SASL mechanism (``"PLAIN"``, ``"LOGIN"``, ``"CRAM-MD5"``) or a list
+            tried in order; by default every one the server offers, strongest first,
+            until one is accepted (a refused password, 535, ends it).
+        local_hostname: the name sent with EHLO; by default this machine's FQDN in
+            A-label form, or an address literal.
+        timeouts: the deadline of each stage (:class:`Timeouts`; RFC 5321 §4.5.3.2's
+            by default).
+        allow_insecure_auth: allow AUTH over plaintext (``tls="none"``): credentials
+            then cross the network in the clear.
+
+    Raises :class:`SMTPError` subclasses only: :class:`SMTPConnectError`,
+    :class:`SMTPTimeoutError`, :class:`SMTPSecurityError` (TLS refused or missing),
+    :class:`SMTPCertificateError`, :class:`SMTPAuthenticationError`, and so on.
     """
     conn = await open_connection(host, port, tls=tls, **options)
     try:
@@ -52,7 +78,8 @@ async def connect(
 async def open_connection(
     host: str, port: int | None = None, *, tls: TLSMode | None = None, **options: Unpack[OptionArgs]
 ) -> SMTPConnection:
-    """Like :func:`connect`, but the caller must ``await conn.aclose()``."""
+    """Open an SMTP session and return it (not a block): the caller must
+    ``await conn.aclose()``. Takes the arguments of :func:`connect`."""
     if tls is None:
         tls = "implicit" if port == 465 else "starttls"
     if tls not in _DEFAULT_PORTS:
@@ -74,10 +101,11 @@ async def open_connection(
 async def start_session(
     stream: trio.abc.Stream, *, host: str, tls: TLSMode, **options: Unpack[OptionArgs]
 ) -> SMTPConnection:
-    """Run greeting, EHLO, STARTTLS and AUTH over an already-open stream.
+    """Run greeting, EHLO, STARTTLS and AUTH over an already-open stream; return the
+    session (not a block: ``await conn.aclose()``).
 
-    ``host`` is the name the certificate must match (R2). On failure the stream is
-    closed and the error raised.
+    ``host`` is the name the certificate must match; ``tls`` and the options are those
+    of :func:`connect`. On failure the stream is closed and the error raised.
     """
     return await _start(stream, host, SessionOptions(tls, **options))
 

@@ -48,7 +48,8 @@ class OptionArgs(TypedDict, total=False):
 
 @dataclass(frozen=True, slots=True)
 class SessionOptions:
-    """How to run a session: the options of :func:`~triomail.connect`, in one place.
+    """How to run a session: the options of :func:`~triomail.connect`, in one place
+    (its docstring says what each one does).
 
     ``tls`` is ``"implicit"`` (the default for port 465), ``"starttls"`` (the default
     otherwise, and required: never a silent downgrade, R1) or ``"none"`` (explicit

@@ -65,4 +65,3 @@ class SMTPAuthenticationError(SMTPResponseError):
     @property
     def permanent(self) -> bool:
         return self.reply.code >= 500
-

@@ -340,12 +340,31 @@ def _in_own_nursery(
 
 
 open_pool = _in_own_nursery(start_pool)
-open_pool.__doc__ = """Run a pool in its own nursery; leaving the block drains, then QUITs every
-connection.
+open_pool.__doc__ = """Run a pool as an ``async with`` block, in a nursery of its own; leaving
+the block drains, then QUITs every connection.
 
-``server`` is a :class:`Server`, a URL, or a list of them (failover by weight); the
-keywords are those of :class:`PoolOptions`. Cancelling the block cancels in-flight work:
-every message handed over that has no result yet (cut off on the wire, queued, waiting
-for a connection or for a retry's backoff) gets one in ``pool.interrupted``, complete
-once the block has ended.
+Args:
+    server: a :class:`Server`, a URL (``smtp://user@host:587``, ``smtps://host:465``,
+        ``smtp+plain://host:25``, ``?cafile=PATH`` for a private CA; no password in a
+        URL: use ``Server.from_url(url, password=...)``), or a list of them, used by
+        weight and failed over.
+    connections: worker tasks, so connections open at most (per server, also
+        ``Server.max_connections``).
+    max_messages_per_connection: close a connection after this many messages (None:
+        never).
+    idle_timeout: close a connection after this many seconds without work.
+    rate: messages per second over all servers at most (None: no limit; per server:
+        ``Server.rate``).
+    retry: when and how often to retry transient outcomes (:class:`RetryPolicy`).
+    message_deadline: seconds one send may take before it is cut off (None: only the
+        stage deadlines of the server's ``timeouts``).
+    queue_timeout: seconds a message may wait for a free worker before it fails, not
+        sent (None: as long as it takes).
+    pipeline_depth: transactions one connection pipelines before their replies (1:
+        one at a time).
+
+:func:`start_pool` is the same pool in a nursery you own. Cancelling the block cancels
+in-flight work: every message handed over that has no result yet (cut off on the wire,
+queued, waiting for a connection or for a retry's backoff) gets one in
+``pool.interrupted``, complete once the block has ended.
 """
