@@ -32,7 +32,9 @@ def chrome() -> Iterator[Any]:
     except ImportError as exc:  # pragma: no cover - selenium is in the test extra
         pytest.skip(f"selenium is not installed: {exc}")
     if shutil.which("chromium") is None or not Path(CHROMEDRIVER).exists():
-        pytest.skip(f"no chromium or {CHROMEDRIVER}: .ci/run installs the Debian packages chromium and chromium-driver")
+        pytest.skip(
+            f"no chromium or {CHROMEDRIVER}: .ci/run installs the Debian packages chromium and chromium-driver"
+        )
     profile = tempfile.mkdtemp(prefix="triomail-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium") or ""
