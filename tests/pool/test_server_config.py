@@ -61,3 +61,14 @@ async def test_cafile_in_the_url_trusts_a_private_ca(tmp_path: Path) -> None:
                 refused = await pool.send(message)
         assert refused.outcome is triomail.Outcome.PERMANENT
         assert len(sink.messages) == 1
+
+
+def test_a_server_carries_every_connection_option() -> None:
+    """The pool opens connections with every option ``connect`` takes (issue 11: one
+    list of options): each is a :class:`Server` field, passed by name."""
+    import dataclasses
+
+    from triomail._client.options import OptionArgs
+
+    fields = {f.name for f in dataclasses.fields(Server)}
+    assert set(OptionArgs.__annotations__) <= fields

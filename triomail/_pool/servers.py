@@ -31,12 +31,13 @@ import random
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import trio
 
 from .._client.open import open_connection
-from .._client.options import TLSMode, TokenSource, default_ssl_context
+from .._client.options import OptionArgs, TLSMode, TokenSource, default_ssl_context
 from .._client.session import SMTPConnection
 from .._core.reply import Reply
 from .._core.timeouts import Timeouts
@@ -63,7 +64,14 @@ log = logging.getLogger("triomail")
 
 @dataclass(frozen=True)
 class Server:
-    """Where and how to connect; credentials never appear in ``repr`` (R36)."""
+    """Where and how to connect; credentials never appear in ``repr`` (R36).
+
+    ``host``, ``port``, ``tls`` and the connection options (``ssl_context``,
+    ``server_hostname``, ``username``, ``password``, ``oauth_token``, ``auth``,
+    ``local_hostname``, ``timeouts``, ``allow_insecure_auth``) mean what the arguments
+    of :func:`~triomail.connect` mean; ``weight``, ``max_connections`` and ``rate`` are
+    the pool's, per server.
+    """
 
     host: str
     port: int | None = None
@@ -71,7 +79,9 @@ class Server:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     oauth_token: TokenSource | None = field(default=None, repr=False)
+    auth: str | Sequence[str] | None = None
     ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
+    server_hostname: str | None = None
     local_hostname: str | None = None
     timeouts: Timeouts = Timeouts()
     allow_insecure_auth: bool = False
@@ -126,18 +136,12 @@ class Server:
 
     async def open(self) -> SMTPConnection:
         """Open one connection to this server; the caller must ``await conn.aclose()``."""
-        return await open_connection(
-            self.host,
-            self.port,
-            tls=self.tls,
-            ssl_context=self.ssl_context,
-            username=self.username,
-            password=self.password,
-            oauth_token=self.oauth_token,
-            local_hostname=self.local_hostname,
-            timeouts=self.timeouts,
-            allow_insecure_auth=self.allow_insecure_auth,
+        # Every connection option, by the one list of them (OptionArgs): a new option
+        # is a new field here, never one more line to forget.
+        options = cast(
+            "OptionArgs", {name: getattr(self, name) for name in OptionArgs.__annotations__}
         )
+        return await open_connection(self.host, self.port, tls=self.tls, **options)
 
     @property
     def label(self) -> str:
