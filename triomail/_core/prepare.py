@@ -85,10 +85,25 @@ def prepare(
     eight_bit: bool = True,
     tag: object = None,
 ) -> PreparedMessage:
-    """Check and encode a message without I/O; raises :class:`LocalProtocolError`.
+    """Check and encode a message once, without I/O, for any connection or the pool.
 
-    ``smtputf8``/``eight_bit`` say what the server offers, so an ``EmailMessage`` is
-    serialised the way that server can take.
+    Args:
+        message: an :class:`email.message.EmailMessage` (its envelope is read from
+            From/Sender and To/Cc/Bcc; Bcc is not sent), or the raw bytes (or text) of
+            a message, which then needs ``sender`` and ``recipients``.
+        sender: the envelope sender (``MAIL FROM``), e.g. a bounce address; ``""`` is
+            the null sender ``<>``.
+        recipients: the envelope recipients (``RCPT TO``), a sequence of addresses;
+            the message is refused if there is none.
+        smtputf8: whether the server offers SMTPUTF8, so that an ``EmailMessage`` with
+            non-ASCII addresses is written as it can take them.
+        eight_bit: whether the server offers 8BITMIME; otherwise 8-bit parts of an
+            ``EmailMessage`` are re-encoded to 7 bits.
+        tag: any value of yours, returned on the result (``result.tag``): a row id, say.
+
+    Raises :class:`LocalProtocolError` (a :class:`ValueError`) for what no server could
+    take: a malformed address, CR or LF in one, a NUL or a line over 998 octets in the
+    data. Nothing is written anywhere.
     """
     message_id = None
     canonical_7bit = None
