@@ -70,3 +70,16 @@ async def test_server_hostname_is_the_name_checked() -> None:
                 "127.0.0.1", sink.port, ssl_context=context, server_hostname="other.test"
             ):
                 pass
+
+
+async def test_an_international_name_is_checked_as_idna_2008() -> None:
+    """Issue 14: the name TLS checks is the IDNA 2008 A-label, as on the envelope (the
+    ssl module alone would encode it with IDNA 2003: ``xn--ocea``, another domain)."""
+    ca = trustme.CA()
+    async with SMTPSink(tls=True, ssl_context=server_context(ca, "xn--gcea.test")) as sink:
+        context = triomail.default_ssl_context(cadata=ca.cert_pem.bytes().decode("ascii"))
+        async with triomail.connect(
+            "127.0.0.1", sink.port, ssl_context=context, server_hostname="ᏸᏸ.test"
+        ) as conn:
+            assert conn.tls_active
+            assert conn.host == "xn--gcea.test"

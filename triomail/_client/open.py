@@ -21,6 +21,7 @@ import trio
 
 from .._core.commands import check_argument
 from .._core.errors import SMTPConnectError, SMTPTimeoutError
+from .._core.idna2008 import ascii_domain
 from .options import OptionArgs, SessionOptions, TLSMode, local_name
 from .session import SMTPConnection
 
@@ -117,7 +118,9 @@ async def _start(stream: trio.abc.Stream, host: str, options: SessionOptions) ->
             await trio.to_thread.run_sync(local_name)
         conn = SMTPConnection(
             stream,
-            host=options.server_hostname or host,  # the name TLS checks (R2)
+            # The name TLS checks (R2), as IDNA 2008 A-labels: the ssl module would encode
+            # a U-label with the IDNA 2003 codec, and check another domain's certificate.
+            host=ascii_domain(options.server_hostname or host),
             timeouts=options.timeouts,
             local_hostname=options.local_hostname,
             ssl_context=options.ssl_context,

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypedDict
 
+from .._core.idna2008 import ascii_domain
 from .._core.timeouts import Timeouts
 
 __all__ = [
@@ -97,7 +98,7 @@ def local_name() -> str:
     """The EHLO name: the FQDN in A-label form, or an address literal (R32)."""
     name = socket.getfqdn()
     try:
-        name = name.encode("idna").decode("ascii")
+        name = ascii_domain(name)  # IDNA 2008, as every domain triomail writes
     except UnicodeError:
         name = "localhost"
     if "." not in name or any(c in name for c in " \r\n\t\x00\x7f"):

@@ -23,7 +23,7 @@ from email.message import EmailMessage, Message
 from email.utils import getaddresses
 
 from .errors import LocalProtocolError
-from .paths import idna_domain
+from .idna2008 import idna_domain
 
 __all__ = ["Envelope", "envelope_of", "flatten"]
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 from .commands import check_argument
 from .errors import LocalProtocolError
+from .idna2008 import idna_domain
 
-__all__ = ["MAX_DOMAIN", "MAX_LOCAL_PART", "MAX_PATH", "Path", "format_path", "idna_domain"]
+__all__ = ["MAX_DOMAIN", "MAX_LOCAL_PART", "MAX_PATH", "Path", "format_path"]
 
 # RFC 5321 §4.5.3.1.1-3.
 MAX_LOCAL_PART = 64
@@ -91,34 +92,13 @@ def _format_path(address: str, allow_null: bool) -> Path:
 
 # UTS #46 deviation characters: IDNA 2003 (Python's "idna" codec) maps them away
 # (straße -> strasse), IDNA 2008 keeps them, so the A-label would name another domain.
-_IDNA_DEVIATIONS = re.compile("[\u00df\u03c2\u200c\u200d]")
-
-
-def idna_domain(domain: str, address: str, *, strict: bool = True) -> str:
-    """The A-label form of a non-ASCII domain; raises :class:`LocalProtocolError`.
-
-    ``strict`` refuses the IDNA deviation characters, which the A-label would map to
-    another domain; pass ``False`` only to check a domain that travels as U-labels.
-    """
-    if strict and _IDNA_DEVIATIONS.search(domain):
-        raise LocalProtocolError(
-            f"domain in {address!r} has a character IDNA 2003 and 2008 map differently"
-        )
-    if any(label.startswith("-") or label.endswith("-") for label in domain.split(".")):
-        raise LocalProtocolError(f"invalid domain in {address!r}")  # RFC 5891 §4.2.3.1
-    try:
-        return domain.encode("idna").decode("ascii")
-    except UnicodeError as exc:
-        raise LocalProtocolError(f"invalid domain in {address!r}: {exc}") from None
-
-
 def _check_domain(domain: str, address: str, *, ascii_only: bool) -> str:
     """Check a domain (R14) and return its wire form: A-labels if ``ascii_only`` (R32)."""
     if _ADDRESS_LITERAL.match(domain):
         return domain
     wire = domain
     if not domain.isascii():
-        domain = idna_domain(domain, address, strict=ascii_only)
+        domain = idna_domain(domain, address)  # IDNA 2008, UTS #46 (RFC 5891)
         if ascii_only:
             # R32: an ASCII local part travels without SMTPUTF8, the domain as A-labels.
             wire = domain
