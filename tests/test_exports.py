@@ -20,7 +20,7 @@ import triomail.testing
 
 PUBLIC = {
     "triomail": [
-        "Capabilities", "DSN", "LocalProtocolError", "Outcome", "Pool", "PoolStatistics",
+        "Capabilities", "DKIMMultiSigner", "DKIMSigner", "DSN", "LocalProtocolError", "Outcome", "Pool", "PoolStatistics",
         "PreparedMessage", "RecipientResult", "Reply", "ReplyParser", "ResultChannel",
         "RetryPolicy", "SMTPAuthenticationError", "SMTPCertificateError", "SMTPConnectError",
         "SMTPConnection", "SMTPDisconnected", "SMTPError", "SMTPProtocolError",

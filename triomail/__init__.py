@@ -1,5 +1,7 @@
 """triomail: a Trio-native SMTP client, connection pool and bulk mailer."""
 
+from typing import TYPE_CHECKING
+
 from ._client.open import connect as connect
 from ._client.open import open_connection as open_connection
 from ._client.open import start_session as start_session
@@ -37,9 +39,15 @@ from ._pool.pool import open_pool as open_pool
 from ._pool.pool import start_pool as start_pool
 from ._public import publish
 
+if TYPE_CHECKING:
+    from ._core.dkim import DKIMMultiSigner as DKIMMultiSigner
+    from ._core.dkim import DKIMSigner as DKIMSigner
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "DKIMMultiSigner",
+    "DKIMSigner",
     "DSN",
     "Capabilities",
     "LocalProtocolError",
@@ -77,4 +85,20 @@ __all__ = [
     "start_session",
 ]
 
-publish(globals(), __all__)
+#: Public names whose module needs an optional extra (``triomail[dkim]``: cryptography),
+#: imported on first use so that ``import triomail`` never needs it.
+_LAZY = {"DKIMSigner": "._core.dkim", "DKIMMultiSigner": "._core.dkim"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        value: object = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        publish(globals(), [name])
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+publish(globals(), [name for name in __all__ if name not in _LAZY])

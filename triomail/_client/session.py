@@ -44,7 +44,7 @@ from .._core.errors import (
     SMTPSecurityError,
 )
 from .._core.plan import plan
-from .._core.prepare import DSN, PreparedMessage, prepare
+from .._core.prepare import DSN, PreparedMessage, Signer, prepare
 from .._core.reply import Reply
 from .._core.results import SendResult
 from .._core.sasl import SASLMechanism
@@ -274,8 +274,10 @@ class SMTPConnection:
         *,
         sender: str | None = None,
         recipients: Sequence[str] | None = None,
+        dkim: Signer | None = None,
     ) -> PreparedMessage:
-        """Check and encode ``message`` for this server (no I/O)."""
+        """Check and encode ``message`` for this server (no I/O): :func:`~triomail.prepare`
+        with what the server offers (SMTPUTF8, 8BITMIME); ``dkim`` signs it."""
         caps = self.capabilities
         return prepare(
             message,
@@ -283,6 +285,7 @@ class SMTPConnection:
             recipients=recipients,
             smtputf8=caps.smtputf8,
             eight_bit=caps.eightbitmime or caps.smtputf8,
+            dkim=dkim,
         )
 
     async def send(

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email.message import Message
-from typing import Literal
+from typing import Literal, Protocol
 
 from .data import Canonical, canonicalize, new_canonical
 from .errors import LocalProtocolError
@@ -26,9 +26,17 @@ from .frozen import fast_constructor
 from .message import envelope_of, flatten, message_id_of, needs_utf8_headers
 from .paths import format_path
 
-__all__ = ["DSN", "PreparedMessage", "prepare", "prepare_rendered"]
+__all__ = ["DSN", "PreparedMessage", "Signer", "prepare", "prepare_rendered"]
 
 _NOTIFY_WORDS = frozenset({"NEVER", "SUCCESS", "FAILURE", "DELAY"})
+
+
+class Signer(Protocol):
+    """What :func:`prepare` needs of a DKIM signer (``_core.dkim`` has the real ones)."""
+
+    def sign(self, message: bytes) -> bytes:
+        """The header field(s) to put in front of ``message`` (canonical bytes)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +92,7 @@ def prepare(
     smtputf8: bool = True,
     eight_bit: bool = True,
     tag: object = None,
+    dkim: Signer | None = None,
 ) -> PreparedMessage:
     """Check and encode a message once, without I/O, for any connection or the pool.
 
@@ -100,6 +109,9 @@ def prepare(
         eight_bit: whether the server offers 8BITMIME; otherwise 8-bit parts of an
             ``EmailMessage`` are re-encoded to 7 bits.
         tag: any value of yours, returned on the result (``result.tag``): a row id, say.
+        dkim: a :class:`~triomail.DKIMSigner` (or ``DKIMMultiSigner``): its signature
+            is computed here, over the final bytes, and put in front of them; the
+            prepared message then carries it to any connection and through retries.
 
     Raises :class:`LocalProtocolError` (a :class:`ValueError`) for what no server could
     take: a malformed address, CR or LF in one, a NUL or a line over 998 octets in the
@@ -134,6 +146,12 @@ def prepare(
         message_id = raw_message_id(canonical.data)
     if not recipients:
         raise LocalProtocolError("no recipients")
+    if dkim is not None:
+        canonical = new_canonical(dkim.sign(canonical.data) + canonical.data, canonical.eight_bit)
+        if canonical_7bit is not None:  # other bytes, so a signature of their own
+            canonical_7bit = new_canonical(
+                dkim.sign(canonical_7bit.data) + canonical_7bit.data, False
+            )
     sender_path = format_path(sender, allow_null=True)
     needs_smtputf8 = header_utf8 or sender_path.needs_smtputf8
     addresses = []
@@ -150,6 +168,12 @@ def prepare(
         canonical_7bit,
         tag,
     )
+
+
+def _signed(dkim: Signer, canonical: Canonical) -> Canonical:
+    """``canonical`` with its DKIM signature field in front (ASCII lines ending in CRLF,
+    so the bytes stay canonical)."""
+    return new_canonical(dkim.sign(canonical.data) + canonical.data, canonical.eight_bit)
 
 
 def prepare_rendered(
