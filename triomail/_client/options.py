@@ -19,7 +19,9 @@ from typing import Literal, TypedDict
 from .._core.timeouts import Timeouts
 
 __all__ = [
+    "PIPELINE_MODES",
     "OptionArgs",
+    "Pipeline",
     "SessionOptions",
     "TLSMode",
     "TokenSource",
@@ -28,6 +30,11 @@ __all__ = [
 ]
 
 TLSMode = Literal["implicit", "starttls", "none"]
+#: How ``send_many`` pipelines (RFC 2920): ``cross`` writes the next envelope behind
+#: an end of data, ``within`` waits for the end-of-data reply first (two round trips a
+#: message), ``off`` sends each command alone.
+Pipeline = Literal["cross", "within", "off"]
+PIPELINE_MODES: tuple[Pipeline, ...] = ("cross", "within", "off")
 TokenSource = str | Callable[[], Awaitable[str]]
 
 

@@ -47,6 +47,7 @@ from .._core.parser import ReplyParser
 from .._core.reply import Reply
 from .deadline import Deadline
 from .exceptions import HANDSHAKE, map_failure
+from .options import Pipeline
 
 __all__ = ["EAGER_PAUSE", "HANDSHAKE", "SALVAGE_SECONDS", "Transport"]
 
@@ -76,6 +77,7 @@ class Transport:
         "now",
         "parser",
         "phase",
+        "pipeline",
         "scope",
         "stage",
         "stage_seconds",
@@ -88,6 +90,9 @@ class Transport:
         self.host = host
         self.parser = ReplyParser()
         self.phase = "plain"
+        #: How ``send_many`` pipelines on this connection: ``within`` once the server
+        #: refused commands behind an end of data (see ``batch``).
+        self.pipeline: Pipeline = "cross"
         #: Why the transport may not be used again (``None``: it may).
         self.broken: str | None = None
         self.closed = False
