@@ -28,7 +28,7 @@ from urllib.parse import unquote, urlsplit
 import trio
 
 from .._client.open import open_connection
-from .._client.options import TLSMode, TokenSource
+from .._client.options import Pipeline, TLSMode, TokenSource
 from .._client.session import SMTPConnection
 from .._core.reply import Reply
 from .._core.timeouts import Timeouts
@@ -146,6 +146,8 @@ class ServerState:
         self.fatal: str | None = None
         self.successes_since_throttle = 0
         self.open = 0
+        #: How its connections pipeline (a connection that had to fall back says so).
+        self.pipeline: Pipeline = "cross"
 
     def throttle(self) -> None:
         """421 or 4.7.x: halve concurrency and rate (R40, R44)."""
@@ -249,6 +251,7 @@ class Lease:
             state.limiter.release()
             raise
         state.open += 1
+        conn.pipeline = state.pipeline  # start in the mode the server is known to take
         self.conn, self.state, self.sent = conn, state, 0
 
     async def release(self) -> None:
@@ -265,6 +268,8 @@ class Lease:
             await conn.aclose()
         if state is not None:
             state.open -= 1
+            if conn.pipeline != "cross":  # learnt here; never unlearnt
+                state.pipeline = conn.pipeline
 
 
 def throttles(reply: Reply | None) -> bool:
