@@ -1533,3 +1533,30 @@ async def test_sink_fault_refusing_pipelining_once() -> None:
     assert sorted(m.data for m in stored) == sorted(m.canonical.data for m in messages)
     with pytest.raises(ValueError, match="refuse_pipelined"):
         Fault("MAIL", refuse_pipelined=True)
+
+
+async def test_bdat_window_refused_behind_an_end_of_data_is_sent_again_one_by_one() -> None:
+    """The same policy under CHUNKING: the RSET leading each transaction behind a BDAT
+    LAST is refused with 503, and so is everything after it. Those messages never
+    started: they go again, each window one message, its reply read first."""
+    m = [prep(body(i), f"b{i}@example.com") for i in range(3)]
+    refused = [BAD_SEQUENCE] * 4  # RSET, MAIL, RCPT, BDAT
+    script = [
+        *bdat_txn(0, body(0), rset=False),
+        *bdat_txn(1, body(1), rset=True),
+        *bdat_txn(2, body(2), rset=True),
+        send_lines("250 ok", "250 ok", "250 2.0.0 queued 0", *refused, *refused),
+        expect_line("RSET"), send_lines("250 reset"),  # the batch leaves the session clean
+        *bdat_txn(1, body(1), rset=True),
+        send_lines("250 reset", "250 ok", "250 ok", "250 2.0.0 queued 1"),
+        *bdat_txn(2, body(2), rset=False),
+        send_lines("250 ok", "250 ok", "250 2.0.0 queued 2"),
+        *quit_steps(),
+    ]  # fmt: skip
+    async with scripted(script, caps=CHUNKING) as (conn, rec, _srv):
+        results = await conn.send_many(m)
+        writes = len(rec.writes)
+        mode = conn.pipeline
+    assert [r.reply.text for r in results if r.reply] == ["queued 0", "queued 1", "queued 2"]
+    assert all(r.attempts == 1 for r in results)
+    assert (writes, mode) == (4, "within")
