@@ -1409,6 +1409,26 @@ async def test_an_iterable_that_raises_leaves_the_connection_unusable() -> None:
 BAD_SEQUENCE = "503 5.5.0 Bad sequence of commands - pipelined after end of DATA"
 
 
+def _second_refused_behind_the_first() -> list[Step]:
+    """Message 0 goes; message 1's envelope, behind 0's end of data, gets 503s."""
+    return [
+        expect_line(MAIL), expect_line(rcpt("b0@example.com")), expect_line("DATA"),
+        send_lines("250 ok", "250 ok", "354 go"),
+        expect_data(), expect_line(MAIL), expect_line(rcpt("b1@example.com")),
+        expect_line("DATA"),
+        send_lines("250 queued 0", BAD_SEQUENCE, BAD_SEQUENCE, BAD_SEQUENCE),
+    ]  # fmt: skip
+
+
+def _alone(i: int) -> list[Step]:
+    """Message ``i`` with its end of data answered before anything follows it."""
+    return [
+        expect_line(MAIL), expect_line(rcpt(f"b{i}@example.com")), expect_line("DATA"),
+        send_lines("250 ok", "250 ok", "354 go"),
+        expect_data(), send_lines(f"250 queued {i}"),
+    ]  # fmt: skip
+
+
 async def test_503_behind_an_end_of_data_falls_back_and_sends_again(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -1416,20 +1436,7 @@ async def test_503_behind_an_end_of_data_falls_back_and_sends_again(
     message never started: it is sent again at once, and from then on each end of data
     is answered before the next MAIL: two round trips a message."""
     m = [prep(body(i), f"b{i}@example.com") for i in range(3)]
-    script = [
-        expect_line(MAIL), expect_line(rcpt("b0@example.com")), expect_line("DATA"),
-        send_lines("250 ok", "250 ok", "354 go"),
-        expect_data(), expect_line(MAIL), expect_line(rcpt("b1@example.com")),
-        expect_line("DATA"),
-        send_lines("250 queued 0", BAD_SEQUENCE, BAD_SEQUENCE, BAD_SEQUENCE),
-    ]  # fmt: skip
-    for i in (1, 2):
-        script += [
-            expect_line(MAIL), expect_line(rcpt(f"b{i}@example.com")), expect_line("DATA"),
-            send_lines("250 ok", "250 ok", "354 go"),
-            expect_data(), send_lines(f"250 queued {i}"),
-        ]  # fmt: skip
-    script += quit_steps()
+    script = [*_second_refused_behind_the_first(), *_alone(1), *_alone(2), *quit_steps()]
     envelope = [MAIL + rcpt(f"b{i}@example.com") + b"DATA\r\n" for i in range(3)]
     with caplog.at_level("INFO", logger="triomail"):
         async with scripted(script) as (conn, rec, srv):
@@ -1456,17 +1463,7 @@ async def test_503_behind_an_end_of_data_falls_back_and_sends_again(
 
 async def test_the_last_message_refused_behind_a_dot_is_sent_again() -> None:
     m = [prep(body(i), f"b{i}@example.com") for i in range(2)]
-    script = [
-        expect_line(MAIL), expect_line(rcpt("b0@example.com")), expect_line("DATA"),
-        send_lines("250 ok", "250 ok", "354 go"),
-        expect_data(), expect_line(MAIL), expect_line(rcpt("b1@example.com")),
-        expect_line("DATA"),
-        send_lines("250 queued 0", BAD_SEQUENCE, BAD_SEQUENCE, BAD_SEQUENCE),
-        expect_line(MAIL), expect_line(rcpt("b1@example.com")), expect_line("DATA"),
-        send_lines("250 ok", "250 ok", "354 go"),
-        expect_data(), send_lines("250 queued 1"),
-        *quit_steps(),
-    ]  # fmt: skip
+    script = [*_second_refused_behind_the_first(), *_alone(1), *quit_steps()]
     async with scripted(script) as (conn, _rec, _srv):
         results = await conn.send_many(iter(m))  # lazily, as the pool feeds it
     assert [r.ok for r in results] == [True, True]
