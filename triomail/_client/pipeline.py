@@ -115,7 +115,7 @@ async def _data(batch: Batch) -> None:
                 await _end_of_data(batch, due)
                 if batch.stop_reason is not None:
                     return
-        if batch.need_rset:
+        elif batch.need_rset:  # a refused DATA: never with a body due
             parts.append(RSET_LINE)
             slots.append((RSET, txn, 0))
         batch.need_rset = False

@@ -184,11 +184,7 @@ class Transaction:
         self.mail = mail
         self.rcpts = rcpts
         self.canonical = canonical
-        self.restart()
-
-    def restart(self) -> None:
-        """Forget every reply: the transaction is about to be written (again)."""
-        self.rcpt_replies: list[Reply | None] = [None] * len(self.rcpts)
+        self.rcpt_replies: list[Reply | None] = [None] * len(rcpts)
         self.mail_ok = False
         self.accepted = 0
         self.started = False  # MAIL has been (or is being) written
@@ -200,6 +196,11 @@ class Transaction:
         self.clean = False  # the server is certainly outside this transaction
         self.done = False
         self.result: SendResult | None = None
+
+    def restart(self) -> None:
+        """Forget every reply: the transaction is about to be written again."""
+        # The state is what __init__ sets: one list of it (a call per message saved).
+        self.__init__(self.index, self.prepared, self.mail, self.rcpts, self.canonical)  # type: ignore[misc]
 
     @property
     def has_takers(self) -> bool:
