@@ -1554,6 +1554,7 @@ async def test_bdat_window_refused_behind_an_end_of_data_is_sent_again_one_by_on
         results = await conn.send_many(m)
         writes = len(rec.writes)
         mode = conn.pipeline
+        assert not conn.awaiting_final_reply  # every reply owed was read
     assert [r.reply.text for r in results if r.reply] == ["queued 0", "queued 1", "queued 2"]
     assert all(r.attempts == 1 for r in results)
     assert (writes, mode) == (4, "within")

@@ -303,7 +303,7 @@ class Transaction:
         if self.done:
             return CLOSING if code == 421 else ANSWERED
         if self.again and code != 421:
-            return NOTHING  # refused with the rest of this attempt: never started
+            return ANSWERED  # owed, but refused with the rest of this attempt: not started
         error = None if self.final_written else _EARLY
         if self.accepted == 0:
             # R29: every RCPT was refused (each keeps its own reply).
