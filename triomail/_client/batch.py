@@ -240,7 +240,7 @@ class Batch:
             self.again.append(txn)
             if self.cross:
                 self.cross = False
-                self.io.pipeline = "within"
+                self.io.set_pipeline("within")
                 log.info(
                     "%s: commands pipelined behind an end of data refused (%s); "
                     "waiting for each end-of-data reply from now on",

@@ -109,7 +109,7 @@ class SMTPConnection:
     def pipeline(self, mode: Pipeline) -> None:
         if mode not in PIPELINE_MODES:
             raise ValueError(f"pipeline must be one of {PIPELINE_MODES}, not {mode!r}")
-        self._io.pipeline = mode
+        self._io.set_pipeline(mode)
 
     @property
     def is_usable(self) -> bool:
@@ -371,10 +371,14 @@ class SMTPConnection:
         if mode not in PIPELINE_MODES:
             raise ValueError(f"pipeline must be one of {PIPELINE_MODES}, not {pipeline!r}")
         if not caps.pipelining or mode != "cross":
-            send = functools.partial(
-                self._send, dsn=dsn, requiretls=requiretls, pipelining=mode == "within"
-            )
-            return await send_each(io, send, messages, on_result)
+            within = mode == "within" and caps.pipelining
+            send = functools.partial(self._send, dsn=dsn, requiretls=requiretls, pipelining=within)
+            # Each group's replies waited for: no delayed ACK for them (transport).
+            io.ack_each_read(within or io.pipeline != "cross")
+            try:
+                return await send_each(io, send, messages, on_result)
+            finally:
+                io.ack_each_read(io.pipeline != "cross")
         return await send_pipelined(
             io,
             self._timeouts,

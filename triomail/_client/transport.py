@@ -23,6 +23,13 @@ Everything above this module speaks in :class:`~triomail.Reply` values and
   :data:`EAGER_PAUSE` reads wait for the socket at once. TLS and other streams use the
   stream's own methods.
 
+* **Acknowledging at once.** A server that writes each reply of a group separately with
+  Nagle's algorithm on (Haraka) holds the second reply until the client acknowledges
+  the first, and the client's kernel delays that ACK: a stall per group. Where the
+  client waits for every group (``pipeline`` ``within`` or ``off``), each read asks
+  for the ACK at once (``TCP_QUICKACK``, Linux; a no-op elsewhere); on the cross path,
+  whose groups the server answers in one write, nothing changes.
+
 * **Counters.** Messages delivered, transactions started and whether a final reply is
   owed (R37: a loss now is an unknown outcome) live here, with the stream whose loss
   they describe.
@@ -36,6 +43,7 @@ import contextlib
 import logging
 import os
 import select
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import NoReturn
@@ -78,6 +86,7 @@ class Transport:
         "parser",
         "phase",
         "pipeline",
+        "quickack",
         "scope",
         "stage",
         "stage_seconds",
@@ -93,6 +102,7 @@ class Transport:
         #: How ``send_many`` pipelines on this connection: ``within`` once the server
         #: refused commands behind an end of data (see ``batch``).
         self.pipeline: Pipeline = "cross"
+        self.quickack: socket.socket | None = None  # ACK each read at once (header)
         #: Why the transport may not be used again (``None``: it may).
         self.broken: str | None = None
         self.closed = False
@@ -213,6 +223,8 @@ class Transport:
                 if not data:
                     raise trio.ClosedResourceError("server closed the connection")
                 parser.feed(data)
+                if self.quickack is not None:
+                    self._ack_now()
                 reply = parser.next_reply()
         except BaseException as exc:
             await self._fail(exc, stage)
@@ -243,6 +255,31 @@ class Transport:
                 f"server sent more than one reply to {stage}: {self.parser.unprocessed[:80]!r}"
             )
 
+    def set_pipeline(self, mode: Pipeline) -> None:
+        """Record how ``send_many`` pipelines here; outside ``cross``, ACK at once."""
+        self.pipeline = mode
+        self.ack_each_read(mode != "cross")
+
+    def ack_each_read(self, on: bool) -> None:
+        """Ask the kernel to acknowledge each read at once (module header), or not."""
+        sock = self._socket() if on and hasattr(socket, "TCP_QUICKACK") else None
+        self.quickack = sock
+
+    def _ack_now(self) -> None:
+        # Linux resets TCP_QUICKACK by itself, so it is set again after each read; set
+        # while an ACK is pending, it sends that ACK.
+        with contextlib.suppress(OSError):
+            self.quickack.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)  # type: ignore[union-attr]
+
+    def _socket(self) -> socket.socket | None:
+        """The TCP socket under the stream (and its TLS), if there is one."""
+        stream = self.stream
+        while isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
+        if not isinstance(stream, trio.SocketStream):
+            return None
+        return stream.socket  # type: ignore[return-value]
+
     def is_stale(self) -> bool:
         """True if an idle connection has unsolicited bytes or EOF pending (R24, R45).
 
@@ -250,13 +287,11 @@ class Transport:
         """
         if not self.usable or self.parser.has_unprocessed:
             return True
-        stream = self.stream
-        while isinstance(stream, trio.SSLStream):
-            stream = stream.transport_stream
-        if not isinstance(stream, trio.SocketStream):
+        sock = self._socket()
+        if sock is None:
             return False
         # Readable while idle means data or EOF arrived unasked; poll, don't consume.
-        readable, _, _ = select.select([stream.socket.fileno()], [], [], 0)
+        readable, _, _ = select.select([sock.fileno()], [], [], 0)
         return bool(readable)
 
     # ------------------------------------------------------------------ writes
