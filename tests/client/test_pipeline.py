@@ -1511,8 +1511,11 @@ async def test_sink_refusing_pipelining_after_data_loses_nothing() -> None:
     raws = [raw + b"n%d\r\n" % i for i, raw in enumerate(SINK_RAWS * 25)]
     messages = [prep(raw, f"r{i}@example.com") for i, raw in enumerate(raws)]
     async with sink_connection(refuse_pipelined_after_data=True) as (conn, sink):
+        assert conn._io.quickack is None  # the cross path asks the kernel nothing
         results = await conn.send_many(messages[:50], chunking=False)
         assert conn.pipeline == "within"
+        # Each group waited for: each read acknowledged at once (transport's header).
+        assert conn._io.quickack is not None
         results += await conn.send_many(messages[50:], chunking=False)
         stored = await sink.wait_for_messages(len(raws))
     assert all(r.ok and r.attempts == 1 for r in results), [str(r.reply) for r in results]
