@@ -19,7 +19,6 @@ from typing import Literal, TypedDict
 from .._core.timeouts import Timeouts
 
 __all__ = [
-    "PIPELINE_MODES",
     "OptionArgs",
     "Pipeline",
     "SessionOptions",
@@ -27,6 +26,7 @@ __all__ = [
     "TokenSource",
     "default_ssl_context",
     "local_name",
+    "pipeline_mode",
 ]
 
 TLSMode = Literal["implicit", "starttls", "none"]
@@ -34,7 +34,15 @@ TLSMode = Literal["implicit", "starttls", "none"]
 #: an end of data, ``within`` waits for the end-of-data reply first (two round trips a
 #: message), ``off`` sends each command alone.
 Pipeline = Literal["cross", "within", "off"]
-PIPELINE_MODES: tuple[Pipeline, ...] = ("cross", "within", "off")
+
+
+def pipeline_mode(mode: object) -> Pipeline:
+    """``mode`` if it is a :data:`Pipeline` mode; ValueError if not."""
+    if mode not in ("cross", "within", "off"):
+        raise ValueError(f"pipeline must be 'cross', 'within' or 'off', not {mode!r}")
+    return mode
+
+
 TokenSource = str | Callable[[], Awaitable[str]]
 
 

@@ -52,12 +52,12 @@ from .._core.transaction import Transaction
 from .auth import authenticate, choose
 from .lockstep import reset, send_each, send_one
 from .options import (
-    PIPELINE_MODES,
     Pipeline,
     SessionOptions,
     TokenSource,
     default_ssl_context,
     local_name,
+    pipeline_mode,
 )
 from .pipeline import send_pipelined
 from .transport import Transport
@@ -107,9 +107,7 @@ class SMTPConnection:
 
     @pipeline.setter
     def pipeline(self, mode: Pipeline) -> None:
-        if mode not in PIPELINE_MODES:
-            raise ValueError(f"pipeline must be one of {PIPELINE_MODES}, not {mode!r}")
-        self._io.set_pipeline(mode)
+        self._io.set_pipeline(pipeline_mode(mode))
 
     @property
     def is_usable(self) -> bool:
@@ -367,9 +365,7 @@ class SMTPConnection:
         caps = self.capabilities
         if chunking and not caps.chunking:
             raise LocalProtocolError("chunking=True but the server does not advertise CHUNKING")
-        mode = io.pipeline if pipeline is None else pipeline
-        if mode not in PIPELINE_MODES:
-            raise ValueError(f"pipeline must be one of {PIPELINE_MODES}, not {pipeline!r}")
+        mode = io.pipeline if pipeline is None else pipeline_mode(pipeline)
         if not caps.pipelining or mode != "cross":
             within = mode == "within" and caps.pipelining
             send = functools.partial(self._send, dsn=dsn, requiretls=requiretls, pipelining=within)

@@ -1,4 +1,4 @@
-"""The one I/O boundary: the only code that touches the stream or its socket.
+"""The one I/O boundary: the only code that touches the stream or (with .sockets) its socket.
 
 Theory of operation
 -------------------
@@ -23,12 +23,8 @@ Everything above this module speaks in :class:`~triomail.Reply` values and
   :data:`EAGER_PAUSE` reads wait for the socket at once. TLS and other streams use the
   stream's own methods.
 
-* **Acknowledging at once.** A server that writes each reply of a group separately with
-  Nagle's algorithm on (Haraka) holds the second reply until the client acknowledges
-  the first, and the client's kernel delays that ACK: a stall per group. Where the
-  client waits for every group (``pipeline`` ``within`` or ``off``), each read asks
-  for the ACK at once (``TCP_QUICKACK``, Linux; a no-op elsewhere); on the cross path,
-  whose groups the server answers in one write, nothing changes.
+* **Acknowledging at once** where the client waits for every group (``pipeline``
+  ``within`` or ``off``): see :mod:`.sockets`. The cross path asks the kernel nothing.
 
 * **Counters.** Messages delivered, transactions started and whether a final reply is
   owed (R37: a loss now is an unknown outcome) live here, with the stream whose loss
@@ -42,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -56,6 +51,7 @@ from .._core.reply import Reply
 from .deadline import Deadline
 from .exceptions import HANDSHAKE, map_failure
 from .options import Pipeline
+from .sockets import QUICKACK, ack_now, has_pending, tcp_socket
 
 __all__ = ["EAGER_PAUSE", "HANDSHAKE", "SALVAGE_SECONDS", "Transport"]
 
@@ -224,7 +220,7 @@ class Transport:
                     raise trio.ClosedResourceError("server closed the connection")
                 parser.feed(data)
                 if self.quickack is not None:
-                    self._ack_now()
+                    ack_now(self.quickack)
                 reply = parser.next_reply()
         except BaseException as exc:
             await self._fail(exc, stage)
@@ -261,24 +257,8 @@ class Transport:
         self.ack_each_read(mode != "cross")
 
     def ack_each_read(self, on: bool) -> None:
-        """Ask the kernel to acknowledge each read at once (module header), or not."""
-        sock = self._socket() if on and hasattr(socket, "TCP_QUICKACK") else None
-        self.quickack = sock
-
-    def _ack_now(self) -> None:
-        # Linux resets TCP_QUICKACK by itself, so it is set again after each read; set
-        # while an ACK is pending, it sends that ACK.
-        with contextlib.suppress(OSError):
-            self.quickack.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)  # type: ignore[union-attr]
-
-    def _socket(self) -> socket.socket | None:
-        """The TCP socket under the stream (and its TLS), if there is one."""
-        stream = self.stream
-        while isinstance(stream, trio.SSLStream):
-            stream = stream.transport_stream
-        if not isinstance(stream, trio.SocketStream):
-            return None
-        return stream.socket  # type: ignore[return-value]
+        """Ask the kernel to acknowledge each read at once (:mod:`.sockets`), or not."""
+        self.quickack = tcp_socket(self.stream) if on and QUICKACK else None
 
     def is_stale(self) -> bool:
         """True if an idle connection has unsolicited bytes or EOF pending (R24, R45).
@@ -287,12 +267,9 @@ class Transport:
         """
         if not self.usable or self.parser.has_unprocessed:
             return True
-        sock = self._socket()
-        if sock is None:
-            return False
-        # Readable while idle means data or EOF arrived unasked; poll, don't consume.
-        readable, _, _ = select.select([sock.fileno()], [], [], 0)
-        return bool(readable)
+        sock = tcp_socket(self.stream)
+        # Readable while idle means data or EOF arrived unasked.
+        return sock is not None and has_pending(sock)
 
     # ------------------------------------------------------------------ writes
 
