@@ -1402,3 +1402,162 @@ async def test_an_iterable_that_raises_leaves_the_connection_unusable() -> None:
             await conn.send_many(messages(), on_result=lambda i, r: seen.append(i))
         assert not conn.is_usable
     assert seen == []
+
+
+# -- a server that refuses commands pipelined behind an end of data (issue 17) ---------------
+
+BAD_SEQUENCE = "503 5.5.0 Bad sequence of commands - pipelined after end of DATA"
+
+
+def _second_refused_behind_the_first() -> list[Step]:
+    """Message 0 goes; message 1's envelope, behind 0's end of data, gets 503s."""
+    return [
+        expect_line(MAIL), expect_line(rcpt("b0@example.com")), expect_line("DATA"),
+        send_lines("250 ok", "250 ok", "354 go"),
+        expect_data(), expect_line(MAIL), expect_line(rcpt("b1@example.com")),
+        expect_line("DATA"),
+        send_lines("250 queued 0", BAD_SEQUENCE, BAD_SEQUENCE, BAD_SEQUENCE),
+    ]  # fmt: skip
+
+
+def _alone(i: int) -> list[Step]:
+    """Message ``i`` with its end of data answered before anything follows it."""
+    return [
+        expect_line(MAIL), expect_line(rcpt(f"b{i}@example.com")), expect_line("DATA"),
+        send_lines("250 ok", "250 ok", "354 go"),
+        expect_data(), send_lines(f"250 queued {i}"),
+    ]  # fmt: skip
+
+
+async def test_503_behind_an_end_of_data_falls_back_and_sends_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Haraka: 250 to the end of data, 503 to the MAIL, RCPT and DATA behind it. That
+    message never started: it is sent again at once, and from then on each end of data
+    is answered before the next MAIL: two round trips a message."""
+    m = [prep(body(i), f"b{i}@example.com") for i in range(3)]
+    script = [*_second_refused_behind_the_first(), *_alone(1), *_alone(2), *quit_steps()]
+    envelope = [MAIL + rcpt(f"b{i}@example.com") + b"DATA\r\n" for i in range(3)]
+    with caplog.at_level("INFO", logger="triomail"):
+        async with scripted(script) as (conn, rec, srv):
+            assert conn.pipeline == "cross"
+            results = await conn.send_many(m)
+            writes = list(rec.writes)
+            mode = conn.pipeline
+    assert writes == [
+        envelope[0],
+        body(0) + b".\r\n" + envelope[1],  # refused behind the end of data
+        envelope[1],  # sent again at once
+        body(1) + b".\r\n",
+        envelope[2],
+        body(2) + b".\r\n",
+    ]
+    assert [r.ok for r in results] == [True, True, True]
+    assert [r.reply.text for r in results if r.reply] == ["queued 0", "queued 1", "queued 2"]
+    assert all(r.attempts == 1 and r.error is None for r in results)
+    assert len(srv.transcript.bodies) == 3
+    assert mode == "within"
+    falls = [r for r in caplog.records if "behind an end of data" in r.getMessage()]
+    assert [r.levelname for r in falls] == ["INFO"]
+
+
+async def test_the_last_message_refused_behind_a_dot_is_sent_again() -> None:
+    m = [prep(body(i), f"b{i}@example.com") for i in range(2)]
+    script = [*_second_refused_behind_the_first(), *_alone(1), *quit_steps()]
+    async with scripted(script) as (conn, _rec, _srv):
+        results = await conn.send_many(iter(m))  # lazily, as the pool feeds it
+    assert [r.ok for r in results] == [True, True]
+    assert conn.messages_sent == 2
+
+
+@pytest.mark.parametrize(
+    ("mode", "writes"),
+    [
+        ("within", [MAIL + rcpt("b@example.com") + b"DATA\r\n", body(0) + b".\r\n"]),
+        ("off", [MAIL, rcpt("b@example.com"), b"DATA\r\n", body(0) + b".\r\n"]),
+    ],
+)
+async def test_pipeline_mode_within_and_off(mode: str, writes: list[bytes]) -> None:
+    script = [
+        expect_line(MAIL), expect_line(rcpt("b@example.com")), expect_line("DATA"),
+        send_lines("250 ok", "250 ok", "354 go"),
+        expect_data(), send_lines("250 queued"),
+        *quit_steps(),
+    ]  # fmt: skip
+    if mode == "off":
+        script[:4] = [
+            expect_line(MAIL), send_lines("250 ok"),
+            expect_line(rcpt("b@example.com")), send_lines("250 ok"),
+            expect_line("DATA"), send_lines("354 go"),
+        ]  # fmt: skip
+    async with scripted(script) as (conn, rec, _srv):
+        results = await conn.send_many([prep(body(0), "b@example.com")], pipeline=mode)  # type: ignore[arg-type]
+        assert rec.writes == writes
+        assert conn.pipeline == "cross"  # a choice for one call, not the server's mode
+    assert results[0].ok
+
+
+async def test_an_unknown_pipeline_mode_is_refused() -> None:
+    async with sink_connection() as (conn, _sink):
+        with pytest.raises(ValueError, match="pipeline"):
+            await conn.send_many([], pipeline="both")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="pipeline"):
+            conn.pipeline = "both"  # type: ignore[assignment]
+
+
+async def test_sink_refusing_pipelining_after_data_loses_nothing() -> None:
+    """The sink plays Haraka's policy; every message arrives once, the connection keeps
+    the mode it fell back to, and a later batch starts in it (no 503 at all)."""
+    raws = [raw + b"n%d\r\n" % i for i, raw in enumerate(SINK_RAWS * 25)]
+    messages = [prep(raw, f"r{i}@example.com") for i, raw in enumerate(raws)]
+    async with sink_connection(refuse_pipelined_after_data=True) as (conn, sink):
+        assert conn._io.quickack is None  # the cross path asks the kernel nothing
+        results = await conn.send_many(messages[:50], chunking=False)
+        assert conn.pipeline == "within"
+        # Each group waited for: each read acknowledged at once (transport's header).
+        assert conn._io.quickack is not None
+        results += await conn.send_many(messages[50:], chunking=False)
+        stored = await sink.wait_for_messages(len(raws))
+    assert all(r.ok and r.attempts == 1 for r in results), [str(r.reply) for r in results]
+    assert [m.data for m in stored] == [m.canonical.data for m in messages]
+
+
+async def test_sink_fault_refusing_pipelining_once() -> None:
+    fault = Fault(".", refuse_pipelined=True, message=3)
+    messages = [prep(body(i), f"r{i}@example.com") for i in range(10)]
+    async with sink_connection(faults=[fault]) as (conn, sink):
+        results = await conn.send_many(messages, chunking=False)
+        stored = await sink.wait_for_messages(10)
+        assert conn.pipeline == "within"
+    assert all(r.ok for r in results)
+    assert sorted(m.data for m in stored) == sorted(m.canonical.data for m in messages)
+    with pytest.raises(ValueError, match="refuse_pipelined"):
+        Fault("MAIL", refuse_pipelined=True)
+
+
+async def test_bdat_window_refused_behind_an_end_of_data_is_sent_again_one_by_one() -> None:
+    """The same policy under CHUNKING: the RSET leading each transaction behind a BDAT
+    LAST is refused with 503, and so is everything after it. Those messages never
+    started: they go again, each window one message, its reply read first."""
+    m = [prep(body(i), f"b{i}@example.com") for i in range(3)]
+    refused = [BAD_SEQUENCE] * 4  # RSET, MAIL, RCPT, BDAT
+    script = [
+        *bdat_txn(0, body(0), rset=False),
+        *bdat_txn(1, body(1), rset=True),
+        *bdat_txn(2, body(2), rset=True),
+        send_lines("250 ok", "250 ok", "250 2.0.0 queued 0", *refused, *refused),
+        expect_line("RSET"), send_lines("250 reset"),  # the batch leaves the session clean
+        *bdat_txn(1, body(1), rset=True),
+        send_lines("250 reset", "250 ok", "250 ok", "250 2.0.0 queued 1"),
+        *bdat_txn(2, body(2), rset=False),
+        send_lines("250 ok", "250 ok", "250 2.0.0 queued 2"),
+        *quit_steps(),
+    ]  # fmt: skip
+    async with scripted(script, caps=CHUNKING) as (conn, rec, _srv):
+        results = await conn.send_many(m)
+        writes = len(rec.writes)
+        mode = conn.pipeline
+        assert not conn.awaiting_final_reply  # every reply owed was read
+    assert [r.reply.text for r in results if r.reply] == ["queued 0", "queued 1", "queued 2"]
+    assert all(r.attempts == 1 for r in results)
+    assert (writes, mode) == (4, "within")

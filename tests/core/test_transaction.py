@@ -205,3 +205,90 @@ def test_a_result_is_decided_once() -> None:
     first = t.result
     t.lost("later", closing=False)
     assert t.result is first
+
+
+# -- refused behind an end of data (issue 17) -------------------------------------------------
+
+BAD_SEQUENCE = (503, "5.5.0 Bad sequence of commands - pipelined after end of DATA")
+
+
+def behind_a_dot(*recipients: str) -> Transaction:
+    """A transaction whose MAIL shared a write with the previous message's end of data."""
+    t = txn(*recipients)
+    t.after_dot = True
+    return t
+
+
+def test_503_to_mail_behind_an_end_of_data_is_not_started() -> None:
+    """Haraka: 250 to the end of data, then 503 to every command behind it."""
+    t = behind_a_dot("b@example.com", "c@example.com")
+    assert t.apply(MAIL, 0, r(*BAD_SEQUENCE)) == Decision.AGAIN
+    assert (t.again, t.started) == (True, False)
+    # The rest of the attempt decides nothing: no recipient is refused, no result.
+    assert t.apply(RCPT, 0, r(*BAD_SEQUENCE)) == Decision.NOTHING
+    assert t.apply(RCPT, 1, r(*BAD_SEQUENCE)) == Decision.NOTHING
+    assert t.apply(DATA, 0, r(*BAD_SEQUENCE)) == Decision.NOTHING
+    assert (t.done, t.result, t.rcpt_replies) == (False, None, [None, None])
+    # Lost before it is sent again: never started.
+    t.lost("gone", closing=False)
+    assert t.result is not None and t.result.outcome is Outcome.TRANSIENT
+    assert "never started" in (t.result.error or "")
+
+
+def test_restart_forgets_the_refused_attempt() -> None:
+    t = behind_a_dot()
+    t.apply(MAIL, 0, r(*BAD_SEQUENCE))
+    t.restart()
+    assert (t.again, t.after_dot, t.started, t.done) == (False, False, False, False)
+    t.started = True
+    assert t.apply(MAIL, 0, r(250)) == Decision.NOTHING
+    assert t.apply(RCPT, 0, r(250)) == Decision.NOTHING
+    assert t.apply(DATA, 0, r(354)) == Decision.BODY
+    t.final_written = True
+    assert t.apply(DOT, 0, r(250)) == Decision.DELIVERED
+
+
+@pytest.mark.parametrize(
+    ("after_dot", "code", "decision"),
+    [
+        (False, 503, Decision.FINISHED),  # not behind an end of data: the server's answer
+        (True, 550, Decision.FINISHED),  # a refused sender is refused wherever it stands
+        (True, 421, Decision.CLOSING),  # closing, as everywhere (R40)
+    ],
+)
+def test_other_refusals_of_mail_keep_their_meaning(
+    after_dot: bool, code: int, decision: Decision
+) -> None:
+    t = txn()
+    t.after_dot = after_dot
+    assert t.apply(MAIL, 0, r(code)) == decision
+    assert t.result is not None and not t.again
+
+
+def test_a_taken_rset_shows_the_server_accepts_commands_behind_a_dot() -> None:
+    """BDAT windows put RSET first behind the previous end of data; a 250 to it means
+    the MAIL after it was read normally, so its 503 is its own answer."""
+    t = behind_a_dot()
+    assert t.apply(RSET, 0, r(250)) == Decision.NOTHING
+    assert t.apply(MAIL, 0, r(503)) == Decision.FINISHED
+    assert t.result is not None and t.result.outcome is Outcome.PERMANENT
+
+
+def test_503_to_the_rset_behind_a_dot_is_not_started_either() -> None:
+    t = behind_a_dot()
+    assert t.apply(RSET, 0, r(*BAD_SEQUENCE)) == Decision.AGAIN
+    assert t.apply(MAIL, 0, r(*BAD_SEQUENCE)) == Decision.NOTHING
+    assert t.apply(RCPT, 0, r(*BAD_SEQUENCE)) == Decision.NOTHING
+    # The reply owed for the chunk: answered, and it decides nothing.
+    assert t.apply(BDAT, 0, r(*BAD_SEQUENCE)) == Decision.ANSWERED
+    assert (t.done, t.rset_failed) == (False, None)
+
+
+def test_503_after_a_refused_command_never_decides_a_recipient() -> None:
+    """A 503 that answers a command behind a refused one is the server complaining
+    about the sequence: the recipients keep no such reply (R41)."""
+    t = txn("b@example.com")
+    assert t.apply(MAIL, 0, r(550, "5.7.1 sender refused")) == Decision.FINISHED
+    assert t.apply(RCPT, 0, r(503, "5.5.1 need MAIL")) == Decision.NOTHING
+    t.apply(DATA, 0, r(503, "5.5.1 need RCPT"))
+    assert outcomes(t.result) == [("b@example.com", Outcome.PERMANENT, 550)]

@@ -27,13 +27,21 @@ stage, see :func:`run_batch`). The batch adds the bookkeeping:
   likewise, except that a message whose final octet was written and whose reply was not
   read is *unknown* (R37). When a write fails, replies the server sent before giving up
   are still read (briefly) and used, as ``send`` does for an early reply (R46).
+
+* **Refused behind an end of data.** A server may refuse the commands pipelined behind
+  an end of data (Haraka: ``503``), which the transaction reports as
+  :data:`~triomail._core.transaction.Decision.AGAIN`. Such a message never started: the
+  batch stops writing anything behind an end of data (:attr:`Batch.cross` false; the
+  connection keeps that mode, :attr:`Transport.pipeline`, and says so once at INFO)
+  and sends the message again on the same connection as soon as nothing is owed; it
+  is no new attempt and no result is recorded for the refused one.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 
 from .._core.capabilities import Capabilities
 from .._core.errors import LocalProtocolError, SMTPError, SMTPTimeoutError
@@ -43,6 +51,7 @@ from .._core.reply import Reply
 from .._core.results import SendResult, local_failure, never_started
 from .._core.timeouts import Timeouts
 from .._core.transaction import (
+    AGAIN,
     BODY,
     CLOSING,
     CLOSING_421,
@@ -101,6 +110,11 @@ class Batch:
         self.dsn = dsn
         self.requiretls = requiretls
         self.last: Transaction | None = None  # the transaction taken last
+        # Each transaction once, in order: a list's, or planned as the iterator reaches it.
+        self.source: Iterator[Transaction] = iter(txns) if lazy is None else self._planned()
+        #: False once the server refused commands pipelined behind an end of data.
+        self.cross = io.pipeline == "cross"
+        self.again: deque[Transaction] = deque()  # refused that way: to be sent again
         self.slots: deque[tuple[int, Transaction, int]] = deque()
         self.need_rset = False  # DATA mode: the last transaction must be reset
         self.body_due: Transaction | None = None  # DATA mode: 354 received, body not yet sent
@@ -112,12 +126,28 @@ class Batch:
     # ------------------------------------------------------------------ messages
 
     def pending(self) -> Iterator[Transaction]:
-        """The transactions in order; from an iterator, each planned only when reached."""
-        if self.lazy is None:
-            for txn in self.txns:
-                self.last = txn
-                yield txn
-            return
+        """The transactions in order, each refused behind an end of data again as soon as
+        no reply is owed (:attr:`again`); from an iterator, each planned when reached."""
+        again = self.again
+        for txn in self.source:
+            if again and not self.slots:
+                yield from self._again()
+            self.last = txn
+            yield txn
+        if not self.slots:
+            yield from self._again()
+
+    def _again(self) -> Iterable[Transaction]:
+        again = self.again
+        while again:
+            txn = again.popleft()
+            txn.restart()
+            self.last = txn
+            yield txn
+
+    def _planned(self) -> Iterator[Transaction]:
+        """The lazy messages as transactions, each planned only when reached."""
+        assert self.lazy is not None
         for prepared in self.lazy:
             index = len(self.results)
             self.results.append(None)
@@ -137,7 +167,6 @@ class Batch:
                 continue
             txn = Transaction(index, prepared, *planned)
             self.txns.append(txn)
-            self.last = txn
             yield txn
 
     def record(self, index: int, result: SendResult) -> None:
@@ -207,6 +236,18 @@ class Batch:
         if decision == RSET_REFUSED:
             self.stop_reason = f"RSET refused: {reply}"
             return
+        if decision == AGAIN:
+            self.again.append(txn)
+            if self.cross:
+                self.cross = False
+                self.io.set_pipeline("within")
+                log.info(
+                    "%s: commands pipelined behind an end of data refused (%s); "
+                    "waiting for each end-of-data reply from now on",
+                    self.io.host,
+                    reply,
+                )
+            return
         if decision == DELIVERED:
             self.io.messages_sent += 1
         elif decision == RESET:
@@ -260,6 +301,9 @@ async def run_batch(batch: Batch, driver: Callable[[Batch], Awaitable[None]]) ->
         async with io.deadline():
             try:
                 await driver(batch)
+                # Refused behind the last ends of data: send those again, one by one.
+                while batch.again and batch.stop_reason is None:
+                    await driver(batch)
             except _Stop as stop:
                 failure, closing = stop.reason, True
             except SMTPError as exc:

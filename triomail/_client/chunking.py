@@ -17,6 +17,10 @@ and PIPELINING; the expected replies, results and failures are the
   (cheap: no round trip). Messages over :data:`WINDOW_BYTES`, or with more than
   :data:`RCPT_GROUP` recipients, are sent on their own: envelope first, and the data
   only if a recipient was accepted.
+* **A server that refuses commands pipelined behind an end of data** refuses that
+  ``RSET`` (``Batch.cross`` turns false): from then on each window is one message,
+  whose reply is read before the next is written, and the refused messages are sent
+  again (``Batch.pending``).
 
 """
 
@@ -44,7 +48,7 @@ async def send_chunked(batch: Batch) -> None:
     finals: list[tuple[Transaction, int]] = []
     size = 0
     owed_before = 0  # slots owed by windows already written
-    prev: Transaction | None = None
+    prev = batch.last  # sending again: the transaction the last run ended with
     for txn in batch.pending():
         if batch.stop_reason is not None:
             break
@@ -66,6 +70,7 @@ async def send_chunked(batch: Batch) -> None:
         if rset:
             parts.append(RSET_LINE)
             slots.append((RSET, txn, 0))
+            txn.after_dot = batch.cross  # the previous end of data may be unanswered
         parts.append(txn.mail)
         slots.append((MAIL, txn, 0))
         parts += txn.rcpts
@@ -77,7 +82,12 @@ async def send_chunked(batch: Batch) -> None:
         io.transactions += 1
         size += 60 + length + 40 * n
         finals.append((txn, -1))
-        if (
+        if not batch.cross:  # the server wants each end of data answered first
+            await _flush(batch, parts, finals)
+            parts, finals, size = [], [], 0
+            await batch.drain()
+            owed_before = 0
+        elif (
             len(finals) >= WINDOW_MESSAGES
             or size >= WINDOW_BYTES
             or len(slots) - owed_before >= WINDOW_REPLIES

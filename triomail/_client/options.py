@@ -22,14 +22,29 @@ from .._core.timeouts import Timeouts
 
 __all__ = [
     "OptionArgs",
+    "Pipeline",
     "SessionOptions",
     "TLSMode",
     "TokenSource",
     "default_ssl_context",
     "local_name",
+    "pipeline_mode",
 ]
 
 TLSMode = Literal["implicit", "starttls", "none"]
+#: How ``send_many`` pipelines (RFC 2920): ``cross`` writes the next envelope behind
+#: an end of data, ``within`` waits for the end-of-data reply first (two round trips a
+#: message), ``off`` sends each command alone.
+Pipeline = Literal["cross", "within", "off"]
+
+
+def pipeline_mode(mode: object) -> Pipeline:
+    """``mode`` if it is a :data:`Pipeline` mode; ValueError if not."""
+    if mode not in ("cross", "within", "off"):
+        raise ValueError(f"pipeline must be 'cross', 'within' or 'off', not {mode!r}")
+    return mode
+
+
 TokenSource = str | Callable[[], Awaitable[str]]
 
 

@@ -18,6 +18,11 @@ written by ``chunking`` instead. Here, the DATA schedule:
   next (no "nested MAIL"). A 354 with no recipient accepted gets just ``.\\r\\n`` (R29).
   After each group the server must have nothing more to say until it gets the body, so
   the read buffer is checked empty there (R24).
+* **A server that refuses that** (Haraka answers the end of data, then ``503`` to every
+  command behind it): the batch leaves cross mode (``Batch.cross``) and each body goes
+  alone, its reply read before the next envelope: two round trips a message, the floor
+  when the end of data must be answered before the next ``MAIL``. The refused message
+  is sent again at once (``Batch.pending``).
 
 """
 
@@ -100,11 +105,17 @@ async def _data(batch: Batch) -> None:
         due = batch.body_due
         if due is not None:
             batch.body_due = None
-            slots.append((DOT, due, 0))  # first: a reply to a failed write is its answer
-            parts = _small_body(due) or await _body_head(batch, due)
-            finals.append((due, sum(map(len, parts))))
-            stage, seconds = "data block", t.data_block
-        elif batch.need_rset:
+            if batch.cross:
+                slots.append((DOT, due, 0))  # first: a reply to a failed write is its answer
+                parts = _small_body(due) or await _body_head(batch, due)
+                finals.append((due, sum(map(len, parts))))
+                stage, seconds = "data block", t.data_block
+                txn.after_dot = True
+            else:
+                await _end_of_data(batch, due)
+                if batch.stop_reason is not None:
+                    return
+        elif batch.need_rset:  # a refused DATA: never with a body due
             parts.append(RSET_LINE)
             slots.append((RSET, txn, 0))
         batch.need_rset = False
@@ -144,18 +155,23 @@ async def _data(batch: Batch) -> None:
     due = batch.body_due
     if due is not None:
         batch.body_due = None
-        slots.append((DOT, due, 0))
-        parts = _small_body(due) or await _body_head(batch, due)
-        data = b"".join(parts)
-        await batch.write(data, "data block", t.data_block, [(due, len(data))])
-        await batch.drain()
-        io.check_drained("end of data")
+        await _end_of_data(batch, due)
     if batch.need_rset and batch.last is not None:
         batch.need_rset = False
         slots.append((RSET, batch.last, 0))
         await batch.write(RSET_LINE, "RSET", t.rset)
         await batch.drain()
         io.check_drained("RSET")
+
+
+async def _end_of_data(batch: Batch, txn: Transaction) -> None:
+    """Write ``txn``'s content alone and read the reply to its end of data."""
+    batch.slots.append((DOT, txn, 0))
+    parts = _small_body(txn) or await _body_head(batch, txn)
+    data = b"".join(parts)
+    await batch.write(data, "data block", batch.t.data_block, [(txn, len(data))])
+    await batch.drain()
+    batch.io.check_drained("end of data")
 
 
 def _small_body(txn: Transaction) -> list[bytes] | None:

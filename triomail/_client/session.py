@@ -52,7 +52,13 @@ from .._core.timeouts import Timeouts
 from .._core.transaction import Transaction
 from .auth import authenticate, choose
 from .lockstep import reset, send_each, send_one
-from .options import SessionOptions, default_ssl_context, local_name
+from .options import (
+    Pipeline,
+    SessionOptions,
+    default_ssl_context,
+    local_name,
+    pipeline_mode,
+)
 from .pipeline import send_pipelined
 from .transport import Transport
 
@@ -95,6 +101,17 @@ class SMTPConnection:
     @property
     def tls_active(self) -> bool:
         return self._io.phase == "tls"
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """How :meth:`send_many` pipelines by default: ``"cross"`` until the server
+        refuses commands pipelined behind an end of data, ``"within"`` from then on.
+        A pool sets it on a new connection to a server known to refuse."""
+        return self._io.pipeline
+
+    @pipeline.setter
+    def pipeline(self, mode: Pipeline) -> None:
+        self._io.set_pipeline(pipeline_mode(mode))
 
     @property
     def is_usable(self) -> bool:
@@ -304,13 +321,20 @@ class SMTPConnection:
         caller's mistakes (:class:`LocalProtocolError`, before any byte is written) and
         for a connection that is already closed (:class:`SMTPDisconnected`).
         """
-        io = self._io
-        io.check_usable()
+        self._io.check_usable()
         prepared = (
             message
             if isinstance(message, PreparedMessage)
             else self.prepare(message, sender=sender, recipients=recipients)
         )
+        return await self._send(prepared, dsn=dsn, requiretls=requiretls, pipelining=True)
+
+    async def _send(
+        self, prepared: PreparedMessage, *, dsn: DSN | None, requiretls: bool, pipelining: bool
+    ) -> SendResult:
+        """:meth:`send`, with ``pipelining=False`` never writing two commands at once."""
+        io = self._io
+        io.check_usable()
         caps = self.capabilities
         planned = plan(prepared, caps, tls_active=self.tls_active, dsn=dsn, requiretls=requiretls)
         if isinstance(planned, SendResult):
@@ -319,7 +343,7 @@ class SMTPConnection:
             await io.abort()
             raise SMTPDisconnected("server closed or wrote to the connection while it was idle")
         txn = Transaction(0, prepared, *planned)
-        return await send_one(io, self._timeouts, txn, pipelining=caps.pipelining)
+        return await send_one(io, self._timeouts, txn, pipelining=pipelining and caps.pipelining)
 
     async def send_many(
         self,
@@ -329,6 +353,7 @@ class SMTPConnection:
         dsn: DSN | None = None,
         requiretls: bool = False,
         on_result: Callable[[int, SendResult], None] | None = None,
+        pipeline: Pipeline | None = None,
     ) -> list[SendResult]:
         """Send prepared messages; one result per message, in order.
 
@@ -339,6 +364,13 @@ class SMTPConnection:
         advertised). Without PIPELINING this is :meth:`send` per message. Each result is
         what :meth:`send` would report; ``on_result(index, result)`` is called as each
         is known (useful if the batch may be cancelled).
+
+        ``pipeline`` (default :attr:`pipeline`, the fastest mode the server accepts):
+        ``"cross"`` writes the next envelope behind an end of data; if the server
+        refuses that (Haraka answers ``503``), those messages were never started and
+        are sent again on this connection at once, in ``"within"`` mode from then on
+        (it waits for the end-of-data reply: two round trips a message). ``"off"``
+        sends each command alone.
 
         A list is checked whole before the first byte is written, so this raises only
         what ``send`` raises before writing: :class:`LocalProtocolError` for a message no
@@ -356,9 +388,16 @@ class SMTPConnection:
         caps = self.capabilities
         if chunking and not caps.chunking:
             raise LocalProtocolError("chunking=True but the server does not advertise CHUNKING")
-        if not caps.pipelining:
-            send = functools.partial(self.send, dsn=dsn, requiretls=requiretls)
-            return await send_each(io, send, messages, on_result)
+        mode = io.pipeline if pipeline is None else pipeline_mode(pipeline)
+        if not caps.pipelining or mode != "cross":
+            within = mode == "within" and caps.pipelining
+            send = functools.partial(self._send, dsn=dsn, requiretls=requiretls, pipelining=within)
+            # Each group's replies waited for: no delayed ACK for them (transport).
+            io.ack_each_read(within or io.pipeline != "cross")
+            try:
+                return await send_each(io, send, messages, on_result)
+            finally:
+                io.ack_each_read(io.pipeline != "cross")
         return await send_pipelined(
             io,
             self._timeouts,

@@ -1,4 +1,4 @@
-"""The one I/O boundary: the only code that touches the stream or its socket.
+"""The one I/O boundary: the only code that touches the stream or (with .sockets) its socket.
 
 Theory of operation
 -------------------
@@ -23,6 +23,9 @@ Everything above this module speaks in :class:`~triomail.Reply` values and
   :data:`EAGER_PAUSE` reads wait for the socket at once. TLS and other streams use the
   stream's own methods.
 
+* **Acknowledging at once** where the client waits for every group (``pipeline``
+  ``within`` or ``off``): see :mod:`.sockets`. The cross path asks the kernel nothing.
+
 * **Counters.** Messages delivered, transactions started and whether a final reply is
   owed (R37: a loss now is an unknown outcome) live here, with the stream whose loss
   they describe.
@@ -35,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import NoReturn
@@ -47,6 +50,8 @@ from .._core.parser import ReplyParser
 from .._core.reply import Reply
 from .deadline import Deadline
 from .exceptions import HANDSHAKE, map_failure
+from .options import Pipeline
+from .sockets import QUICKACK, ack_now, has_pending, tcp_socket
 
 __all__ = ["EAGER_PAUSE", "HANDSHAKE", "SALVAGE_SECONDS", "Transport"]
 
@@ -76,6 +81,8 @@ class Transport:
         "now",
         "parser",
         "phase",
+        "pipeline",
+        "quickack",
         "scope",
         "stage",
         "stage_seconds",
@@ -88,6 +95,10 @@ class Transport:
         self.host = host
         self.parser = ReplyParser()
         self.phase = "plain"
+        #: How ``send_many`` pipelines on this connection: ``within`` once the server
+        #: refused commands behind an end of data (see ``batch``).
+        self.pipeline: Pipeline = "cross"
+        self.quickack: socket.socket | None = None  # ACK each read at once (header)
         #: Why the transport may not be used again (``None``: it may).
         self.broken: str | None = None
         self.closed = False
@@ -208,6 +219,8 @@ class Transport:
                 if not data:
                     raise trio.ClosedResourceError("server closed the connection")
                 parser.feed(data)
+                if self.quickack is not None:
+                    ack_now(self.quickack)
                 reply = parser.next_reply()
         except BaseException as exc:
             await self._fail(exc, stage)
@@ -238,6 +251,15 @@ class Transport:
                 f"server sent more than one reply to {stage}: {self.parser.unprocessed[:80]!r}"
             )
 
+    def set_pipeline(self, mode: Pipeline) -> None:
+        """Record how ``send_many`` pipelines here; outside ``cross``, ACK at once."""
+        self.pipeline = mode
+        self.ack_each_read(mode != "cross")
+
+    def ack_each_read(self, on: bool) -> None:
+        """Ask the kernel to acknowledge each read at once (:mod:`.sockets`), or not."""
+        self.quickack = tcp_socket(self.stream) if on and QUICKACK else None
+
     def is_stale(self) -> bool:
         """True if an idle connection has unsolicited bytes or EOF pending (R24, R45).
 
@@ -245,14 +267,9 @@ class Transport:
         """
         if not self.usable or self.parser.has_unprocessed:
             return True
-        stream = self.stream
-        while isinstance(stream, trio.SSLStream):
-            stream = stream.transport_stream
-        if not isinstance(stream, trio.SocketStream):
-            return False
-        # Readable while idle means data or EOF arrived unasked; poll, don't consume.
-        readable, _, _ = select.select([stream.socket.fileno()], [], [], 0)
-        return bool(readable)
+        sock = tcp_socket(self.stream)
+        # Readable while idle means data or EOF arrived unasked.
+        return sock is not None and has_pending(sock)
 
     # ------------------------------------------------------------------ writes
 

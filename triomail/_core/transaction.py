@@ -26,6 +26,17 @@ written one for one, in order, never by content (RFC 2920 §3.1, R29; R42: a 452
   (R46). A 2xx to ``BDAT`` leaves the session clean (RFC 3030: after a failed BDAT the
   state is indeterminate until ``RSET``).
 * ``RSET``: anything but 250 leaves the session in an unknown state: stop.
+* Behind an end of data: a command written in the same write as the previous
+  message's end of data (RFC 2920 §3.1 allows it) may be refused as pipelined too far,
+  as Haraka does since its SMTP-smuggling hardening: ``250`` to the end of data, then
+  ``503 Bad sequence of commands`` to every command behind it. A 503 to the first
+  command behind it (``RSET`` or ``MAIL``) therefore means "not started", never the
+  message's refusal: :data:`Decision.AGAIN`, and the replies to the rest of that
+  attempt decide nothing. Any other reply is the server's answer to the command
+  itself (a 550 to MAIL refuses the sender; a 421 closes, as everywhere), and a 250
+  to a leading ``RSET`` shows that the server takes commands behind an end of data.
+  A 503 for a command that followed a refused one is never a recipient's deciding
+  reply either (RCPT after a refused MAIL, above).
 * Anywhere: a 3xx where none can come means the replies are out of step (R24, R47): a
   :class:`SMTPProtocolError`. A 421 means the server is closing and acts on nothing
   after it (RFC 5321 §3.8, R40): :data:`Decision.CLOSING`.
@@ -51,6 +62,7 @@ from .results import Outcome, SendResult, outcome_of, transaction_result
 from .timeouts import Timeouts
 
 __all__ = [
+    "AGAIN",
     "ANSWERED",
     "BDAT",
     "BODY",
@@ -119,13 +131,18 @@ class Decision(enum.IntEnum):
     CLOSING = 6
     #: ``RSET`` refused: the session is in an unknown state; stop after this.
     RSET_REFUSED = 7
+    #: Refused as pipelined behind an end of data: never started; send it again, and
+    #: wait for each end-of-data reply before the next ``MAIL`` from now on.
+    AGAIN = 8
 
 
 # The same values as plain ints, for the drivers' per-reply path: a global load, not an
 # enum attribute look-up, and CPython specialises comparisons and tuple indexing for
 # exact ints only (an IntEnum member is an int subclass).
 RSET, MAIL, RCPT, DATA, DOT, BDAT = map(int, Expect)
-NOTHING, FINISHED, DELIVERED, ANSWERED, BODY, RESET, CLOSING, RSET_REFUSED = map(int, Decision)
+NOTHING, FINISHED, DELIVERED, ANSWERED, BODY, RESET, CLOSING, RSET_REFUSED, AGAIN = map(
+    int, Decision
+)
 #: The error on a result that a 421 ended.
 CLOSING_421 = "server closing (421)"
 _EARLY = "server replied before the end of data"
@@ -136,6 +153,8 @@ class Transaction:
 
     __slots__ = (
         "accepted",
+        "after_dot",
+        "again",
         "canonical",
         "clean",
         "done",
@@ -169,12 +188,19 @@ class Transaction:
         self.mail_ok = False
         self.accepted = 0
         self.started = False  # MAIL has been (or is being) written
+        self.after_dot = False  # its first command shares a write with an end of data
+        self.again = False  # refused as pipelined behind that end of data: not started
         self.final_written = False  # the last octet of the content is on the wire
         self.final_maybe = False  # a write holding the last octet failed part-way
         self.rset_failed: Reply | None = None  # the RSET in front of it was refused
         self.clean = False  # the server is certainly outside this transaction
         self.done = False
         self.result: SendResult | None = None
+
+    def restart(self) -> None:
+        """Forget every reply: the transaction is about to be written again."""
+        # The state is what __init__ sets: one list of it (a call per message saved).
+        self.__init__(self.index, self.prepared, self.mail, self.rcpts, self.canonical)  # type: ignore[misc]
 
     @property
     def has_takers(self) -> bool:
@@ -233,6 +259,10 @@ class Transaction:
             if code == 421:
                 self.finish(Outcome.TRANSIENT, reply, CLOSING_421)
                 return CLOSING
+            if self.again:
+                return NOTHING  # the RSET in front was refused as pipelined: not started
+            if code == 503 and self.after_dot:
+                return self._not_started()
             if self.rset_failed is not None:
                 self.finish(
                     Outcome.TRANSIENT, self.rset_failed, f"RSET refused: {self.rset_failed}"
@@ -246,6 +276,8 @@ class Transaction:
             if code < 400:
                 # R47: only 354 lets the body go; a 250 here would claim a delivery.
                 raise SMTPProtocolError(f"unexpected {reply} in reply to DATA")
+            if self.again and code != 421:
+                return NOTHING  # this attempt never started: nothing to decide
             self.finish(outcome_of(reply), reply)  # R47: no body after this
             if code == 421:
                 return CLOSING
@@ -257,8 +289,11 @@ class Transaction:
                 self.finish(Outcome.TRANSIENT, reply, CLOSING_421)
                 return CLOSING
             if code != 250:
+                if code == 503 and self.after_dot:
+                    return self._not_started()
                 self.rset_failed = reply
                 return RSET_REFUSED
+            self.after_dot = False  # taken: MAIL behind it is no longer "behind a dot"
             return NOTHING
         # The end of data: "." after DATA, or BDAT ... LAST.
         if 300 <= code < 400:
@@ -267,6 +302,8 @@ class Transaction:
             self.clean = True
         if self.done:
             return CLOSING if code == 421 else ANSWERED
+        if self.again and code != 421:
+            return ANSWERED  # owed, but refused with the rest of this attempt: not started
         error = None if self.final_written else _EARLY
         if self.accepted == 0:
             # R29: every RCPT was refused (each keeps its own reply).
@@ -276,6 +313,12 @@ class Transaction:
         if code == 421:
             return CLOSING
         return DELIVERED if code < 300 and self.mail_ok and self.accepted else FINISHED
+
+    def _not_started(self) -> int:
+        """Refused as pipelined behind an end of data: this attempt never started."""
+        self.again = True
+        self.started = False
+        return AGAIN
 
 
 def _desync(reply: Reply, kind: int) -> SMTPProtocolError:

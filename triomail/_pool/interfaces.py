@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from email.message import Message
 from typing import Protocol
 
+from .._client.options import Pipeline
 from .._core.capabilities import Capabilities
 from .._core.prepare import PreparedMessage
 from .._core.results import SendResult
@@ -33,6 +34,12 @@ class Connection(Protocol):
     @property
     def awaiting_final_reply(self) -> bool:
         """True between the final dot and its reply: a send cut off now is unknown (R37)."""
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """How ``send_many`` pipelines here: ``"within"`` once the server refused
+        commands behind an end of data; the pool hands it to the server's next
+        connection."""
 
     @property
     def is_usable(self) -> bool:

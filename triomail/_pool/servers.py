@@ -37,7 +37,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import trio
 
 from .._client.open import open_connection
-from .._client.options import OptionArgs, TLSMode, TokenSource, default_ssl_context
+from .._client.options import OptionArgs, Pipeline, TLSMode, TokenSource, default_ssl_context
 from .._client.session import SMTPConnection
 from .._core.reply import Reply
 from .._core.timeouts import Timeouts
@@ -199,6 +199,8 @@ class ServerState:
         self.fatal: str | None = None
         self.successes_since_throttle = 0
         self.open = 0
+        #: How its connections pipeline (a connection that had to fall back says so).
+        self.pipeline: Pipeline = "cross"
 
     def throttle(self) -> None:
         """421 or 4.7.x: halve concurrency and rate (R40, R44)."""
@@ -336,6 +338,7 @@ class Lease:
             raise
         state.record_connected()
         state.open += 1
+        conn.pipeline = state.pipeline  # start in the mode the server is known to take
         self.conn, self.state, self.sent = conn, state, 0
 
     async def release(self) -> None:
@@ -352,6 +355,8 @@ class Lease:
             await conn.aclose()
         if state is not None:
             state.open -= 1
+            if conn.pipeline != "cross":  # learnt here; never unlearnt
+                state.pipeline = conn.pipeline
 
 
 def throttles(reply: Reply | None) -> bool:

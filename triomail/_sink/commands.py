@@ -699,6 +699,10 @@ class ServerMachine:
         self._check_sync(".")  # only bites without PIPELINING
         if self._faults:
             fault = self._faults.match(".", txn.number) or fault
+        refuse = transfer == "DATA" and (
+            self._config.refuse_pipelined_after_data
+            or (fault is not None and fault.refuse_pipelined)
+        )
         if fault is not None:
             if fault.delay:
                 yield Pause(fault.delay)
@@ -712,6 +716,8 @@ class ServerMachine:
                 raise _Abort
             if fault.replaces_reply:
                 self._fault_reply(fault)
+                if refuse:
+                    self._refuse_pipelined()
                 return
         if verdict is not None:
             self._say(verdict)
@@ -722,6 +728,16 @@ class ServerMachine:
             else:
                 self._reply(250, "2.0.0", f"Ok: queued as {queue_id}")
         self._fault_after(fault)
+        if refuse:
+            self._refuse_pipelined()
+
+    def _refuse_pipelined(self) -> None:
+        """Answer each whole line already behind the end of data with 503, as Haraka
+        does since its SMTP-smuggling hardening (advisory GHSA-rp4q-8m6x-c43c)."""
+        buf = self._buf
+        while (end := buf.find(b"\n")) >= 0:
+            del buf[: end + 1]
+            self._reply(503, "5.5.0", "Bad sequence of commands - pipelined after end of DATA")
 
     def _store(
         self, txn: _Transaction, data: bytes, transfer: Literal["DATA", "BDAT"]

@@ -41,3 +41,4 @@ class SinkConfig:
     store: bool
     max_stored: int | None
     on_message: Callable[[CapturedMessage], object] | None
+    refuse_pipelined_after_data: bool = False

@@ -60,6 +60,9 @@ class Fault:
         drop: close the connection, see :data:`Drop`.
         after_bytes: for ``drop="during_data"``, octets of data to read first.
         times: fire at most this many times (default: every time).
+        refuse_pipelined: on ``"."`` after ``DATA``, answer every command already
+            pipelined behind the end of data with ``503``, as Haraka does (see
+            ``SMTPSink(refuse_pipelined_after_data=...)``).
     """
 
     command: str
@@ -72,6 +75,7 @@ class Fault:
     drop: Drop | None = None
     after_bytes: int = 0
     times: int | None = None
+    refuse_pipelined: bool = False
 
     def __post_init__(self) -> None:
         command = self.command.upper()
@@ -90,6 +94,8 @@ class Fault:
             raise ValueError('drop="during_data" only applies to DATA or BDAT')
         if self.drop == "during_data" and (self.code is not None or self.raw is not None):
             raise ValueError('drop="during_data" cannot be combined with a reply')
+        if self.refuse_pipelined and command != ".":
+            raise ValueError('refuse_pipelined only applies to "."')
         if self.after_bytes < 0 or self.delay < 0:
             raise ValueError("after_bytes and delay must not be negative")
         if self.times is not None and self.times < 1:

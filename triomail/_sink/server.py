@@ -108,6 +108,10 @@ class SMTPSink:
         strict: also reject NUL, undeclared 8-bit data, message lines over 1000
             octets, unstuffed leading dots and pipelining violations. Bare CR/LF,
             sequence and syntax errors are always rejected.
+        refuse_pipelined_after_data: answer every command pipelined behind an end
+            of data with ``503 5.5.0 Bad sequence of commands - pipelined after end
+            of DATA``, as Haraka does since its SMTP-smuggling hardening (also a
+            :class:`Fault` on ``"."``: ``refuse_pipelined=True``).
         out_dir: also write each message as ``.eml`` (the exact ``data``) here.
         store: keep messages in :attr:`messages`.
         max_stored: with ``store``, at most this many; then ``452 4.3.1``.
@@ -139,6 +143,7 @@ class SMTPSink:
         idle_timeout: float | None = 300.0,
         messages_per_connection: int | None = None,
         strict: bool = True,
+        refuse_pipelined_after_data: bool = False,
         out_dir: str | os.PathLike[str] | None = None,
         store: bool = True,
         max_stored: int | None = 10_000,
@@ -188,6 +193,7 @@ class SMTPSink:
             idle_timeout=idle_timeout or 0.0,
             messages_per_connection=messages_per_connection,
             strict=strict,
+            refuse_pipelined_after_data=refuse_pipelined_after_data,
             out_dir=directory,
             store=store,
             max_stored=max_stored,
