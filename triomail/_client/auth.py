@@ -23,10 +23,10 @@ from .._core.capabilities import Capabilities
 from .._core.errors import LocalProtocolError, SMTPAuthenticationError, SMTPSecurityError
 from .._core.reply import Reply
 from .._core.sasl import SASLMechanism, XOAuth2, password_mechanisms
-from .options import TokenSource
+from .options import SessionOptions
 from .transport import Transport
 
-__all__ = ["authenticate", "choose"]
+__all__ = ["authenticate", "authenticate_with_any", "choose"]
 
 # smtplib's _MAXCHALLENGE: an endless 334 loop ends here (R35).
 _MAX_CHALLENGES = 5
@@ -34,16 +34,19 @@ _MAX_CHALLENGES = 5
 _MAX_AUTH_LINE = 12288
 
 
+#: AUTH replies that refuse the mechanism, not the credentials (RFC 4954 §6).
+_MECHANISM_REFUSED = frozenset({504, 534, 538})
+
+
 async def choose(
-    caps: Capabilities,
-    tls_active: bool,
-    username: str,
-    password: str | None,
-    oauth_token: TokenSource | None,
-    wanted: Sequence[str] = (),
+    caps: Capabilities, tls_active: bool, options: SessionOptions
 ) -> list[SASLMechanism]:
-    """The mechanisms to try for these credentials, in order (``wanted``, or every
-    advertised one, strongest first); :class:`SMTPSecurityError` if none fits."""
+    """The mechanisms to try for the session's credentials, in order (``options.auth``,
+    or every advertised one, strongest first); :class:`SMTPSecurityError` if none fits."""
+    username, password, oauth_token = options.username, options.password, options.oauth_token
+    assert username is not None
+    auth = options.auth
+    wanted: Sequence[str] = (auth,) if isinstance(auth, str) else tuple(auth or ())
     advertised = caps.auth_mechanisms
     if not advertised and not tls_active and caps.starttls:
         # Many servers advertise AUTH only once TLS is up (RFC 4954 §4 allows it).
@@ -73,6 +76,21 @@ def _not_offered(what: str, advertised: frozenset[str]) -> str:
 
 def _offers(advertised: frozenset[str]) -> str:
     return f"it offers {', '.join(sorted(advertised))}" if advertised else "it offers no AUTH"
+
+
+async def authenticate_with_any(
+    io: Transport, mechanisms: Sequence[SASLMechanism], seconds: float
+) -> None:
+    """Try ``mechanisms`` in turn until one is accepted (RFC 4954 §6): 504, 534 and 538
+    refuse the mechanism, so the next one may do; 535 refuses the credentials whatever
+    the mechanism, and a 4xx the moment: trying on would only invite a lockout (R35)."""
+    for i, mechanism in enumerate(mechanisms):
+        try:
+            await authenticate(io, mechanism, seconds)
+            return
+        except SMTPAuthenticationError as exc:
+            if exc.reply.code not in _MECHANISM_REFUSED or i == len(mechanisms) - 1:
+                raise
 
 
 async def authenticate(io: Transport, mechanism: SASLMechanism, seconds: float) -> None:

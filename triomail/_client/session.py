@@ -36,7 +36,6 @@ from .._core.capabilities import Capabilities
 from .._core.commands import check_argument, encode_command
 from .._core.errors import (
     LocalProtocolError,
-    SMTPAuthenticationError,
     SMTPDisconnected,
     SMTPError,
     SMTPProtocolError,
@@ -50,7 +49,7 @@ from .._core.results import SendResult
 from .._core.sasl import SASLMechanism
 from .._core.timeouts import Timeouts
 from .._core.transaction import Transaction
-from .auth import authenticate, choose
+from .auth import authenticate, authenticate_with_any, choose
 from .lockstep import reset, send_each, send_one
 from .options import (
     Pipeline,
@@ -63,10 +62,6 @@ from .pipeline import send_pipelined
 from .transport import Transport
 
 __all__ = ["SMTPConnection"]
-
-
-#: AUTH replies that refuse the mechanism, not the credentials (RFC 4954 §6).
-_MECHANISM_REFUSED = frozenset({504, 534, 538})
 
 
 class SMTPConnection:
@@ -237,26 +232,9 @@ class SMTPConnection:
 
     async def _login(self, options: SessionOptions) -> None:
         self._check_auth_allowed()
-        assert options.username is not None
-        wanted = (options.auth,) if isinstance(options.auth, str) else tuple(options.auth or ())
-        mechanisms = await choose(
-            self.capabilities,
-            self.tls_active,
-            options.username,
-            options.password,
-            options.oauth_token,
-            wanted,
-        )
-        for i, mechanism in enumerate(mechanisms):
-            try:
-                await self.auth(mechanism)
-                return
-            except SMTPAuthenticationError as exc:
-                # RFC 4954 §6: 504, 534 and 538 refuse the mechanism, so the next one
-                # may do. 535 refuses the credentials, whatever the mechanism, and a
-                # 4xx the moment: trying on would only invite a lockout (R35).
-                if exc.reply.code not in _MECHANISM_REFUSED or i == len(mechanisms) - 1:
-                    raise
+        mechanisms = await choose(self.capabilities, self.tls_active, options)
+        await authenticate_with_any(self._io, mechanisms, self._timeouts.auth)
+        self.authenticated = True
 
     def _check_auth_allowed(self) -> None:
         if self.authenticated:
