@@ -79,6 +79,17 @@ def register(subparsers: Subcommands) -> None:
     where.add_argument(
         "--ca-file", type=Path, metavar="PEM", help="trust this CA for the server's certificate"
     )
+    where.add_argument(
+        "--attachments-dir",
+        type=Path,
+        metavar="DIR",
+        help="attachment paths from row data must lead under DIR (the template's directory)",
+    )
+    where.add_argument(
+        "--encoding",
+        metavar="NAME",
+        help="the recipients file's encoding, e.g. cp1252 (UTF-8, checked before sending)",
+    )
     safety = p.add_argument_group("safety")
     safety.add_argument(
         "--dry-run",

@@ -54,7 +54,12 @@ def _main(settings: SendSettings) -> int:
         if settings.render_in_process():
             # First of all, so that its start-up overlaps ours.
             try:
-                renderer = RenderProcess.start(settings.template, settings.recipients)
+                renderer = RenderProcess.start(
+                    settings.template,
+                    settings.recipients,
+                    settings.attachments_dir,
+                    settings.encoding,
+                )
             except OSError as exc:
                 raise CannotRun(f"cannot start the render process: {exc}") from None
             stack.callback(renderer.close)

@@ -143,6 +143,8 @@ class SendRun:
             finally:
                 self._finish()
         outcomes.display.finish()
+        for line in outcomes.failure_lines():
+            outcomes.display.message(line)
         print(outcomes.progress.summary(), flush=True)
         if self.feed.render_error is not None:
             consistent, left = self._left()

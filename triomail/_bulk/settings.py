@@ -15,6 +15,7 @@ on stderr and exit status 2 (``EXIT_CANNOT_RUN``).
 from __future__ import annotations
 
 import argparse
+import codecs
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -54,6 +55,8 @@ class SendSettings:
     server: str | None = None
     sink: Path | None = None
     ca_file: Path | None = None
+    attachments_dir: Path | None = None
+    encoding: str | None = None
     dry_run: bool = False
     limit: int | None = None
     yes: bool = False
@@ -152,6 +155,11 @@ def settings_from(args: argparse.Namespace) -> SendSettings:
         raise CannotRun("give --server or --sink, not both")
     if settings.server is None and settings.sink is None and not settings.dry_run:
         raise CannotRun("no server: give --server URL, --config FILE.toml or --sink DIR")
+    if settings.encoding is not None:
+        try:
+            codecs.lookup(settings.encoding)
+        except LookupError:
+            raise CannotRun(f"unknown encoding {settings.encoding!r}") from None
     if settings.at_most_once and not settings.resume:
         raise CannotRun("--at-most-once only applies with --resume")
     if settings.resume and settings.journal is None and settings.sink is not None:
