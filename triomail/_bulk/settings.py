@@ -151,6 +151,8 @@ def settings_from(args: argparse.Namespace) -> SendSettings:
         value = getattr(args, f.name, None)
         if value is not None:
             setattr(settings, f.name, value)
+    if settings.limit == 0:
+        settings.limit = None  # --no-limit (--limit itself takes 1 or more)
     if settings.sink is not None and settings.server is not None and not settings.dry_run:
         raise CannotRun("give --server or --sink, not both")
     if settings.server is None and settings.sink is None and not settings.dry_run:
