@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,3 +77,74 @@ def test_unknown_encoding_is_a_clear_error(
     code = main(["send", str(rows), str(tpl), "--dry-run", "--encoding", "no-such-codec"])
     assert code == 2
     assert "unknown encoding 'no-such-codec'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ pipes
+
+
+def run_cli(tmp_path: Path, *args: str, stdin: bytes) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "triomail", "send", *args],
+        input=stdin,
+        capture_output=True,
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("render", ["inline", "process"])
+def test_recipients_from_standard_input(tmp_path: Path, render: str) -> None:
+    _, tpl = files(tmp_path, b"")
+    outbox = tmp_path / "outbox"
+    done = run_cli(
+        tmp_path, "-", str(tpl), "--sink", str(outbox), "--render", render, stdin=ROWS.encode()
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"Traceback" not in done.stderr
+    assert names(outbox) == ["Ann", "Zoë Lefèvre"]
+
+
+def test_json_lines_from_standard_input(tmp_path: Path) -> None:
+    _, tpl = files(tmp_path, b"")
+    lines = (
+        b'{"email": "ann@example.com", "name": "Ann"}\n{"email": "b@example.com", "name": null}\n'
+    )
+    done = run_cli(tmp_path, "-", str(tpl), "--dry-run", "--show", "2", stdin=lines)
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"to ann@example.com" in done.stdout and b"to b@example.com" in done.stdout
+    assert b"None" not in done.stdout  # JSON null renders empty
+
+
+def test_a_pipe_without_journal_is_a_clear_error(tmp_path: Path) -> None:
+    _, tpl = files(tmp_path, b"")
+    done = run_cli(tmp_path, "-", str(tpl), "--server", "smtp://127.0.0.1:1", stdin=b"email\n")
+    assert done.returncode == 2
+    assert b"need --journal" in done.stderr
+    assert b"Traceback" not in done.stderr
+
+
+# ------------------------------------------------------------------ the report
+
+
+def test_an_existing_report_is_not_overwritten(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows, tpl = files(tmp_path, ROWS.encode())
+    report = tmp_path / "r.jsonl"
+    report.write_text("earlier run\n")
+    code = main(
+        ["send", str(rows), str(tpl), "--sink", str(tmp_path / "o"), "--report", str(report)]
+    )
+    assert code == 2
+    assert f"--report {report} exists" in capsys.readouterr().err
+    assert report.read_text() == "earlier run\n"
+
+
+def test_report_to_standard_output(tmp_path: Path) -> None:
+    rows, tpl = files(tmp_path, ROWS.encode())
+    done = run_cli(tmp_path, str(rows), str(tpl), "--sink", "out", "--report", "-", stdin=b"")
+    assert done.returncode == 0, done.stderr.decode()
+    lines = [json.loads(line) for line in done.stdout.decode().splitlines()]
+    assert sorted(x["outcome"] for x in lines if x["type"] == "message") == ["accepted"] * 2
+    assert b"Summary" in done.stderr

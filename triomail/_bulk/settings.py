@@ -42,6 +42,10 @@ EXIT_INTERRUPTED = 130
 RENDER_MODES = ("auto", "process", "inline")
 
 
+#: ``--report -``: the report goes to standard output.
+STDOUT = Path("-")
+
+
 class CannotRun(Exception):
     """Exit 2 with this one-line message."""
 
@@ -162,8 +166,20 @@ def settings_from(args: argparse.Namespace) -> SendSettings:
             codecs.lookup(settings.encoding)
         except LookupError:
             raise CannotRun(f"unknown encoding {settings.encoding!r}") from None
+    report = settings.report
+    fresh = not settings.resume and not settings.dry_run
+    if fresh and report is not None and report != STDOUT and _non_empty(report):
+        # A report is the record of a run: never replaced without a word (--resume appends).
+        raise CannotRun(
+            f"--report {report} exists; remove it, name another file, or add --resume "
+            "to append to it"
+        )
     if settings.at_most_once and not settings.resume:
         raise CannotRun("--at-most-once only applies with --resume")
     if settings.resume and settings.journal is None and settings.sink is not None:
         raise CannotRun("--resume with --sink needs --journal (the default journal is in memory)")
     return settings
+
+
+def _non_empty(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 0
