@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .settings import RENDER_MODES, SendSettings
+from .settings import CHECKS, RENDER_MODES, SendSettings
 
 __all__ = ["OPTIONS", "POSITIONALS", "Option", "Subcommands", "defaults", "register"]
 
@@ -54,27 +54,6 @@ exit status:
        process failed mid-batch (what was handed out is recorded; use --resume)
   130  interrupted (Ctrl-C or SIGTERM); the journal is consistent, use --resume
 """
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,28 +96,28 @@ OPTIONS: tuple[Option, ...] = (
         "write all to --sink DIR if given), connect to nothing")),
     Option(SAFETY, ("--no-dry-run",), {"dest": "dry_run", "action": "store_false",
         "default": None, "help": "send for real (the default; accepted as mailmerge spells it)"}),
-    Option(SAFETY, ("--limit",), {"type": _positive_int, "metavar": "N",
+    Option(SAFETY, ("--limit",), {"metavar": "N",
         "help": "send at most N messages"}),
     Option(SAFETY, ("--no-limit",), {"dest": "limit", "action": "store_const", "const": 0,
         "help": "send every message (the default; accepted as mailmerge spells it)"}),
     Option(SAFETY, ("--yes", "-y"), _flag("do not ask for confirmation")),
-    Option(SAFETY, ("--show",), {"type": _count, "metavar": "N",
+    Option(SAFETY, ("--show",), {"metavar": "N",
         "help": "with --dry-run, print N messages"}),
-    Option(SPEED, ("--connections",), {"type": _positive_int, "metavar": "N",
+    Option(SPEED, ("--connections",), {"metavar": "N",
         "help": "concurrent connections"}),
-    Option(SPEED, ("--rate",), {"type": _positive_float, "metavar": "PER_SECOND",
+    Option(SPEED, ("--rate",), {"metavar": "PER_SECOND",
         "help": "messages per second at most"}),
-    Option(SPEED, ("--max-per-connection",), {"type": _positive_int, "metavar": "N",
+    Option(SPEED, ("--max-per-connection",), {"metavar": "N",
         "help": "messages per connection before reconnecting (unlimited)"}),
-    Option(SPEED, ("--retries",), {"type": _count, "metavar": "N",
+    Option(SPEED, ("--retries",), {"metavar": "N",
         "help": "retries of a transient failure"}),
     Option(SPEED, ("--render",), {"choices": RENDER_MODES,
         "help": "where messages are rendered: auto (in a second process when there is more "
         "than one CPU, with the first rows rendered here while it starts), process (every row "
         "in the second process), inline (in this one; always for --dry-run)"}),
-    Option(SPEED, ("--retry-backoff",), {"type": _positive_float, "metavar": "SECONDS",
+    Option(SPEED, ("--retry-backoff",), {"metavar": "SECONDS",
         "help": "first retry delay, doubled each time"}),
-    Option(SPEED, ("--retry-max-backoff",), {"type": _positive_float, "metavar": "SECONDS",
+    Option(SPEED, ("--retry-max-backoff",), {"metavar": "SECONDS",
         "help": "longest retry delay, also for an unreachable server"}),
     Option(RECORDS, ("--report",), {"type": Path, "metavar": "FILE.jsonl",
         "help": "one JSON line per message and recipient"}),
@@ -147,7 +126,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(RECORDS, ("--resume",), _flag("continue the batch recorded in the journal")),
     Option(RECORDS, ("--at-most-once",), _flag("on --resume, skip messages whose outcome is "
         "unknown instead of resending them")),
-    Option(RECORDS, ("--progress-interval",), {"type": _positive_float, "metavar": "SECONDS",
+    Option(RECORDS, ("--progress-interval",), {"metavar": "SECONDS",
         "help": "seconds between progress lines when stderr is not a terminal"}),
 )  # fmt: skip
 #: The positional arguments, in order.
@@ -180,6 +159,9 @@ def register(subparsers: Subcommands) -> None:
         if group is None:
             group = groups[option.group] = p.add_argument_group(option.group)
         kwargs = option.kwargs
+        check = CHECKS.get(option.dest)
+        if check is not None and kwargs.get("action") is None:
+            kwargs = {**kwargs, "type": check}  # the same checks as for a --config file
         default = defaults().get(option.dest)
         if "help" in kwargs and default not in (None, False, 0) and "(" not in kwargs["help"]:
             kwargs = {**kwargs, "help": f"{kwargs['help']} ({default})"}
