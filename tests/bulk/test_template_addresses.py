@@ -280,3 +280,28 @@ def test_a_display_name_over_998_octets_is_refused_when_rendered(tmp_path: Path,
     # A long name with spaces folds and is fine.
     r = t.render({"name": "Bob " * 400, "email": "a@example.com"}, message_id=MID)
     assert max(len(line) for line in r.data.split(b"\r\n")) <= 998
+
+
+# ------------------------------------------------------------ structured fields
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("List-Unsubscribe: <https://example.com/u/{{v}}>", "x>, <mailto:evil@example.net"),
+        ("List-Unsubscribe: <mailto:{{v}}?subject=stop>", "a@example.com> <https://evil"),
+        ("Message-ID: <{{v}}@example.com>", "a@b> <c"),
+        ("In-Reply-To: <{{v}}>", "a@b c@d"),
+    ],
+)
+def test_r15_a_value_inside_angle_brackets_stays_inside(
+    tmp_path: Path, per_row: bool, field: str, value: str
+) -> None:
+    if per_row:
+        field = "{% if true %}" + field + "{% endif %}"
+    t = make(tmp_path, f"To: a@example.com\nFrom: s@example.com\n{field}\n\nx\n")
+    with pytest.raises(RowError, match=r"inside <\.\.\.>"):
+        t.render({"v": value}, message_id=MID)
+    ok = t.render({"v": "abc"}, message_id=MID)
+    assert b"abc" in ok.data

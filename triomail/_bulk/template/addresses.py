@@ -233,3 +233,38 @@ class _Parser:
 def address_template(pieces: Sequence[Piece], name: str) -> AddressTemplate:
     """Parse an address field whose pieces hold values; :class:`RowError` if malformed."""
     return _Parser(name).parse(pieces)
+
+
+#: Structured fields whose values sit in ``<...>`` (RFC 5322 §3.6.4 msg-id; RFC 2369
+#: List-* URLs; RFC 2919 List-Id): a value there is part of one identifier or URL.
+BRACKETED_FIELDS = frozenset(
+    {"message-id", "in-reply-to", "references", "resent-message-id", "list-id",
+     "list-unsubscribe", "list-help", "list-subscribe", "list-post", "list-owner",
+     "list-archive"}
+)  # fmt: skip
+_BRACKET_BREAK = re.compile(r"[<>,\s\"]")
+
+
+def bracketed_values(pieces: Sequence[Piece]) -> frozenset[int]:
+    """The values that the template puts inside ``<...>``."""
+    inside = False
+    found = set()
+    for piece in pieces:
+        if isinstance(piece, int):
+            if inside:
+                found.add(piece)
+            continue
+        for c in piece:
+            if c in "<>":
+                inside = c == "<"
+    return frozenset(found)
+
+
+def check_bracketed(name: str, indexes: frozenset[int], values: Sequence[str]) -> None:
+    """A value inside ``<...>`` may not close it or start another (no second URL or id)."""
+    for i in indexes:
+        bad = _BRACKET_BREAK.search(values[i])
+        if bad is not None:
+            raise RowError(
+                f"{name}: a value inside <...> holds {bad.group()!r}: {values[i][:60]!r}"
+            )

@@ -53,8 +53,11 @@ import jinja2.exceptions
 
 from ..._core.errors import LocalProtocolError
 from .addresses import (
+    BRACKETED_FIELDS,
     CONTROL_IN_VALUE,
     address_template,
+    bracketed_values,
+    check_bracketed,
     escape_value,
     split_marked,
     strip_marks,
@@ -181,6 +184,9 @@ class CompiledTemplate:
                 pieces, values = split_marked(text)
                 text = ", ".join(address_template(pieces, f.name).fill(values).tokens)
             else:
+                if f.key in BRACKETED_FIELDS and "\x00" in text:
+                    pieces, values = split_marked(text)
+                    check_bracketed(f.name, bracketed_values(pieces), values)
                 text = strip_marks(text)
             check_header_value(f.name, text)
             f.pieces = [text] if text else []

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .addresses import AddressTemplate, address_template
+from .addresses import BRACKETED_FIELDS, AddressTemplate, address_template, bracketed_values
 from .headers import (
     ADDRESS_FIELDS,
     CANONICAL_NAMES,
@@ -53,6 +53,8 @@ class _Header:
     fmt: str = ""
     #: The mailboxes of an address field that takes values (:mod:`.addresses`).
     template: AddressTemplate | None = None
+    #: Values the template puts inside ``<...>`` of a structured field (msg-id, URL).
+    bracketed: frozenset[int] = frozenset()
 
 
 @dataclass(slots=True)
@@ -137,6 +139,8 @@ def build_plan(
                 header.template = address_template(f.pieces, f.name)
             except RowError as exc:
                 raise TemplateError(str(exc)) from None
+        elif key in BRACKETED_FIELDS:
+            header.bracketed = bracketed_values(f.pieces)
         headers.append(header)
     if from_field is None:
         raise TemplateError("the template has no From header")

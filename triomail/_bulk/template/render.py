@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..._core.errors import LocalProtocolError
 from ..._core.paths import format_path
+from .addresses import check_bracketed
 from .headers import (
     MAX_LINE,
     RECIPIENT_FIELDS,
@@ -74,6 +75,8 @@ def render_plan(plan: Plan, values: Sequence[str], message_id: str) -> Rendered:
             value = header.fmt.format(*values).strip()
             check_header_value(f.name, value)
             if header.template is None:
+                if header.bracketed:
+                    check_bracketed(f.name, header.bracketed, values)
                 if f is plan.message_id_field:
                     mid = value
                 lines.append(encode_unstructured(f.name, value).encode("ascii"))
