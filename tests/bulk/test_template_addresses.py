@@ -20,12 +20,12 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_template import MID, make, parse  # the template tests' helpers
 
 from triomail._bulk.template.compile import CompiledTemplate, compile_template
-from triomail._bulk.template.rendered import Rendered, RowError, TemplateError
+from triomail._bulk.template.rendered import RowError, TemplateError
 from triomail._cli import main
 
-MID = "<test.1@example.com>"
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 README_TO = "TO: {{name}} <{{email}}>\nFROM: Sender <s@example.com>\nSubject: Hi {{name}}\n\nx\n"
 # The same template through the per-row path (a statement makes Jinja2 render it whole).
@@ -41,18 +41,6 @@ ATTACKS = [
     "(comment) attacker@evil.com",
     "=?utf-8?q?attacker@evil.com,?= Bob",
 ]
-
-
-def make(tmp_path: Path, text: str) -> CompiledTemplate:
-    path = tmp_path / "t.txt"
-    path.write_text(text, encoding="utf-8")
-    return compile_template(path)
-
-
-def parse(rendered: Rendered) -> EmailMessage:
-    msg = email.message_from_bytes(rendered.data, policy=email.policy.default)
-    assert isinstance(msg, EmailMessage)
-    return msg
 
 
 def header_addresses(msg: EmailMessage, name: str) -> list[str]:
