@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .headers import AddressList, mailbox_tokens
-from .parse import Piece, join_pieces
+from .parse import Piece, format_pieces
 from .rendered import RowError
 
 VALUE_START = "\x00("
@@ -99,9 +99,11 @@ def split_marked(text: str) -> tuple[list[Piece], list[str]]:
 
 @dataclass(frozen=True, slots=True)
 class _Mailbox:
-    display: tuple[Piece, ...]
-    #: The address's pieces; ``None`` if the whole mailbox is the value ``whole``.
-    addr: tuple[Piece, ...] | None
+    """One mailbox's display name and address as :meth:`str.format` strings of values."""
+
+    display: str
+    #: The address; ``None`` if the whole mailbox is the value ``whole``.
+    addr: str | None
     whole: int = -1
 
 
@@ -120,7 +122,7 @@ class AddressTemplate:
                 if value:
                     pairs.append(_one_mailbox(value))
                 continue
-            pairs.append((join_pieces(box.display, values).strip(), join_pieces(box.addr, values)))
+            pairs.append((box.display.format(*values).strip(), box.addr.format(*values)))
         return mailbox_tokens(pairs, self.name, one_per_value=True)
 
 
@@ -167,13 +169,13 @@ class _Parser:
     def finish(self) -> None:
         display = _trim(self.display)
         if self.addr is not None:
-            self.boxes.append(_Mailbox(display, _trim(self.addr)))
+            self.boxes.append(_Mailbox(format_pieces(display), format_pieces(_trim(self.addr))))
         elif len(display) == 1 and isinstance(display[0], int) and not self.quoted:
-            self.boxes.append(_Mailbox((), None, display[0]))
+            self.boxes.append(_Mailbox("", None, display[0]))
         elif display:
             if self.quoted:
                 raise self.fail("a quoted local part cannot be combined with values")
-            self.boxes.append(_Mailbox((), display))
+            self.boxes.append(_Mailbox("", format_pieces(display)))
         self.display, self.addr, self.after, self.quoted = [], None, False, False
 
     def parse(self, pieces: Sequence[Piece]) -> AddressTemplate:

@@ -98,7 +98,10 @@ class _Values:
         names = self.names
         if names is not None:
             try:
-                return [value_text(row[name]) for name in names]
+                values = [row[name] for name in names]
+                if not all(type(v) is str for v in values):
+                    values = [value_text(v) for v in values]  # JSON: numbers, null
+                return values
             except KeyError:
                 pass
         values = strip_marks(self.template.render(row)).split(_SEP)
