@@ -289,7 +289,7 @@ def test_bad_rows_are_reported_and_skipped(
         b"ok1@example.com,One,1\n"  # 2
         b"not-an-address,Two,2\n"  # 3
         b"ok3@example.com,Three\n"  # 4: missing field
-        b"ok4@example.com,\xff\xfe,4\n"  # 5: not UTF-8
+        b"ok4@example.com,Four,4,extra\n"  # 5: a field too many (not UTF-8: the whole file)
         b'ok5@example.com,"Five\nBcc: evil@example.net",5\n'  # 6-7: header injection
         b",Six,6\n"  # 8: no address
         b"ok7@example.com,Seven,7\n"  # 9

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
+import shutil
+
+import pytest
 
 from triomail._bulk.progress import Display, Progress
 
@@ -35,7 +39,8 @@ def test_plain_lines_every_interval() -> None:
     assert "accepted 800" in last and "failed 0" in last and "retrying 0" in last
 
 
-def test_tty_bar_is_redrawn_in_place() -> None:
+def test_tty_bar_is_redrawn_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # room for the bar (the line fits the terminal)
     clock = Clock()
     progress = Progress(total=10, clock=clock)
     out = io.StringIO()
@@ -77,3 +82,24 @@ def test_summary_table() -> None:
         "3 accepted, 1 permanent, 1 transient",
     ):
         assert text in table
+
+
+@pytest.mark.parametrize("columns", [40, 80, 125, 200])
+def test_tty_line_fits_the_terminal(monkeypatch: pytest.MonkeyPatch, columns: int) -> None:
+    """Issue 13, item 10: a 125-column line wrapped on an 80-column terminal."""
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda *a: os.terminal_size((columns, 24)))
+    clock = Clock()
+    progress = Progress(total=1_000_000, clock=clock)
+    progress.skipped = 12_345
+    progress.failed = 99_999
+    out = io.StringIO()
+    display = Display(progress, out, tty=True, interval=5.0)
+    clock.now += 1.0
+    progress.accepted += 123_456
+    display.tick()
+    display.finish()
+    drawn = [part.split("\r\x1b[2K")[-1] for part in out.getvalue().split("\n") if part]
+    assert drawn and all(len(line) < columns for line in drawn)
+    assert all("%" in line for line in drawn)  # the most useful part stays
+    if columns >= 200:
+        assert drawn[-1].startswith("[")  # the bar, when there is room

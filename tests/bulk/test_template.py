@@ -13,8 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from triomail._bulk.template.addresses import unescape
 from triomail._bulk.template.compile import CompiledTemplate, compile_template
-from triomail._bulk.template.headers import encode_unstructured, unescape
+from triomail._bulk.template.headers import encode_unstructured
 from triomail._bulk.template.markdown import markdown_to_html
 from triomail._bulk.template.rendered import Rendered, RowError, TemplateError
 
@@ -208,11 +209,12 @@ def test_idn_domain_with_ascii_local_part_becomes_a_labels(tmp_path: Path) -> No
 def test_cc_bcc_envelope_and_bcc_stripped(tmp_path: Path) -> None:
     t = make(
         tmp_path,
-        "To: {{email}}\nCc: {{cc}}\nBcc: archive@example.com\nFrom: s@example.com\n"
+        "To: {{email}}\nCc: {{cc1}}, {{cc2}}\nBcc: archive@example.com\nFrom: s@example.com\n"
         "Subject: s\n\nx\n",
     )
     r = t.render(
-        {"email": "a@example.com", "cc": "B <b@example.com>, c@example.com"}, message_id=MID
+        {"email": "a@example.com", "cc1": "B <b@example.com>", "cc2": "c@example.com"},
+        message_id=MID,
     )
     assert r.recipients == (
         "a@example.com",
@@ -295,7 +297,7 @@ def test_markdown_becomes_text_and_html(tmp_path: Path) -> None:
     r = t.render(row, message_id=MID)
     check_wire(r)
     text, html = alternative(parse(r))
-    source = t._full.render(row)
+    source = unescape(t._full.render(row))
     body = source.split("\n\n", 1)[1]
     assert text.replace("\r\n", "\n") == body
     assert html.replace("\r\n", "\n") == markdown_to_html(body)
@@ -474,7 +476,8 @@ def test_self_check_falls_back_when_pieces_disagree(tmp_path: Path) -> None:
 def test_jsonl_values_are_stringified_like_jinja(tmp_path: Path) -> None:
     t = make(tmp_path, PLAIN)
     r = t.render({"email": "a@example.com", "name": None, "number": 1.5}, message_id=MID)
-    assert parse(r).get_content() == "Hi, None,\r\n\r\nYour number is 1.5.\r\n"
+    # JSON null is an empty value, as an empty CSV field (issue 13, item 9; was "None").
+    assert parse(r).get_content() == "Hi, ,\r\n\r\nYour number is 1.5.\r\n"
 
 
 def test_sender_domain(tmp_path: Path) -> None:

@@ -11,12 +11,14 @@ chosen, the one function-local import of the kind in this subpackage's entry pat
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .settings import RENDER_MODES
+from .settings import CHECKS, RENDER_MODES, SendSettings
 
-__all__ = ["Subcommands", "register"]
+__all__ = ["OPTIONS", "POSITIONALS", "Option", "Subcommands", "defaults", "register"]
 
 
 class Subcommands(Protocol):
@@ -54,126 +56,126 @@ exit status:
 """
 
 
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One option of ``triomail send``: its group, flags and argparse keywords.
+
+    Written once here; :func:`register` adds it to the parser and
+    :mod:`.reference` writes docs/cli-reference.md from it. The destination is a
+    field of :class:`.settings.SendSettings` (its default is the option's default).
+    """
+
+    group: str
+    flags: tuple[str, ...]
+    kwargs: dict[str, Any]
+
+    @property
+    def dest(self) -> str:
+        return str(self.kwargs.get("dest", self.flags[0].lstrip("-").replace("-", "_")))
+
+
+def _flag(help_text: str) -> dict[str, Any]:
+    """A yes/no option: given or not (``None``, so that a config file can decide)."""
+    return {"action": "store_true", "default": None, "help": help_text}
+
+
+WHERE, SAFETY, SPEED, RECORDS = "where to send", "safety", "throughput", "records"
+OPTIONS: tuple[Option, ...] = (
+    Option(WHERE, ("--server",), {"metavar": "URL",
+        "help": "smtp://, smtps:// or smtp+plain:// URL"}),
+    Option(WHERE, ("--config",), {"type": Path, "metavar": "FILE.toml", "help": "settings file"}),
+    Option(WHERE, ("--sink",), {"type": Path, "metavar": "DIR",
+        "help": "send to the embedded capture server (STARTTLS) and store .eml files in DIR"}),
+    Option(WHERE, ("--ca-file",), {"type": Path, "metavar": "PEM",
+        "help": "trust this CA for the server's certificate"}),
+    Option(WHERE, ("--attachments-dir",), {"type": Path, "metavar": "DIR",
+        "help": "attachment paths from row data must lead under DIR (the template's directory)"}),
+    Option(WHERE, ("--encoding",), {"metavar": "NAME",
+        "help": "the recipients file's encoding, e.g. cp1252 (UTF-8, checked before sending)"}),
+    Option(SAFETY, ("--dry-run",), _flag("render and check every message, print the first (and "
+        "write all to --sink DIR if given), connect to nothing")),
+    Option(SAFETY, ("--no-dry-run",), {"dest": "dry_run", "action": "store_false",
+        "default": None, "help": "send for real (the default; accepted as mailmerge spells it)"}),
+    Option(SAFETY, ("--limit",), {"metavar": "N",
+        "help": "send at most N messages"}),
+    Option(SAFETY, ("--no-limit",), {"dest": "limit", "action": "store_const", "const": 0,
+        "help": "send every message (the default; accepted as mailmerge spells it)"}),
+    Option(SAFETY, ("--yes", "-y"), _flag("do not ask for confirmation")),
+    Option(SAFETY, ("--show",), {"metavar": "N",
+        "help": "with --dry-run, print N messages"}),
+    Option(SPEED, ("--connections",), {"metavar": "N",
+        "help": "concurrent connections"}),
+    Option(SPEED, ("--rate",), {"metavar": "PER_SECOND",
+        "help": "messages per second at most"}),
+    Option(SPEED, ("--max-per-connection",), {"metavar": "N",
+        "help": "messages per connection before reconnecting (unlimited)"}),
+    Option(SPEED, ("--retries",), {"metavar": "N",
+        "help": "retries of a transient failure"}),
+    Option(SPEED, ("--render",), {"choices": RENDER_MODES,
+        "help": "where messages are rendered: auto (in a second process when there is more "
+        "than one CPU, with the first rows rendered here while it starts), process (every row "
+        "in the second process), inline (in this one; always for --dry-run)"}),
+    Option(SPEED, ("--retry-backoff",), {"metavar": "SECONDS",
+        "help": "first retry delay, doubled each time"}),
+    Option(SPEED, ("--retry-max-backoff",), {"metavar": "SECONDS",
+        "help": "longest retry delay, also for an unreachable server"}),
+    Option(RECORDS, ("--report",), {"type": Path, "metavar": "FILE.jsonl",
+        "help": "one JSON line per message and recipient"}),
+    Option(RECORDS, ("--journal",), {"type": Path, "metavar": "PATH",
+        "help": "SQLite journal file"}),
+    Option(RECORDS, ("--resume",), _flag("continue the batch recorded in the journal")),
+    Option(RECORDS, ("--at-most-once",), _flag("on --resume, skip messages whose outcome is "
+        "unknown instead of resending them")),
+    Option(RECORDS, ("--progress-interval",), {"metavar": "SECONDS",
+        "help": "seconds between progress lines when stderr is not a terminal"}),
+)  # fmt: skip
+#: The positional arguments, in order.
+POSITIONALS: tuple[Option, ...] = (
+    Option("", ("recipients",), {"type": Path, "metavar": "RECIPIENTS",
+        "help": "CSV or JSON Lines file"}),
+    Option("", ("template",), {"type": Path, "metavar": "TEMPLATE", "help": "message template"}),
+)  # fmt: skip
+DESCRIPTION = (
+    "Render TEMPLATE (a mailmerge-compatible Jinja2 message) for every row of\n"
+    "RECIPIENTS (CSV or JSON Lines) and send the messages through a connection pool,\n"
+    "recording each outcome in a journal so that an interrupted batch can be resumed."
+)
+
+
 def register(subparsers: Subcommands) -> None:
     """Add the ``send`` subcommand."""
     p = subparsers.add_parser(
         "send",
         help="send a templated message to every row of a recipients file",
-        description="Render TEMPLATE (a mailmerge-compatible Jinja2 message) for every row of\n"
-        "RECIPIENTS (CSV or JSON Lines) and send the messages through a connection pool,\n"
-        "recording each outcome in a journal so that an interrupted batch can be resumed.",
+        description=DESCRIPTION,
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("recipients", type=Path, metavar="RECIPIENTS", help="CSV or JSON Lines file")
-    p.add_argument("template", type=Path, metavar="TEMPLATE", help="message template")
-    where = p.add_argument_group("where to send")
-    where.add_argument("--server", metavar="URL", help="smtp://, smtps:// or smtp+plain:// URL")
-    where.add_argument("--config", type=Path, metavar="FILE.toml", help="settings file")
-    where.add_argument(
-        "--sink",
-        type=Path,
-        metavar="DIR",
-        help="send to the embedded capture server (STARTTLS) and store .eml files in DIR",
-    )
-    where.add_argument(
-        "--ca-file", type=Path, metavar="PEM", help="trust this CA for the server's certificate"
-    )
-    safety = p.add_argument_group("safety")
-    safety.add_argument(
-        "--dry-run",
-        action="store_true",
-        default=None,
-        help="render and check every message, print the first (and write all to --sink DIR "
-        "if given), connect to nothing",
-    )
-    safety.add_argument("--limit", type=_positive_int, metavar="N", help="send at most N messages")
-    safety.add_argument(
-        "--yes", "-y", action="store_true", default=None, help="do not ask for confirmation"
-    )
-    safety.add_argument(
-        "--show", type=_count, metavar="N", help="with --dry-run, print N messages (1)"
-    )
-    speed = p.add_argument_group("throughput")
-    speed.add_argument(
-        "--connections", type=_positive_int, metavar="N", help="concurrent connections (10)"
-    )
-    speed.add_argument(
-        "--rate", type=_positive_float, metavar="PER_SECOND", help="messages per second at most"
-    )
-    speed.add_argument(
-        "--max-per-connection",
-        type=_positive_int,
-        metavar="N",
-        help="messages per connection before reconnecting (unlimited)",
-    )
-    speed.add_argument(
-        "--retries", type=_count, metavar="N", help="retries of a transient failure (4)"
-    )
-    speed.add_argument(
-        "--render",
-        choices=RENDER_MODES,
-        help="where messages are rendered: auto (the default: in a second process when there "
-        "is more than one CPU, with the first rows rendered here while it starts), process "
-        "(every row in the second process), inline (in this one; always for --dry-run)",
-    )
-    speed.add_argument(
-        "--retry-backoff",
-        type=_positive_float,
-        metavar="SECONDS",
-        help="first retry delay, doubled each time (1.0)",
-    )
-    speed.add_argument(
-        "--retry-max-backoff",
-        type=_positive_float,
-        metavar="SECONDS",
-        help="longest retry delay, also for an unreachable server (300)",
-    )
-    record = p.add_argument_group("records")
-    record.add_argument(
-        "--report", type=Path, metavar="FILE.jsonl", help="one JSON line per message and recipient"
-    )
-    record.add_argument("--journal", type=Path, metavar="PATH", help="SQLite journal file")
-    record.add_argument(
-        "--resume",
-        action="store_true",
-        default=None,
-        help="continue the batch recorded in the journal",
-    )
-    record.add_argument(
-        "--at-most-once",
-        action="store_true",
-        default=None,
-        help="on --resume, skip messages whose outcome is unknown instead of resending them",
-    )
-    record.add_argument(
-        "--progress-interval",
-        type=_positive_float,
-        metavar="SECONDS",
-        help="seconds between progress lines when stderr is not a terminal (5)",
-    )
+    for option in POSITIONALS:
+        p.add_argument(*option.flags, **option.kwargs)
+    groups: dict[str, Any] = {}
+    for option in OPTIONS:
+        group = groups.get(option.group)
+        if group is None:
+            group = groups[option.group] = p.add_argument_group(option.group)
+        kwargs = option.kwargs
+        check = CHECKS.get(option.dest)
+        if check is not None and kwargs.get("action") is None:
+            kwargs = {**kwargs, "type": check}  # the same checks as for a --config file
+        default = defaults().get(option.dest)
+        if "help" in kwargs and default not in (None, False, 0) and "(" not in kwargs["help"]:
+            kwargs = {**kwargs, "help": f"{kwargs['help']} ({default})"}
+        group.add_argument(*option.flags, **kwargs)
     p.set_defaults(func=_run)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return value
+def defaults() -> dict[str, Any]:
+    """Each setting's default, from :class:`.settings.SendSettings`."""
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(SendSettings)
+        if f.default is not dataclasses.MISSING
+    }
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -52,6 +52,8 @@ def dry_run(
             if out_dir is not None:
                 (out_dir / f"{count:06d}.eml").write_bytes(rendered.data)
     sys.stdout.flush()
+    for line in outcomes.failure_lines():
+        outcomes.display.message(line)
     where = f"; written to {out_dir}" if out_dir is not None else ""
     outcomes.display.message(
         f"dry run: {count} message(s) rendered and checked, {progress.skipped} bad "

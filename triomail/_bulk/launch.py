@@ -34,7 +34,7 @@ from .journal import Journal, JournalError
 from .outcomes import Outcomes
 from .planner import Policy
 from .progress import Display, Progress
-from .recipients import RecipientsError, RecipientsReader, estimate_rows
+from .recipients import RecipientsError, RecipientsReader, check_utf8, estimate_rows
 from .render_process import RenderProcess, default_message_id
 from .run import SendRun
 from .settings import CannotRun, SendSettings
@@ -50,11 +50,13 @@ CONFIRM_ABOVE = 5
 def prepare_and_run(settings: SendSettings, renderer: RenderProcess | None) -> int:
     """Open and check everything, then send (or dry-run) the batch; the exit status."""
     try:
-        template = compile_template(settings.template)
+        template = compile_template(settings.template, settings.attachments_dir)
     except TemplateError as exc:
         raise CannotRun(str(exc)) from None
     try:
-        reader = RecipientsReader.open(settings.recipients)
+        if settings.encoding is None:
+            check_utf8(settings.recipients)
+        reader = RecipientsReader.open(settings.recipients, settings.encoding)
     except RecipientsError as exc:
         raise CannotRun(str(exc)) from None
     estimate = estimate_rows(settings.recipients)
@@ -68,7 +70,7 @@ def prepare_and_run(settings: SendSettings, renderer: RenderProcess | None) -> i
         display = Display(
             progress, sys.stderr, tty=sys.stderr.isatty(), interval=settings.progress_interval
         )
-        outcomes = Outcomes(journal, progress, display, settings.recipients)
+        outcomes = Outcomes(journal, progress, display, settings.recipients, settings.report)
         domain = message_domain(template)
         campaign = journal.campaign
         policy = Policy(

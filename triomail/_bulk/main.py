@@ -18,7 +18,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import shutil
+import stat
 import sys
+import tempfile
+from pathlib import Path
 
 from .render_process import RenderProcess
 from .settings import EXIT_CANNOT_RUN, EXIT_INTERRUPTED, CannotRun, SendSettings, settings_from
@@ -50,14 +54,56 @@ def run(args: argparse.Namespace) -> int:
 
 def _main(settings: SendSettings) -> int:
     with contextlib.ExitStack() as stack:
+        if not _seekable_file(settings.recipients):
+            settings.recipients = _spool(settings, stack)
         renderer = None
         if settings.render_in_process():
             # First of all, so that its start-up overlaps ours.
             try:
-                renderer = RenderProcess.start(settings.template, settings.recipients)
+                renderer = RenderProcess.start(
+                    settings.template,
+                    settings.recipients,
+                    settings.attachments_dir,
+                    settings.encoding,
+                )
             except OSError as exc:
                 raise CannotRun(f"cannot start the render process: {exc}") from None
             stack.callback(renderer.close)
         from .launch import prepare_and_run  # after the start (see the header)
 
         return prepare_and_run(settings, renderer)
+
+
+def _seekable_file(path: Path) -> bool:
+    """A regular file (read twice: by the row counter and by the render process)."""
+    if str(path) == "-":
+        return False
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return True  # missing: the reader says so, in its words
+
+
+def _spool(settings: SendSettings, stack: contextlib.ExitStack) -> Path:
+    """Copy a piped recipients file (``-``, ``/dev/stdin``, ``<(...)``) to a private
+    temporary file, removed at the end: it is read more than once."""
+    if settings.journal is None and settings.sink is None and not settings.dry_run:
+        raise CannotRun(
+            "recipients from a pipe need --journal PATH (the journal is kept next to the "
+            "recipients file, and a pipe has none)"
+        )
+    directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="triomail-")))
+    name = "stdin" if str(settings.recipients) == "-" else settings.recipients.name
+    target = directory / name
+    try:
+        with contextlib.ExitStack() as files:
+            source = (
+                sys.stdin.buffer
+                if str(settings.recipients) == "-"
+                else files.enter_context(settings.recipients.open("rb"))
+            )
+            with target.open("wb") as out:
+                shutil.copyfileobj(source, out, 1 << 20)
+    except OSError as exc:
+        raise CannotRun(f"cannot read {settings.recipients}: {exc.strerror}") from None
+    return target

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from .._core.reply import Reply
 from .._core.results import Outcome, SendResult
 from .journal import Journal
 from .planner import ChunkPlan
@@ -65,11 +66,35 @@ class Tag:
     previous: str | None = None
 
 
+def _deciding_reply(result: SendResult, outcome: Outcome) -> Reply | None:
+    """The reply that decided the message: a refused recipient's, not DATA's 554.
+
+    When no recipient was accepted, the server answers DATA with "554 no valid
+    recipients" (RFC 2920 §3.1), which says nothing of why: the first recipient reply
+    with the message's outcome (its 451 or 550) is the one to report.
+    """
+    reply = result.reply
+    recipients = result.recipients
+    if outcome is _ACCEPTED or not recipients:
+        return reply
+    if any(r.outcome is _ACCEPTED for r in recipients):
+        return reply
+    for r in recipients:
+        if r.reply is not None and r.outcome is outcome:
+            return r.reply
+    return reply
+
+
 class Outcomes:
     """Records rows and results; :attr:`outstanding` holds the messages the pool has."""
 
     def __init__(
-        self, journal: Journal, progress: Progress, display: Display, recipients: Path
+        self,
+        journal: Journal,
+        progress: Progress,
+        display: Display,
+        recipients: Path,
+        report_path: Path | None = None,
     ) -> None:
         self.journal = journal
         self.progress = progress
@@ -80,8 +105,12 @@ class Outcomes:
         #: Retries that the results seen so far took (attempts beyond the first).
         self.retries_done = 0
         self.report: IO[str] | None = None
+        self.report_path = report_path
         self._report_lines: list[str] = []
         self._errors_printed = 0
+        self._unprinted = 0
+        #: Each bad-row error printed once, with how often it came again.
+        self._repeats: dict[str, int] = {}
 
     # -- the planner's notes ------------------------------------------------------
 
@@ -113,14 +142,44 @@ class Outcomes:
             self.journal.mark(skipped, "unknown")
 
     def bad_row(self, line: int, error: str) -> None:
-        """A row that is not sent: counted, printed (the first few), reported."""
+        """A row that is not sent: counted, printed (the first few), reported.
+
+        The same error again (a misspelt column fails every row) is not printed again:
+        :meth:`failure_lines` folds the repeats into one line with their count.
+        """
         self.progress.skipped += 1
-        if self._errors_printed < MAX_PRINTED_ERRORS:
-            self.display.message(f"{self.recipients}:{line}: skipped: {error}")
-        elif self._errors_printed == MAX_PRINTED_ERRORS:
-            self.display.message("(more bad rows: only counted; see --report)")
-        self._errors_printed += 1
+        repeats = self._repeats.get(error)
+        if repeats is not None:
+            self._repeats[error] = repeats + 1
+        else:
+            self._repeats[error] = 0
+            self._name(f"{self.recipients}:{line}: skipped: {error}")
         self.write({"type": "bad_row", "line": line, "error": error, "time": _iso(time.time())})
+
+    def _name(self, text: str) -> None:
+        """Print one failed or skipped row on stderr, the first MAX_PRINTED_ERRORS."""
+        if self._errors_printed < MAX_PRINTED_ERRORS:
+            self.display.message(text)
+        else:
+            self._unprinted += 1
+        self._errors_printed += 1
+
+    def failure_lines(self) -> list[str]:
+        """What the rows named above left out: folded repeats, the rest, the report."""
+        out = [
+            f"{self.recipients}: {count:,} more row(s) skipped with the same error: {error}"
+            for error, count in self._repeats.items()
+            if count
+        ]
+        if self._unprinted:
+            out.append(f"{self._unprinted:,} more failed or skipped row(s) not listed here")
+        if self._errors_printed:
+            out.append(
+                f"every failed and skipped row is in the report: {self.report_path}"
+                if self.report_path is not None
+                else "run with --report FILE.jsonl for every failed and skipped row"
+            )
+        return out
 
     # -- the pool's results -------------------------------------------------------
 
@@ -163,6 +222,7 @@ class Outcomes:
             # Only a message sent again needs to know who already has a final outcome.
             settled = [r.recipient for r in recipients if r.outcome in _FINAL]
             done = tuple(dict.fromkeys([*tag.done, *settled])) or None
+        reply = _deciding_reply(result, outcome)
         code = enhanced = text = None
         if reply is not None:
             code = reply.code
@@ -171,6 +231,9 @@ class Outcomes:
         elif result.error:
             text = result.error
         self.journal.record_outcome(tag.key, outcome.value, attempts, code, enhanced, text, done)
+        if outcome is not _ACCEPTED:
+            why = f"{code} {' '.join((text or '').split())}" if code else (text or "no reply")
+            self._name(f"{self.recipients}:{tag.line}: {outcome.value}: {why[:200]}")
         if outcome is _ACCEPTED:
             p.accepted += 1
         elif outcome is _PERMANENT:
@@ -193,7 +256,7 @@ class Outcomes:
     ) -> None:
         """The JSONL report's lines for one message and its recipients."""
         finished = time.time()
-        reply = result.reply
+        reply = _deciding_reply(result, outcome)
         code = enhanced = text = None
         if reply is not None:
             code = reply.code
@@ -224,7 +287,9 @@ class Outcomes:
         self.write(message)
         for r in result.recipients:
             r_reply = r.reply
-            if r_reply is reply:  # the same reply decided the message (its text is known)
+            if (
+                r_reply is reply and reply is not None
+            ):  # the same reply decided the message (its text is known)
                 r_code, r_enhanced, r_text = code, enhanced, text
             elif r_reply is not None:
                 r_code, r_enhanced, r_text = r_reply.code, r_reply.enhanced_code, r_reply.text

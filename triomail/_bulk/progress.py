@@ -8,6 +8,7 @@ when stderr is a file or a pipe, so logs stay readable.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections import deque
 from collections.abc import Callable
@@ -88,7 +89,23 @@ class Progress:
         elapsed = self.elapsed
         return self.done / elapsed if elapsed > 0 else 0.0
 
-    def line(self, *, bar: bool) -> str:
+    def line(self, *, bar: bool, width: int | None = None) -> str:
+        """The progress line; within ``width`` columns (a terminal's) if given.
+
+        Too wide, it loses the bar first, then its last parts (a wrapped line would
+        be redrawn below itself at every tick).
+        """
+        parts = self._parts(bar=bar)
+        text = "  ".join(parts)
+        if width is not None:
+            if bar and len(text) >= width:
+                parts = parts[1:] if parts[0].startswith("[") else parts
+            while len(parts) > 1 and len(text := "  ".join(parts)) >= width:
+                parts = parts[:-1]
+            text = text[: max(width - 1, 0)]
+        return text
+
+    def _parts(self, *, bar: bool) -> list[str]:
         rate = self.rate()
         done = self.done
         total = self.total
@@ -110,7 +127,7 @@ class Progress:
         parts.append(f"retrying {self.retrying:,}")
         if self.skipped:
             parts.append(f"bad rows {self.skipped:,}")
-        return "  ".join(parts)
+        return parts
 
     def summary(self, *, title: str = "Summary") -> str:
         """The table printed at the end of a run."""
@@ -151,7 +168,8 @@ class Display:
     def tick(self) -> None:
         """Redraw (TTY) or print a line if the interval has passed (not a TTY)."""
         if self.tty:
-            self.stream.write("\r\x1b[2K" + self.progress.line(bar=True))
+            width = shutil.get_terminal_size().columns
+            self.stream.write("\r\x1b[2K" + self.progress.line(bar=True, width=width))
             self.stream.flush()
             self._drawn = True
             return
@@ -172,6 +190,7 @@ class Display:
     def finish(self) -> None:
         """Leave the final state of the bar on screen."""
         if self.tty:
-            self.stream.write("\r\x1b[2K" + self.progress.line(bar=True) + "\n")
+            width = shutil.get_terminal_size().columns
+            self.stream.write("\r\x1b[2K" + self.progress.line(bar=True, width=width) + "\n")
             self.stream.flush()
             self._drawn = False

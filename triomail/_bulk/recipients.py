@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["BadRow", "RecipientsError", "RecipientsReader", "Row", "estimate_rows"]
+__all__ = ["BadRow", "RecipientsError", "RecipientsReader", "Row", "check_utf8", "estimate_rows"]
 
 Format = Literal["csv", "jsonl"]
 
@@ -96,9 +96,16 @@ class RecipientsReader:
     fieldnames: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     dialect: str = ""
+    #: The file's encoding: ``None`` is UTF-8 (a BOM is skipped), checked whole at open.
+    encoding: str | None = None
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> RecipientsReader:
+    def open(cls, path: str | os.PathLike[str], encoding: str | None = None) -> RecipientsReader:
+        """Open and check the file; :class:`RecipientsError` if it cannot be used at all.
+
+        ``encoding``: the file's (``--encoding``); by default UTF-8, which the command
+        checks first for the whole file (:func:`check_utf8`).
+        """
         path = Path(path)
         try:
             with path.open("rb") as f:
@@ -107,7 +114,7 @@ class RecipientsReader:
             raise RecipientsError(f"cannot read {path}: {exc.strerror}") from None
         if not head.strip():
             raise RecipientsError(f"{path} is empty")
-        reader = cls(path, detect_format(path, head))
+        reader = cls(path, detect_format(path, head), encoding=encoding)
         if reader.format == "csv":
             # Read the header row now: a file that cannot be used at all is an error
             # before anything is sent, and its warnings can be shown first.
@@ -142,9 +149,10 @@ class RecipientsReader:
 
     def _csv(self) -> Generator[Row | BadRow]:
         with self.path.open("rb") as raw:
-            sample = raw.read(_SNIFF_BYTES).decode("utf-8-sig", errors="ignore")
+            encoding = self.encoding or "utf-8-sig"
+            sample = raw.read(_SNIFF_BYTES).decode(encoding, errors="ignore")
             raw.seek(0)
-            text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
+            text = io.TextIOWrapper(raw, encoding=encoding, errors="surrogateescape", newline="")
             # Cut the sample at its last complete line so the sniffer sees whole rows.
             if len(sample) >= _SNIFF_BYTES // 2 and "\n" in sample:
                 sample = sample[: sample.rindex("\n") + 1]
@@ -202,6 +210,7 @@ class RecipientsReader:
 
     def _jsonl(self) -> Iterator[Row | BadRow]:
         decoder = json.JSONDecoder()
+        encoding = self.encoding or "utf-8"
         with self.path.open("rb") as f:
             for number, line in enumerate(f, 1):
                 if number == 1:
@@ -209,7 +218,7 @@ class RecipientsReader:
                 if not line.strip():
                     continue
                 try:
-                    text = line.decode("utf-8")
+                    text = line.decode(encoding)
                 except UnicodeDecodeError:
                     yield BadRow(number, "undecodable bytes (the file is not UTF-8)")
                     continue
@@ -228,6 +237,38 @@ class RecipientsReader:
                     yield BadRow(number, "a string holds an unpaired surrogate escape")
                     continue
                 yield Row(number, obj, key)
+
+
+def check_utf8(path: str | os.PathLike[str]) -> None:
+    """The file's encoding, decided once: all of it UTF-8, or :class:`RecipientsError`.
+
+    Row by row, a Windows-1252 file would be sent by halves (its ASCII rows only); so
+    the command decodes the whole file first, and a bad byte names its line and the
+    ``--encoding`` option that reads the file as what it is.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    try:
+        with Path(path).open("rb") as f:
+            while chunk := f.read(1 << 20):
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as exc:
+                    line += chunk.count(b"\n", 0, exc.start)
+                    what = "the header row is" if line == 1 else "the file is"
+                    raise RecipientsError(
+                        f"{path}:{line}: {what} not UTF-8 (byte 0x{chunk[exc.start]:02x}); "
+                        "give the file's encoding with --encoding, e.g. --encoding cp1252"
+                    ) from None
+                line += chunk.count(b"\n")
+    except OSError as exc:
+        raise RecipientsError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise RecipientsError(
+            f"{path}: the file is not UTF-8 (it ends inside a character)"
+        ) from None
 
 
 def _has_surrogates(text: str) -> bool:

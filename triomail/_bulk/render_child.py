@@ -101,15 +101,17 @@ def _frames(
 
 
 def child_main(argv: Sequence[str]) -> int:
-    """The render process: ``TEMPLATE RECIPIENTS``; the Message-ID parts on stdin."""
+    """The render process: ``TEMPLATE RECIPIENTS [ATTACHMENTS_DIR ENCODING]`` ("" for
+    the default); the Message-ID parts on stdin."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     out = sys.stdout.fileno()
     try:
         from .template.compile import compile_template  # Jinja2 (see the header)
 
-        template_path, recipients_path = argv
-        template = compile_template(template_path)
-        reader = RecipientsReader.open(recipients_path)
+        template_path, recipients_path, *options = argv
+        attachments_dir, encoding = [*options, "", ""][:2]
+        template = compile_template(template_path, attachments_dir or None)
+        reader = RecipientsReader.open(recipients_path, encoding or None)
         rows = iter(reader)
         commands = _Commands(sys.stdin.fileno())
         line = (commands.line(wait=True) or "").split()

@@ -122,10 +122,17 @@ class RenderProcess:
         self.finished = False
 
     @classmethod
-    def start(cls, template: Path, recipients: Path) -> RenderProcess:
+    def start(
+        cls,
+        template: Path,
+        recipients: Path,
+        attachments_dir: Path | None = None,
+        encoding: str | None = None,
+    ) -> RenderProcess:
         """Start the child; it compiles the template and opens the file meanwhile."""
         package = str(Path(__file__).resolve().parents[1])  # triomail/, not triomail/_bulk/
         argv = [sys.executable, "-P", "-c", _BOOTSTRAP, package, str(template), str(recipients)]
+        argv += [str(attachments_dir or ""), encoding or ""]
         return cls.spawn(argv)
 
     @classmethod

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 
@@ -35,7 +36,7 @@ from .._pool.pool import Pool, RetryPolicy, Server, open_pool
 from .feed import Feed
 from .journal import Journal
 from .outcomes import Outcomes
-from .settings import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CannotRun, SendSettings
+from .settings import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, STDOUT, CannotRun, SendSettings
 
 __all__ = ["SendRun", "preflight"]
 
@@ -130,8 +131,11 @@ class SendRun:
         outcomes = self.outcomes
         self._resume_note()
         report_mode = "a" if self.settings.resume else "w"
+        to_stdout = self.settings.report == STDOUT
         with contextlib.ExitStack() as stack:
-            if self.settings.report is not None:
+            if to_stdout:
+                outcomes.report = sys.stdout  # --report -: the JSON lines are the output
+            elif self.settings.report is not None:
                 try:
                     outcomes.report = stack.enter_context(
                         self.settings.report.open(report_mode, encoding="utf-8")
@@ -143,7 +147,10 @@ class SendRun:
             finally:
                 self._finish()
         outcomes.display.finish()
-        print(outcomes.progress.summary(), flush=True)
+        for line in outcomes.failure_lines():
+            outcomes.display.message(line)
+        # With --report - the summary goes to stderr, so stdout is JSON lines only.
+        print(outcomes.progress.summary(), file=sys.stderr if to_stdout else sys.stdout, flush=True)
         if self.feed.render_error is not None:
             consistent, left = self._left()
             raise CannotRun(

@@ -15,8 +15,11 @@ on stderr and exit status 2 (``EXIT_CANNOT_RUN``).
 from __future__ import annotations
 
 import argparse
+import codecs
 import dataclasses
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ __all__ = [
     "EXIT_CANNOT_RUN",
     "EXIT_FAILED",
     "EXIT_INTERRUPTED",
+    "CHECKS",
     "EXIT_OK",
     "RENDER_MODES",
     "CannotRun",
@@ -41,6 +45,44 @@ EXIT_INTERRUPTED = 130
 RENDER_MODES = ("auto", "process", "inline")
 
 
+#: ``--report -``: the report goes to standard output.
+STDOUT = Path("-")
+
+
+def _number(kind: type[int] | type[float], low: float, high: float) -> Callable[[str], Any]:
+    """A checker of one numeric setting: the command line's ``type``, the config's check."""
+
+    def check(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not low <= value <= high:  # also refuses nan
+            bound = f"{kind(low)} to {kind(high)}" if high < math.inf else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, not {text}")
+        return value
+
+    check.__name__ = kind.__name__  # argparse names the type in its error message
+    return check
+
+
+#: Every numeric setting's range, for the command line and a config file alike. The
+#: bounds stop a typo (connections = 1e20) long before memory or the kernel would.
+CHECKS: dict[str, Callable[[str], Any]] = {
+    "limit": _number(int, 1, math.inf),
+    "show": _number(int, 0, 1_000_000),
+    "connections": _number(int, 1, 10_000),
+    "rate": _number(float, 1e-6, 1e6),
+    "max_per_connection": _number(int, 1, math.inf),
+    "retries": _number(int, 0, 1_000),
+    "retry_backoff": _number(float, 1e-3, 86_400),
+    "retry_max_backoff": _number(float, 1e-3, 86_400),
+    "progress_interval": _number(float, 1e-3, 86_400),
+}
+#: Descriptors kept free for the journal, the report, the render process and TLS.
+_RESERVED_FILES = 64
+
+
 class CannotRun(Exception):
     """Exit 2 with this one-line message."""
 
@@ -54,6 +96,8 @@ class SendSettings:
     server: str | None = None
     sink: Path | None = None
     ca_file: Path | None = None
+    attachments_dir: Path | None = None
+    encoding: str | None = None
     dry_run: bool = False
     limit: int | None = None
     yes: bool = False
@@ -132,6 +176,12 @@ def _load_config(path: Path) -> dict[str, Any]:
             raise CannotRun(f"config {path}: {raw_key} has the wrong type")
         if key in _PATHS:
             value = (path.parent / Path(str(value)).expanduser()).resolve()
+        check = CHECKS.get(key)
+        if check is not None:
+            try:
+                value = check(str(value))
+            except argparse.ArgumentTypeError as exc:
+                raise CannotRun(f"config {path}: {raw_key} {exc}") from None
         if key == "render" and value not in RENDER_MODES:
             raise CannotRun(f"config {path}: render must be one of {', '.join(RENDER_MODES)}")
         out[key] = value
@@ -148,12 +198,49 @@ def settings_from(args: argparse.Namespace) -> SendSettings:
         value = getattr(args, f.name, None)
         if value is not None:
             setattr(settings, f.name, value)
+    _check_open_files(settings.connections)
+    if settings.limit == 0:
+        settings.limit = None  # --no-limit (--limit itself takes 1 or more)
     if settings.sink is not None and settings.server is not None and not settings.dry_run:
         raise CannotRun("give --server or --sink, not both")
     if settings.server is None and settings.sink is None and not settings.dry_run:
         raise CannotRun("no server: give --server URL, --config FILE.toml or --sink DIR")
+    if settings.encoding is not None:
+        try:
+            codecs.lookup(settings.encoding)
+        except LookupError:
+            raise CannotRun(f"unknown encoding {settings.encoding!r}") from None
+    report = settings.report
+    fresh = not settings.resume and not settings.dry_run
+    if fresh and report is not None and report != STDOUT and _non_empty(report):
+        # A report is the record of a run: never replaced without a word (--resume appends).
+        raise CannotRun(
+            f"--report {report} exists; remove it, name another file, or add --resume "
+            "to append to it"
+        )
     if settings.at_most_once and not settings.resume:
         raise CannotRun("--at-most-once only applies with --resume")
     if settings.resume and settings.journal is None and settings.sink is not None:
         raise CannotRun("--resume with --sink needs --journal (the default journal is in memory)")
     return settings
+
+
+def _non_empty(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 0
+
+
+def _check_open_files(connections: int) -> None:
+    """Refuse more connections than the open-file limit leaves room for (one each)."""
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return
+    most = max(1, soft - _RESERVED_FILES)
+    if connections > most:
+        raise CannotRun(
+            f"--connections {connections} is more than the open-file limit allows ({soft}, "
+            f"so at most {most}); raise it with ulimit -n or give fewer connections"
+        )

@@ -52,7 +52,20 @@ import jinja2
 import jinja2.exceptions
 
 from ..._core.errors import LocalProtocolError
-from .headers import CONTROL_IN_VALUE, check_header_value, escape_value, unescape
+from .addresses import (
+    BRACKETED_FIELDS,
+    CONTROL_IN_VALUE,
+    address_template,
+    bracketed_values,
+    check_bracketed,
+    escape_value,
+    split_marked,
+    strip_marks,
+    unescape,
+    value_text,
+)
+from .headers import ADDRESS_FIELDS, check_header_value
+from .mime import confine_attachment
 from .parse import Piece, join_pieces, parse_pieces
 from .plan import Plan, PlanError, build_plan
 from .render import render_plan, render_with_email
@@ -85,10 +98,13 @@ class _Values:
         names = self.names
         if names is not None:
             try:
-                return [str(row[name]) for name in names]
+                values = [row[name] for name in names]
+                if not all(type(v) is str for v in values):
+                    values = [value_text(v) for v in values]  # JSON: numbers, null
+                return values
             except KeyError:
                 pass
-        values = self.template.render(row).split(_SEP)
+        values = strip_marks(self.template.render(row)).split(_SEP)
         return values if len(values) == self.count else None
 
     @classmethod
@@ -111,6 +127,8 @@ class CompiledTemplate:
     _values: _Values | None
     _pieces: list[Piece]
     _plan: Plan | None
+    #: Where attachment paths from row data must stay (the template's directory).
+    attachments_root: Path
     _checked: bool = False
     mode: str = "compiled"
 
@@ -152,21 +170,36 @@ class CompiledTemplate:
     def render_text(self, raw: str, message_id: str) -> Rendered:
         """Render a fully expanded template text (the slow path).
 
-        Values came through :func:`escape_value`, so a line break from a field is
-        still marked: in a header it is refused (R15), in the body it is restored.
+        Values came through :func:`.addresses.escape_value`, so each is marked: in an
+        address field it fills the slot the template gave it (:mod:`.addresses`), a
+        line break from it is refused in a header (R15) and restored in the body.
         """
         parsed = parse_pieces([raw])
         if parsed is None:
             raise RowError("the rendered template is not header fields, a blank line, a body")
-        fields, body = parsed
+        fields, body_pieces = parsed
         for f in fields:
-            check_header_value(f.name, join_pieces(f.pieces, []))
-        body = [unescape(p) if isinstance(p, str) else p for p in body]
+            text = join_pieces(f.pieces, [])
+            if f.key == "attachment" and "\x00" in text:
+                confine_attachment(self.attachments_root, self.path.parent, unescape(text))
+            if f.key in ADDRESS_FIELDS and "\x00" in text:
+                check_header_value(f.name, strip_marks(text))
+                pieces, values = split_marked(text)
+                text = ", ".join(address_template(pieces, f.name).fill(values).tokens)
+            else:
+                if f.key in BRACKETED_FIELDS and "\x00" in text:
+                    pieces, values = split_marked(text)
+                    check_bracketed(f.name, bracketed_values(pieces), values)
+                text = strip_marks(text)
+            check_header_value(f.name, text)
+            f.pieces = [text] if text else []
+        body = [unescape(p) if isinstance(p, str) else p for p in body_pieces]
         try:
-            plan = build_plan(fields, body, self.path.parent)
+            plan = build_plan(fields, body, self.path.parent, self.attachments_root)
         except PlanError:
-            head, sep, rest = raw.partition("\n\n")
-            return render_with_email(head + sep + unescape(rest), self.path.parent, message_id)
+            head = "".join(f"{f.name}: {join_pieces(f.pieces, [])}\n" for f in fields)
+            raw = head + "\n" + join_pieces(body, [])
+            return render_with_email(raw, self.path.parent, message_id)
         except TemplateError as exc:
             raise RowError(str(exc)) from None
         return render_plan(plan, [], message_id)
@@ -176,7 +209,7 @@ class CompiledTemplate:
         if any(CONTROL_IN_VALUE.search(v) for v in values):
             return  # such values render escaped; check with a later row
         self._checked = True
-        expected = self._full.render(row)
+        expected = strip_marks(self._full.render(row))
         if join_pieces(self._pieces, values) != expected:
             self._plan = None
             self.mode = "per-row"
@@ -210,9 +243,16 @@ def _tokens(env: jinja2.Environment, source: str) -> tuple[list[Piece], list[str
     return pieces, exprs
 
 
-def compile_template(path: str | os.PathLike[str]) -> CompiledTemplate:
-    """Read and compile a template file; raises :class:`TemplateError`."""
+def compile_template(
+    path: str | os.PathLike[str], attachments_dir: str | os.PathLike[str] | None = None
+) -> CompiledTemplate:
+    """Read and compile a template file; raises :class:`TemplateError`.
+
+    ``attachments_dir``: where an attachment path built from a row's values must lead
+    (default: the template's directory).
+    """
     path = Path(path)
+    root = path.parent.resolve() if attachments_dir is None else Path(attachments_dir).resolve()
     try:
         source = path.read_bytes().decode("utf-8-sig")
     except OSError as exc:
@@ -242,14 +282,14 @@ def compile_template(path: str | os.PathLike[str]) -> CompiledTemplate:
         if parsed is not None:
             fields, body = parsed
             try:
-                plan = build_plan(fields, body, path.parent.resolve())
+                plan = build_plan(fields, body, path.parent.resolve(), root)
                 values = _Values.compile(env, exprs)
                 mode = "compiled"
             except PlanError:
                 plan = None
     if plan is not None and plan.constant_attachments:
         for att in plan.constant_attachments:
-            digest = hashlib.sha256((digest + att.content_id[:16]).encode()).hexdigest()
+            digest = hashlib.sha256((digest + att.digest).encode()).hexdigest()
     return CompiledTemplate(
         path=path.resolve(),
         source=source,
@@ -258,5 +298,6 @@ def compile_template(path: str | os.PathLike[str]) -> CompiledTemplate:
         _values=values,
         _pieces=pieces,
         _plan=plan,
+        attachments_root=root,
         mode=mode,
     )

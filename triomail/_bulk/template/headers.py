@@ -12,8 +12,9 @@ name is quoted or encoded as a phrase, the address is checked as an SMTP path
 
 A field value holding CR, LF or another C0 control (TAB excepted) is refused for the
 row (:class:`.rendered.RowError`): no header injection through a field (R15). Jinja2
-hands values through :func:`escape_value`, which marks such characters so that they
-are found again after the template has put them in place.
+hands values through :func:`.addresses.escape_value`, which marks such characters so
+that they are found again after the template has put them in place. Where a value sits
+inside an address field is decided by the template, not the value (:mod:`.addresses`).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ _ENCODED_WORD_LIKE = re.compile(r"=\?")
 _SIMPLE_ADDRESS = re.compile(r"[^\s<>()\[\]\\,;:\"@]+@[A-Za-z0-9.-]+\Z")
 _NAME_ADDR = re.compile(r"([^\"<>()\[\]\\,;:@]*?)\s*<([^\s<>()\[\]\\,;:\"@]+@[A-Za-z0-9.-]+)>\Z")
 _SPECIALS = re.compile(r"[()<>\[\]:;@\\,.\"]")
+_LIST_LIKE = re.compile(r"[,;\s]")
 
 
 def _encoded_words(text: str, first: int = _EW_BYTES) -> list[str]:
@@ -163,12 +165,12 @@ def _parse_addresses(value: str, what: str) -> list[tuple[str, str]]:
     value = value.strip()
     if not value:
         return []
-    match = _SIMPLE_ADDRESS.match(value)
-    if match is not None:
-        return [("", value)]
-    match = _NAME_ADDR.match(value)
-    if match is not None:
-        return [(match.group(1).strip(), match.group(2))]
+    if "=?" not in value:  # else the email package decodes the encoded words
+        if _SIMPLE_ADDRESS.match(value) is not None:
+            return [("", value)]
+        match = _NAME_ADDR.match(value)
+        if match is not None:
+            return [(match.group(1).strip(), match.group(2))]
     # The strict RFC 5322 parser: anything it had to guess at is refused, not sent
     # to a half-parsed address.
     try:
@@ -184,20 +186,35 @@ def _parse_addresses(value: str, what: str) -> list[tuple[str, str]]:
 
 
 def address_list(value: str, what: str) -> AddressList:
-    """Parse, check (RFC 5321 paths, R14) and encode an address field."""
+    """Parse, check (RFC 5321 paths, R14) and encode an address field of the template."""
     pairs = _parse_addresses(value, what)
     if not pairs and value.strip():
         # An empty group such as "undisclosed-recipients:;" (the recipients are in Bcc).
         if not value.isascii():
             raise RowError(f"{what}: a group name must be ASCII: {value!r}")
         return AddressList((value.strip(),), (), False)
+    return mailbox_tokens(pairs, what)
+
+
+def mailbox_tokens(
+    pairs: Sequence[tuple[str, str]], what: str, *, one_per_value: bool = False
+) -> AddressList:
+    """Check each (display name, address) and write it as ``phrase <address>``.
+
+    The display name is only ever a phrase: quoted, or RFC 2047 encoded words when it
+    is not ASCII (or looks like one), so whatever it holds it names, never addresses.
+    ``one_per_value``: the addresses came from values, say so when one is a list.
+    """
     addresses = []
     utf8 = False
     for _, addr in pairs:
         try:
             path = format_path(addr)
         except LocalProtocolError as exc:
-            raise RowError(f"{what}: invalid address {addr!r}: {exc}") from None
+            hint = ""
+            if one_per_value and _LIST_LIKE.search(addr):
+                hint = " (a value fills one address: give each recipient its own column)"
+            raise RowError(f"{what}: invalid address {addr!r}: {exc}{hint}") from None
         addresses.append(path.address)
         utf8 = utf8 or not path.address.partition("@")[0].isascii()
     tokens = []
@@ -205,7 +222,7 @@ def address_list(value: str, what: str) -> AddressList:
         if not display:
             tokens.append(addr)
             continue
-        if display.isascii() or utf8:
+        if (display.isascii() or utf8) and "=?" not in display:
             phrase = _quote_phrase(display)
         else:
             phrase = " ".join(_encoded_words(display))
@@ -224,25 +241,12 @@ def encode_address_field(name: str, addresses: AddressList) -> str:
         if i < len(addresses.tokens) - 1:
             parts[-1] += ","
         tokens.extend(parts)
-    return _fold(name, tokens)
-
-
-CONTROL_IN_VALUE = re.compile(r"[\r\n\x00]")
-_ESCAPES = {"\r": "\x00r", "\n": "\x00n", "\x00": "\x00z"}
-
-
-def escape_value(value: object) -> object:
-    """Jinja2 ``finalize``: mark CR, LF and NUL coming from a value (see render_text)."""
-    text = value if isinstance(value, str) else str(value)
-    if CONTROL_IN_VALUE.search(text) is None:
-        return text
-    return CONTROL_IN_VALUE.sub(lambda m: _ESCAPES[m.group()], text)
-
-
-def unescape(text: str) -> str:
-    if "\x00" not in text:
-        return text
-    return text.replace("\x00r", "\r").replace("\x00n", "\n").replace("\x00z", "\x00")
+    folded = _fold(name, tokens)
+    if any(len(line.encode("utf-8")) > MAX_LINE for line in folded.split("\r\n")):
+        # A quoted phrase folds only at its spaces (RFC 5322 §3.2.4): refused here, in
+        # --dry-run too, rather than by the server (§2.1.1, R19).
+        raise RowError(f"{name}: a display name has a word too long for a 998-octet line")
+    return folded
 
 
 def check_header_value(name: str, value: str) -> None:

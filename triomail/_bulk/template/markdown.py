@@ -32,17 +32,25 @@ def markdown_to_html(text: str) -> str:
     return f"<html><body>{html}</body></html>"
 
 
-_IMG_SRC = re.compile(r"""(<img\b[^>]*?\bsrc=)(["'])([^"']*)\2""", re.I)
+# src="file", src='file' or src=file (unquoted, as HTML allows: mailmerge links it too).
+_IMG_SRC = re.compile(r"""(<img\b[^>]*?\bsrc=)(?:(["'])([^"']*)\2|([^\s"'>]+))""", re.I)
 
 
-def link_inline_images(html: str, base: Path, attachments: Sequence[Attachment]) -> str:
-    """Point <img src="file"> at the attachment of that file (mailmerge's cid: links)."""
+def link_inline_images(
+    html: str, base: Path, attachments: Sequence[Attachment], cids: Sequence[str]
+) -> str:
+    """Point <img src="file"> at the attachment of that file (mailmerge's cid: links).
+
+    ``cids`` are the attachments' Content-IDs in this message; a file attached twice
+    is linked to its last part, as mailmerge does.
+    """
     if not attachments or "<img" not in html.lower():
         return html
-    by_path = {str(a.path): a.content_id for a in attachments}
+    by_path = {str(a.path): cid for a, cid in zip(attachments, cids, strict=True)}
 
     def replace(match: re.Match[str]) -> str:
-        src = match.group(3)
+        quote = match.group(2) or '"'
+        src = match.group(3) if match.group(2) else match.group(4)
         if ":" in src.split("/")[0]:
             return match.group(0)
         path = Path(src).expanduser()
@@ -50,6 +58,6 @@ def link_inline_images(html: str, base: Path, attachments: Sequence[Attachment])
         cid = by_path.get(resolved)
         if cid is None:
             return match.group(0)
-        return f"{match.group(1)}{match.group(2)}cid:{cid}{match.group(2)}"
+        return f"{match.group(1)}{quote}cid:{cid}{quote}"
 
     return _IMG_SRC.sub(replace, html)

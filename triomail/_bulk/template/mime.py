@@ -5,7 +5,8 @@ file's size and modification time, so templated paths work too); file names use
 RFC 2231 parameters. Text parts are 7bit when they are ASCII with short lines and
 quoted-printable otherwise, so no line on the wire exceeds 998 octets (RFC 5322
 §2.1.1, R19) and no 8-bit octet needs 8BITMIME (R18). Boundaries are random, made
-once per template; part headers are cached bytes.
+once per template; part headers are cached bytes. A Content-ID is made per part and
+message from the Message-ID (:func:`content_ids`).
 """
 
 from __future__ import annotations
@@ -29,9 +30,26 @@ from .rendered import RowError
 
 @dataclass(frozen=True, slots=True)
 class Attachment:
+    """A file read and encoded once; its Content-ID is given per message (:meth:`part`)."""
+
     path: Path
-    part: bytes  # headers (without Content-ID) + blank line + base64 body + CRLF
-    content_id: str
+    head: bytes  # Content-Type, Content-Transfer-Encoding, Content-Disposition lines
+    body: bytes  # base64 lines, CRLF-terminated
+    digest: str  # of the file's bytes (the journal's content hash includes it)
+
+    def part(self, content_id: str) -> list[bytes]:
+        """The MIME part with its Content-ID, as pieces to join (the body is not copied)."""
+        return [self.head, f"Content-ID: <{content_id}>\r\n\r\n".encode("ascii"), self.body]
+
+
+def content_ids(message_id: str, count: int) -> list[str]:
+    """One Content-ID per attached part, unique per part and message (RFC 2392 §2).
+
+    Derived from the message's unique Message-ID, as ``part<N>.<id-left>@<id-right>``,
+    so the same file attached twice, or to every message, never shares one.
+    """
+    left, _, right = message_id.strip().strip("<>").rpartition("@")
+    return [f"part{i + 1}.{left}@{right}" for i in range(count)]
 
 
 def _rfc2231(param: str, value: str) -> str:
@@ -54,14 +72,12 @@ def _load_attachment(path: Path, stamp: tuple[int, int]) -> Attachment:
     if ctype is None or encoding is not None:
         ctype = "application/octet-stream"
     digest = hashlib.sha256(data).hexdigest()[:16]
-    content_id = f"{digest}.{secrets.token_hex(4)}@triomail.invalid"
     head = (
         f"Content-Type: {ctype}; {_rfc2231('name', basename)}\r\n"
         "Content-Transfer-Encoding: base64\r\n"
         f"Content-Disposition: attachment; {_rfc2231('filename', basename)}\r\n"
-        f"Content-ID: <{content_id}>\r\n\r\n"
     )
-    return Attachment(path, head.encode("ascii") + _base64_lines(data), content_id)
+    return Attachment(path, head.encode("ascii"), _base64_lines(data), digest)
 
 
 def _resolve_attachment(base: Path, spec: str) -> Path:
@@ -77,7 +93,28 @@ def _resolve_attachment(base: Path, spec: str) -> Path:
     return path
 
 
-def attachment_for(base: Path, spec: str) -> Attachment:
+def confine_attachment(root: Path, base: Path, spec: str) -> None:
+    """Refuse a path from row data that leaves ``root`` (``..``, absolute, symlink out).
+
+    A path the template's author wrote may name any file; one built from a row may
+    only name a file under ``root`` (the template's directory or ``--attachments-dir``),
+    checked after symlinks are followed, so a row cannot attach ``/etc/passwd``.
+    """
+    path = Path(spec.strip())
+    if path.is_absolute() or spec.strip().startswith("~"):
+        raise RowError(f"attachment {spec.strip()!r} from the row's data is an absolute path")
+    resolved = (base / path).resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise RowError(
+            f"attachment {spec.strip()!r} from the row's data leaves {root} "
+            "(a row may attach only files under it; see --attachments-dir)"
+        )
+
+
+def attachment_for(base: Path, spec: str, root: Path | None = None) -> Attachment:
+    """The attachment ``spec`` names; ``root``: the spec came from a row (see above)."""
+    if root is not None:
+        confine_attachment(root, base, spec)
     path = _resolve_attachment(base, spec)
     st = path.stat()
     return _load_attachment(path, (st.st_mtime_ns, st.st_size))

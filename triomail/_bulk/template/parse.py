@@ -58,15 +58,29 @@ def _split_lines(pieces: Sequence[Piece]) -> list[list[Piece]]:
     return lines
 
 
+def _body_from(lines: list[list[Piece]], body: list[Piece], blank_line: bool) -> list[Piece]:
+    """Header section lines that are body after all, followed by the body proper."""
+    out: list[Piece] = []
+    for i, line in enumerate(lines):
+        if i:
+            out.append("\n")
+        out.extend(line)
+    if blank_line:
+        out.append("\n\n")
+    return [*out, *body]
+
+
 def parse_pieces(pieces: Sequence[Piece]) -> tuple[list[Field], list[Piece]] | None:
     """Split header fields from the body; None if the structure depends on values.
 
-    Header fields end at the first empty line. Continuation lines (starting with white
-    space) are unfolded. A field name must be literal text.
+    Header fields end at the first empty line, or (as in the email package) at the
+    first line that is not a field. Continuation lines (starting with white space) are
+    unfolded. A field name must be literal text.
     """
     # Find the first literal "\n\n" (or a header section ending the template).
     head: list[Piece] = []
     body: list[Piece] = []
+    separated = True
     for index, piece in enumerate(pieces):
         if isinstance(piece, str) and "\n\n" in piece:
             before, _, after = piece.partition("\n\n")
@@ -78,8 +92,10 @@ def parse_pieces(pieces: Sequence[Piece]) -> tuple[list[Field], list[Piece]] | N
             break
     else:
         head = list(pieces)
+        separated = False
     fields: list[Field] = []
-    for line in _split_lines(head):
+    lines = _split_lines(head)
+    for index, line in enumerate(lines):
         if not line:
             continue
         first = line[0]
@@ -91,11 +107,14 @@ def parse_pieces(pieces: Sequence[Piece]) -> tuple[list[Field], list[Piece]] | N
             fields[-1].pieces.extend([" ", first.lstrip(" \t"), *line[1:]])
             continue
         name, colon, rest = first.partition(":")
-        if not colon:
-            return None
         name = name.strip()
-        if not FIELD_NAME.match(name):
-            return None
+        if not colon or not FIELD_NAME.match(name):
+            if not fields:
+                return None
+            # No blank line before the body: like the email package (and so mailmerge),
+            # the first line that is not a header field starts the body.
+            body = _body_from(lines[index:], body, blank_line=separated)
+            break
         value: list[Piece] = [rest.lstrip(" \t"), *line[1:]] if rest.strip() else list(line[1:])
         fields.append(Field(name, value))
     for f in fields:

@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .addresses import BRACKETED_FIELDS, AddressTemplate, address_template, bracketed_values
 from .headers import (
     ADDRESS_FIELDS,
     CANONICAL_NAMES,
@@ -27,7 +28,7 @@ from .headers import (
     check_header_value,
     encode_unstructured,
 )
-from .markdown import link_inline_images, markdown_to_html
+from .markdown import markdown_to_html
 from .mime import Attachment, attachment_for, new_boundary
 from .parse import Field, Piece, format_pieces, join_pieces, parse_content_type
 from .rendered import RowError, TemplateError
@@ -50,6 +51,10 @@ class _Header:
     addresses: AddressList | None = None
     #: The value's pieces as a format string (see :func:`format`).
     fmt: str = ""
+    #: The mailboxes of an address field that takes values (:mod:`.addresses`).
+    template: AddressTemplate | None = None
+    #: Values the template puts inside ``<...>`` of a structured field (msg-id, URL).
+    bracketed: frozenset[int] = frozenset()
 
 
 @dataclass(slots=True)
@@ -57,6 +62,8 @@ class Plan:
     """A parsed template: what is constant is encoded, what varies is pieces."""
 
     base: Path
+    #: Where an attachment path built from a row's values must stay (mime.confine_attachment).
+    root: Path
     headers: list[_Header]
     body: list[Piece]
     subtype: str  # "plain", "html", or "markdown"
@@ -65,6 +72,7 @@ class Plan:
     html: list[Piece] | None  # markdown converted once with placeholders
     body_fmt: str
     html_fmt: str | None
+    html_images: bool  # the compiled HTML has an <img> to link to its attachment
     html_checks: dict[int, tuple[bool, bool]]  # expr -> (inside a tag, at line start)
     boundaries: tuple[str, str]
     has_date: bool
@@ -80,7 +88,9 @@ def _placeholder(i: int) -> str:
     return f"QZXTRIOMAILPH{i}X"
 
 
-def build_plan(fields: list[Field], body: list[Piece], base: Path) -> Plan:
+def build_plan(
+    fields: list[Field], body: list[Piece], base: Path, root: Path | None = None
+) -> Plan:
     subtype = "plain"
     headers: list[_Header] = []
     attachments: list[Field] = []
@@ -124,6 +134,13 @@ def build_plan(fields: list[Field], body: list[Piece], base: Path) -> Plan:
                     header.encoded = encode_unstructured(f.name, value).encode("ascii")
             except RowError as exc:
                 raise TemplateError(str(exc)) from None
+        elif key in ADDRESS_FIELDS:
+            try:
+                header.template = address_template(f.pieces, f.name)
+            except RowError as exc:
+                raise TemplateError(str(exc)) from None
+        elif key in BRACKETED_FIELDS:
+            header.bracketed = bracketed_values(f.pieces)
         headers.append(header)
     if from_field is None:
         raise TemplateError("the template has no From header")
@@ -140,9 +157,10 @@ def build_plan(fields: list[Field], body: list[Piece], base: Path) -> Plan:
     html = None
     checks: dict[int, tuple[bool, bool]] = {}
     if subtype == "markdown":
-        html, checks = _compile_markdown(body, base, constant_attachments)
+        html, checks = _compile_markdown(body, constant_attachments is None)
     return Plan(
         base=base,
+        root=base if root is None else root,
         headers=headers,
         body=body,
         subtype=subtype,
@@ -151,6 +169,7 @@ def build_plan(fields: list[Field], body: list[Piece], base: Path) -> Plan:
         html=html,
         body_fmt=format_pieces(body),
         html_fmt=None if html is None else format_pieces(html),
+        html_images=html is not None and "<img" in "".join(map(str, html)).lower(),
         html_checks=checks,
         boundaries=(new_boundary(), new_boundary()),
         has_date=has_date,
@@ -160,24 +179,26 @@ def build_plan(fields: list[Field], body: list[Piece], base: Path) -> Plan:
 
 
 def _compile_markdown(
-    body: list[Piece], base: Path, attachments: list[Attachment] | None
+    body: list[Piece], row_attachments: bool
 ) -> tuple[list[Piece] | None, dict[int, tuple[bool, bool]]]:
-    """Markdown -> HTML once, with a placeholder per value; None if that is not exact."""
+    """Markdown -> HTML once, with a placeholder per value; None if that is not exact.
+
+    Inline images are linked per message (their Content-IDs are), not here.
+    """
     exprs = {p for p in body if isinstance(p, int)}
     source = "".join(p if isinstance(p, str) else _placeholder(p) for p in body)
     if not exprs:
-        html = markdown_to_html(source)
-        if attachments:
-            html = link_inline_images(html, base, attachments)
-        return [html], {}
+        return [markdown_to_html(source)], {}
     if any(
         _placeholder(i) in join_pieces([p for p in body if isinstance(p, str)], []) for i in exprs
     ):
         return None, {}
+    if any("<" + _placeholder(i) in source for i in exprs):
+        # An autolink around a value (``<{{url}}>``): markdown would read the placeholder
+        # as a raw HTML tag, the value as a link. Such rows go through markdown.
+        return None, {}
     html = markdown_to_html(source)
-    if attachments is not None:
-        html = link_inline_images(html, base, attachments)
-    elif "<img" in html.lower():
+    if row_attachments and "<img" in html.lower():
         return None, {}  # image links may depend on a per-row attachment
     pattern = re.compile("|".join(re.escape(_placeholder(i)) for i in sorted(exprs)))
     pieces: list[Piece] = []

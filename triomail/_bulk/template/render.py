@@ -21,18 +21,17 @@ from pathlib import Path
 
 from ..._core.errors import LocalProtocolError
 from ..._core.paths import format_path
+from .addresses import check_bracketed
 from .headers import (
-    ADDRESS_FIELDS,
     MAX_LINE,
     RECIPIENT_FIELDS,
     AddressList,
-    address_list,
     check_header_value,
     encode_address_field,
     encode_unstructured,
 )
 from .markdown import link_inline_images, markdown_to_html
-from .mime import attachment_for, text_part
+from .mime import attachment_for, content_ids, text_part
 from .parse import join_pieces
 from .plan import Plan, is_inert
 from .rendered import Rendered, RowError
@@ -75,12 +74,14 @@ def render_plan(plan: Plan, values: Sequence[str], message_id: str) -> Rendered:
         if addresses is None:
             value = header.fmt.format(*values).strip()
             check_header_value(f.name, value)
-            if f.key not in ADDRESS_FIELDS:
+            if header.template is None:
+                if header.bracketed:
+                    check_bracketed(f.name, header.bracketed, values)
                 if f is plan.message_id_field:
                     mid = value
                 lines.append(encode_unstructured(f.name, value).encode("ascii"))
                 continue
-            addresses = address_list(value, f.name)
+            addresses = header.template.fill(values)
         utf8 = utf8 or addresses.utf8
         key = f.key
         if key in RECIPIENT_FIELDS:
@@ -110,17 +111,25 @@ def render_plan(plan: Plan, values: Sequence[str], message_id: str) -> Rendered:
     attachments = plan.constant_attachments
     if attachments is None:
         attachments = [
-            attachment_for(plan.base, join_pieces(a.pieces, values)) for a in plan.attachments
+            attachment_for(
+                plan.base, join_pieces(a.pieces, values), None if a.constant else plan.root
+            )
+            for a in plan.attachments
         ]
+    cids = content_ids(mid, len(attachments)) if attachments else []
     outer, inner = plan.boundaries
     if plan.subtype == "markdown":
         html: str | None = None
+        images = plan.html_images
         if plan.html_fmt is not None and all(
             is_inert(values[i], *check) for i, check in plan.html_checks.items()
         ):
             html = plan.html_fmt.format(*values)
         if html is None:
-            html = link_inline_images(markdown_to_html(text), plan.base, attachments)
+            html = markdown_to_html(text)
+            images = True  # link_inline_images looks for <img> itself
+        if images:
+            html = link_inline_images(html, plan.base, attachments, cids)
         t_head, t_body = text_part("plain", text, plan.boundaries)
         h_head, h_body = text_part("html", html, plan.boundaries)
         alt = [
@@ -134,7 +143,7 @@ def render_plan(plan: Plan, values: Sequence[str], message_id: str) -> Rendered:
         out.extend(alt)
     else:
         if plan.subtype == "html" and attachments:
-            text = link_inline_images(text, plan.base, attachments)
+            text = link_inline_images(text, plan.base, attachments, cids)
         head, body = text_part(plan.subtype, text, plan.boundaries)
         if not attachments:
             out.append(head)
@@ -146,9 +155,9 @@ def render_plan(plan: Plan, values: Sequence[str], message_id: str) -> Rendered:
         out.append(f'Content-Type: multipart/related; boundary="{outer}"\r\n\r\n'.encode("ascii"))
         out.append(f"--{outer}\r\n".encode("ascii"))
         out.extend((head, b"\r\n", body, b"\r\n"))
-    for attachment in attachments:
+    for attachment, cid in zip(attachments, cids, strict=True):
         out.append(f"--{outer}\r\n".encode("ascii"))
-        out.append(attachment.part)
+        out.extend(attachment.part(cid))
     out.append(f"--{outer}--\r\n".encode("ascii"))
     return _rendered(out, sender, envelope, mid, utf8)
 
@@ -192,16 +201,15 @@ def render_with_email(raw: str, base: Path, message_id: str) -> Rendered:
     del msg["Bcc"]
     specs = msg.get_all("Attachment", [])
     del msg["Attachment"]
+    mid = str(msg["Message-ID"]).strip() if "Message-ID" in msg else message_id
     if specs:
         if not msg.is_multipart():
             raise RowError("ATTACHMENT needs a multipart template or a plain body")
-        for spec in specs:
+        for spec, cid in zip(specs, content_ids(mid, len(specs)), strict=True):
             att = attachment_for(base, str(spec))
-            part = email.message_from_bytes(att.part)
-            msg.attach(part)
+            msg.attach(email.message_from_bytes(b"".join(att.part(cid))))
     if "Date" not in msg:
         msg["Date"] = email.utils.formatdate()
-    mid = str(msg["Message-ID"]).strip() if "Message-ID" in msg else message_id
     if "Message-ID" not in msg:
         msg["Message-ID"] = message_id
     buffer = io.BytesIO()
