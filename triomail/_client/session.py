@@ -9,17 +9,12 @@ mode the caller chose, never by what the server offers: ``starttls`` without a 2
 STARTTLS, or with bytes queued behind that 220, ends the connection before AUTH or MAIL
 (R3-R6).
 
-Every exchange goes through the connection's
-:class:`~triomail._client.transport.Transport`, the one place where trio and ssl errors
-become :class:`~triomail.SMTPError` and deadlines run (R26). When anything goes wrong
-mid-command the connection is broken and its stream closed; it is never used again
-(R24, R27, R40).
-
-Sending is delegated: :meth:`SMTPConnection.send` to ``lockstep`` and
-:meth:`SMTPConnection.send_many` to ``pipeline``, both drivers over the sans-IO
-transaction in ``_core.transaction``. SMTP refusals and lost connections are *values*
-on the :class:`~triomail.SendResult` (R37); only the caller's own mistakes raise, before
-any byte is written (R13).
+Every exchange goes through the :class:`~triomail._client.transport.Transport`, where
+errors are mapped and deadlines run (R26); a connection that fails mid-command is broken
+and never used again (R24, R27, R40). Sending is delegated to ``lockstep`` (``send``) and
+``pipeline`` (``send_many``), drivers over ``_core.transaction``. Refusals and losses are
+*values* on the :class:`~triomail.SendResult` (R37); only the caller's own mistakes
+raise, before any byte is written (R13).
 """
 
 from __future__ import annotations

@@ -52,6 +52,7 @@ from .deadline import Deadline
 from .exceptions import HANDSHAKE, map_failure
 from .options import Pipeline
 from .sockets import QUICKACK, ack_now, has_pending, tcp_socket
+from .transcript import log_in, log_out
 
 __all__ = ["EAGER_PAUSE", "HANDSHAKE", "SALVAGE_SECONDS", "Transport"]
 
@@ -179,7 +180,7 @@ class Transport:
         if reply is None:
             return await self.wait_reply(stage, seconds, rearm=rearm)
         if self.debug:
-            _log_in(self, reply)
+            log_in(self.host, self.phase, reply, self.in_auth)
         if reply.code == 421:
             await self._closing()
         return reply
@@ -225,7 +226,7 @@ class Transport:
         except BaseException as exc:
             await self._fail(exc, stage)
         if self.debug:
-            _log_in(self, reply)
+            log_in(self.host, self.phase, reply, self.in_auth)
         if reply.code == 421:
             await self._closing()
         return reply
@@ -290,7 +291,7 @@ class Transport:
         if self.closed or self.broken is not None:
             self.check_usable()
         if self.debug:
-            _log_out(self, data)
+            log_out(self.host, self.phase, data, self.in_auth)
         fd = self.fd
         if fd is None:
             return 0
@@ -391,20 +392,3 @@ class Transport:
             self.broken = "old TLS"
             raise SMTPSecurityError(f"server negotiated {version}; TLS 1.2 or later required")
         self.phase = "tls"
-
-
-def _log_out(io: Transport, data: bytes) -> None:
-    if io.in_auth and data != b"*\r\n":
-        # R36: the AUTH line keeps its mechanism; no payload reaches the log.
-        parts = data.split(b" ", 2)
-        if parts[0] != b"AUTH":
-            data = b"<redacted>"
-        elif len(parts) == 3:
-            data = parts[0] + b" " + parts[1] + b" <redacted>"
-    head = data[:200]
-    log.debug("%s %s > %r%s", io.host, io.phase, head, "..." if len(data) > 200 else "")
-
-
-def _log_in(io: Transport, reply: Reply) -> None:
-    shown = "334 <redacted>" if io.in_auth and reply.code == 334 else str(reply)
-    log.debug("%s %s < %s", io.host, io.phase, shown)

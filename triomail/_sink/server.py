@@ -3,10 +3,9 @@
 Theory of operation
 ===================
 
-``async with SMTPSink(...) as sink`` opens loopback listeners and a nursery inside
-the caller's trio run; leaving the block cancels that nursery, which ends every
-session. Nothing here imports the triomail client: the sink must be able to judge
-the client, so it shares no code with it.
+``async with SMTPSink(...) as sink`` opens loopback listeners and a nursery inside the
+caller's trio run; leaving the block ends every session. Nothing here imports the
+triomail client: the sink must be able to judge the client, so it shares no code.
 
 Each accepted connection gets one :class:`~triomail._sink.session.Session`, driven
 by one task. The session is only the I/O half: the SMTP conversation itself is the
@@ -35,12 +34,11 @@ settings every session shares, ``message`` what is captured, ``cli`` the command
 - **Limits**: line length, message size (also advertised with SIZE), recipients
   per transaction, concurrent connections, stored messages and idle time are all
   bounded; oversized DATA is counted, not stored.
-- **Faults** (:class:`~triomail._sink.faults.Fault`) are looked up per command
-  before the normal handling, so a rule can replace, delay or drop any reply.
-- **Delivery**: the state machine builds a :class:`CapturedMessage`; the sink
-  appends it to ``messages``, optionally writes ``<dir>/<stamp>-<n>.eml`` and calls
-  ``on_message``; all of it synchronous and small, so thousands of messages a
-  second stay cheap.
+- **Faults** (:class:`~triomail._sink.faults.Fault`) are looked up per command first:
+  a rule can replace, delay or drop any reply.
+- **Delivery**: the state machine builds a :class:`CapturedMessage`; the sink appends
+  it to ``messages``, may write ``<dir>/<stamp>-<n>.eml`` and calls ``on_message``:
+  synchronous and small, so thousands of messages a second stay cheap.
 
 The certificate for STARTTLS and implicit TLS is a throwaway one from ``trustme``
 (imported only when TLS is wanted); :meth:`SMTPSink.client_ssl_context` returns a
