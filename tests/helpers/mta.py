@@ -28,7 +28,6 @@ import os
 import shutil
 import signal
 import smtplib
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -39,6 +38,8 @@ from pathlib import Path
 
 import trio
 import trustme
+
+from helpers.greeting import read_greeting
 
 #: Where ``.ci/interop-servers.sh`` installs Haraka and the unpacked Debian packages.
 INTEROP_ROOT = Path(os.environ.get("TRIOMAIL_INTEROP_DIR", "/opt/triomail-interop"))
@@ -188,20 +189,10 @@ class Daemon:
                 last = f"exited with {self.proc.returncode}"
                 break
             try:
-                with socket.create_connection((HOST, self.port), timeout=2.0) as s:
-                    s.settimeout(5.0)
-                    data = b""
-                    while b"\r\n" not in data:
-                        chunk = s.recv(4096)
-                        if not chunk:
-                            break
-                        data += chunk
-                    if data.startswith(b"220"):
-                        s.sendall(b"QUIT\r\n")
-                        with contextlib.suppress(OSError):
-                            s.recv(4096)
-                        return data
-                    last = data
+                data = read_greeting(HOST, self.port, 5.0)
+                if data.startswith(b"220"):
+                    return data
+                last = data
             except OSError as exc:
                 last = exc
             time.sleep(0.1)

@@ -45,6 +45,7 @@ import trio
 import trustme
 
 from helpers.certs import client_ssl_context
+from helpers.greeting import read_greeting
 
 POSTFIX = Path("/usr/sbin/postfix")
 POSTCONF = Path("/usr/sbin/postconf")
@@ -387,20 +388,11 @@ def _wait_greeting(inst: PostfixInstance, timeout: float) -> bytes:
     last: object = None
     while time.monotonic() < deadline:
         try:
-            with socket.create_connection((inst.host, inst.port), timeout=2.0) as s:
-                s.settimeout(max(0.5, min(5.0, deadline - time.monotonic())))
-                data = b""
-                while b"\r\n" not in data:
-                    chunk = s.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
-                if data.startswith(b"220 "):
-                    s.sendall(b"QUIT\r\n")
-                    with contextlib.suppress(OSError):
-                        s.recv(4096)
-                    return data
-                last = data
+            read_timeout = max(0.5, min(5.0, deadline - time.monotonic()))
+            data = read_greeting(inst.host, inst.port, read_timeout)
+            if data.startswith(b"220 "):
+                return data
+            last = data
         except OSError as exc:
             last = exc
         time.sleep(0.1)
