@@ -301,6 +301,50 @@ def test_fault_drop_after_reply_sends_the_reply_first() -> None:
     assert talk.step(b"MAIL FROM:<a@example.org>\r\n") == (b"250 2.1.0 Ok\r\n", Signal.ABORT)
 
 
+SYNC_ERROR = b"554 5.5.0 Error: SMTP protocol synchronization\r\n"
+ENVELOPE = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
+
+
+@pytest.mark.parametrize(
+    ("config", "closes"),
+    [
+        ({}, True),  # strict: Postfix's rule
+        ({"strict": False}, False),
+        ({"strict": False, "forbid_unauth_pipelining": True}, True),
+        ({"forbid_unauth_pipelining": False}, False),
+    ],
+)
+def test_forbid_unauth_pipelining_is_its_own_switch(config: dict[str, bool], closes: bool) -> None:
+    talk = Conversation(**config)
+    talk.greet_and_ehlo()
+    if closes:  # NOOP must end a group (RFC 2920 §3.1): 554 instead of its reply
+        assert talk.step(b"NOOP\r\nNOOP\r\n") == (SYNC_ERROR, Signal.CLOSE)
+    else:
+        assert talk.send(b"NOOP\r\nNOOP\r\n") == b"250 2.0.0 Ok\r\n" * 2
+
+
+def test_forbid_pipelined_fault_closes_only_when_something_follows() -> None:
+    talk = Conversation(Fault("MAIL", forbid_pipelined=True))
+    talk.greet_and_ehlo()
+    assert talk.send(b"MAIL FROM:<a@example.org>\r\n") == b"250 2.1.0 Ok\r\n"
+    assert talk.send(b"RSET\r\n") == b"250 2.0.0 Ok\r\n"
+    assert talk.step(ENVELOPE) == (SYNC_ERROR, Signal.CLOSE)
+
+
+def test_forbid_pipelined_fault_on_the_end_of_data_refuses_the_message() -> None:
+    """Pipelining behind an end of data, refused Postfix-style: the 554 replaces the
+    end-of-data reply and the message is not kept; with nothing behind, it is."""
+    talk = Conversation(Fault(".", forbid_pipelined=True))
+    talk.greet_and_ehlo()
+    talk.send(ENVELOPE)
+    assert talk.send(MSG + b".\r\n").startswith(b"250 2.0.0 Ok: queued")
+    talk.send(ENVELOPE)
+    assert talk.step(MSG + b".\r\n" + ENVELOPE) == (SYNC_ERROR, Signal.CLOSE)
+    assert len(talk.messages) == 1
+    with pytest.raises(ValueError, match="forbid_pipelined"):
+        Fault("QUIT", forbid_pipelined=True)
+
+
 def test_fault_drop_during_data_counts_octets() -> None:
     talk = Conversation(Fault("DATA", drop="during_data", after_bytes=10))
     talk.greet_and_ehlo()

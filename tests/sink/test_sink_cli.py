@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import smtplib
 import socket
@@ -157,3 +158,62 @@ def test_port_in_use_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
     error = capsys.readouterr().err
     assert error.startswith("triomail sink: ")
     assert "Traceback" not in error
+
+
+def _talk(port: int, *writes: bytes) -> tuple[bytes, bool]:
+    """Write each of ``writes`` (after the greeting, then after each reply group); the
+    last reply group, and whether the server then closed the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        got = bytearray()
+
+        def read_replies() -> bool:
+            # A reply group ends with a line whose fourth octet is a space.
+            while not re.search(rb"(^|\n)\d{3} [^\n]*\r\n$", bytes(got)):
+                data = s.recv(65536)
+                if not data:
+                    return False
+                got.extend(data)
+            return True
+
+        read_replies()
+        for data in writes:
+            s.sendall(data)
+            del got[:]
+            if not read_replies():
+                break
+        s.settimeout(1.0)
+        try:
+            closed = s.recv(1) == b""
+        except TimeoutError:
+            closed = False
+        return bytes(got), closed
+
+
+@pytest.mark.parametrize(
+    ("flags", "last"),
+    [
+        ((), (b"554 5.5.0 Error: SMTP protocol synchronization\r\n", True)),
+        (("--no-forbid-unauth-pipelining",), (b"250 2.0.0 Ok\r\n250 2.0.0 Ok\r\n", False)),
+    ],
+)
+async def test_sink_command_forbids_unauthorised_pipelining_unless_told(
+    flags: tuple[str, ...], last: tuple[bytes, bool]
+) -> None:
+    async with sink_process("--no-tls", *flags) as (running, port):
+        got = await trio.to_thread.run_sync(_talk, port, b"EHLO c.test\r\n", b"NOOP\r\nNOOP\r\n")
+        await running.stop(signal.SIGTERM)
+    assert got == last
+
+
+async def test_sink_command_refuses_pipelining_after_data_as_haraka_does() -> None:
+    envelope = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
+    async with sink_process("--no-tls", "--refuse-pipelined-after-data") as (running, port):
+        got, closed = await trio.to_thread.run_sync(
+            _talk, port, b"EHLO c.test\r\n", envelope, b"Subject: s\r\n\r\nx\r\n.\r\n" + envelope
+        )
+        await running.line()  # the message, printed
+        await running.stop(signal.SIGTERM)
+    refused = b"503 5.5.0 Bad sequence of commands - pipelined after end of DATA\r\n"
+    assert got.startswith(b"250 2.0.0 Ok: queued")
+    assert got.endswith(refused * 3)
+    assert not closed

@@ -56,6 +56,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=Path,
         help="write the throwaway CA certificate here (default: a temporary file)",
     )
+    policy = parser.add_argument_group("pipelining policies of hardened servers (issue 17)")
+    policy.add_argument(
+        "--refuse-pipelined-after-data",
+        action="store_true",
+        help="answer every command pipelined behind an end of data with 503, as Haraka does",
+    )
+    policy.add_argument(
+        "--forbid-unauth-pipelining",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="answer a command with input pipelined behind it where RFC 2920 does not allow "
+        "that with 554 and close, as Postfix's smtpd_forbid_unauth_pipelining does (default: on)",
+    )
     _add_web_options(parser)
     parser.set_defaults(func=run)
 
@@ -124,6 +137,8 @@ async def _serve(args: argparse.Namespace) -> int:
             # A development server on the user's own machine: allow AUTH in clear
             # text when TLS is switched off rather than refusing to start.
             allow_insecure_auth=tls is False,
+            refuse_pipelined_after_data=args.refuse_pipelined_after_data,
+            forbid_unauth_pipelining=args.forbid_unauth_pipelining,
             out_dir=args.out,
             store=False,
             on_message=_print_message if web is None else web.hook(_print_message),

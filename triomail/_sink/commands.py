@@ -161,6 +161,8 @@ class ServerMachine:
         # RFC 5321 §4.1.1.4 dot-stuffing can grow a message by at most a third, so
         # this bounds what DATA buffers before switching to counting only.
         self._wire_limit = config.max_message_size * 4 // 3 + 1024
+        forbid = config.forbid_unauth_pipelining
+        self._forbid_pipelining = config.strict if forbid is None else forbid
         # What the I/O side gave and will be given.
         self._buf = bytearray()
         self._out = bytearray()
@@ -303,11 +305,18 @@ class ServerMachine:
     def _say(self, verdict: Verdict) -> None:
         self._reply(verdict.code, verdict.enhanced, verdict.text)
 
-    def _check_sync(self, verb: str) -> None:
-        """Reject input that arrived before a reply the client had to wait for."""
-        if not self._buf or not self._config.strict or verb == "QUIT":
+    def _check_sync(self, verb: str, fault: Fault | None = None) -> None:
+        """Close on input that arrived before a reply the client had to wait for (RFC
+        2920 §3.1: behind a group's last command, or without PIPELINING), answering
+        the command with 554 as Postfix's ``smtpd_forbid_unauth_pipelining`` does; a
+        fault's ``forbid_pipelined`` makes ``verb`` such a command."""
+        if not self._buf or verb == "QUIT":
             return
-        if verb in _GROUP_END or "PIPELINING" not in self._ext:
+        forbidden = fault is not None and fault.forbid_pipelined
+        if forbidden or (
+            self._forbid_pipelining
+            and (verb in _GROUP_END or "PIPELINING" not in self._ext)
+        ):
             self._reply(554, "5.5.0", "Error: SMTP protocol synchronization")
             raise _Close
 
@@ -376,6 +385,7 @@ class ServerMachine:
                 recipient = match[1]
             fault = self._faults.match(verb, number, recipient)
         if fault is not None:
+            self._check_sync(verb, fault)
             yield from self._fault_before(fault)
             if self._fault_reply(fault):
                 return
@@ -652,7 +662,7 @@ class ServerMachine:
             raise _Abort
         # RFC 3030 §2: the chunk is always read, even when it is rejected.
         chunk = yield from self._read_chunk(size, keep=error is None and not too_big)
-        self._check_sync("BDAT")
+        self._check_sync("BDAT", fault)
         if error is not None or txn is None:
             self._say(error or Verdict(503, "5.5.1", "Error: need MAIL command"))
             return
@@ -699,6 +709,7 @@ class ServerMachine:
         self._check_sync(".")  # only bites without PIPELINING
         if self._faults:
             fault = self._faults.match(".", txn.number) or fault
+            self._check_sync(".", fault)
         refuse = transfer == "DATA" and (
             self._config.refuse_pipelined_after_data
             or (fault is not None and fault.refuse_pipelined)

@@ -42,3 +42,5 @@ class SinkConfig:
     max_stored: int | None
     on_message: Callable[[CapturedMessage], object] | None
     refuse_pipelined_after_data: bool = False
+    #: None: as ``strict``.
+    forbid_unauth_pipelining: bool | None = None

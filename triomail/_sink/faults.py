@@ -63,6 +63,12 @@ class Fault:
         refuse_pipelined: on ``"."`` after ``DATA``, answer every command already
             pipelined behind the end of data with ``503``, as Haraka does (see
             ``SMTPSink(refuse_pipelined_after_data=...)``).
+        forbid_pipelined: if anything was pipelined behind this command, answer
+            ``554 5.5.0 Error: SMTP protocol synchronization`` instead and close, as
+            Postfix's ``smtpd_forbid_unauth_pipelining`` does behind a command that
+            must end a group (see ``SMTPSink(forbid_unauth_pipelining=...)``); here
+            for any command, e.g. ``"."`` for a server that takes nothing behind an
+            end of data. The message of a refused ``"."`` is not stored.
     """
 
     command: str
@@ -76,6 +82,7 @@ class Fault:
     after_bytes: int = 0
     times: int | None = None
     refuse_pipelined: bool = False
+    forbid_pipelined: bool = False
 
     def __post_init__(self) -> None:
         command = self.command.upper()
@@ -96,6 +103,8 @@ class Fault:
             raise ValueError('drop="during_data" cannot be combined with a reply')
         if self.refuse_pipelined and command != ".":
             raise ValueError('refuse_pipelined only applies to "."')
+        if self.forbid_pipelined and command in ("CONNECT", "QUIT"):
+            raise ValueError("forbid_pipelined applies to a command the client sends, not QUIT")
         if self.after_bytes < 0 or self.delay < 0:
             raise ValueError("after_bytes and delay must not be negative")
         if self.times is not None and self.times < 1:

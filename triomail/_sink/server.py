@@ -104,12 +104,18 @@ class SMTPSink:
         messages_per_connection: after this many messages in one connection the
             next MAIL gets ``421 4.7.0`` and the connection is closed.
         strict: also reject NUL, undeclared 8-bit data, message lines over 1000
-            octets, unstuffed leading dots and pipelining violations. Bare CR/LF,
-            sequence and syntax errors are always rejected.
+            octets and unstuffed leading dots. Bare CR/LF, sequence and syntax
+            errors are always rejected.
         refuse_pipelined_after_data: answer every command pipelined behind an end
             of data with ``503 5.5.0 Bad sequence of commands - pipelined after end
             of DATA``, as Haraka does since its SMTP-smuggling hardening (also a
             :class:`Fault` on ``"."``: ``refuse_pipelined=True``).
+        forbid_unauth_pipelining: answer a command that has input pipelined behind
+            it where RFC 2920 does not allow that (behind EHLO, DATA, NOOP, ..., or
+            anything without PIPELINING) with ``554 5.5.0 Error: SMTP protocol
+            synchronization`` and close, as Postfix's parameter of that name does
+            (also a :class:`Fault` on any command: ``forbid_pipelined=True``).
+            Default: as ``strict``.
         out_dir: also write each message as ``.eml`` (the exact ``data``) here.
         store: keep messages in :attr:`messages`.
         max_stored: with ``store``, at most this many; then ``452 4.3.1``.
@@ -142,6 +148,7 @@ class SMTPSink:
         messages_per_connection: int | None = None,
         strict: bool = True,
         refuse_pipelined_after_data: bool = False,
+        forbid_unauth_pipelining: bool | None = None,
         out_dir: str | os.PathLike[str] | None = None,
         store: bool = True,
         max_stored: int | None = 10_000,
@@ -192,6 +199,7 @@ class SMTPSink:
             messages_per_connection=messages_per_connection,
             strict=strict,
             refuse_pipelined_after_data=refuse_pipelined_after_data,
+            forbid_unauth_pipelining=forbid_unauth_pipelining,
             out_dir=directory,
             store=store,
             max_stored=max_stored,
