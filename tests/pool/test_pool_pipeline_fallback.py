@@ -8,7 +8,8 @@ import pytest
 
 import triomail
 from triomail import Outcome, Server
-from triomail.testing import SMTPSink
+from triomail._pool.options import PoolOptions
+from triomail.testing import Fault, SMTPSink
 
 
 def _message(i: int) -> triomail.PreparedMessage:
@@ -61,3 +62,50 @@ async def test_the_pool_remembers_the_fallback_for_the_next_connection(
     assert all(r.ok and r.attempts == 1 for r in got)
     assert len(sink.messages) == 50
     assert _fallbacks(caplog) == 1
+
+
+async def test_started_in_within_the_pool_meets_no_refusal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``pipeline="within"``: nothing is ever written behind an end of data, so the
+    server never refuses anything and no connection has to fall back."""
+    with caplog.at_level("INFO", logger="triomail"):
+        async with (
+            SMTPSink(
+                tls=False, hide_extensions=["CHUNKING"], refuse_pipelined_after_data=True
+            ) as sink,
+            triomail.open_pool(
+                Server(sink.host, sink.port, tls="none"), connections=3, pipeline="within"
+            ) as pool,
+            pool.send_all(_message(i) for i in range(100)) as results,
+        ):
+            got = [result async for result in results]
+    assert all(r.ok and r.attempts == 1 for r in got)
+    assert len(sink.messages) == 100
+    assert _fallbacks(caplog) == 0
+
+
+@pytest.mark.parametrize("pipeline_depth", [1, 16])
+async def test_started_off_the_pool_writes_one_command_at_a_time(pipeline_depth: int) -> None:
+    """``pipeline="off"`` against a sink that closes the connection on any command
+    pipelined behind MAIL, RCPT or an end of data; also one message at a time
+    (``pipeline_depth=1``), where the pool uses ``send``."""
+    faults = [Fault(command, forbid_pipelined=True) for command in ("MAIL", "RCPT", ".")]
+    async with (
+        SMTPSink(tls=False, hide_extensions=["CHUNKING"], faults=faults) as sink,
+        triomail.open_pool(
+            Server(sink.host, sink.port, tls="none"),
+            connections=2,
+            pipeline="off",
+            pipeline_depth=pipeline_depth,
+        ) as pool,
+        pool.send_all(_message(i) for i in range(40)) as results,
+    ):
+        got = [result async for result in results]
+    assert all(r.ok and r.attempts == 1 for r in got), [str(r) for r in got if not r.ok]
+    assert len(sink.messages) == 40
+
+
+def test_an_unknown_mode_is_refused_at_once() -> None:
+    with pytest.raises(ValueError, match="pipeline must be 'cross', 'within' or 'off'"):
+        PoolOptions(pipeline="fast")  # type: ignore[arg-type]

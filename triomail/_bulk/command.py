@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .settings import CHECKS, RENDER_MODES, SendSettings
+from .settings import CHECKS, CHOICES, SendSettings
 
 __all__ = ["OPTIONS", "POSITIONALS", "Option", "Subcommands", "defaults", "register"]
 
@@ -111,7 +111,7 @@ OPTIONS: tuple[Option, ...] = (
         "help": "messages per connection before reconnecting (unlimited)"}),
     Option(SPEED, ("--retries",), {"metavar": "N",
         "help": "retries of a transient failure"}),
-    Option(SPEED, ("--render",), {"choices": RENDER_MODES,
+    Option(SPEED, ("--render",), {"choices": CHOICES["render"],
         "help": "where messages are rendered: auto (in a second process when there is more "
         "than one CPU, with the first rows rendered here while it starts), process (every row "
         "in the second process), inline (in this one; always for --dry-run)"}),
@@ -119,6 +119,9 @@ OPTIONS: tuple[Option, ...] = (
         "help": "first retry delay, doubled each time"}),
     Option(SPEED, ("--retry-max-backoff",), {"metavar": "SECONDS",
         "help": "longest retry delay, also for an unreachable server"}),
+    Option(SPEED, ("--pipelining",), {"choices": CHOICES["pipelining"], "help": "cross (the "
+        "next envelope behind an end of data; within once a server refuses that), within (wait "
+        "for each end-of-data reply) or off (one command at a time)"}),
     Option(RECORDS, ("--report",), {"type": Path, "metavar": "FILE.jsonl",
         "help": "one JSON line per message and recipient"}),
     Option(RECORDS, ("--journal",), {"type": Path, "metavar": "PATH",

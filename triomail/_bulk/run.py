@@ -195,6 +195,7 @@ class SendRun:
                             max_messages_per_connection=s.max_per_connection,
                             rate=s.rate,
                             retry=retry,
+                            pipeline=s.pipelining,
                         ) as pool,
                         pool.send_all(self.feed.messages()) as results,
                     ):

@@ -22,14 +22,18 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
+
+from .._client.options import Pipeline
 
 __all__ = [
     "EXIT_CANNOT_RUN",
     "EXIT_FAILED",
     "EXIT_INTERRUPTED",
     "CHECKS",
+    "CHOICES",
     "EXIT_OK",
+    "PIPELINING_MODES",
     "RENDER_MODES",
     "CannotRun",
     "SendSettings",
@@ -43,6 +47,10 @@ EXIT_INTERRUPTED = 130
 
 #: --render: where messages are rendered.
 RENDER_MODES = ("auto", "process", "inline")
+#: --pipelining: how connections pipeline (the modes of ``send_many``).
+PIPELINING_MODES: tuple[str, ...] = get_args(Pipeline)
+#: The settings that take one of a few words, for the command line and a config file.
+CHOICES = {"render": RENDER_MODES, "pipelining": PIPELINING_MODES}
 
 
 #: ``--report -``: the report goes to standard output.
@@ -108,6 +116,9 @@ class SendSettings:
     retries: int = 4
     retry_backoff: float = 1.0
     retry_max_backoff: float = 300.0
+    # --- --pipelining (issue 17): the pool's start mode, PoolOptions.pipeline.
+    pipelining: Pipeline = "cross"
+    # ---
     report: Path | None = None
     journal: Path | None = None
     resume: bool = False
@@ -137,6 +148,7 @@ _TOML_TYPES: dict[str, tuple[type, ...]] = {
     "str": (str,),
     "str | None": (str,),
     "Path | None": (str,),
+    "Pipeline": (str,),
 }
 #: Every setting but the two positional arguments can come from a config file.
 _CONFIG_TYPES = {
@@ -182,8 +194,9 @@ def _load_config(path: Path) -> dict[str, Any]:
                 value = check(str(value))
             except argparse.ArgumentTypeError as exc:
                 raise CannotRun(f"config {path}: {raw_key} {exc}") from None
-        if key == "render" and value not in RENDER_MODES:
-            raise CannotRun(f"config {path}: render must be one of {', '.join(RENDER_MODES)}")
+        choices = CHOICES.get(key)
+        if choices is not None and value not in choices:
+            raise CannotRun(f"config {path}: {raw_key} must be one of {', '.join(choices)}")
         out[key] = value
     return out
 

@@ -10,6 +10,8 @@ import random
 from dataclasses import dataclass
 from typing import Literal
 
+from .._client.options import Pipeline, pipeline_mode
+
 __all__ = ["PoolOptions", "RetryPolicy"]
 
 
@@ -57,7 +59,13 @@ class PoolOptions:
     queue_timeout: float | None = None
     #: Transactions one connection pipelines before their replies (RFC 2920).
     pipeline_depth: int = 16
+    #: How a server's connections pipeline at first (RFC 2920): ``"cross"`` writes the
+    #: next envelope behind an end of data, and a server that refuses that is
+    #: remembered (its connections then wait for each end-of-data reply, as
+    #: ``"within"`` does); ``"off"`` writes one command at a time.
+    pipeline: Pipeline = "cross"
 
     def __post_init__(self) -> None:
         if self.connections < 1:
             raise ValueError("connections must be at least 1")
+        pipeline_mode(self.pipeline)

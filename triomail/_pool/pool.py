@@ -90,7 +90,8 @@ class Pool:
         self, nursery: trio.Nursery, servers: Sequence[Server], options: PoolOptions
     ) -> None:
         """Start ``options.connections`` workers in ``nursery``."""
-        self._dispatch = Dispatch(nursery, Servers(servers, options.connections), options)
+        servers_state = Servers(servers, options.connections, options.pipeline)
+        self._dispatch = Dispatch(nursery, servers_state, options)
         self._ledger = self._dispatch.ledger
         #: Results that a cancellation of the pool kept from their consumer (R48), one
         #: per message: cut off on the wire (unknown once its final dot may have gone
@@ -362,6 +363,10 @@ Args:
         sent (None: as long as it takes).
     pipeline_depth: transactions one connection pipelines before their replies (1:
         one at a time).
+    pipeline: how connections pipeline at first: ``"cross"`` (the default: the next
+        envelope behind an end of data, unless the server refused that before),
+        ``"within"`` (wait for each end-of-data reply) or ``"off"`` (one command at a
+        time); see ``SMTPConnection.send_many``.
 
 :func:`start_pool` is the same pool in a nursery you own. Cancelling the block cancels
 in-flight work: every message handed over that has no result yet (cut off on the wire,

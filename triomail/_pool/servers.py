@@ -185,7 +185,7 @@ class TokenBucket:
 class ServerState:
     """Mutable per-server state; changed only by the plain methods below."""
 
-    def __init__(self, server: Server, connections: int) -> None:
+    def __init__(self, server: Server, connections: int, pipeline: Pipeline = "cross") -> None:
         self.server = server
         self.max_connections = server.max_connections or connections
         self.limiter = trio.CapacityLimiter(self.max_connections)
@@ -199,8 +199,9 @@ class ServerState:
         self.fatal: str | None = None
         self.successes_since_throttle = 0
         self.open = 0
-        #: How its connections pipeline (a connection that had to fall back says so).
-        self.pipeline: Pipeline = "cross"
+        #: How its connections pipeline: ``PoolOptions.pipeline`` at first, then what a
+        #: connection that had to fall back learnt.
+        self.pipeline = pipeline
 
     def throttle(self) -> None:
         """421 or 4.7.x: halve concurrency and rate (R40, R44)."""
@@ -266,10 +267,12 @@ class ServerState:
 class Servers:
     """The pool's servers, and the choice among them (failover by weight)."""
 
-    def __init__(self, servers: Sequence[Server], connections: int) -> None:
+    def __init__(
+        self, servers: Sequence[Server], connections: int, pipeline: Pipeline = "cross"
+    ) -> None:
         if not servers:
             raise ValueError("at least one server is needed")
-        self.states = [ServerState(s, connections) for s in servers]
+        self.states = [ServerState(s, connections, pipeline) for s in servers]
 
     @property
     def any_rate(self) -> bool:

@@ -359,7 +359,10 @@ class Worker:
         deadline = self.options.message_deadline
         try:
             with trio.move_on_after(deadline or math.inf) as scope:
-                result = await conn.send(message)
+                if conn.pipeline == "off":  # send pipelines its envelope; this does not
+                    result = (await conn.send_many([message]))[0]
+                else:
+                    result = await conn.send(message)
         except SMTPDisconnected as exc:
             if conn.transactions > 0:
                 return None
