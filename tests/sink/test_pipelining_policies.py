@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from helpers.turns import counting_relay
 
 import triomail
 from triomail import Outcome
@@ -97,3 +98,26 @@ async def test_the_pool_in_a_mode_that_survives_sends_everything_once(mode: str)
         got = [r async for r in results]
     assert all(r.ok and r.attempts == 1 for r in got)
     assert len(set(_stored_ids(sink))) == len(sink.messages) == 200
+
+
+@pytest.mark.parametrize("policy", ["haraka", "no-cross"])
+async def test_the_fallback_needs_at_most_two_round_trips_a_message(policy: str) -> None:
+    """Against Haraka's policy ``send_many`` meets the refusal once and then waits for
+    each end-of-data reply: the envelope, then the body, two round trips a message, the
+    floor when an end of data must be answered before the next MAIL. Counted on the
+    wire by a relay; the greeting, EHLO and QUIT are three more. ``within``
+    from the start, against the stricter policy, is the same two."""
+    n = 50
+    async with (
+        SMTPSink(tls=False, hide_extensions=["CHUNKING"], **POLICIES[policy]) as sink,
+        counting_relay(sink.host, sink.port) as (port, turns),
+    ):
+        async with triomail.connect(sink.host, port, tls="none") as conn:
+            if policy == "no-cross":
+                conn.pipeline = "within"
+            results = await conn.send_many([_message(i) for i in range(n)])
+            assert conn.pipeline == "within"  # fell back, or kept
+        await sink.wait_for_messages(n)
+    _honest(results, sink)
+    assert all(r.ok and r.attempts == 1 for r in results)
+    assert turns.count == 2 * n + 3  # not more, and (the floor) not fewer
