@@ -13,6 +13,11 @@ KIND is one of:
   ``--batch`` with ``conn.send_many`` (PIPELINING across transactions; BDAT if CHUNKING
   is advertised and ``--chunking`` allows; ``--lazy`` passes a generator instead);
 - ``triomail-pool``: ``triomail.open_pool`` with ``C`` connections and ``pool.send_all``;
+
+  for both, ``--pipeline`` is the mode to start in (``cross``, the default, falls back to
+  ``within`` on a server that refuses commands behind an end of data, such as Haraka),
+  and the report line adds ``"mode"``: the mode the connections ended in, ``cross ->
+  within`` where they fell back;
 - ``aiosmtplib``: ``C`` ``aiosmtplib.SMTP`` clients in one asyncio loop, ``sendmail``
   per message;
 - ``smtplib``: ``C`` threads, each with an ``smtplib.SMTP`` and ``sendmail`` per message.
@@ -24,10 +29,19 @@ import argparse
 import functools
 import importlib
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable
 
 from bench._common import LOCAL_HOSTNAME, RECIPIENT, SENDER, message, self_cpu
+
+#: What a run learnt about the server, added to its report line (``"mode"``).
+NOTES: dict[str, str] = {}
+
+
+def _note_mode(start: str, ended: Iterable[str]) -> None:
+    modes = sorted(set(ended))
+    NOTES["mode"] = start if modes in ([], [start]) else f"{start} -> {', '.join(modes)}"
 
 
 def _shares(total: int, parts: int) -> list[int]:
@@ -35,7 +49,13 @@ def _shares(total: int, parts: int) -> list[int]:
 
 
 def run_triomail(
-    port: int, total: int, connections: int, batch: int, chunking: str, lazy: bool = False
+    port: int,
+    total: int,
+    connections: int,
+    batch: int,
+    chunking: str,
+    lazy: bool = False,
+    pipeline: str = "cross",
 ) -> int:
     import trio
 
@@ -45,12 +65,14 @@ def run_triomail(
     data = message()
     flag = {"auto": None, "on": True, "off": False}[chunking]
     accepted = 0
+    ended: list[str] = []
 
     async def one(share: int) -> None:
         nonlocal accepted
         async with triomail.connect(
             "127.0.0.1", port, tls="none", local_hostname=LOCAL_HOSTNAME
         ) as conn:
+            conn.pipeline = pipeline  # type: ignore[assignment]
             prepare = conn.prepare
             recipients = [RECIPIENT]
             left = share
@@ -68,6 +90,7 @@ def run_triomail(
                     ]
                 for result in await conn.send_many(messages, chunking=flag):
                     accepted += result.ok
+            ended.append(conn.pipeline)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -75,10 +98,24 @@ def run_triomail(
                 nursery.start_soon(one, share)
 
     trio.run(main)
+    _note_mode(pipeline, ended)
     return accepted
 
 
-def run_pool(port: int, total: int, connections: int, batch: int, chunking: str) -> int:
+class _Fallbacks(logging.Handler):
+    """Counts the connections that fell back (the client logs each once, at INFO)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += "behind an end of data refused" in record.getMessage()
+
+
+def run_pool(
+    port: int, total: int, connections: int, batch: int, chunking: str, pipeline: str = "cross"
+) -> int:
     import trio
 
     import triomail
@@ -86,6 +123,10 @@ def run_pool(port: int, total: int, connections: int, batch: int, chunking: str)
     data = message()
     accepted = 0
     server = triomail.Server("127.0.0.1", port, tls="none", local_hostname=LOCAL_HOSTNAME)
+    fallbacks = _Fallbacks()
+    log = logging.getLogger("triomail")
+    log.addHandler(fallbacks)
+    log.setLevel(logging.INFO)
 
     def messages() -> object:
         for _ in range(total):
@@ -94,13 +135,20 @@ def run_pool(port: int, total: int, connections: int, batch: int, chunking: str)
     async def main() -> None:
         nonlocal accepted
         async with (
-            triomail.open_pool(server, connections=connections) as pool,  # default depth
+            triomail.open_pool(
+                server,
+                connections=connections,
+                pipeline=pipeline,  # type: ignore[arg-type]
+            ) as pool,  # default depth
             pool.send_all(messages()) as results,  # type: ignore[arg-type]
         ):
             async for result in results:
                 accepted += result.ok
 
     trio.run(main)
+    _note_mode(pipeline, ["within"] * bool(fallbacks.count))
+    if fallbacks.count:
+        NOTES["mode"] += f" ({fallbacks.count} of the connections fell back)"
     return accepted
 
 
@@ -180,6 +228,9 @@ def main(argv: list[str] | None = None) -> None:
         "--lazy", action="store_true", help="triomail: a generator per batch, not a list"
     )
     parser.add_argument("--chunking", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument(
+        "--pipeline", choices=("cross", "within", "off"), help="triomail: the mode to start in"
+    )
     parser.add_argument("--profile", metavar="FILE", help="write a cProfile of the run")
     args = parser.parse_args(argv)
     run = KINDS[args.kind]
@@ -191,6 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     if args.lazy:
         run = functools.partial(run_triomail, lazy=True)
+    if args.pipeline:
+        run = functools.partial(run, pipeline=args.pipeline)
     cpu0 = self_cpu()
     start = time.perf_counter()
     if args.profile:
@@ -203,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         accepted = run(*params)
     seconds = time.perf_counter() - start
     cpu = self_cpu() - cpu0
-    print(json.dumps({"messages": accepted, "seconds": seconds, "cpu": cpu}))
+    print(json.dumps({"messages": accepted, "seconds": seconds, "cpu": cpu, **NOTES}))
 
 
 if __name__ == "__main__":

@@ -129,6 +129,8 @@ class Run:
     seconds: float
     cpu: float
     error: str | None = None
+    #: What the client reported learning (triomail: the pipelining mode it ended in).
+    mode: str | None = None
 
     @property
     def rate(self) -> float:

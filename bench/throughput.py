@@ -13,6 +13,13 @@ each client, several times, interleaved (A B C A B C ...), at 0 ms and at 20 ms 
 Then the CHUNKING case: a private Postfix ``smtpd`` (discard transport) at 20 ms RTT,
 triomail with BDAT and with DATA pipelining, against smtp-source and aiosmtplib.
 
+Then Haraka (issue 17), on loopback: a private Haraka 3 (Node.js, one process,
+``queue/discard``) that refuses every command pipelined behind an end of data, so
+triomail's default ``cross`` mode falls back to ``within`` on each connection (two round
+trips a message); triomail started in ``within``, the pool, aiosmtplib and
+smtp-source on the same server. The table shows the mode each triomail run ended in.
+Needs Haraka installed by ``.ci/interop-servers.sh`` (else the case is skipped).
+
 Each client runs in its own process. The table shows messages per second (median,
 min, max over the runs), triomail's ratio to each client (median over median, in the
 same run of the benchmark) and CPU seconds per 10,000 messages (user + system of the
@@ -69,6 +76,7 @@ TRIOMAIL = Client("triomail send_many", "triomail")
 TRIOMAIL_DATA = Client("triomail send_many, DATA", "triomail", ("--chunking", "off"))
 TRIOMAIL_BDAT = Client("triomail send_many, BDAT", "triomail", ("--chunking", "on"))
 POOL = Client("triomail open_pool", "triomail-pool")
+TRIOMAIL_WITHIN = Client("triomail send_many, within", "triomail", ("--pipeline", "within"))
 AIOSMTPLIB = Client("aiosmtplib (20 clients)", "aiosmtplib")
 SMTPLIB = Client("smtplib (20 threads)", "smtplib")
 SMTP_SOURCE_CLIENT = Client("Postfix smtp-source -d", "smtp-source")
@@ -95,7 +103,9 @@ def run_client(client: Client, port: int, messages: int, connections: int) -> Ru
     except (IndexError, ValueError):
         return Run(0, wall, cpu, error=f"no report (exit status {status})")
     error = None if report["messages"] == messages else f"{report['messages']} of {messages}"
-    return Run(report["messages"], report["seconds"], report["cpu"], error=error)
+    return Run(
+        report["messages"], report["seconds"], report["cpu"], error=error, mode=report.get("mode")
+    )
 
 
 def run_scenario(scenario: Scenario, rounds: int, connections: int) -> None:
@@ -108,6 +118,7 @@ def run_scenario(scenario: Scenario, rounds: int, connections: int) -> None:
                 run = run_client(client, port, messages, connections)
                 scenario.runs.setdefault(client.label, []).append(run)
                 note = f"  ({run.error})" if run.error else ""
+                note += f"  [{run.mode}]" if run.mode else ""
                 print(
                     f"  round {r + 1}: {client.label:<28} {run.rate:9.0f} msg/s"
                     f"  {run.seconds:6.2f} s{note}",
@@ -136,6 +147,8 @@ def table(scenario: Scenario, reference: str) -> str:
         ) else 0.0  # fmt: skip
         errors = sum(1 for r in runs if r.error)
         flag = f" ({errors} runs short)" if errors else ""
+        modes = sorted({r.mode for r in runs if r.mode})
+        flag += f" [{'; '.join(modes)}]" if modes else ""
         lines.append(
             f"| {client.label}{flag} | {messages} | {median:,.0f} | {min(rates):,.0f} | "
             f"{max(rates):,.0f} | {ratio} | {cpu:.2f} |"
@@ -176,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         "--scale", type=float, default=1.0, help="multiply every message count (e.g. 0.2)"
     )
     parser.add_argument(
-        "--only", choices=("loopback", "rtt", "chunking"), action="append",
+        "--only", choices=("loopback", "rtt", "chunking", "haraka"), action="append",
         help="run only these cases (repeatable)",
     )  # fmt: skip
     parser.add_argument("--json", metavar="FILE", help="also write the runs as JSON")
@@ -228,6 +241,22 @@ def main(argv: list[str] | None = None) -> int:
             [(TRIOMAIL_BDAT, n(4000)), (TRIOMAIL_DATA, n(2000)), (AIOSMTPLIB, n(600)),
              (SMTP_SOURCE_CLIENT, n(600))],
         ), TRIOMAIL_BDAT.label))  # fmt: skip
+    if not args.only or "haraka" in args.only:
+        from bench._haraka import haraka_version, private_haraka
+
+        version = haraka_version()
+        if version is None:
+            print("Haraka is not installed (bash .ci/interop-servers.sh): no Haraka row",
+                  file=sys.stderr)  # fmt: skip
+        else:
+            scenarios.append(("haraka", Scenario(
+                f"Haraka {version}, 0 ms RTT (loopback): private Haraka (discard), 2 KB "
+                f"message, {args.connections} connections",
+                0.0,
+                private_haraka,
+                [(TRIOMAIL, n(3000)), (TRIOMAIL_WITHIN, n(3000)), (POOL, n(3000)),
+                 (AIOSMTPLIB, n(1500)), (SMTP_SOURCE_CLIENT, n(1500))],
+            ), TRIOMAIL.label))  # fmt: skip
 
     load = os.getloadavg()
     print(
