@@ -27,6 +27,7 @@ is removed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from email.message import EmailMessage
@@ -53,6 +54,7 @@ from helpers.mta import CUE_421, REFUSED_DOMAIN, ServerError, Target, probe
 from helpers.opensmtpd import DEFAULT_MAX_MAILS, start_opensmtpd
 from helpers.postfix import POSTFIX
 from helpers.postfix_targets import start_postfix_target
+from helpers.turns import counting_relay
 
 import triomail
 from triomail import Outcome
@@ -203,6 +205,31 @@ async def _pool_case(target: Target, case: str, n: int, *, connections: int) -> 
         results = await send_through_pool(target, messages, connections=connections)
     await check_honest(target, since, messages, results)
     expect(all(r.ok for r in results), results, f"pool of {connections}, {n} messages")
+
+
+#: Round trips that are not a message's: greeting, EHLO, STARTTLS and its handshake,
+#: EHLO again, QUIT, and the group a server refuses once behind an end of data.
+SESSION_TURNS = 8
+
+
+@contract("round_trips")
+@needs("PIPELINING")
+async def test_round_trips(target: Target) -> None:
+    """``send_many`` of 100 messages needs at most two round trips a message, counted on
+    the wire by a relay: one where the server takes the next envelope behind an end of
+    data, two where it refuses that (Haraka: the connection falls back to ``within``)."""
+    n = 100
+    messages = batch("round_trips", n)
+    since = target.checkpoint()
+    async with counting_relay(target.host, target.port) as (port, turns):
+        async with connect(dataclasses.replace(target, port=port)) as conn:
+            with trio.fail_after(60):
+                results = await conn.send_many(messages, chunking=False)
+            mode = conn.pipeline
+    await check_honest(target, since, messages, results)
+    expect(all(r.ok and r.attempts == 1 for r in results), results, f"send_many of {n}")
+    per_message = 2 if mode == "within" else 1
+    assert turns.count <= per_message * n + SESSION_TURNS, (mode, turns.count)
 
 
 @contract("mixed_refusals")
