@@ -19,7 +19,7 @@ from bench._common import LOCAL_HOSTNAME, PAYLOAD, RECIPIENT, SENDER, SMTP_SOURC
 
 _TESTS = Path(__file__).resolve().parent.parent / "tests"
 #: Messages sent before any client is measured.
-WARM_UP = 2000
+WARM_UP = 5000
 
 
 def _helpers() -> None:
