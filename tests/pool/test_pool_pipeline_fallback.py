@@ -4,6 +4,8 @@ as another attempt, and the server's later connections start in the mode it take
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 import triomail
@@ -42,25 +44,28 @@ async def test_refused_transactions_are_sent_again_without_an_attempt(
     assert 1 <= _fallbacks(caplog) <= 3  # once per connection that met the refusal
 
 
+HARAKA: dict[str, Any] = {"refuse_pipelined_after_data": True}
+
+
+async def _send(n: int, sink_options: dict[str, Any], **pool_options: Any) -> None:
+    """``n`` messages through a pool to a sink with ``sink_options``; every one must be
+    accepted at its first attempt and stored once."""
+    async with (
+        SMTPSink(tls=False, hide_extensions=["CHUNKING"], **sink_options) as sink,
+        triomail.open_pool(Server(sink.host, sink.port, tls="none"), **pool_options) as pool,
+        pool.send_all(_message(i) for i in range(n)) as results,
+    ):
+        got = [result async for result in results]
+    assert all(r.ok and r.attempts == 1 for r in got), [str(r) for r in got if not r.ok]
+    assert len(sink.messages) == n
+
+
 async def test_the_pool_remembers_the_fallback_for_the_next_connection(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """One connection at a time, ten messages each: only the first meets a 503."""
     with caplog.at_level("INFO", logger="triomail"):
-        async with (
-            SMTPSink(
-                tls=False, hide_extensions=["CHUNKING"], refuse_pipelined_after_data=True
-            ) as sink,
-            triomail.open_pool(
-                Server(sink.host, sink.port, tls="none"),
-                connections=1,
-                max_messages_per_connection=10,
-            ) as pool,
-            pool.send_all(_message(i) for i in range(50)) as results,
-        ):
-            got = [result async for result in results]
-    assert all(r.ok and r.attempts == 1 for r in got)
-    assert len(sink.messages) == 50
+        await _send(50, HARAKA, connections=1, max_messages_per_connection=10)
     assert _fallbacks(caplog) == 1
 
 
@@ -70,18 +75,7 @@ async def test_started_in_within_the_pool_meets_no_refusal(
     """``pipeline="within"``: nothing is ever written behind an end of data, so the
     server never refuses anything and no connection has to fall back."""
     with caplog.at_level("INFO", logger="triomail"):
-        async with (
-            SMTPSink(
-                tls=False, hide_extensions=["CHUNKING"], refuse_pipelined_after_data=True
-            ) as sink,
-            triomail.open_pool(
-                Server(sink.host, sink.port, tls="none"), connections=3, pipeline="within"
-            ) as pool,
-            pool.send_all(_message(i) for i in range(100)) as results,
-        ):
-            got = [result async for result in results]
-    assert all(r.ok and r.attempts == 1 for r in got)
-    assert len(sink.messages) == 100
+        await _send(100, HARAKA, connections=3, pipeline="within")
     assert _fallbacks(caplog) == 0
 
 
@@ -91,19 +85,9 @@ async def test_started_off_the_pool_writes_one_command_at_a_time(pipeline_depth:
     pipelined behind MAIL, RCPT or an end of data; also one message at a time
     (``pipeline_depth=1``), where the pool uses ``send``."""
     faults = [Fault(command, forbid_pipelined=True) for command in ("MAIL", "RCPT", ".")]
-    async with (
-        SMTPSink(tls=False, hide_extensions=["CHUNKING"], faults=faults) as sink,
-        triomail.open_pool(
-            Server(sink.host, sink.port, tls="none"),
-            connections=2,
-            pipeline="off",
-            pipeline_depth=pipeline_depth,
-        ) as pool,
-        pool.send_all(_message(i) for i in range(40)) as results,
-    ):
-        got = [result async for result in results]
-    assert all(r.ok and r.attempts == 1 for r in got), [str(r) for r in got if not r.ok]
-    assert len(sink.messages) == 40
+    await _send(
+        40, {"faults": faults}, connections=2, pipeline="off", pipeline_depth=pipeline_depth
+    )
 
 
 def test_an_unknown_mode_is_refused_at_once() -> None:

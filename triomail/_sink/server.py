@@ -106,16 +106,13 @@ class SMTPSink:
         strict: also reject NUL, undeclared 8-bit data, message lines over 1000
             octets and unstuffed leading dots. Bare CR/LF, sequence and syntax
             errors are always rejected.
-        refuse_pipelined_after_data: answer every command pipelined behind an end
-            of data with ``503 5.5.0 Bad sequence of commands - pipelined after end
-            of DATA``, as Haraka does since its SMTP-smuggling hardening (also a
-            :class:`Fault` on ``"."``: ``refuse_pipelined=True``).
-        forbid_unauth_pipelining: answer a command that has input pipelined behind
-            it where RFC 2920 does not allow that (behind EHLO, DATA, NOOP, ..., or
-            anything without PIPELINING) with ``554 5.5.0 Error: SMTP protocol
-            synchronization`` and close, as Postfix's parameter of that name does
-            (also a :class:`Fault` on any command: ``forbid_pipelined=True``).
-            Default: as ``strict``.
+        refuse_pipelined_after_data: Haraka's hardening: ``503 5.5.0`` to every
+            command pipelined behind an end of data (``Fault(".",
+            refuse_pipelined=True)`` for one).
+        forbid_unauth_pipelining: Postfix's parameter (default: as ``strict``): input
+            pipelined where RFC 2920 does not allow it (behind EHLO, DATA, NOOP, ...,
+            or without PIPELINING) gets ``554 5.5.0`` and a close (``Fault(command,
+            forbid_pipelined=True)`` for any command).
         out_dir: also write each message as ``.eml`` (the exact ``data``) here.
         store: keep messages in :attr:`messages`.
         max_stored: with ``store``, at most this many; then ``452 4.3.1``.
