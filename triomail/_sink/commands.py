@@ -314,8 +314,7 @@ class ServerMachine:
             return
         forbidden = fault is not None and fault.forbid_pipelined
         if forbidden or (
-            self._forbid_pipelining
-            and (verb in _GROUP_END or "PIPELINING" not in self._ext)
+            self._forbid_pipelining and (verb in _GROUP_END or "PIPELINING" not in self._ext)
         ):
             self._reply(554, "5.5.0", "Error: SMTP protocol synchronization")
             raise _Close
