@@ -60,9 +60,9 @@ class PoolOptions:
     #: Transactions one connection pipelines before their replies (RFC 2920).
     pipeline_depth: int = 16
     #: How a server's connections pipeline at first (RFC 2920): ``"cross"`` writes the
-    #: next envelope behind an end of data, and a server that refuses that is
-    #: remembered (its connections then wait for each end-of-data reply, as
-    #: ``"within"`` does); ``"off"`` writes one command at a time.
+    #: next envelope behind an end of data (a server that refuses that is remembered,
+    #: and its connections wait for each end-of-data reply from then on), ``"within"``
+    #: always waits for it, ``"off"`` writes one command at a time.
     pipeline: Pipeline = "cross"
 
     def __post_init__(self) -> None:

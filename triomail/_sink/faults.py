@@ -104,7 +104,7 @@ class Fault:
         if self.refuse_pipelined and command != ".":
             raise ValueError('refuse_pipelined only applies to "."')
         if self.forbid_pipelined and command in ("CONNECT", "QUIT"):
-            raise ValueError("forbid_pipelined applies to a command the client sends, not QUIT")
+            raise ValueError("forbid_pipelined does not apply to CONNECT or QUIT")
         if self.after_bytes < 0 or self.delay < 0:
             raise ValueError("after_bytes and delay must not be negative")
         if self.times is not None and self.times < 1:
