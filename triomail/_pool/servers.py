@@ -58,6 +58,9 @@ __all__ = [
 RECOVER_EVERY = 20
 #: Seconds between connection attempts to a server that is down, at most.
 PROBE_EVERY = 4.0
+#: Failed windows counted at most: past a few the window is PROBE_EVERY anyway, and an
+#: unbounded count only feeds an ever larger exponent to the policy's delay.
+MAX_FAILURES = 64
 
 log = logging.getLogger("triomail")
 
@@ -229,7 +232,7 @@ class ServerState:
             return
         if self.down_since is None:
             self.down_since = now
-        self.failures += 1
+        self.failures = min(self.failures + 1, MAX_FAILURES)
         wait = min(policy.delay(self.failures), PROBE_EVERY)
         self.down_until = now + wait
         log.warning(
