@@ -327,6 +327,20 @@ class Lease:
         await state.limiter.acquire()
         self.token = state
 
+    def try_reserve(self, state: ServerState) -> bool:
+        """Take a slot on ``state``'s server if one is free now (giving back any other);
+        False, keeping what it holds, if none is."""
+        if self.token is state:
+            return True
+        try:
+            state.limiter.acquire_nowait()
+        except trio.WouldBlock:
+            return False
+        if self.token is not None:
+            self.token.limiter.release()
+        self.token = state
+        return True
+
     async def connect(self, state: ServerState) -> None:
         """Open a connection to ``state``'s server, once its backoff is over (R43)."""
         await self.reserve(state)

@@ -44,7 +44,7 @@ from .._core.prepare import PreparedMessage, prepare
 from .._core.results import Outcome, SendResult
 from .dispatch import Dispatch
 from .interfaces import Connection
-from .jobs import Job, MessageLike
+from .jobs import Job, MessageLike, Retry
 from .servers import Lease, ServerState, throttles
 
 __all__ = ["DATA_RUN", "Worker", "as_prepared"]
@@ -122,8 +122,10 @@ class Worker:
 
     async def _open_for(self, jobs: list[Job]) -> bool:
         """Open a connection for ``jobs``, failing over between servers; False if none
-        could be had (each job then has that attempt recorded)."""
-        servers = self.dispatch.servers
+        could be had (each job has that attempt recorded, or went back to the queue:
+        after a 421 halved the slots, R44, idle connections may hold them all until
+        their ``idle_timeout``, so a worker holding jobs never waits for one)."""
+        servers, lease = self.dispatch.servers, self.lease
         while True:
             state = servers.pick()
             if state is None:
@@ -134,6 +136,11 @@ class Worker:
                     final=True,
                 )
                 return False
+            if not lease.try_reserve(state):
+                if lease.token is None or lease.token.fatal is not None:
+                    self._give_back(jobs)
+                    return False
+                state = lease.token  # the slot in hand, on another server
             try:
                 if await self._connect_unless_stopped(state):
                     self._done_waiting()
@@ -156,6 +163,12 @@ class Worker:
                 jobs = await self._wait_for(state, jobs, f"{state.server.label}: {exc}")
                 if not jobs:
                     return False
+
+    def _give_back(self, jobs: list[Job]) -> None:
+        """Queue ``jobs`` again at once, no attempt charged (they were not sent)."""
+        for job in jobs:
+            if not job.final:
+                self.dispatch.retry(job, Retry(0.0))
 
     async def _wait_for(self, state: ServerState, jobs: list[Job], reason: str) -> list[Job]:
         """The server is down: those of ``jobs`` that have waited long enough fail (not
