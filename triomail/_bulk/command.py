@@ -42,9 +42,11 @@ journal and --resume:
   Every message's state is kept in an SQLite journal (default: RECIPIENTS.journal.sqlite3
   next to the recipients file; in memory with --sink or --dry-run unless --journal is
   given). A second run on the same journal needs --resume: rows already accepted (or
-  permanently refused) are not sent again, rows never attempted or transiently refused
-  are, and rows whose outcome is unknown (interrupted while in flight) are resent with
-  the same Message-ID, or skipped with --at-most-once.
+  permanently refused by the server: --retry-refused sends those again) are not sent
+  again; rows never attempted, transiently refused, or refused locally (over the
+  server's SIZE, a UTF-8 address without SMTPUTF8: checked again) are; rows whose
+  outcome is unknown (interrupted while in flight) are resent with the same
+  Message-ID, or skipped with --at-most-once.
 
 exit status:
   0    every message was accepted for every recipient
@@ -126,6 +128,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(RECORDS, ("--resume",), _flag("continue the batch recorded in the journal")),
     Option(RECORDS, ("--at-most-once",), _flag("on --resume, skip messages whose outcome is "
         "unknown instead of resending them")),
+    Option(RECORDS, ("--retry-refused",), _flag("on --resume, send again the messages a server "
+        "refused for good (those refused locally, e.g. over SIZE, are checked again anyway)")),
     Option(RECORDS, ("--progress-interval",), {"metavar": "SECONDS",
         "help": "seconds between progress lines when stderr is not a terminal"}),
 )  # fmt: skip

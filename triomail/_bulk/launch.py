@@ -62,7 +62,9 @@ def prepare_and_run(settings: SendSettings, renderer: RenderProcess | None) -> i
     estimate = estimate_rows(settings.recipients)
     journal, counts = _open_journal(settings, template.digest)
     with contextlib.closing(journal):
-        earlier = counts.get("accepted", 0) + counts.get("permanent", 0)
+        earlier = counts.get("accepted", 0)
+        if not settings.retry_refused:
+            earlier += counts.get("permanent", 0)
         total = max(0, estimate - earlier) if settings.resume else estimate
         if settings.limit is not None:
             total = min(total, settings.limit)
@@ -79,6 +81,7 @@ def prepare_and_run(settings: SendSettings, renderer: RenderProcess | None) -> i
             message_id=lambda key: default_message_id(key, campaign, domain),
             render=template.render,
             lookup=journal.lookup,
+            retry_refused=settings.retry_refused,
         )
         if renderer is not None:
             # --render auto: it will be told where the rows rendered here end.

@@ -110,8 +110,10 @@ class SendRun:
             if self.settings.at_most_once
             else "resent with the same Message-ID (duplicates possible)"
         )
+        refused = "sent again (--retry-refused)" if self.settings.retry_refused else "not resent"
         self._note(
-            f"resume: {c['accepted']} accepted and {c['permanent']} refused earlier (not resent), "
+            f"resume: {c['accepted']} accepted earlier (not resent), {c['permanent']} refused "
+            f"earlier ({refused}), {c['refused']} refused locally earlier (checked again), "
             f"{c['transient'] + c['pending']} to retry, {unknown} with an unknown outcome: {policy}"
         )
         previous = self.journal.previous_content

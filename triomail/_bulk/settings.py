@@ -112,6 +112,7 @@ class SendSettings:
     journal: Path | None = None
     resume: bool = False
     at_most_once: bool = False
+    retry_refused: bool = False
     progress_interval: float = 5.0
     render: str = "auto"
 
@@ -218,8 +219,10 @@ def settings_from(args: argparse.Namespace) -> SendSettings:
             f"--report {report} exists; remove it, name another file, or add --resume "
             "to append to it"
         )
-    if settings.at_most_once and not settings.resume:
-        raise CannotRun("--at-most-once only applies with --resume")
+    for flag, given in (("--at-most-once", settings.at_most_once),
+                        ("--retry-refused", settings.retry_refused)):  # fmt: skip
+        if given and not settings.resume:
+            raise CannotRun(f"{flag} only applies with --resume")
     if settings.resume and settings.journal is None and settings.sink is not None:
         raise CannotRun("--resume with --sink needs --journal (the default journal is in memory)")
     return settings
