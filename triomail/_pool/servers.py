@@ -172,7 +172,10 @@ class TokenBucket:
         self._tokens = self.burst
         self._stamp: float | None = None
 
-    async def acquire(self) -> None:
+    async def acquire(self, count: int = 1) -> None:
+        """Take ``count`` tokens, one at a time, waiting for each."""
+        for _ in range(count - 1):
+            await self.acquire()
         while True:
             now = trio.current_time()
             if self._stamp is not None:
