@@ -5,11 +5,13 @@ Theory of operation
 Everything that can be checked without a server is checked first: the template
 (:mod:`.template`), the recipients file (:mod:`.recipients`) and the journal
 (:mod:`.journal`; by default next to the recipients file, in memory with ``--sink``
-or ``--dry-run``). Then the password is read (``TRIOMAIL_PASSWORD`` or a prompt, never
-the URL), and a first send to more than ``CONFIRM_ABOVE`` recipients asks for
-confirmation. Anything failing up to here, or in the first connection
-(:func:`.run.preflight`), exits 2 with one line (:class:`.settings.CannotRun`). The
-batch itself is one trio run (:class:`.run.SendRun`).
+or ``--dry-run``). Then the servers and their secrets (:mod:`.servers`: a secret
+command, ``TRIOMAIL_PASSWORD`` or a prompt, never the URL). From a terminal every real
+send is confirmed once the servers answered (:func:`_confirmation`: the count, a sample
+recipient, the servers), so that a mistyped password is said before the question.
+Anything failing up to here, or in the first connections (:func:`.run.preflight`),
+exits 2 with one line (:class:`.settings.CannotRun`). The batch itself is one trio run
+(:class:`.run.SendRun`).
 """
 
 from __future__ import annotations

@@ -3,10 +3,11 @@
 Theory of operation
 -------------------
 :meth:`SendRun.run` starts the embedded capture server for ``--sink`` (through
-:mod:`triomail.testing`), opens and closes one connection first (:func:`preflight`: an
-unreachable server or refused credentials exit 2 before anything is claimed), then
-opens the pool on :meth:`.feed.Feed.messages` and records every result as it comes
-back (:mod:`.outcomes`).
+:mod:`triomail.testing`), opens and closes one connection to each server first
+(:func:`preflight`: refused credentials, or every server unreachable, exit 2 before
+anything is claimed), asks the terminal's confirmation if launch set one, then opens
+the pool on :meth:`.feed.Feed.messages` and records every result as it comes back
+(:mod:`.outcomes`).
 
 Signals: the first SIGINT/SIGTERM stops reading rows; transactions on the wire are
 finished, messages waiting for a retry are not sent again (recorded as transient, or
