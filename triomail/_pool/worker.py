@@ -44,7 +44,7 @@ from .._core.prepare import PreparedMessage, prepare
 from .._core.results import Outcome, SendResult
 from .dispatch import Dispatch
 from .interfaces import Connection
-from .jobs import Job, MessageLike, Retry
+from .jobs import Job, MessageLike
 from .servers import Lease, ServerState, throttles
 
 __all__ = ["DATA_RUN", "Worker", "as_prepared"]
@@ -138,7 +138,7 @@ class Worker:
                 return False
             if not lease.try_reserve(state):
                 if lease.token is None or lease.token.fatal is not None:
-                    self._give_back(jobs)
+                    self.dispatch.requeue(jobs)
                     return False
                 state = lease.token  # the slot in hand, on another server
             try:
@@ -163,12 +163,6 @@ class Worker:
                 jobs = await self._wait_for(state, jobs, f"{state.server.label}: {exc}")
                 if not jobs:
                     return False
-
-    def _give_back(self, jobs: list[Job]) -> None:
-        """Queue ``jobs`` again at once, no attempt charged (they were not sent)."""
-        for job in jobs:
-            if not job.final:
-                self.dispatch.retry(job, Retry(0.0))
 
     async def _wait_for(self, state: ServerState, jobs: list[Job], reason: str) -> list[Job]:
         """The server is down: those of ``jobs`` that have waited long enough fail (not
@@ -202,8 +196,7 @@ class Worker:
 
     async def _unless_stopped(self, step: Awaitable[object]) -> bool:
         """Run ``step`` (a connect, a wait for the rate: nothing started on a server);
-        False if ``Pool.stop_connecting`` cut it off (a stopping batch must not wait a
-        rate's hours for messages it will not send)."""
+        False if ``Pool.stop_connecting`` cut it off (a stopping batch waits for neither)."""
         dispatch = self.dispatch
         with trio.CancelScope() as connecting:
             if dispatch.stopped_connecting:
