@@ -4,13 +4,19 @@ server."""
 
 from __future__ import annotations
 
+import base64
 import shlex
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
+import trustme
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
+from helpers.certs import server_ssl_context
 from helpers.postfix import free_loopback_port
 
 from triomail._bulk.servers import run_secret_command, servers
@@ -165,3 +171,46 @@ def test_init_writes_files_that_a_dry_run_accepts(
     monkeypatch.chdir(workdir)
     assert main(["init", "start"]) == 2  # never over a file
     assert "start/template.txt exists; nothing was written" in capsys.readouterr().err
+
+
+class _XOAuth2Handler:
+    """aiosmtpd handler: AUTH XOAUTH2 (RFC 7628's framing, as Gmail and Microsoft take
+    it) with one valid token; every message recorded."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self.seen: list[str] = []
+        self.messages = 0
+
+    async def auth_XOAUTH2(self, server: Any, args: list[str]) -> AuthResult:
+        if len(args) != 2:
+            return AuthResult(success=False, handled=False)
+        fields = base64.b64decode(args[1]).decode().split("\x01")
+        self.seen.append(fields[1])
+        return AuthResult(success=fields == ["user=ann", f"auth=Bearer {self.token}", "", ""])
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.messages += 1
+        return "250 2.0.0 OK"
+
+
+async def test_oauth_token_command_against_aiosmtpd(workdir: Path, tls_ca: trustme.CA) -> None:
+    handler = _XOAuth2Handler("tok-123")
+    controller = Controller(
+        handler,
+        hostname="127.0.0.1",
+        port=free_loopback_port(),
+        tls_context=server_ssl_context(tls_ca),
+        require_starttls=True,
+    )
+    controller.start()
+    try:
+        tls_ca.cert_pem.write_to_path(str(workdir / "ca.pem"))
+        argv = ["send", "rows.csv", "t.txt", "--server", f"smtp://ann@127.0.0.1:{controller.port}"]
+        argv += ["--ca-file", "ca.pem", "--yes", "--connections", "2"]
+        argv += ["--oauth-token-command", _python("print('tok-123')")]
+        assert await trio.to_thread.run_sync(main, argv) == 0
+    finally:
+        controller.stop()
+    assert handler.messages == 4
+    assert set(handler.seen) == {"auth=Bearer tok-123"}
