@@ -130,3 +130,12 @@ def test_a_broken_mailmerge_file_is_one_line(
     err = capsys.readouterr().err
     assert "mailmerge_server.conf: No option 'port'" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_an_empty_variable_is_unset(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TRIOMAIL_CONNECTIONS", "")
+    monkeypatch.setenv("TRIOMAIL_SERVER", "")
+    assert main(["send", "rows.csv", "t.txt", "--dry-run"]) == 0
+    capsys.readouterr()

@@ -132,11 +132,12 @@ def discover_config(environ: Mapping[str, str]) -> Path | None:
 
 
 def from_environment(environ: Mapping[str, str], fields: Mapping[str, str]) -> dict[str, str]:
-    """``{variable: text}`` for each ``TRIOMAIL_<OPTION>`` set, of the settable
+    """``{variable: text}`` for each ``TRIOMAIL_<OPTION>`` set and not empty, of the settable
     ``fields`` (``TRIOMAIL_CONFIG`` is read by :func:`discover_config`); checked by the
     caller with :func:`checked`."""
     names = [env_name(name) for name in fields]
-    return {name: environ[name] for name in names if name in environ}
+    # An empty variable is an unset one, as shells and container files mean it.
+    return {name: environ[name] for name in names if environ.get(name)}
 
 
 def mailmerge_server(path: Path) -> dict[str, Any]:
