@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -187,3 +188,22 @@ async def test_yes_sends_from_a_terminal_without_asking(tmp_path: Path) -> None:
         assert code == 0, shown
         assert "[y/N]" not in shown
         assert sink.received == 2
+
+
+async def test_ctrl_c_at_the_question_sends_nothing(tmp_path: Path) -> None:
+    async with SMTPSink(auth={"ann": PASSWORD}) as sink:
+        rows, template, ca = _files(tmp_path, 2, sink)
+        terminal = Terminal(_argv(rows, template, ca, sink, tmp_path / "j"), tmp_path)
+
+        def converse() -> int:
+            terminal.expect(b"password for ann on 127.0.0.1: ")
+            terminal.type(PASSWORD)
+            terminal.expect(b"[y/N] ")
+            terminal.proc.send_signal(signal.SIGINT)
+            return terminal.finish(timeout=15)
+
+        code = await trio.to_thread.run_sync(converse)
+        shown = terminal.output.decode("utf-8", "replace")
+        assert code == 130, shown
+        assert "Traceback" not in shown
+        assert sink.received == 0
