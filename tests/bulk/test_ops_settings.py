@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from triomail._bulk.config import mailmerge_server
+from triomail._bulk.config import checked, mailmerge_server
 from triomail._cli import main
 
 
@@ -139,3 +139,11 @@ def test_an_empty_variable_is_unset(
     monkeypatch.setenv("TRIOMAIL_SERVER", "")
     assert main(["send", "rows.csv", "t.txt", "--dry-run"]) == 0
     capsys.readouterr()
+
+
+def test_a_number_without_a_range_is_still_a_number() -> None:
+    """An option added without an entry in CHECKS still gets a number, not a string."""
+    assert checked("TRIOMAIL_X", "12", "int | None", None, "environment", Path()) == 12
+    assert checked("x", 2, "float", None, "config f", Path()) == 2.0
+    with pytest.raises(ValueError, match="environment: TRIOMAIL_X not a number: 'twelve'"):
+        checked("TRIOMAIL_X", "twelve", "int | None", None, "environment", Path())

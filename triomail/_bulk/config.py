@@ -96,6 +96,11 @@ def checked(
             return check(str(value))
         except argparse.ArgumentTypeError as exc:
             raise ValueError(f"{where}: {name} {exc}") from None
+    if numeric:  # a number without a range of its own (a string from the environment)
+        try:
+            return int(str(value)) if kind.startswith("int") else float(str(value))
+        except ValueError:
+            raise ValueError(f"{where}: {name} not a number: {value!r}") from None
     return value
 
 
