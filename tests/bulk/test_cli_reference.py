@@ -51,3 +51,10 @@ def test_mailmerge_spellings_are_accepted(
     args = build_parser().parse_args(["send", "r.csv", "t.txt", "--sink", "out", *argv])
     settings = settings_from(args)
     assert (settings.dry_run, settings.limit) == (dry_run, limit)
+
+
+def test_every_setting_has_its_environment_variable_on_the_page() -> None:
+    page = cli_reference()
+    for option in OPTIONS:
+        if option.dest in defaults() and option.flags[0][2:].replace("-", "_") == option.dest:
+            assert f"`TRIOMAIL_{option.dest.upper()}`" in page, option.flags

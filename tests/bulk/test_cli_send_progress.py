@@ -103,3 +103,16 @@ def test_tty_line_fits_the_terminal(monkeypatch: pytest.MonkeyPatch, columns: in
     assert all("%" in line for line in drawn)  # the most useful part stays
     if columns >= 200:
         assert drawn[-1].startswith("[")  # the bar, when there is room
+
+
+@pytest.mark.parametrize(
+    ("done", "seconds", "shown"),
+    [(1, 5.0, "0.2 msg/s"), (3, 2.0, "1.5 msg/s"), (400, 10.0, "40 msg/s"), (0, 3.0, "0 msg/s")],
+)
+def test_a_slow_run_does_not_show_zero(done: int, seconds: float, shown: str) -> None:
+    now = [0.0]
+    progress = Progress(total=10, clock=lambda: now[0])
+    progress.accepted = done
+    now[0] = seconds
+    (line,) = [x for x in progress.summary().splitlines() if x.startswith("rate")]
+    assert line.split(None, 1)[1] == shown

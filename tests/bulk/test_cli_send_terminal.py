@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -143,5 +144,66 @@ async def test_a_wrong_password_typed_at_the_prompt_exits_2(tmp_path: Path) -> N
         shown = terminal.output.decode("utf-8", "replace")
         assert code == 2, shown
         assert "authentication failed" in shown
+        assert "Traceback" not in shown
+        assert sink.received == 0
+
+
+@pytest.mark.parametrize("answer", ["y", "n"])
+async def test_every_real_send_from_a_terminal_asks_first(tmp_path: Path, answer: str) -> None:
+    """Even two messages (issue 13, item 11): the count, a sample recipient, the server."""
+    async with SMTPSink(auth={"ann": PASSWORD}) as sink:
+        rows, template, ca = _files(tmp_path, 2, sink)
+        terminal = Terminal(_argv(rows, template, ca, sink, tmp_path / "j"), tmp_path)
+
+        def converse() -> int:
+            terminal.expect(b"password for ann on 127.0.0.1: ")
+            terminal.type(PASSWORD)
+            question = (
+                f"Send 2 message(s) (first to user0@example.com) through "
+                f"127.0.0.1:{sink.port}? [y/N] "
+            )
+            terminal.expect(question.encode())
+            terminal.type(answer)
+            return terminal.finish()
+
+        code = await trio.to_thread.run_sync(converse)
+        shown = terminal.output.decode("utf-8", "replace")
+        assert code == (0 if answer == "y" else 2), shown
+        assert sink.received == (2 if answer == "y" else 0)
+
+
+async def test_yes_sends_from_a_terminal_without_asking(tmp_path: Path) -> None:
+    async with SMTPSink(auth={"ann": PASSWORD}) as sink:
+        rows, template, ca = _files(tmp_path, 2, sink)
+        argv = [*_argv(rows, template, ca, sink, tmp_path / "j"), "--yes"]
+        terminal = Terminal(argv, tmp_path)
+
+        def converse() -> int:
+            terminal.expect(b"password for ann on 127.0.0.1: ")
+            terminal.type(PASSWORD)
+            return terminal.finish()
+
+        code = await trio.to_thread.run_sync(converse)
+        shown = terminal.output.decode("utf-8", "replace")
+        assert code == 0, shown
+        assert "[y/N]" not in shown
+        assert sink.received == 2
+
+
+async def test_ctrl_c_at_the_question_sends_nothing(tmp_path: Path) -> None:
+    async with SMTPSink(auth={"ann": PASSWORD}) as sink:
+        rows, template, ca = _files(tmp_path, 2, sink)
+        terminal = Terminal(_argv(rows, template, ca, sink, tmp_path / "j"), tmp_path)
+
+        def converse() -> int:
+            terminal.expect(b"password for ann on 127.0.0.1: ")
+            terminal.type(PASSWORD)
+            terminal.expect(b"[y/N] ")
+            terminal.proc.send_signal(signal.SIGINT)
+            return terminal.finish(timeout=15)
+
+        code = await trio.to_thread.run_sync(converse)
+        shown = terminal.output.decode("utf-8", "replace")
+        assert code == 130, shown
         assert "Traceback" not in shown
         assert sink.received == 0

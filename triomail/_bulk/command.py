@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,19 +34,28 @@ server:
   --server smtp://user@host:587    STARTTLS (required), then AUTH as user
   --server smtps://user@host:465   implicit TLS
   --server smtp+plain://host:25    plaintext, by explicit choice
-  The password comes from the TRIOMAIL_PASSWORD environment variable, or a prompt;
-  never from the command line. --config FILE.toml takes the same settings as the
-  long options (server = "...", connections = 20, ...), command-line options win.
-  --sink DIR starts the embedded capture server instead and stores what it receives
-  as .eml files in DIR.
+  The password comes from --password-command CMD, the TRIOMAIL_PASSWORD environment
+  variable, or a prompt; never from the command line. --sink DIR starts the embedded
+  capture server instead and stores what it receives as .eml files in DIR.
+
+settings:
+  Each long option can also be set in a TOML config file (server = "...",
+  connections = 20, ...: --config FILE, else ./triomail.toml, else
+  $XDG_CONFIG_HOME/triomail/config.toml) or in the environment (TRIOMAIL_CONNECTIONS=20,
+  TRIOMAIL_DRY_RUN=yes); the command line wins over the environment, which wins over
+  the file. Without any server, mailmerge's mailmerge_server.conf in the current
+  directory is used. From a terminal every real send asks first (--yes skips it);
+  without a terminal, more than a handful of messages need --yes.
 
 journal and --resume:
   Every message's state is kept in an SQLite journal (default: RECIPIENTS.journal.sqlite3
   next to the recipients file; in memory with --sink or --dry-run unless --journal is
   given). A second run on the same journal needs --resume: rows already accepted (or
-  permanently refused) are not sent again, rows never attempted or transiently refused
-  are, and rows whose outcome is unknown (interrupted while in flight) are resent with
-  the same Message-ID, or skipped with --at-most-once.
+  permanently refused by the server: --retry-refused sends those again) are not sent
+  again; rows never attempted, transiently refused, or refused locally (over the
+  server's SIZE, a UTF-8 address without SMTPUTF8: checked again) are; rows whose
+  outcome is unknown (interrupted while in flight) are resent with the same
+  Message-ID, or skipped with --at-most-once.
 
 exit status:
   0    every message was accepted for every recipient
@@ -81,13 +92,19 @@ def _flag(help_text: str) -> dict[str, Any]:
 
 WHERE, SAFETY, SPEED, RECORDS = "where to send", "safety", "throughput", "records"
 OPTIONS: tuple[Option, ...] = (
-    Option(WHERE, ("--server",), {"metavar": "URL",
-        "help": "smtp://, smtps:// or smtp+plain:// URL"}),
+    Option(WHERE, ("--server",), {"metavar": "URL", "action": "append",
+        "help": "smtp://, smtps:// or smtp+plain:// URL; repeat it to fail over between "
+        "servers (?weight=N shares new connections, ?max_connections=N bounds them)"}),
     Option(WHERE, ("--config",), {"type": Path, "metavar": "FILE.toml", "help": "settings file"}),
     Option(WHERE, ("--sink",), {"type": Path, "metavar": "DIR",
         "help": "send to the embedded capture server (STARTTLS) and store .eml files in DIR"}),
     Option(WHERE, ("--ca-file",), {"type": Path, "metavar": "PEM",
         "help": "trust this CA for the server's certificate"}),
+    Option(WHERE, ("--password-command",), {"metavar": "CMD",
+        "help": "run CMD (no shell) and use the first line it prints as the password"}),
+    Option(WHERE, ("--oauth-token-command",), {"metavar": "CMD",
+        "help": "run CMD (no shell) and use the first line it prints as an OAuth 2.0 token "
+        "(AUTH XOAUTH2); run again for connections opened after it is 5 minutes old"}),
     Option(WHERE, ("--attachments-dir",), {"type": Path, "metavar": "DIR",
         "help": "attachment paths from row data must lead under DIR (the template's directory)"}),
     Option(WHERE, ("--encoding",), {"metavar": "NAME",
@@ -129,6 +146,10 @@ OPTIONS: tuple[Option, ...] = (
     Option(RECORDS, ("--resume",), _flag("continue the batch recorded in the journal")),
     Option(RECORDS, ("--at-most-once",), _flag("on --resume, skip messages whose outcome is "
         "unknown instead of resending them")),
+    Option(RECORDS, ("--retry-refused",), _flag("on --resume, send again the messages a server "
+        "refused for good (those refused locally, e.g. over SIZE, are checked again anyway)")),
+    Option(RECORDS, ("--verbose", "-v"), _flag("print the SMTP conversation on stderr "
+        "(AUTH redacted)")),
     Option(RECORDS, ("--progress-interval",), {"metavar": "SECONDS",
         "help": "seconds between progress lines when stderr is not a terminal"}),
 )  # fmt: skip
@@ -169,7 +190,30 @@ def register(subparsers: Subcommands) -> None:
         if "help" in kwargs and default not in (None, False, 0) and "(" not in kwargs["help"]:
             kwargs = {**kwargs, "help": f"{kwargs['help']} ({default})"}
         group.add_argument(*option.flags, **kwargs)
-    p.set_defaults(func=_run)
+    p.set_defaults(func=_run, resume_row=None)
+    p.parse_known_args = _mailmerge_resume(p.parse_known_args)  # type: ignore[method-assign]
+
+
+def _mailmerge_resume(parse: Callable[..., Any]) -> Callable[..., Any]:
+    """Read mailmerge's ``--resume N`` (start at message N) as ``--resume``, keeping N
+    as ``resume_row``: a flag cannot take an optional number without swallowing the
+    recipients file that may follow it, so the number is taken out first."""
+
+    def parse_known_args(
+        args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        items = list(sys.argv[1:] if args is None else args)
+        row = None
+        for i, item in enumerate(items[:-1]):
+            if item == "--resume" and items[i + 1].isdigit():
+                row = int(items.pop(i + 1))
+                break
+        parsed, rest = parse(items, namespace)
+        if row is not None:
+            parsed.resume_row = row
+        return parsed, rest
+
+    return parse_known_args
 
 
 def defaults() -> dict[str, Any]:

@@ -36,7 +36,7 @@ from .._core.prepare import PreparedMessage, prepare, prepare_rendered
 from .journal import Journal, Record
 from .outcomes import Outcomes, Tag
 from .planner import ChunkPlan, Policy, chunks, plan_chunk
-from .recipients import BadRow, RecipientsReader, Row
+from .recipients import BadRow, RecipientsReader, Row, estimate_rows
 from .records import FIRST_BATCH, MAX_BATCH, WireRecord, decode, last_line
 from .render_process import NOT_READY, RenderProcess, RenderProcessError
 from .template.rendered import Rendered, canonical_eight_bit
@@ -113,8 +113,11 @@ class Feed:
         self.catch_up = catch_up
         #: Set by the first signal: read no more rows.
         self.stopping = False
-        #: Messages handed to the pool so far.
+        #: Messages handed to the pool so far, and the line of the last one.
         self.handed = 0
+        self.last_line = 0
+        #: Set when --limit stopped the reading (rows may follow, not sent).
+        self.limited = False
         #: Claimed in the journal, not handed to the pool yet (released by :meth:`close`).
         self.unhanded: deque[str] = deque()
         #: Why the render process stopped before the end of the file, if it did.
@@ -154,6 +157,7 @@ class Feed:
                     outstanding[tag.key] = tag
                     unhanded.popleft()
                     self.handed += 1
+                    self.last_line = tag.line
                     progress.started += 1
                     yield message
                 await trio.lowlevel.checkpoint()
@@ -174,6 +178,7 @@ class Feed:
         while not self.stopping:
             budget = None if self.limit is None else self.limit - self.handed
             if budget is not None and budget <= 0:
+                self.limited = True
                 return
             if renderer is not None:
                 records: list[WireRecord] | None = None
@@ -221,6 +226,11 @@ class Feed:
             last = chunk[-1].line
             yield plan_chunk(self.policy, chunk, budget)
             size = min(MAX_BATCH, size * 2)
+
+    def rows_left(self) -> int:
+        """About how many rows follow the last one handed out (counted by lines)."""
+        lines = estimate_rows(self.reader.path) + (self.reader.format == "csv")
+        return max(0, lines - self.last_line)
 
     def close(self) -> None:
         """Stop reading the render process; claimed messages never handed go back."""

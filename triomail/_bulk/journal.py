@@ -5,7 +5,7 @@ Theory of operation
 Every message is identified by its recipients-file row (:attr:`Row.key`, a hash of the
 row's content) and carries the template's hash as its content hash. Its state moves
 
-    pending -> in-flight -> accepted | transient | permanent | unknown
+    pending -> in-flight -> accepted | transient | permanent | unknown | refused
 
 A message is marked *in-flight* in a committed transaction **before** it is handed to
 the pool (:meth:`Journal.claim`, one transaction per chunk of messages), and its final
@@ -37,8 +37,13 @@ from typing import Final, Literal
 
 __all__ = ["FINAL_STATES", "Journal", "JournalError", "Record", "Settled", "State"]
 
-State = Literal["pending", "in-flight", "accepted", "transient", "permanent", "unknown"]
-STATES: Final = ("pending", "in-flight", "accepted", "transient", "permanent", "unknown")
+State = Literal["pending", "in-flight", "accepted", "transient", "permanent", "unknown", "refused"]
+#: ``refused``: refused locally, before any server saw it (larger than the server's
+#: SIZE, a UTF-8 address without SMTPUTF8). No server said no, so it is not final: each
+#: --resume checks it again, against the server and the message as they are then.
+STATES: Final = (
+    "pending", "in-flight", "accepted", "transient", "permanent", "unknown", "refused"
+)  # fmt: skip
 #: States that --resume never sends again.
 FINAL_STATES: Final = frozenset({"accepted", "permanent"})
 

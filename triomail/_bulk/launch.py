@@ -5,28 +5,25 @@ Theory of operation
 Everything that can be checked without a server is checked first: the template
 (:mod:`.template`), the recipients file (:mod:`.recipients`) and the journal
 (:mod:`.journal`; by default next to the recipients file, in memory with ``--sink``
-or ``--dry-run``). Then the password is read (``TRIOMAIL_PASSWORD`` or a prompt, never
-the URL), and a first send to more than ``CONFIRM_ABOVE`` recipients asks for
-confirmation. Anything failing up to here, or in the first connection
-(:func:`.run.preflight`), exits 2 with one line (:class:`.settings.CannotRun`). The
-batch itself is one trio run (:class:`.run.SendRun`).
+or ``--dry-run``). Then the servers and their secrets (:mod:`.servers`: a secret
+command, ``TRIOMAIL_PASSWORD`` or a prompt, never the URL). From a terminal every real
+send is confirmed once the servers answered (:func:`_confirmation`: the count, a sample
+recipient, the servers), so that a mistyped password is said before the question.
+Anything failing up to here, or in the first connections (:func:`.run.preflight`),
+exits 2 with one line (:class:`.settings.CannotRun`). The batch itself is one trio run
+(:class:`.run.SendRun`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import getpass
-import os
+import itertools
 import socket
-import ssl
 import sys
-from pathlib import Path
-from urllib.parse import urlsplit
+from collections.abc import Callable
 
 import trio
 
-from .._client.options import default_ssl_context
 from .._pool.pool import Server
 from .dry_run import dry_run
 from .feed import Feed
@@ -34,17 +31,21 @@ from .journal import Journal, JournalError
 from .outcomes import Outcomes
 from .planner import Policy
 from .progress import Display, Progress
-from .recipients import RecipientsError, RecipientsReader, check_utf8, estimate_rows
+from .recipients import BadRow, RecipientsError, RecipientsReader, check_utf8, estimate_rows
 from .render_process import RenderProcess, default_message_id
 from .run import SendRun
+from .servers import servers
 from .settings import CannotRun, SendSettings
 from .template.compile import CompiledTemplate, compile_template
-from .template.rendered import TemplateError
+from .template.rendered import RowError, TemplateError
 
 __all__ = ["CONFIRM_ABOVE", "message_domain", "prepare_and_run"]
 
-#: A first real send to more recipients than this asks for confirmation.
+#: Without a terminal to confirm on, a send of more messages than this needs --yes.
 CONFIRM_ABOVE = 5
+#: Rows the confirmation's sample recipient is looked for in.
+SAMPLE_ROWS = 100
+SAMPLE_ID = "<sample@triomail.invalid>"
 
 
 def prepare_and_run(settings: SendSettings, renderer: RenderProcess | None) -> int:
@@ -62,7 +63,9 @@ def prepare_and_run(settings: SendSettings, renderer: RenderProcess | None) -> i
     estimate = estimate_rows(settings.recipients)
     journal, counts = _open_journal(settings, template.digest)
     with contextlib.closing(journal):
-        earlier = counts.get("accepted", 0) + counts.get("permanent", 0)
+        earlier = counts.get("accepted", 0)
+        if not settings.retry_refused:
+            earlier += counts.get("permanent", 0)
         total = max(0, estimate - earlier) if settings.resume else estimate
         if settings.limit is not None:
             total = min(total, settings.limit)
@@ -79,6 +82,7 @@ def prepare_and_run(settings: SendSettings, renderer: RenderProcess | None) -> i
             message_id=lambda key: default_message_id(key, campaign, domain),
             render=template.render,
             lookup=journal.lookup,
+            retry_refused=settings.retry_refused,
         )
         if renderer is not None:
             # --render auto: it will be told where the rows rendered here end.
@@ -94,7 +98,7 @@ def prepare_and_run(settings: SendSettings, renderer: RenderProcess | None) -> i
                 show=settings.show,
                 out_dir=settings.sink,
             )
-        server = _confirmed_server(settings, estimate, total)
+        found, confirm = _confirmation(settings, template, estimate, total)
         feed = Feed(
             reader,
             journal,
@@ -106,17 +110,14 @@ def prepare_and_run(settings: SendSettings, renderer: RenderProcess | None) -> i
             catch_up=settings.render == "auto",
         )
         batch = SendRun(settings, journal, counts, template.digest, feed, outcomes)
-        return _trio_run(batch, server)
+        batch.confirm = confirm
+        return _trio_run(batch, found)
 
 
 def _open_journal(settings: SendSettings, digest: str) -> tuple[Journal, dict[str, int]]:
     """The journal (next to the recipients file unless given; never a file for a dry
     run) and its counts by state."""
-    path = settings.journal
-    if path is None and settings.sink is None and not settings.dry_run:
-        path = settings.recipients.with_name(settings.recipients.name + ".journal.sqlite3")
-    if settings.dry_run:
-        path = None  # a dry run never touches a real journal
+    path = settings.journal_path()
     try:
         return Journal.open(
             path,
@@ -128,28 +129,59 @@ def _open_journal(settings: SendSettings, digest: str) -> tuple[Journal, dict[st
         raise CannotRun(str(exc)) from None
 
 
-def _confirmed_server(settings: SendSettings, estimate: int, total: int) -> Server | None:
-    """The server (``None`` for --sink), once a first large send was confirmed."""
-    needs_confirmation = (
-        settings.sink is None
-        and not settings.yes
-        and not settings.resume
-        and min(estimate, settings.limit or estimate) > CONFIRM_ABOVE
-    )
-    if needs_confirmation and not sys.stdin.isatty():
-        raise CannotRun(f"about {estimate} messages to send and no terminal to confirm: pass --yes")
-    server = None
-    if settings.sink is None:
-        server = _server(settings)
-    if needs_confirmation:
-        where = f"{server.host}:{server.port}" if server is not None else "?"
-        answer = _ask(f"Send about {total} messages through {where}? [y/N] ")
+def _confirmation(
+    settings: SendSettings, template: CompiledTemplate, estimate: int, total: int
+) -> tuple[list[Server] | None, Callable[[], None] | None]:
+    """The servers (``None`` for --sink), and the question to ask once they answered.
+
+    From a terminal every real send asks first: how many messages, a sample recipient
+    and the servers (``--yes`` skips it). Without a terminal nobody can answer: a
+    handful of messages (``CONFIRM_ABOVE``) go, as a script of a few test sends
+    expects; more need ``--yes`` (or ``--resume`` of a batch confirmed before).
+    """
+    if settings.sink is not None:
+        return None, None
+    if not sys.stdin.isatty():
+        many = min(estimate, settings.limit or estimate) > CONFIRM_ABOVE
+        if many and not settings.yes and not settings.resume:
+            raise CannotRun(
+                f"about {estimate} messages to send and no terminal to confirm: pass --yes"
+            )
+        return servers(settings), None
+    found = servers(settings)
+    if settings.yes:
+        return found, None
+    where = ", ".join(f"{s.host}:{s.port}" for s in found)
+    sample = _sample(settings, template)
+
+    def confirm() -> None:
+        answer = _ask(f"Send {total} message(s) (first to {sample}) through {where}? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             raise CannotRun("not confirmed; nothing was sent")
-    return server
+
+    return found, confirm
 
 
-def _trio_run(batch: SendRun, server: Server | None) -> int:
+def _sample(settings: SendSettings, template: CompiledTemplate) -> str:
+    """The recipients of the first row that renders (the confirmation shows them)."""
+    reader = RecipientsReader.open(settings.recipients, settings.encoding)
+    rows = iter(reader)
+    try:
+        for row in itertools.islice(rows, SAMPLE_ROWS):
+            if isinstance(row, BadRow):
+                continue
+            try:
+                return ", ".join(template.render(row.fields, message_id=SAMPLE_ID).recipients)
+            except RowError:
+                continue
+    finally:
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()
+    return "no row renders"
+
+
+def _trio_run(batch: SendRun, server: list[Server] | None) -> int:
     try:
         return trio.run(batch.run, server)
     except BaseExceptionGroup as group:
@@ -171,38 +203,6 @@ def message_domain(template: CompiledTemplate) -> str:
         return domain
     host = socket.gethostname()  # no DNS lookup, unlike getfqdn()
     return host if "." in host and host.isascii() else "triomail.invalid"
-
-
-def _server(settings: SendSettings) -> Server:
-    assert settings.server is not None
-    url = settings.server
-    parts = urlsplit(url)
-    if parts.password is not None:
-        raise CannotRun("do not put the password in the URL; set TRIOMAIL_PASSWORD instead")
-    try:
-        server = Server.from_url(url, ssl_context=_ssl_context(settings.ca_file))
-        _ = server.port
-    except ValueError as exc:
-        raise CannotRun(f"--server {url}: {exc}") from None
-    if server.username:
-        password = os.environ.get("TRIOMAIL_PASSWORD")
-        if password is None:
-            if not sys.stdin.isatty():
-                raise CannotRun("no password: set TRIOMAIL_PASSWORD (no terminal to prompt on)")
-            password = getpass.getpass(f"password for {server.username} on {server.host}: ")
-        server = dataclasses.replace(server, password=password)
-    return server
-
-
-def _ssl_context(ca_file: Path | None) -> ssl.SSLContext | None:
-    if ca_file is None:
-        return None
-    context = default_ssl_context()
-    try:
-        context.load_verify_locations(cafile=str(ca_file))
-    except (OSError, ValueError) as exc:
-        raise CannotRun(f"--ca-file {ca_file}: {exc}") from None
-    return context
 
 
 def _ask(prompt: str) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import logging
 import shutil
 import stat
 import sys
@@ -41,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
     thresholds = gc.get_threshold()
     gc.set_threshold(*GC_THRESHOLDS)
     try:
-        return _main(settings_from(args))
+        settings = settings_from(args)
+        _mailmerge_resume(settings, getattr(args, "resume_row", None))
+        return _main(settings)
     except CannotRun as exc:
         print(f"triomail send: error: {exc}", file=sys.stderr)
         return EXIT_CANNOT_RUN
@@ -52,8 +55,45 @@ def run(args: argparse.Namespace) -> int:
         gc.set_threshold(*thresholds)
 
 
+def _mailmerge_resume(settings: SendSettings, row: int | None) -> None:
+    """mailmerge's ``--resume N`` starts at message N. Our journal knows which rows were
+    sent, so N is not needed when there is one; without one, starting anywhere but at
+    the top could send rows twice or never, so it is refused with the way out."""
+    if row is None:
+        return
+    path = settings.journal_path()
+    if path is not None and path.is_file():
+        print(
+            f"triomail send: --resume {row}: the journal {path} records which rows were "
+            "sent; the batch resumes from it, not from a row number",
+            file=sys.stderr,
+        )
+        return
+    raise CannotRun(
+        f"--resume {row}: no journal {path or '(in memory)'} to resume from (triomail "
+        f"resumes from its journal, not from a row number); to start at message {row} "
+        f"as mailmerge would, remove the first {row - 1} row(s) from {settings.recipients} "
+        "and send without --resume"
+    )
+
+
+def _verbose(stack: contextlib.ExitStack) -> None:
+    """-v: the DEBUG transcript of the ``triomail`` logger (AUTH redacted, R36) on
+    stderr, for this run."""
+    log = logging.getLogger("triomail")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    stack.callback(log.setLevel, level)
+    stack.callback(log.removeHandler, handler)
+
+
 def _main(settings: SendSettings) -> int:
     with contextlib.ExitStack() as stack:
+        if settings.verbose:
+            _verbose(stack)
         if not _seekable_file(settings.recipients):
             settings.recipients = _spool(settings, stack)
         renderer = None

@@ -27,7 +27,7 @@ from typing import IO, Any
 
 from .._core.reply import Reply
 from .._core.results import Outcome, SendResult
-from .journal import Journal
+from .journal import Journal, State
 from .planner import ChunkPlan
 from .progress import Display, Progress
 from .recipients import BadRow
@@ -44,6 +44,18 @@ _TRANSIENT = Outcome.TRANSIENT
 _PERMANENT = Outcome.PERMANENT
 _UNKNOWN = Outcome.UNKNOWN
 _FINAL = (_ACCEPTED, _PERMANENT)
+_ACCEPTED_ONLY = (_ACCEPTED,)
+#: How the client's own refusals begin (``local_failure`` and ``refused_locally`` in
+#: :mod:`triomail._core.results`): the message never reached a server.
+_LOCAL = ("not sent: ", "refused locally: ")
+
+
+def refused_locally(result: SendResult) -> bool:
+    """True for a permanent refusal by the client itself (SIZE, SMTPUTF8, 8BITMIME...):
+    the journal records it ``refused``, checked again by --resume (issue 13, item 7)."""
+    error = result.error
+    return not result.mail_accepted and error is not None and error.startswith(_LOCAL)
+
 
 #: One JSON object as one line (``json.dumps`` would build an encoder per call).
 _json_line = json.JSONEncoder(ensure_ascii=False, check_circular=False).encode
@@ -218,9 +230,11 @@ class Outcomes:
             # before it: the message may have been delivered (R38).
             outcome = _UNKNOWN
         done: tuple[str, ...] | None = None
-        if outcome not in _FINAL:
-            # Only a message sent again needs to know who already has a final outcome.
-            settled = [r.recipient for r in recipients if r.outcome in _FINAL]
+        if outcome not in _FINAL or outcome is _PERMANENT:
+            # Only a message sent again needs to know who not to send it to: those with
+            # a final outcome, or for a refused one (--retry-refused) those who have it.
+            kept = _ACCEPTED_ONLY if outcome is _PERMANENT else _FINAL
+            settled = [r.recipient for r in recipients if r.outcome in kept]
             done = tuple(dict.fromkeys([*tag.done, *settled])) or None
         reply = _deciding_reply(result, outcome)
         code = enhanced = text = None
@@ -230,7 +244,10 @@ class Outcomes:
             text = "\n".join(reply.lines)
         elif result.error:
             text = result.error
-        self.journal.record_outcome(tag.key, outcome.value, attempts, code, enhanced, text, done)
+        state: State = outcome.value
+        if outcome is _PERMANENT and refused_locally(result):
+            state = "refused"
+        self.journal.record_outcome(tag.key, state, attempts, code, enhanced, text, done)
         if outcome is not _ACCEPTED:
             why = f"{code} {' '.join((text or '').split())}" if code else (text or "no reply")
             self._name(f"{self.recipients}:{tag.line}: {outcome.value}: {why[:200]}")

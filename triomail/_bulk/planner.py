@@ -12,7 +12,9 @@ row in file order from that alone, and changes nothing:
   run (the journal says so), is a duplicate of the first: bad too (the key is a digest
   of the row's fields, so the same person would get the same message twice);
 * with ``--resume``, a row the journal knows as accepted or permanently refused was
-  settled *earlier* and is not sent again; one whose outcome is unknown (in flight
+  settled *earlier* and is not sent again (refused: unless ``--retry-refused``); one
+  refused locally (``refused``: no server saw it) is checked again against the server
+  and the message as they are now; one whose outcome is unknown (in flight
   when a run was cut off) is resent with its Message-ID, or, with
   ``--at-most-once``, skipped and recorded as unknown;
 * ``--limit``: once the chunk's budget of messages to send is planned, the rest of the
@@ -59,6 +61,8 @@ class Policy:
     render: Callable[..., Rendered]
     #: What the journal knows of these keys (``Journal.lookup``), asked once per chunk.
     lookup: Callable[[list[str]], Mapping[str, Record]]
+    #: --retry-refused: send again the messages a server refused for good.
+    retry_refused: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +119,7 @@ def plan_chunk(
         seen[key] = item.line
         if record is not None:
             state = record.state
-            if state in ("accepted", "permanent"):
+            if state == "accepted" or (state == "permanent" and not policy.retry_refused):
                 plan.earlier += 1
                 if state == "permanent":
                     plan.earlier_refused += 1

@@ -20,6 +20,14 @@ __all__ = ["Progress"]
 _BAR = 24
 
 
+def _per_second(rate: float) -> str:
+    """A rate as people read it: whole messages from 10 a second, else two significant
+    digits, so a slow but working run does not show ``0 msg/s`` (issue 13, item 10)."""
+    if rate >= 10 or rate == 0:
+        return f"{rate:,.0f} msg/s"
+    return f"{rate:.2g} msg/s"
+
+
 def _duration(seconds: float) -> str:
     seconds = max(0, int(seconds + 0.5))
     hours, rest = divmod(seconds, 3600)
@@ -118,7 +126,7 @@ class Progress:
             parts.append(f"{fraction * 100:.0f}% {done:,}/{total:,}")
         else:
             parts.append(f"{done:,}")
-        parts.append(f"{rate:,.0f} msg/s")
+        parts.append(_per_second(rate))
         if total and rate > 0 and done < total:
             parts.append(f"ETA {_duration((total - done) / rate)}")
         parts.append(f"accepted {self.accepted:,}")
@@ -147,7 +155,7 @@ class Progress:
             per = ", ".join(f"{n:,} {k}" for k, n in sorted(self.recipients.items()))
             rows.append(("recipients", per))
         rows.append(("elapsed", f"{self.elapsed:.1f} s"))
-        rows.append(("rate", f"{self.overall_rate():,.0f} msg/s"))
+        rows.append(("rate", _per_second(self.overall_rate())))
         width = max(len(name) for name, _ in rows)
         lines = [title, "-" * (width + 14)]
         lines.extend(f"{name:<{width}}  {value}" for name, value in rows)

@@ -12,9 +12,15 @@ import sys
 from typing import Any
 
 from .command import DESCRIPTION, OPTIONS, POSITIONALS, Option, defaults
+from .config import env_name
 
-#: Environment variables ``triomail send`` reads, and what for.
-ENVIRONMENT = (("TRIOMAIL_PASSWORD", "the password for AUTH (else a prompt on a terminal)"),)
+#: Environment variables ``triomail send`` reads besides one per option, and what for.
+ENVIRONMENT = (
+    ("TRIOMAIL_PASSWORD", "the password for AUTH (else --password-command, else a prompt)"),
+    ("TRIOMAIL_CONFIG", "the config file, as --config (else ./triomail.toml, else "
+     "$XDG_CONFIG_HOME/triomail/config.toml)"),
+    ("XDG_CONFIG_HOME", "where the config file is looked for (default ~/.config)"),
+)  # fmt: skip
 
 
 def _default(option: Option, values: dict[str, Any]) -> str:
@@ -69,14 +75,19 @@ def cli_reference() -> str:
         if key == "config":
             key = "—"
         default = _default(option, values)
-        out.append(f"| {flags} | {default} | {f'`{key}`' if key != '—' else key} | — "
+        env = f"`{env_name(key)}`" if key != "—" else "—"
+        out.append(f"| {flags} | {default} | {f'`{key}`' if key != '—' else key} | {env} "
                    f"| {_cell(option.kwargs['help'])} |")  # fmt: skip
     out += ["", "## Environment", "", "| Variable | Meaning |", "| --- | --- |"]
     out += [f"| `{name}` | {meaning} |" for name, meaning in ENVIRONMENT]
     out += [
         "",
-        "No option is read from the environment; a `--config` file (TOML, keys as above, "
-        "optionally under `[send]`) sets any of them, and the command line wins.",
+        "Each setting comes from, strongest first: the command line; its environment "
+        "variable (yes/no settings take `yes`, `no`, `1`, `0`, `true`, `false`, `on`, "
+        "`off`; `server` takes URLs separated by spaces); the config file (TOML, keys as "
+        "above, optionally under `[send]`; `server` may be a list); the default. With no "
+        "server from any of them, mailmerge's `mailmerge_server.conf` in the current "
+        "directory is read. Every source goes through the same checks.",
         "",
     ]
     return "\n".join(out)

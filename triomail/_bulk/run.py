@@ -3,10 +3,11 @@
 Theory of operation
 -------------------
 :meth:`SendRun.run` starts the embedded capture server for ``--sink`` (through
-:mod:`triomail.testing`), opens and closes one connection first (:func:`preflight`: an
-unreachable server or refused credentials exit 2 before anything is claimed), then
-opens the pool on :meth:`.feed.Feed.messages` and records every result as it comes
-back (:mod:`.outcomes`).
+:mod:`triomail.testing`), opens and closes one connection to each server first
+(:func:`preflight`: refused credentials, or every server unreachable, exit 2 before
+anything is claimed), asks the terminal's confirmation if launch set one, then opens
+the pool on :meth:`.feed.Feed.messages` and records every result as it comes back
+(:mod:`.outcomes`).
 
 Signals: the first SIGINT/SIGTERM stops reading rows; transactions on the wire are
 finished, messages waiting for a retry are not sent again (recorded as transient, or
@@ -27,7 +28,7 @@ import contextlib
 import signal
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import trio
 
@@ -71,9 +72,13 @@ class SendRun:
         self.feed = feed
         self.outcomes = outcomes
         self.aborted = False
+        #: Asked (in a thread) once the servers answered, before the first message:
+        #: raises CannotRun if the user says no (launch sets it at a terminal).
+        self.confirm: Callable[[], None] | None = None
 
-    async def run(self, server: Server | None) -> int:
-        """Send the batch to ``server``, or to a capture server (--sink); the exit status."""
+    async def run(self, server: list[Server] | None) -> int:
+        """Send the batch to ``server`` (failing over between several), or to a capture
+        server (--sink); the exit status."""
         with _signal_receiver() as signals:
             if self.settings.sink is None:
                 assert server is not None
@@ -95,7 +100,7 @@ class SendRun:
                 target = Server(
                     sink.host, sink.port, tls="starttls", ssl_context=sink.client_ssl_context()
                 )
-                return await self._run(target, signals)
+                return await self._run([target], signals)
 
     def _note(self, text: str) -> None:
         self.outcomes.display.message(text)
@@ -110,8 +115,10 @@ class SendRun:
             if self.settings.at_most_once
             else "resent with the same Message-ID (duplicates possible)"
         )
+        refused = "sent again (--retry-refused)" if self.settings.retry_refused else "not resent"
         self._note(
-            f"resume: {c['accepted']} accepted and {c['permanent']} refused earlier (not resent), "
+            f"resume: {c['accepted']} accepted earlier (not resent), {c['permanent']} refused "
+            f"earlier ({refused}), {c['refused']} refused locally earlier (checked again), "
             f"{c['transient'] + c['pending']} to retry, {unknown} with an unknown outcome: {policy}"
         )
         previous = self.journal.previous_content
@@ -127,7 +134,7 @@ class SendRun:
         where = self.journal.path or "(in memory)"
         return f"the journal {where} is consistent", counts["pending"] + counts["in-flight"]
 
-    async def _run(self, server: Server, signals: AsyncIterator[int]) -> int:
+    async def _run(self, server: list[Server], signals: AsyncIterator[int]) -> int:
         outcomes = self.outcomes
         self._resume_note()
         report_mode = "a" if self.settings.resume else "w"
@@ -167,12 +174,17 @@ class SendRun:
                 + "; continue with --resume"
             )
             return EXIT_INTERRUPTED
+        if self.feed.limited and (left := self.feed.rows_left()):
+            self._note(
+                f"--limit {self.settings.limit}: stopped after line {self.feed.last_line}; "
+                f"about {left} more row(s) were not sent (send them with --resume)"
+            )
         p = outcomes.progress
         if p.failed or p.deferred or p.unknown or p.skipped or p.earlier_failed:
             return EXIT_FAILED
         return EXIT_OK
 
-    async def _send(self, server: Server, signals: AsyncIterator[int]) -> None:
+    async def _send(self, server: list[Server], signals: AsyncIterator[int]) -> None:
         s = self.settings
         settle = self.outcomes.settle
         retry = RetryPolicy(
@@ -186,6 +198,8 @@ class SendRun:
             with trio.CancelScope() as scope:
                 outer.start_soon(self._watch_signals, signals, scope, pool_ref)
                 await preflight(server)
+                if self.confirm is not None:
+                    await trio.to_thread.run_sync(self.confirm, abandon_on_cancel=True)
                 outer.start_soon(self._tick, pool_ref)
                 try:
                     async with (
@@ -296,8 +310,25 @@ def _signal_receiver() -> Iterator[AsyncIterator[int]]:
     yield never()
 
 
-async def preflight(server: Server) -> None:
-    """Open and close one connection: unreachable or refused credentials exit 2."""
+async def preflight(servers: list[Server]) -> None:
+    """Open and close one connection to each server: refused credentials anywhere exit
+    2 (a configuration error), and so does every server unreachable; one unreachable of
+    several is said, and the pool fails over."""
+    failures: list[str] = []
+    for server in servers:
+        try:
+            await _try(server)
+        except CannotRun as exc:
+            if len(servers) == 1 or "authentication failed" in str(exc):
+                raise
+            failures.append(str(exc))
+    if len(failures) == len(servers):
+        raise CannotRun("; ".join(failures))
+    for failure in failures:
+        print(f"triomail send: warning: {failure}; the others are used", file=sys.stderr)
+
+
+async def _try(server: Server) -> None:
     where = f"{server.host}:{server.port or '(default port)'}"
     try:
         with trio.fail_after(server.timeouts.connect + 30):

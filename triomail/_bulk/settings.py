@@ -1,12 +1,15 @@
-"""The settings of one ``triomail send`` run: defaults < config file < command line.
+"""The settings of one ``triomail send`` run: defaults < config file < environment <
+command line.
 
 Theory of operation
 -------------------
 :class:`SendSettings` is the one list of settings: its fields are the long options'
-destinations (:mod:`.command` declares the options with their help) and the keys a
-``--config FILE.toml`` may hold (``[send]`` table or top level; ``-`` or ``_``). A config
-value is checked against the field's type; a path is taken relative to the config
-file. Passwords are refused in files: they come from ``TRIOMAIL_PASSWORD`` or a prompt.
+destinations (:mod:`.command` declares the options with their help), the keys a config
+file may hold (``[send]`` table or top level; ``-`` or ``_``) and the ``TRIOMAIL_<OPTION>``
+environment variables (:mod:`.config` finds them). Every value, wherever written, goes
+through the same check (:data:`CHECKS`, the command line's ``type``); a path in a file is
+taken relative to the file. Passwords are refused in files: they come from
+``TRIOMAIL_PASSWORD``, ``--password-command`` or a prompt.
 
 Anything wrong here, or later before the first message, is :class:`CannotRun`: one line
 on stderr and exit status 2 (``EXIT_CANNOT_RUN``).
@@ -19,12 +22,22 @@ import codecs
 import dataclasses
 import math
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
 
 from .._client.options import Pipeline
+from .config import (
+    ENV_PREFIX,
+    MAILMERGE_CONFIG,
+    checked,
+    discover_config,
+    from_environment,
+    load_toml,
+    mailmerge_server,
+)
 
 __all__ = [
     "EXIT_CANNOT_RUN",
@@ -74,6 +87,15 @@ def _number(kind: type[int] | type[float], low: float, high: float) -> Callable[
     return check
 
 
+def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def check(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)}, not {text!r}")
+        return text
+
+    return check
+
+
 #: Every numeric setting's range, for the command line and a config file alike. The
 #: bounds stop a typo (connections = 1e20) long before memory or the kernel would.
 CHECKS: dict[str, Callable[[str], Any]] = {
@@ -86,6 +108,8 @@ CHECKS: dict[str, Callable[[str], Any]] = {
     "retry_backoff": _number(float, 1e-3, 86_400),
     "retry_max_backoff": _number(float, 1e-3, 86_400),
     "progress_interval": _number(float, 1e-3, 86_400),
+    "render": _choice(RENDER_MODES),
+    "pipelining": _choice(PIPELINING_MODES),
 }
 #: Descriptors kept free for the journal, the report, the render process and TLS.
 _RESERVED_FILES = 64
@@ -101,7 +125,7 @@ class SendSettings:
 
     recipients: Path
     template: Path
-    server: str | None = None
+    server: list[str] | None = None
     sink: Path | None = None
     ca_file: Path | None = None
     attachments_dir: Path | None = None
@@ -109,6 +133,9 @@ class SendSettings:
     dry_run: bool = False
     limit: int | None = None
     yes: bool = False
+    verbose: bool = False
+    password_command: str | None = None
+    oauth_token_command: str | None = None
     show: int = 1
     connections: int = 10
     rate: float | None = None
@@ -123,8 +150,18 @@ class SendSettings:
     journal: Path | None = None
     resume: bool = False
     at_most_once: bool = False
+    retry_refused: bool = False
     progress_interval: float = 5.0
     render: str = "auto"
+
+    def journal_path(self) -> Path | None:
+        """The journal file: --journal, else next to the recipients file; None (in
+        memory) with --sink, and always for a dry run, which never touches one."""
+        if self.dry_run:
+            return None
+        if self.journal is None and self.sink is None:
+            return self.recipients.with_name(self.recipients.name + ".journal.sqlite3")
+        return self.journal
 
     def render_in_process(self) -> bool:
         """Render in a second process? (--render, the CPU count; never for a dry run)."""
@@ -137,80 +174,69 @@ class SendSettings:
         return self.render == "process" or (os.cpu_count() or 1) > 1
 
 
-#: The TOML types a config value may have, by the field's annotation (a TOML integer
-#: is a fine float; a path is a string).
-_TOML_TYPES: dict[str, tuple[type, ...]] = {
-    "bool": (bool,),
-    "int": (int,),
-    "int | None": (int,),
-    "float": (int, float),
-    "float | None": (int, float),
-    "str": (str,),
-    "str | None": (str,),
-    "Path | None": (str,),
-    "Pipeline": (str,),
-}
-#: Every setting but the two positional arguments can come from a config file.
-_CONFIG_TYPES = {
-    f.name: _TOML_TYPES[str(f.type)]
+#: Every setting but the two positional arguments can come from a config file or the
+#: environment: its name and its annotation (what :func:`.config.checked` checks).
+SETTABLE = {
+    f.name: str(f.type)
     for f in dataclasses.fields(SendSettings)
     if f.name not in ("recipients", "template")
 }
-_PATHS = {f.name for f in dataclasses.fields(SendSettings) if str(f.type).startswith("Path")}
 
 
-def _load_config(path: Path) -> dict[str, Any]:
-    import tomllib  # only when a config file is given
-
-    try:
-        with path.open("rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise CannotRun(f"cannot read config {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise CannotRun(f"config {path}: {exc}") from None
-    section = data.get("send", data)
-    if not isinstance(section, dict):
-        raise CannotRun(f"config {path}: [send] must be a table")
+def _layer(values: dict[str, Any], where: str, base: Path, prefix: str = "") -> dict[str, Any]:
+    """A source's values (by name as written: ``retry-backoff``, ``TRIOMAIL_RETRIES``...)
+    checked, as fields; CannotRun names the first wrong one as it was written."""
     out: dict[str, Any] = {}
-    for raw_key, value in section.items():
-        key = raw_key.replace("-", "_")
-        if key == "send" and section is data:
-            continue
+    for name, value in values.items():
+        key = name.removeprefix(prefix).lower().replace("-", "_") if prefix else name
+        key = key.replace("-", "_")
         if key == "password":
-            raise CannotRun(
-                f"config {path}: passwords are not read from files; set TRIOMAIL_PASSWORD"
-            )
-        types = _CONFIG_TYPES.get(key)
-        if types is None:
-            raise CannotRun(f"config {path}: unknown setting {raw_key!r}")
-        if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
-            raise CannotRun(f"config {path}: {raw_key} has the wrong type")
-        if key in _PATHS:
-            value = (path.parent / Path(str(value)).expanduser()).resolve()
-        check = CHECKS.get(key)
-        if check is not None:
-            try:
-                value = check(str(value))
-            except argparse.ArgumentTypeError as exc:
-                raise CannotRun(f"config {path}: {raw_key} {exc}") from None
-        choices = CHOICES.get(key)
-        if choices is not None and value not in choices:
-            raise CannotRun(f"config {path}: {raw_key} must be one of {', '.join(choices)}")
-        out[key] = value
+            raise CannotRun(f"{where}: passwords are not read from here; set TRIOMAIL_PASSWORD")
+        kind = SETTABLE.get(key)
+        if kind is None:
+            raise CannotRun(f"{where}: unknown setting {name!r}")
+        try:
+            out[key] = checked(name, value, kind, CHECKS.get(key), where, base)
+        except ValueError as exc:
+            raise CannotRun(str(exc)) from None
     return out
 
 
-def settings_from(args: argparse.Namespace) -> SendSettings:
-    """The settings of the parsed command line (and its ``--config``), checked together."""
+def settings_from(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> SendSettings:
+    """The settings of the parsed command line, checked together with the config file,
+    the environment and mailmerge's server file (see :mod:`.config` for the order)."""
+    environ = os.environ if environ is None else environ
     settings = SendSettings(recipients=args.recipients, template=args.template)
-    if args.config is not None:
-        for key, value in _load_config(args.config).items():
+    layers: list[dict[str, Any]] = []
+    config = args.config or discover_config(environ)
+    if config is not None:
+        try:
+            values = load_toml(config)
+        except ValueError as exc:
+            raise CannotRun(str(exc)) from None
+        layers.append(_layer(values, f"config {config}", config.parent))
+    env = from_environment(environ, SETTABLE)
+    layers.append(_layer(env, "environment", Path.cwd(), ENV_PREFIX))
+    layers.append({k: v for k in SETTABLE if (v := getattr(args, k, None)) is not None})
+    for layer in layers:
+        for key, value in layer.items():
             setattr(settings, key, value)
-    for f in dataclasses.fields(SendSettings):
-        value = getattr(args, f.name, None)
-        if value is not None:
-            setattr(settings, f.name, value)
+    if (
+        settings.server is None
+        and settings.sink is None
+        and not settings.dry_run
+        and MAILMERGE_CONFIG.is_file()
+    ):
+        try:
+            found = mailmerge_server(MAILMERGE_CONFIG)
+        except ValueError as exc:
+            raise CannotRun(str(exc)) from None
+        settings.server = found["server"]
+        if settings.rate is None and "rate" in found:
+            settings.rate = found["rate"]
+        print(f"triomail send: using the server in {MAILMERGE_CONFIG}", file=sys.stderr)
     _check_open_files(settings.connections)
     if settings.limit == 0:
         settings.limit = None  # --no-limit (--limit itself takes 1 or more)
@@ -231,10 +257,14 @@ def settings_from(args: argparse.Namespace) -> SendSettings:
             f"--report {report} exists; remove it, name another file, or add --resume "
             "to append to it"
         )
-    if settings.at_most_once and not settings.resume:
-        raise CannotRun("--at-most-once only applies with --resume")
+    for flag, given in (("--at-most-once", settings.at_most_once),
+                        ("--retry-refused", settings.retry_refused)):  # fmt: skip
+        if given and not settings.resume:
+            raise CannotRun(f"{flag} only applies with --resume")
     if settings.resume and settings.journal is None and settings.sink is not None:
         raise CannotRun("--resume with --sink needs --journal (the default journal is in memory)")
+    if settings.password_command and settings.oauth_token_command:
+        raise CannotRun("give --password-command or --oauth-token-command, not both")
     return settings
 
 

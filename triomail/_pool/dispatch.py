@@ -126,6 +126,12 @@ class Dispatch:
     def retry(self, job: Job, retry: Retry) -> None:
         self.nursery.start_soon(self._retry_later, job, retry.delay)
 
+    def requeue(self, jobs: list[Job]) -> None:
+        """Queue ``jobs`` again at once, no attempt charged (they were not sent)."""
+        for job in jobs:
+            if not job.final:
+                self.retry(job, Retry(0.0))
+
     async def _retry_later(self, job: Job, delay: float) -> None:
         # Cancelled here, the job stays held: the last worker to end records it.
         self.ledger.backoff += 1

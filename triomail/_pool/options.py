@@ -6,6 +6,7 @@ made from :class:`PoolOptions`), and the pool's parts read them from one object.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Literal
@@ -35,8 +36,18 @@ class RetryPolicy:
     unknown: Literal["at-least-once", "at-most-once"] = "at-least-once"
 
     def delay(self, attempt: int) -> float:
-        """Seconds to wait before attempt number ``attempt + 1``."""
-        base = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
+        """Seconds to wait before attempt number ``attempt + 1``.
+
+        The delay is ``initial_backoff * multiplier ** (attempt - 1)`` up to
+        ``max_backoff``. The power is taken only as far as the cap (a few dozen steps),
+        never to the attempt count: ``2.0 ** 1024`` overflows a float, and a server
+        refusing connections for an hour is that many failed windows.
+        """
+        steps = max(0, attempt - 1)
+        if self.multiplier > 1:
+            ratio = self.max_backoff / self.initial_backoff if self.initial_backoff > 0 else 1.0
+            steps = min(steps, math.ceil(math.log(ratio, self.multiplier)) if ratio > 1 else 0)
+        base = min(self.max_backoff, self.initial_backoff * self.multiplier**steps)
         return max(0.0, base * (1 + random.uniform(-self.jitter, self.jitter)))
 
 

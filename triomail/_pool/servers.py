@@ -58,6 +58,9 @@ __all__ = [
 RECOVER_EVERY = 20
 #: Seconds between connection attempts to a server that is down, at most.
 PROBE_EVERY = 4.0
+#: Failed windows counted at most: past a few the window is PROBE_EVERY anyway, and an
+#: unbounded count only feeds an ever larger exponent to the policy's delay.
+MAX_FAILURES = 64
 
 log = logging.getLogger("triomail")
 
@@ -169,7 +172,10 @@ class TokenBucket:
         self._tokens = self.burst
         self._stamp: float | None = None
 
-    async def acquire(self) -> None:
+    async def acquire(self, count: int = 1) -> None:
+        """Take ``count`` tokens, one at a time, waiting for each."""
+        for _ in range(count - 1):
+            await self.acquire()
         while True:
             now = trio.current_time()
             if self._stamp is not None:
@@ -230,7 +236,7 @@ class ServerState:
             return
         if self.down_since is None:
             self.down_since = now
-        self.failures += 1
+        self.failures = min(self.failures + 1, MAX_FAILURES)
         wait = min(policy.delay(self.failures), PROBE_EVERY)
         self.down_until = now + wait
         log.warning(
@@ -326,6 +332,20 @@ class Lease:
             self.token = None
         await state.limiter.acquire()
         self.token = state
+
+    def try_reserve(self, state: ServerState) -> bool:
+        """Take a slot on ``state``'s server if one is free now (giving back any other);
+        False, keeping what it holds, if none is."""
+        if self.token is state:
+            return True
+        try:
+            state.limiter.acquire_nowait()
+        except trio.WouldBlock:
+            return False
+        if self.token is not None:
+            self.token.limiter.release()
+        self.token = state
+        return True
 
     async def connect(self, state: ServerState) -> None:
         """Open a connection to ``state``'s server, once its backoff is over (R43)."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from email.message import Message
 
 import trio
@@ -122,8 +122,10 @@ class Worker:
 
     async def _open_for(self, jobs: list[Job]) -> bool:
         """Open a connection for ``jobs``, failing over between servers; False if none
-        could be had (each job then has that attempt recorded)."""
-        servers = self.dispatch.servers
+        could be had (each job has that attempt recorded, or went back to the queue:
+        after a 421 halved the slots, R44, idle connections may hold them all until
+        their ``idle_timeout``, so a worker holding jobs never waits for one)."""
+        servers, lease = self.dispatch.servers, self.lease
         while True:
             state = servers.pick()
             if state is None:
@@ -134,8 +136,13 @@ class Worker:
                     final=True,
                 )
                 return False
+            if not lease.try_reserve(state):
+                if lease.token is None or lease.token.fatal is not None:
+                    self.dispatch.requeue(jobs)
+                    return False
+                state = lease.token  # the slot in hand, on another server
             try:
-                if await self._connect_unless_stopped(state):
+                if await self._unless_stopped(self.lease.connect(state)):
                     self._done_waiting()
                     return True
                 await self._not_sent(jobs, outcomes.STOPPED, final=True)
@@ -187,15 +194,16 @@ class Worker:
             self.dispatch.waiting -= 1
             self.waiting = 0
 
-    async def _connect_unless_stopped(self, state: ServerState) -> bool:
-        """Connect to ``state``'s server; False if ``Pool.stop_connecting`` cut it off."""
+    async def _unless_stopped(self, step: Awaitable[object]) -> bool:
+        """Run ``step`` (a connect, a wait for the rate: nothing started on a server);
+        False if ``Pool.stop_connecting`` cut it off (a stopping batch waits for neither)."""
         dispatch = self.dispatch
         with trio.CancelScope() as connecting:
             if dispatch.stopped_connecting:
                 connecting.cancel()
             dispatch.connecting.add(connecting)
             try:
-                await self.lease.connect(state)
+                await step
             finally:
                 dispatch.connecting.discard(connecting)
         return not connecting.cancelled_caught
@@ -210,9 +218,10 @@ class Worker:
         and the jobs go again without counting an attempt (R45).
         """
         dispatch, ledger, lease = self.dispatch, self.ledger, self.lease
-        if dispatch.rate is not None:
-            for _ in jobs:
-                await dispatch.rate.acquire()
+        rate = dispatch.rate
+        if rate is not None and not await self._unless_stopped(rate.acquire(len(jobs))):
+            await self._not_sent(jobs, outcomes.STOPPED, final=True)
+            return
         while jobs:
             if lease.conn is None:
                 if not await self._open_for(jobs):
@@ -238,9 +247,10 @@ class Worker:
                 await dispatch.settle_each(local, final=True)
             if not ready:
                 return
-            if state.bucket is not None:
-                for _ in ready:
-                    await state.bucket.acquire()
+            bucket = state.bucket
+            if bucket is not None and not await self._unless_stopped(bucket.acquire(len(ready))):
+                await self._not_sent([job for job, _ in ready], outcomes.STOPPED, final=True)
+                return
             refused: _Refused = []
             results = await self._send(ready, refused)
             # Every outcome is recorded before any is handed over (which may wait for
