@@ -26,7 +26,7 @@ from .headers import (
     AddressList,
     address_list,
     check_header_value,
-    encode_unstructured,
+    encode_field,
 )
 from .markdown import markdown_to_html
 from .mime import Attachment, attachment_for, new_boundary
@@ -131,7 +131,7 @@ def build_plan(
                 if key in ADDRESS_FIELDS:
                     header.addresses = address_list(value, f.name)
                 else:
-                    header.encoded = encode_unstructured(f.name, value).encode("ascii")
+                    header.encoded = encode_field(f.name, value).encode("ascii")
             except RowError as exc:
                 raise TemplateError(str(exc)) from None
         elif key in ADDRESS_FIELDS:

@@ -20,6 +20,7 @@ from email.generator import BytesGenerator
 from pathlib import Path
 
 from ..._core.errors import LocalProtocolError
+from ..._core.message import POLICY_7BIT
 from ..._core.paths import format_path
 from .addresses import check_bracketed
 from .headers import (
@@ -28,7 +29,7 @@ from .headers import (
     AddressList,
     check_header_value,
     encode_address_field,
-    encode_unstructured,
+    encode_field,
 )
 from .markdown import link_inline_images, markdown_to_html
 from .mime import attachment_for, content_ids, text_part
@@ -79,7 +80,7 @@ def render_plan(plan: Plan, values: Sequence[str], message_id: str) -> Rendered:
                     check_bracketed(f.name, header.bracketed, values)
                 if f is plan.message_id_field:
                     mid = value
-                lines.append(encode_unstructured(f.name, value).encode("ascii"))
+                lines.append(encode_field(f.name, value).encode("ascii"))
                 continue
             addresses = header.template.fill(values)
         utf8 = utf8 or addresses.utf8
@@ -213,8 +214,7 @@ def render_with_email(raw: str, base: Path, message_id: str) -> Rendered:
     if "Message-ID" not in msg:
         msg["Message-ID"] = message_id
     buffer = io.BytesIO()
-    policy = email.policy.SMTP.clone(cte_type="7bit")
-    BytesGenerator(buffer, policy=policy).flatten(msg, linesep="\r\n")  # type: ignore[arg-type]
+    BytesGenerator(buffer, policy=POLICY_7BIT).flatten(msg, linesep="\r\n")
     data = buffer.getvalue()
     if any(len(line) > MAX_LINE for line in data.split(b"\r\n")):
         raise RowError("a line of the message is longer than 998 octets")
