@@ -80,6 +80,7 @@ def _flag(help_text: str) -> dict[str, Any]:
 
 
 WHERE, SAFETY, SPEED, RECORDS = "where to send", "safety", "throughput", "records"
+DELIVER = "deliverability"
 OPTIONS: tuple[Option, ...] = (
     Option(WHERE, ("--server",), {"metavar": "URL",
         "help": "smtp://, smtps:// or smtp+plain:// URL"}),
@@ -128,6 +129,22 @@ OPTIONS: tuple[Option, ...] = (
         "unknown instead of resending them")),
     Option(RECORDS, ("--progress-interval",), {"metavar": "SECONDS",
         "help": "seconds between progress lines when stderr is not a terminal"}),
+    Option(DELIVER, ("--dkim-key",), {"action": "append", "type": Path, "metavar": "PEM",
+        "help": "sign every message with this RSA or Ed25519 private key (repeatable: one "
+        "signature per key); an encrypted key's passphrase comes from "
+        "TRIOMAIL_DKIM_PASSPHRASE or a prompt"}),
+    Option(DELIVER, ("--dkim-selector",), {"action": "append", "metavar": "SELECTOR",
+        "help": "the selector of each --dkim-key, in the same order"}),
+    Option(DELIVER, ("--dkim-domain",), {"metavar": "DOMAIN",
+        "help": "the signing domain d= (default: the From address's domain)"}),
+    Option(DELIVER, ("--bounce-address",), {"metavar": "ADDR",
+        "help": "envelope sender (MAIL FROM) for bounces; a template expression is allowed, "
+        "e.g. bounces+{{id}}@example.com (VERP). A template's Return-Path: line does the same"}),
+    Option(DELIVER, ("--unsubscribe",), {"metavar": "URL",
+        "help": "add List-Unsubscribe <URL> and List-Unsubscribe-Post (RFC 8058 one-click); "
+        "an https URL, template expressions allowed"}),
+    Option(DELIVER, ("--unsubscribe-mailto",), {"metavar": "ADDR",
+        "help": "add a mailto: URI to List-Unsubscribe; template expressions allowed"}),
 )  # fmt: skip
 #: The positional arguments, in order.
 POSITIONALS: tuple[Option, ...] = (

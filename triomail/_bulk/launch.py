@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import getpass
-import os
 import socket
 import ssl
 import sys
@@ -28,6 +26,7 @@ import trio
 
 from .._client.options import default_ssl_context
 from .._pool.pool import Server
+from .deliver import load_keys, signed, signer_of, template_headers
 from .dry_run import dry_run
 from .feed import Feed
 from .journal import Journal, JournalError
@@ -37,6 +36,7 @@ from .progress import Display, Progress
 from .recipients import RecipientsError, RecipientsReader, check_utf8, estimate_rows
 from .render_process import RenderProcess, default_message_id
 from .run import SendRun
+from .secrets import read_secret
 from .settings import CannotRun, SendSettings
 from .template.compile import CompiledTemplate, compile_template
 from .template.rendered import TemplateError
@@ -50,9 +50,12 @@ CONFIRM_ABOVE = 5
 def prepare_and_run(settings: SendSettings, renderer: RenderProcess | None) -> int:
     """Open and check everything, then send (or dry-run) the batch; the exit status."""
     try:
-        template = compile_template(settings.template, settings.attachments_dir)
+        template = compile_template(
+            settings.template, settings.attachments_dir, template_headers(settings)
+        )
     except TemplateError as exc:
         raise CannotRun(str(exc)) from None
+    keys = load_keys(settings, template.sender_domain())
     try:
         if settings.encoding is None:
             check_utf8(settings.recipients)
@@ -77,12 +80,18 @@ def prepare_and_run(settings: SendSettings, renderer: RenderProcess | None) -> i
             run=journal.run,
             at_most_once=settings.at_most_once,
             message_id=lambda key: default_message_id(key, campaign, domain),
-            render=template.render,
+            render=signed(template.render, signer_of(keys)),
             lookup=journal.lookup,
         )
         if renderer is not None:
             # --render auto: it will be told where the rows rendered here end.
-            renderer.begin(campaign, domain, template.digest, more=settings.render == "auto")
+            renderer.begin(
+                campaign,
+                domain,
+                template.digest,
+                more=settings.render == "auto",
+                keys=[key.line() for key in keys],
+            )
         for warning in reader.warnings:
             print(f"triomail send: warning: {settings.recipients}: {warning}", file=sys.stderr)
         if settings.dry_run:
@@ -185,11 +194,9 @@ def _server(settings: SendSettings) -> Server:
     except ValueError as exc:
         raise CannotRun(f"--server {url}: {exc}") from None
     if server.username:
-        password = os.environ.get("TRIOMAIL_PASSWORD")
-        if password is None:
-            if not sys.stdin.isatty():
-                raise CannotRun("no password: set TRIOMAIL_PASSWORD (no terminal to prompt on)")
-            password = getpass.getpass(f"password for {server.username} on {server.host}: ")
+        password = read_secret(
+            "TRIOMAIL_PASSWORD", f"password for {server.username} on {server.host}: ", "password"
+        )
         server = dataclasses.replace(server, password=password)
     return server
 

@@ -114,6 +114,16 @@ class SendSettings:
     at_most_once: bool = False
     progress_interval: float = 5.0
     render: str = "auto"
+    # -- deliverability (issue 14; options in command.py's DELIVER group) ------------------
+    #: DKIM keys (PEM files) and their selectors, pairwise; the domain (default: From's).
+    dkim_key: list[Path] | None = None
+    dkim_selector: list[str] | None = None
+    dkim_domain: str | None = None
+    #: MAIL FROM, a template expression allowed (VERP); written as a Return-Path line.
+    bounce_address: str | None = None
+    #: RFC 8058 one-click URL (https) and mailto address, template expressions allowed.
+    unsubscribe: str | None = None
+    unsubscribe_mailto: str | None = None
 
     def render_in_process(self) -> bool:
         """Render in a second process? (--render, the CPU count; never for a dry run)."""
@@ -137,6 +147,8 @@ _TOML_TYPES: dict[str, tuple[type, ...]] = {
     "str": (str,),
     "str | None": (str,),
     "Path | None": (str,),
+    "list[str] | None": (list,),
+    "list[Path] | None": (list,),
 }
 #: Every setting but the two positional arguments can come from a config file.
 _CONFIG_TYPES = {

@@ -78,6 +78,8 @@ class Plan:
     has_date: bool
     message_id_field: Field | None
     from_field: Field
+    #: ``Return-Path``: the envelope sender (bounce address), never written (RFC 5321 §4.4).
+    return_path_field: Field | None = None
 
 
 class PlanError(Exception):
@@ -97,6 +99,7 @@ def build_plan(
     has_date = False
     message_id_field = None
     from_field = None
+    return_path_field = None
     for f in fields:
         key = f.key
         if key == "attachment":
@@ -122,6 +125,10 @@ def build_plan(
             message_id_field = f
         elif key == "from" and from_field is None:
             from_field = f
+        elif key == "return-path":
+            if return_path_field is not None:
+                raise TemplateError("the template has more than one Return-Path header")
+            return_path_field = f
         f.name = CANONICAL_NAMES.get(key, f.name)
         header = _Header(f, fmt=format_pieces(f.pieces))
         if f.constant:
@@ -175,6 +182,7 @@ def build_plan(
         has_date=has_date,
         message_id_field=message_id_field,
         from_field=from_field,
+        return_path_field=return_path_field,
     )
 
 
