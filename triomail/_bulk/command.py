@@ -145,6 +145,8 @@ OPTIONS: tuple[Option, ...] = (
         "an https URL, template expressions allowed"}),
     Option(DELIVER, ("--unsubscribe-mailto",), {"metavar": "ADDR",
         "help": "add a mailto: URI to List-Unsubscribe; template expressions allowed"}),
+    Option(DELIVER, ("--strict",), _flag("treat lint warnings (no List-Unsubscribe, free-mail "
+        "From, unaligned DKIM, no text part) as errors: exit 2 before sending")),
 )  # fmt: skip
 #: The positional arguments, in order.
 POSITIONALS: tuple[Option, ...] = (

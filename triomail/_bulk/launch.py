@@ -30,6 +30,7 @@ from .deliver import load_keys, signed, signer_of, template_headers
 from .dry_run import dry_run
 from .feed import Feed
 from .journal import Journal, JournalError
+from .lint import Lint, lint_sample
 from .outcomes import Outcomes
 from .planner import Policy
 from .progress import Display, Progress
@@ -37,7 +38,7 @@ from .recipients import RecipientsError, RecipientsReader, check_utf8, estimate_
 from .render_process import RenderProcess, default_message_id
 from .run import SendRun
 from .secrets import read_secret
-from .settings import CannotRun, SendSettings
+from .settings import EXIT_CANNOT_RUN, CannotRun, SendSettings
 from .template.compile import CompiledTemplate, compile_template
 from .template.rendered import TemplateError
 
@@ -76,11 +77,14 @@ def prepare_and_run(settings: SendSettings, renderer: RenderProcess | None) -> i
         outcomes = Outcomes(journal, progress, display, settings.recipients, settings.report)
         domain = message_domain(template)
         campaign = journal.campaign
+        relay = urlsplit(settings.server).hostname if settings.server else None
+        lint = Lint(rows=estimate, relay=relay, strict=settings.strict)
+        render = signed(template.render, signer_of(keys))
         policy = Policy(
             run=journal.run,
             at_most_once=settings.at_most_once,
             message_id=lambda key: default_message_id(key, campaign, domain),
-            render=signed(template.render, signer_of(keys)),
+            render=lint.watch(render) if settings.dry_run else render,
             lookup=journal.lookup,
         )
         if renderer is not None:
@@ -95,7 +99,7 @@ def prepare_and_run(settings: SendSettings, renderer: RenderProcess | None) -> i
         for warning in reader.warnings:
             print(f"triomail send: warning: {settings.recipients}: {warning}", file=sys.stderr)
         if settings.dry_run:
-            return dry_run(
+            status = dry_run(
                 reader,
                 policy,
                 outcomes,
@@ -103,6 +107,10 @@ def prepare_and_run(settings: SendSettings, renderer: RenderProcess | None) -> i
                 show=settings.show,
                 out_dir=settings.sink,
             )
+            return EXIT_CANNOT_RUN if lint.report(display.message) else status
+        sampled = lint_sample(reader, lint.watch(render), policy.message_id)
+        if lint.report(display.message, of=f" of the first {sampled:,}"):
+            raise CannotRun("lint found errors (above); nothing was sent")
         server = _confirmed_server(settings, estimate, total)
         feed = Feed(
             reader,

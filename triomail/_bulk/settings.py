@@ -124,6 +124,8 @@ class SendSettings:
     #: RFC 8058 one-click URL (https) and mailto address, template expressions allowed.
     unsubscribe: str | None = None
     unsubscribe_mailto: str | None = None
+    #: Lint warnings stop the run as errors do.
+    strict: bool = False
 
     def render_in_process(self) -> bool:
         """Render in a second process? (--render, the CPU count; never for a dry run)."""
