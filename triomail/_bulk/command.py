@@ -147,6 +147,12 @@ OPTIONS: tuple[Option, ...] = (
         "help": "add a mailto: URI to List-Unsubscribe; template expressions allowed"}),
     Option(DELIVER, ("--strict",), _flag("treat lint warnings (no List-Unsubscribe, free-mail "
         "From, unaligned DKIM, no text part) as errors: exit 2 before sending")),
+    Option(DELIVER, ("--exclude",), {"type": Path, "metavar": "FILE",
+        "help": "never mail these addresses (one a line, or a CSV file with an email column; "
+        "the domain compared case-insensitively): such rows are recorded as suppressed"}),
+    Option(DELIVER, ("--suppress-to",), {"type": Path, "metavar": "FILE",
+        "help": "append each recipient refused permanently for its address (5.1.x, 5.2.1), "
+        "for the next campaign's --exclude"}),
 )  # fmt: skip
 #: The positional arguments, in order.
 POSITIONALS: tuple[Option, ...] = (

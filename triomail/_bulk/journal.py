@@ -37,7 +37,9 @@ from typing import Final, Literal
 
 __all__ = ["FINAL_STATES", "Journal", "JournalError", "Record", "Settled", "State"]
 
-State = Literal["pending", "in-flight", "accepted", "transient", "permanent", "unknown"]
+State = Literal[
+    "pending", "in-flight", "accepted", "transient", "permanent", "unknown", "suppressed"
+]
 STATES: Final = ("pending", "in-flight", "accepted", "transient", "permanent", "unknown")
 #: States that --resume never sends again.
 FINAL_STATES: Final = frozenset({"accepted", "permanent"})

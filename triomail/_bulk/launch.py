@@ -39,6 +39,7 @@ from .render_process import RenderProcess, default_message_id
 from .run import SendRun
 from .secrets import read_secret
 from .settings import EXIT_CANNOT_RUN, CannotRun, SendSettings
+from .suppression import SuppressionFile, load_exclusions
 from .template.compile import CompiledTemplate, compile_template
 from .template.rendered import TemplateError
 
@@ -65,7 +66,8 @@ def prepare_and_run(settings: SendSettings, renderer: RenderProcess | None) -> i
         raise CannotRun(str(exc)) from None
     estimate = estimate_rows(settings.recipients)
     journal, counts = _open_journal(settings, template.digest)
-    with contextlib.closing(journal):
+    with contextlib.ExitStack() as stack:
+        stack.callback(journal.close)
         earlier = counts.get("accepted", 0) + counts.get("permanent", 0)
         total = max(0, estimate - earlier) if settings.resume else estimate
         if settings.limit is not None:
@@ -74,7 +76,20 @@ def prepare_and_run(settings: SendSettings, renderer: RenderProcess | None) -> i
         display = Display(
             progress, sys.stderr, tty=sys.stderr.isatty(), interval=settings.progress_interval
         )
-        outcomes = Outcomes(journal, progress, display, settings.recipients, settings.report)
+        suppress_to = (
+            None if settings.suppress_to is None else SuppressionFile(settings.suppress_to)
+        )
+        if suppress_to is not None:
+            stack.callback(suppress_to.close)
+        outcomes = Outcomes(
+            journal,
+            progress,
+            display,
+            settings.recipients,
+            settings.report,
+            content=template.digest,
+            suppress_to=suppress_to,
+        )
         domain = message_domain(template)
         campaign = journal.campaign
         relay = urlsplit(settings.server).hostname if settings.server else None
@@ -86,6 +101,7 @@ def prepare_and_run(settings: SendSettings, renderer: RenderProcess | None) -> i
             message_id=lambda key: default_message_id(key, campaign, domain),
             render=lint.watch(render) if settings.dry_run else render,
             lookup=journal.lookup,
+            excluded=frozenset() if settings.exclude is None else load_exclusions(settings.exclude),
         )
         if renderer is not None:
             # --render auto: it will be told where the rows rendered here end.

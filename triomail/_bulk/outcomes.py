@@ -28,9 +28,10 @@ from typing import IO, Any
 from .._core.reply import Reply
 from .._core.results import Outcome, SendResult
 from .journal import Journal
-from .planner import ChunkPlan
+from .planner import ChunkPlan, Suppressed
 from .progress import Display, Progress
 from .recipients import BadRow
+from .suppression import SuppressionFile, address_level
 
 __all__ = ["MAX_PRINTED_ERRORS", "Outcomes", "Tag"]
 
@@ -95,8 +96,15 @@ class Outcomes:
         display: Display,
         recipients: Path,
         report_path: Path | None = None,
+        *,
+        content: str = "",
+        suppress_to: SuppressionFile | None = None,
     ) -> None:
         self.journal = journal
+        #: The template's digest, recorded with rows that are never claimed (suppressed).
+        self.content = content
+        #: --suppress-to: where address-level permanent refusals are appended.
+        self.suppress_to = suppress_to
         self.progress = progress
         self.display = display
         self.recipients = recipients
@@ -118,9 +126,26 @@ class Outcomes:
         """Record what the planner decided not to send, in file order."""
         p = self.progress
         skipped: list[tuple[str, int, str, str]] = []
+        suppressed: list[tuple[str, int, str, str]] = []
         for note in plan.notes:
             if isinstance(note, BadRow):
                 self.bad_row(note.line, note.error)
+                continue
+            if isinstance(note, Suppressed):
+                row = note.row
+                suppressed.append((row.key, row.line, self.content, note.message_id))
+                p.suppressed += 1
+                self.write(
+                    {
+                        "type": "message",
+                        "line": row.line,
+                        "key": row.key,
+                        "message_id": note.message_id,
+                        "outcome": "suppressed",
+                        "recipients": list(note.recipients),
+                        "time": _iso(time.time()),
+                    }
+                )
                 continue
             row, record = note.row, note.record
             skipped.append((row.key, row.line, record.content, record.message_id))
@@ -140,6 +165,8 @@ class Outcomes:
         p.earlier_failed += plan.earlier_refused
         if skipped:
             self.journal.mark(skipped, "unknown")
+        if suppressed:
+            self.journal.mark(suppressed, "suppressed")
 
     def bad_row(self, line: int, error: str) -> None:
         """A row that is not sent: counted, printed (the first few), reported.
@@ -243,9 +270,20 @@ class Outcomes:
         else:
             p.unknown += 1
         counts = p.recipients
+        refusals = p.refusals
         for r in recipients:
             value = "unknown" if downgraded and r.outcome is _TRANSIENT else r.outcome.value
             counts[value] = counts.get(value, 0) + 1
+            if r.outcome is _ACCEPTED or r.reply is None:
+                continue
+            refusal = r.reply.enhanced_code or str(r.reply.code)
+            refusals[refusal] = refusals.get(refusal, 0) + 1
+            if (
+                self.suppress_to is not None
+                and r.outcome is _PERMANENT
+                and address_level(r.reply.enhanced_code)
+            ):
+                self.suppress_to.add(r.recipient)
         if self.report is not None:
             self._report(result, tag, outcome, downgraded, note)
 

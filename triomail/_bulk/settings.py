@@ -126,6 +126,9 @@ class SendSettings:
     unsubscribe_mailto: str | None = None
     #: Lint warnings stop the run as errors do.
     strict: bool = False
+    #: Addresses never mailed; where address-level permanent refusals are appended.
+    exclude: Path | None = None
+    suppress_to: Path | None = None
 
     def render_in_process(self) -> bool:
         """Render in a second process? (--render, the CPU count; never for a dry run)."""
