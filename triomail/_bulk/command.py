@@ -52,6 +52,9 @@ exit status:
   2    could not run: bad arguments, template or file errors, unreachable server,
        authentication failure (one line on stderr, no traceback); or the render
        process failed mid-batch (what was handed out is recorded; use --resume)
+  3    stopped by the policy brake: too many recipients refused for policy or
+       reputation (5.7.x, 4.7.x; --max-policy-rejections); what was on the wire was
+       finished, the rest is not sent: fix the cause, then use --resume
   130  interrupted (Ctrl-C or SIGTERM); the journal is consistent, use --resume
 """
 
@@ -153,6 +156,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(DELIVER, ("--suppress-to",), {"type": Path, "metavar": "FILE",
         "help": "append each recipient refused permanently for its address (5.1.x, 5.2.1), "
         "for the next campaign's --exclude"}),
+    Option(DELIVER, ("--max-policy-rejections",), {"metavar": "PERCENT",
+        "help": "stop sending (exit 3) once this share of the last 200 recipients was refused "
+        "for policy or reputation (5.7.x, 4.7.x but rate limiting)"}),
 )  # fmt: skip
 #: The positional arguments, in order.
 POSITIONALS: tuple[Option, ...] = (

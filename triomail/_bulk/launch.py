@@ -26,6 +26,7 @@ import trio
 
 from .._client.options import default_ssl_context
 from .._pool.pool import Server
+from .brake import Brake
 from .deliver import load_keys, signed, signer_of, template_headers
 from .dry_run import dry_run
 from .feed import Feed
@@ -89,6 +90,7 @@ def prepare_and_run(settings: SendSettings, renderer: RenderProcess | None) -> i
             settings.report,
             content=template.digest,
             suppress_to=suppress_to,
+            brake=Brake(settings.max_policy_rejections / 100),
         )
         domain = message_domain(template)
         campaign = journal.campaign

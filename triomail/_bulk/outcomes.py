@@ -27,6 +27,7 @@ from typing import IO, Any
 
 from .._core.reply import Reply
 from .._core.results import Outcome, SendResult
+from .brake import Brake
 from .journal import Journal
 from .planner import ChunkPlan, Suppressed
 from .progress import Display, Progress
@@ -99,12 +100,15 @@ class Outcomes:
         *,
         content: str = "",
         suppress_to: SuppressionFile | None = None,
+        brake: Brake | None = None,
     ) -> None:
         self.journal = journal
         #: The template's digest, recorded with rows that are never claimed (suppressed).
         self.content = content
         #: --suppress-to: where address-level permanent refusals are appended.
         self.suppress_to = suppress_to
+        #: The policy brake, told every recipient's outcome.
+        self.brake = brake
         self.progress = progress
         self.display = display
         self.recipients = recipients
@@ -227,6 +231,8 @@ class Outcomes:
             p.accepted += 1
             counts = p.recipients
             counts["accepted"] = counts.get("accepted", 0) + 1
+            if self.brake is not None:
+                self.brake.accepted()
             if reply is not None:
                 lines = reply.lines
                 line = lines[0] if len(lines) == 1 else "\n".join(lines)
@@ -269,6 +275,8 @@ class Outcomes:
             p.deferred += 1
         else:
             p.unknown += 1
+        if self.brake is not None:
+            self.brake.observe(recipients)
         counts = p.recipients
         refusals = p.refusals
         for r in recipients:

@@ -8,14 +8,14 @@ unreachable server or refused credentials exit 2 before anything is claimed), th
 opens the pool on :meth:`.feed.Feed.messages` and records every result as it comes
 back (:mod:`.outcomes`).
 
-Signals: the first SIGINT/SIGTERM stops reading rows; transactions on the wire are
-finished, messages waiting for a retry are not sent again (recorded as transient, or
-unknown if an earlier attempt may have delivered them), claimed messages never handed
-to the pool go back to pending. A second signal cancels at once; messages cut off are
-recorded as transient or unknown, messages the pool held without sending them as
-transient. Either way nothing handed to the pool is left in-flight: the pool reports
-each such message in ``Pool.interrupted``, and ``--resume --at-most-once`` skips only
-those that may have been delivered.
+Signals: the first SIGINT/SIGTERM (or the policy brake, :mod:`.brake`) stops reading
+rows; transactions on the wire are finished, messages waiting for a retry are not sent
+again (recorded as transient, or unknown if an earlier attempt may have delivered them),
+claimed messages never handed to the pool go back to pending. A second signal cancels
+at once; messages cut off are recorded as transient or unknown, messages the pool held
+without sending them as transient. Either way nothing handed to the pool is left
+in-flight: the pool reports each such message in ``Pool.interrupted``, and ``--resume
+--at-most-once`` skips only those that may have been delivered.
 
 The capture server (:mod:`triomail.testing`) is imported only for ``--sink``, inside
 :meth:`SendRun.run`: its import costs every other run tens of milliseconds of start-up.
@@ -36,7 +36,15 @@ from .._pool.pool import Pool, RetryPolicy, Server, open_pool
 from .feed import Feed
 from .journal import Journal
 from .outcomes import Outcomes
-from .settings import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, STDOUT, CannotRun, SendSettings
+from .settings import (
+    EXIT_BRAKE,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    STDOUT,
+    CannotRun,
+    SendSettings,
+)
 
 __all__ = ["SendRun", "preflight"]
 
@@ -159,6 +167,15 @@ class SendRun:
                 + (f" ({left} pending or in flight)" if left else "")
                 + "; continue with --resume"
             )
+        brake = outcomes.brake
+        if brake is not None and brake.tripped:
+            consistent, left = self._left()
+            self._note(
+                f"stopped by the policy brake: {brake.why()}; {consistent}"
+                + (f" ({left} pending or in flight)" if left else "")
+                + "; fix the cause (authentication, reputation, content), then --resume"
+            )
+            return EXIT_BRAKE
         if self.aborted or self.feed.stopping:
             consistent, left = self._left()
             self._note(
@@ -224,17 +241,18 @@ class SendRun:
     ) -> None:
         """First signal: stop reading rows, finish what is on the wire. Second: abort."""
         outstanding = self.outcomes.outstanding
-        async for _ in signals:
-            self.feed.stopping = True
-            break
+        await self._first_stop(signals)
+        self.feed.stopping = True
         if not pool_ref:
             scope.cancel()  # nothing was sent yet
             return
         # What is on the wire finishes; nothing waits for a new connection (a server
         # gone quiet would hold the stop for its greeting timeout): not sent, --resume.
         pool_ref[0].stop_connecting()
+        brake = self.outcomes.brake
+        why = "policy brake" if brake is not None and brake.tripped else "interrupted"
         self._note(
-            f"interrupted: finishing the {len(outstanding)} message(s) in flight; "
+            f"{why}: finishing the {len(outstanding)} message(s) in flight; "
             "press Ctrl-C again to abort"
         )
 
@@ -258,6 +276,23 @@ class SendRun:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(drain)
             nursery.start_soon(second)
+
+    async def _first_stop(self, signals: AsyncIterator[int]) -> None:
+        """Return at the first signal, or when the policy brake trips (:mod:`.brake`)."""
+        tripped = trio.Event()
+        brake = self.outcomes.brake
+        if brake is not None:
+            brake.on_trip = tripped.set
+        async with trio.open_nursery() as nursery:
+
+            async def on_signal() -> None:
+                async for _ in signals:
+                    break
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(on_signal)
+            await tripped.wait()
+            nursery.cancel_scope.cancel()
 
     async def _tick(self, pool_ref: list[Pool]) -> None:
         outcomes = self.outcomes

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "EXIT_BRAKE",
     "EXIT_CANNOT_RUN",
     "EXIT_FAILED",
     "EXIT_INTERRUPTED",
@@ -39,6 +40,8 @@ __all__ = [
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CANNOT_RUN = 2
+#: The policy brake stopped the campaign (:mod:`.brake`).
+EXIT_BRAKE = 3
 EXIT_INTERRUPTED = 130
 
 #: --render: where messages are rendered.
@@ -78,6 +81,7 @@ CHECKS: dict[str, Callable[[str], Any]] = {
     "retry_backoff": _number(float, 1e-3, 86_400),
     "retry_max_backoff": _number(float, 1e-3, 86_400),
     "progress_interval": _number(float, 1e-3, 86_400),
+    "max_policy_rejections": _number(float, 0.1, 100),
 }
 #: Descriptors kept free for the journal, the report, the render process and TLS.
 _RESERVED_FILES = 64
@@ -129,6 +133,8 @@ class SendSettings:
     #: Addresses never mailed; where address-level permanent refusals are appended.
     exclude: Path | None = None
     suppress_to: Path | None = None
+    #: The brake: percent of recent recipients refused for policy that stops sending.
+    max_policy_rejections: float = 10.0
 
     def render_in_process(self) -> bool:
         """Render in a second process? (--render, the CPU count; never for a dry run)."""
