@@ -36,7 +36,7 @@ from .template.rendered import Rendered
 if TYPE_CHECKING:
     from .._core.prepare import Signer
 
-__all__ = ["DKIMKey", "load_keys", "signed", "signer_of", "template_headers"]
+__all__ = ["DKIMKey", "load_keys", "read_key", "signed", "signer_of", "template_headers"]
 
 #: The environment variable holding the passphrase of encrypted DKIM keys.
 PASSPHRASE_VARIABLE = "TRIOMAIL_DKIM_PASSPHRASE"
@@ -85,10 +85,6 @@ class DKIMKey:
 
 def load_keys(settings: SendSettings, from_domain: str | None) -> list[DKIMKey]:
     """The ``--dkim-key`` files, decrypted; :class:`CannotRun` for anything wrong."""
-    from cryptography.hazmat.primitives import serialization
-
-    from .._core.dkim import load_private_key
-
     paths = settings.dkim_key or []
     selectors = settings.dkim_selector or []
     if len(paths) != len(selectors):
@@ -100,29 +96,39 @@ def load_keys(settings: SendSettings, from_domain: str | None) -> list[DKIMKey]:
     if paths and not domain:
         raise CannotRun("the From address varies per row: give --dkim-domain")
     keys = []
-    passphrase: bytes | None = None
+    passphrases: list[bytes] = []  # asked once, for all the keys
     for path, selector in zip(paths, selectors, strict=True):
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise CannotRun(f"--dkim-key {path}: {exc.strerror}") from None
-        try:
-            try:
-                key = load_private_key(data)
-            except TypeError:  # encrypted: one passphrase, asked once, for all the keys
-                if passphrase is None:
-                    passphrase = read_passphrase(f"passphrase for DKIM key {path}: ")
-                key = load_private_key(data, passphrase)
-        except (ValueError, TypeError) as exc:
-            raise CannotRun(f"--dkim-key {path}: {' '.join(str(exc).split())}") from None
-        pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        pem = read_key(path, passphrases, "--dkim-key")
         assert domain is not None
         keys.append(DKIMKey(domain, selector, pem))
     return keys
+
+
+def read_key(path: Path, passphrases: list[bytes], option: str) -> bytes:
+    """A private key file as unencrypted PEM; an encrypted one's passphrase is asked for
+    once (kept in ``passphrases`` for the next key). :class:`CannotRun` if unusable."""
+    from cryptography.hazmat.primitives import serialization
+
+    from .._core.dkim import load_private_key
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise CannotRun(f"{option} {path}: {exc.strerror}") from None
+    try:
+        try:
+            key = load_private_key(data)
+        except TypeError:  # encrypted
+            if not passphrases:
+                passphrases.append(read_passphrase(f"passphrase for DKIM key {path}: "))
+            key = load_private_key(data, passphrases[0])
+    except (ValueError, TypeError) as exc:
+        raise CannotRun(f"{option} {path}: {' '.join(str(exc).split())}") from None
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
 
 
 def read_passphrase(prompt: str) -> bytes:
