@@ -125,7 +125,7 @@ def prepare_and_run(settings: SendSettings, renderer: RenderProcess | None) -> i
                 show=settings.show,
                 out_dir=settings.sink,
             )
-            return EXIT_CANNOT_RUN if lint.report(display.message) else status
+            return EXIT_CANNOT_RUN if lint.report(display.message, clean=True) else status
         sampled = lint_sample(reader, lint.watch(render), policy.message_id)
         if lint.report(display.message, of=f" of the first {sampled:,}"):
             raise CannotRun("lint found errors (above); nothing was sent")

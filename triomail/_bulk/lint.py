@@ -148,8 +148,13 @@ class Lint:
 
         return render_checked
 
-    def report(self, say: Callable[[str], None], *, of: str = "") -> bool:
-        """Print each finding once with its count of rows; True if sending must stop."""
+    def report(self, say: Callable[[str], None], *, of: str = "", clean: bool = False) -> bool:
+        """Print each finding once with its count of rows; True if sending must stop.
+
+        ``clean``: say so when there is nothing to report (a dry run).
+        """
+        if clean and not (self.errors or self.warnings):
+            say(f"lint: no problems in {self.checked:,} message(s){of}")
         for kind, counts in (("error", self.errors), ("warning", self.warnings)):
             if kind == "warning" and self.strict:
                 kind = "error (--strict)"
