@@ -31,7 +31,7 @@ from .brake import Brake
 from .journal import Journal
 from .planner import ChunkPlan, Suppressed
 from .progress import Display, Progress
-from .recipients import BadRow
+from .recipients import BadRow, Row
 from .suppression import SuppressionFile, address_level
 
 __all__ = ["MAX_PRINTED_ERRORS", "Outcomes", "Tag"]
@@ -139,38 +139,32 @@ class Outcomes:
                 row = note.row
                 suppressed.append((row.key, row.line, self.content, note.message_id))
                 p.suppressed += 1
-                self.write(
-                    {
-                        "type": "message",
-                        "line": row.line,
-                        "key": row.key,
-                        "message_id": note.message_id,
-                        "outcome": "suppressed",
-                        "recipients": list(note.recipients),
-                        "time": _iso(time.time()),
-                    }
-                )
+                self._not_sent(row, note.message_id, "suppressed", recipients=list(note.recipients))
                 continue
             row, record = note.row, note.record
             skipped.append((row.key, row.line, record.content, record.message_id))
             p.unknown += 1
-            self.write(
-                {
-                    "type": "message",
-                    "line": row.line,
-                    "key": row.key,
-                    "message_id": record.message_id,
-                    "outcome": "unknown",
-                    "skipped": "at-most-once",
-                    "time": _iso(time.time()),
-                }
-            )
+            self._not_sent(row, record.message_id, "unknown", skipped="at-most-once")
         p.earlier += plan.earlier
         p.earlier_failed += plan.earlier_refused
         if skipped:
             self.journal.mark(skipped, "unknown")
         if suppressed:
             self.journal.mark(suppressed, "suppressed")
+
+    def _not_sent(self, row: Row, message_id: str, outcome: str, **extra: object) -> None:
+        """The report line of a row the planner kept from the pool."""
+        self.write(
+            {
+                "type": "message",
+                "line": row.line,
+                "key": row.key,
+                "message_id": message_id,
+                "outcome": outcome,
+                **extra,
+                "time": _iso(time.time()),
+            }
+        )
 
     def bad_row(self, line: int, error: str) -> None:
         """A row that is not sent: counted, printed (the first few), reported.

@@ -129,6 +129,12 @@ class SendRun:
                 "are sent with the new version"
             )
 
+    def _stopped(self, why: str, then: str) -> None:
+        """Say why the run stopped early, that the journal is consistent, what to do."""
+        consistent, left = self._left()
+        pending = f"; {left} message(s) pending or in flight" if left else ""
+        self._note(f"{why}: {consistent}{pending}; {then}")
+
     def _left(self) -> tuple[str, int]:
         """Where the journal is (it is consistent), and how many messages it holds unsettled."""
         counts = self.journal.counts()
@@ -169,20 +175,13 @@ class SendRun:
             )
         brake = outcomes.brake
         if brake is not None and brake.tripped:
-            consistent, left = self._left()
-            self._note(
-                f"stopped by the policy brake: {brake.why()}; {consistent}"
-                + (f" ({left} pending or in flight)" if left else "")
-                + "; fix the cause (authentication, reputation, content), then --resume"
+            self._stopped(
+                f"stopped by the policy brake: {brake.why()}",
+                "fix the cause (authentication, reputation, content), then --resume",
             )
             return EXIT_BRAKE
         if self.aborted or self.feed.stopping:
-            consistent, left = self._left()
-            self._note(
-                f"interrupted: {consistent}"
-                + (f"; {left} message(s) pending or in flight" if left else "")
-                + "; continue with --resume"
-            )
+            self._stopped("interrupted", "continue with --resume")
             return EXIT_INTERRUPTED
         p = outcomes.progress
         if p.failed or p.deferred or p.unknown or p.skipped or p.earlier_failed:
