@@ -104,3 +104,31 @@ def test_name_server_forms() -> None:
     assert name_server("127.0.0.1:5353") == ("127.0.0.1", 5353)
     assert name_server("::1") == ("::1", None)
     assert name_server("[::1]:5353") == ("::1", 5353)
+
+
+async def test_send_check_dns_is_part_of_a_dry_run(
+    nursery: trio.Nursery, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "t.txt").write_text(f"From: news@{DOMAIN}\nTo: {{{{email}}}}\nSubject: Hi\n\nHi.\n")
+    (tmp_path / "rows.csv").write_text("email\na@example.org\n")
+    good, bad = DNSServer(records()), DNSServer(records(dmarc=False))
+    good_port, bad_port = await nursery.start(good.serve), await nursery.start(bad.serve)
+    base = [
+        "send", str(tmp_path / "rows.csv"), str(tmp_path / "t.txt"), "--dry-run", "--show", "0",
+        "--check-dns", "--dkim-key", str(key_file(tmp_path)), "--dkim-selector", "news",
+    ]  # fmt: skip
+
+    async def send(port: int, *more: str) -> int:
+        argv = [*base, "--dns-resolver", f"127.0.0.1:{port}", *more]
+        return await trio.to_thread.run_sync(main, argv)
+
+    assert await send(good_port) == 0
+    captured = capsys.readouterr()
+    assert f"DNS preflight for {DOMAIN}: ok" in captured.err
+    assert "matches the signing key" in captured.err
+    assert "lint: no problems in 1 message(s)" in captured.err
+    assert await send(bad_port) == 0
+    err = capsys.readouterr().err
+    assert "DMARC  missing" in err
+    assert "lint warning: the DNS preflight of the sending domain found problems (above)\n" in err
+    assert await send(bad_port, "--strict") == 2

@@ -10,6 +10,10 @@ library's (:func:`triomail._client.dns.check_dns`, dnspython on Trio); this modu
 reads the options, asks, prints the report and sets the exit status: 0 all good, 1 a
 record is missing, wrong or does not match, 2 the command could not run.
 
+``triomail send --check-dns`` runs the same checks before a campaign (:func:`check_campaign`):
+the From domain, and each ``--dkim-key`` at its selector and domain; problems are a lint
+warning (an error with ``--strict``).
+
 ``--resolver ADDRESS[:PORT]`` asks that name server instead of the system's (a local
 validating resolver, or in tests a server on loopback).
 """
@@ -19,13 +23,17 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .command import Subcommands
 from .settings import EXIT_CANNOT_RUN, EXIT_FAILED, EXIT_OK, CannotRun
 
-__all__ = ["register"]
+if TYPE_CHECKING:
+    from .deliver import DKIMKey
+
+__all__ = ["DNS_PROBLEMS", "check_campaign", "preflight", "register"]
 
 #: Seconds for all the lookups together.
 DEFAULT_TIMEOUT = 10.0
@@ -79,10 +87,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    import dns.asyncresolver
-    import trio
-
-    from .._client.dns import check_dns, format_report
     from .._core.dkim import DKIMSigner
     from .deliver import read_key
 
@@ -96,20 +100,71 @@ def _check(args: argparse.Namespace) -> int:
             public = DKIMSigner(domain, args.dkim_selector, pem).public_key
         except ValueError as exc:
             raise CannotRun(f"--dkim-key {args.dkim_key}: {exc}") from None
-    resolver = dns.asyncresolver.Resolver(configure=args.resolver is None)
-    if args.resolver is not None:
-        host, port = name_server(args.resolver)
+    text, ok = preflight(
+        domain, [(args.dkim_selector, public)], args.resolver, args.timeout, what="--from"
+    )
+    print(text)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def preflight(
+    domain: str,
+    selectors: Sequence[tuple[str | None, str | None]],
+    resolver_address: str | None,
+    timeout: float = DEFAULT_TIMEOUT,
+    *,
+    what: str = "domain",
+) -> tuple[str, bool]:
+    """The reports for ``domain``, one per (selector, expected public key), and whether
+    all are good. ``triomail send --check-dns`` asks the same, once per DKIM key."""
+    import dns.asyncresolver
+    import trio
+
+    from .._client.dns import DNSReport, check_dns, format_report
+
+    resolver = dns.asyncresolver.Resolver(configure=resolver_address is None)
+    if resolver_address is not None:
+        host, port = name_server(resolver_address)
         resolver.nameservers = [host]
         if port is not None:
             resolver.port = port
-    resolver.lifetime = args.timeout
+    resolver.lifetime = timeout
 
-    async def ask() -> Any:
-        return await check_dns(domain, args.dkim_selector, public, resolver=resolver)
+    async def ask() -> list[DNSReport]:
+        return [
+            await check_dns(domain, selector, public, resolver=resolver)
+            for selector, public in selectors
+        ]
 
     try:
-        report = trio.run(ask)
+        reports = trio.run(ask)
     except ValueError as exc:
-        raise CannotRun(f"--from {args.domain}: {exc}") from None
-    print(format_report(report))
-    return EXIT_OK if report.ok else EXIT_FAILED
+        raise CannotRun(f"{what} {domain}: {exc}") from None
+    return "\n".join(format_report(r) for r in reports), all(r.ok for r in reports)
+
+
+#: The lint finding when the DNS preflight of ``send --check-dns`` found problems.
+DNS_PROBLEMS = "the DNS preflight of the sending domain found problems (above)"
+
+
+def check_campaign(
+    from_domain: str | None,
+    keys: Sequence[DKIMKey],
+    resolver_address: str | None,
+    say: Callable[[str], None],
+) -> bool:
+    """``send --check-dns``: the From domain's records and each key's; True if all good."""
+    from .._core.dkim import DKIMSigner
+
+    if from_domain is None:
+        raise CannotRun("--check-dns: the From address varies per row; use triomail check-dns")
+    by_domain: dict[str, list[tuple[str | None, str | None]]] = {from_domain: []}
+    for key in keys:
+        public = DKIMSigner(key.domain, key.selector, key.pem).public_key
+        by_domain.setdefault(key.domain, []).append((key.selector, public))
+    ok = True
+    for domain, selectors in by_domain.items():
+        text, good = preflight(domain, selectors or [(None, None)], resolver_address)
+        say(text)
+        ok = ok and good
+    return ok

@@ -159,6 +159,11 @@ OPTIONS: tuple[Option, ...] = (
     Option(DELIVER, ("--max-policy-rejections",), {"metavar": "PERCENT",
         "help": "stop sending (exit 3) once this share of the last 200 recipients was refused "
         "for policy or reputation (5.7.x, 4.7.x but rate limiting)"}),
+    Option(DELIVER, ("--check-dns",), _flag("first check the From domain's SPF and DMARC "
+        "records and each --dkim-key's published key (as triomail check-dns); problems are a "
+        "lint warning")),
+    Option(DELIVER, ("--dns-resolver",), {"metavar": "ADDRESS[:PORT]",
+        "help": "the name server --check-dns asks (the system's)"}),
 )  # fmt: skip
 #: The positional arguments, in order.
 POSITIONALS: tuple[Option, ...] = (

@@ -27,6 +27,7 @@ import trio
 from .._client.options import default_ssl_context
 from .._pool.pool import Server
 from .brake import Brake
+from .checkdns import DNS_PROBLEMS, check_campaign
 from .deliver import load_keys, signed, signer_of, template_headers
 from .dry_run import dry_run
 from .feed import Feed
@@ -116,6 +117,10 @@ def prepare_and_run(settings: SendSettings, renderer: RenderProcess | None) -> i
             )
         for warning in reader.warnings:
             print(f"triomail send: warning: {settings.recipients}: {warning}", file=sys.stderr)
+        if settings.check_dns:
+            from_domain = template.sender_domain()
+            if not check_campaign(from_domain, keys, settings.dns_resolver, display.message):
+                lint.warnings[DNS_PROBLEMS] = 0  # about the campaign, not its rows
         if settings.dry_run:
             status = dry_run(
                 reader,

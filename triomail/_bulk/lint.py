@@ -159,7 +159,9 @@ class Lint:
             if kind == "warning" and self.strict:
                 kind = "error (--strict)"
             for text, count in counts.items():
-                say(f"lint {kind}: {text} [{count:,} row(s){of}]")
+                # A count of 0: a finding about the campaign, not its rows (DNS).
+                rows = f" [{count:,} row(s){of}]" if count else ""
+                say(f"lint {kind}: {text}{rows}")
         return bool(self.errors or (self.strict and self.warnings))
 
 

@@ -135,6 +135,9 @@ class SendSettings:
     suppress_to: Path | None = None
     #: The brake: percent of recent recipients refused for policy that stops sending.
     max_policy_rejections: float = 10.0
+    #: Check the sending domain's SPF, DMARC and DKIM records first; with this name server.
+    check_dns: bool = False
+    dns_resolver: str | None = None
 
     def render_in_process(self) -> bool:
         """Render in a second process? (--render, the CPU count; never for a dry run)."""
