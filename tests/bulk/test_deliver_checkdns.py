@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from helpers.dns_server import DNSServer, txt
 
-from triomail._bulk.checkdns import name_server
+from triomail._bulk.preflight import name_server
 from triomail._cli import main
 from triomail._core.dkim import DKIMSigner
 
@@ -86,7 +86,7 @@ async def test_another_key_or_no_dmarc_fails(
 @pytest.mark.parametrize(
     ("args", "error"),
     [
-        (["--resolver", "dns.example:53"], "--resolver dns.example:53: not ADDRESS[:PORT]"),
+        (["--resolver", "dns.example:53"], "name server dns.example:53: not ADDRESS[:PORT]"),
         (["--dkim-key", "nothing.pem"], "--dkim-key needs --dkim-selector"),
         (["--dkim-key", "nothing.pem", "--dkim-selector", "s"], "--dkim-key nothing.pem: "),
     ],

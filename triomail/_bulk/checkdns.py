@@ -10,9 +10,9 @@ library's (:func:`triomail._client.dns.check_dns`, dnspython on Trio); this modu
 reads the options, asks, prints the report and sets the exit status: 0 all good, 1 a
 record is missing, wrong or does not match, 2 the command could not run.
 
-``triomail send --check-dns`` runs the same checks before a campaign (:func:`check_campaign`):
-the From domain, and each ``--dkim-key`` at its selector and domain; problems are a lint
-warning (an error with ``--strict``).
+``triomail send --check-dns`` runs the same checks before a campaign (:mod:`.preflight`,
+shared): the From domain, and each ``--dkim-key`` at its selector and domain; problems
+are a lint warning (an error with ``--strict``).
 
 ``--resolver ADDRESS[:PORT]`` asks that name server instead of the system's (a local
 validating resolver, or in tests a server on loopback).
@@ -21,22 +21,14 @@ validating resolver, or in tests a server on loopback).
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .command import Subcommands
+from .preflight import DEFAULT_TIMEOUT, preflight
 from .settings import EXIT_CANNOT_RUN, EXIT_FAILED, EXIT_OK, CannotRun
 
-if TYPE_CHECKING:
-    from .deliver import DKIMKey
-
-__all__ = ["DNS_PROBLEMS", "check_campaign", "preflight", "register"]
-
-#: Seconds for all the lookups together.
-DEFAULT_TIMEOUT = 10.0
+__all__ = ["register"]
 
 
 def register(subparsers: Subcommands) -> None:
@@ -58,24 +50,6 @@ def register(subparsers: Subcommands) -> None:
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help=f"for all the lookups ({DEFAULT_TIMEOUT:g})")  # fmt: skip
     p.set_defaults(func=_run)
-
-
-def name_server(text: str) -> tuple[str, int | None]:
-    """``ADDRESS``, ``ADDRESS:PORT`` or ``[IPv6]:PORT`` as an address and a port."""
-    host, port = text, ""
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest.removeprefix(":")
-    elif text.count(":") == 1:
-        host, _, port = text.partition(":")
-    try:
-        address = str(ipaddress.ip_address(host))
-        number = int(port) if port else None
-    except ValueError:
-        raise CannotRun(f"--resolver {text}: not ADDRESS[:PORT] (an IP address)") from None
-    if number is not None and not 0 < number < 65536:
-        raise CannotRun(f"--resolver {text}: the port must be 1 to 65535")
-    return address, number
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -105,66 +79,3 @@ def _check(args: argparse.Namespace) -> int:
     )
     print(text)
     return EXIT_OK if ok else EXIT_FAILED
-
-
-def preflight(
-    domain: str,
-    selectors: Sequence[tuple[str | None, str | None]],
-    resolver_address: str | None,
-    timeout: float = DEFAULT_TIMEOUT,
-    *,
-    what: str = "domain",
-) -> tuple[str, bool]:
-    """The reports for ``domain``, one per (selector, expected public key), and whether
-    all are good. ``triomail send --check-dns`` asks the same, once per DKIM key."""
-    import dns.asyncresolver
-    import trio
-
-    from .._client.dns import DNSReport, check_dns, format_report
-
-    resolver = dns.asyncresolver.Resolver(configure=resolver_address is None)
-    if resolver_address is not None:
-        host, port = name_server(resolver_address)
-        resolver.nameservers = [host]
-        if port is not None:
-            resolver.port = port
-    resolver.lifetime = timeout
-
-    async def ask() -> list[DNSReport]:
-        return [
-            await check_dns(domain, selector, public, resolver=resolver)
-            for selector, public in selectors
-        ]
-
-    try:
-        reports = trio.run(ask)
-    except ValueError as exc:
-        raise CannotRun(f"{what} {domain}: {exc}") from None
-    return "\n".join(format_report(r) for r in reports), all(r.ok for r in reports)
-
-
-#: The lint finding when the DNS preflight of ``send --check-dns`` found problems.
-DNS_PROBLEMS = "the DNS preflight of the sending domain found problems (above)"
-
-
-def check_campaign(
-    from_domain: str | None,
-    keys: Sequence[DKIMKey],
-    resolver_address: str | None,
-    say: Callable[[str], None],
-) -> bool:
-    """``send --check-dns``: the From domain's records and each key's; True if all good."""
-    from .._core.dkim import DKIMSigner
-
-    if from_domain is None:
-        raise CannotRun("--check-dns: the From address varies per row; use triomail check-dns")
-    by_domain: dict[str, list[tuple[str | None, str | None]]] = {from_domain: []}
-    for key in keys:
-        public = DKIMSigner(key.domain, key.selector, key.pem).public_key
-        by_domain.setdefault(key.domain, []).append((key.selector, public))
-    ok = True
-    for domain, selectors in by_domain.items():
-        text, good = preflight(domain, selectors or [(None, None)], resolver_address)
-        say(text)
-        ok = ok and good
-    return ok

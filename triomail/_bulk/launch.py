@@ -27,7 +27,6 @@ import trio
 from .._client.options import default_ssl_context
 from .._pool.pool import Server
 from .brake import Brake
-from .checkdns import DNS_PROBLEMS, check_campaign
 from .deliver import load_keys, signed, signer_of, template_headers
 from .dry_run import dry_run
 from .feed import Feed
@@ -35,6 +34,7 @@ from .journal import Journal, JournalError
 from .lint import Lint, lint_sample
 from .outcomes import Outcomes
 from .planner import Policy
+from .preflight import DNS_PROBLEMS, check_campaign
 from .progress import Display, Progress
 from .recipients import RecipientsError, RecipientsReader, check_utf8, estimate_rows
 from .render_process import RenderProcess, default_message_id
