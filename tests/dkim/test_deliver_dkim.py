@@ -63,7 +63,9 @@ def campaign(tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path / "rows.csv", tmp_path / "t.txt"
 
 
-@pytest.mark.parametrize(("render", "chunking"), [("process", True), ("inline", False)])
+@pytest.mark.parametrize(
+    ("render", "chunking"), [("process", True), ("inline", False), ("auto", True)]
+)
 async def test_every_message_of_a_signed_campaign_verifies(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
