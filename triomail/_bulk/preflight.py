@@ -55,7 +55,10 @@ def preflight(
 ) -> tuple[str, bool]:
     """The reports for ``domain``, one per (selector, expected public key), and whether
     all are good. ``triomail send --check-dns`` asks the same, once per DKIM key."""
-    import dns.asyncresolver
+    try:
+        import dns.asyncresolver
+    except ImportError:
+        raise CannotRun("DNS checks need dnspython: pip install 'triomail[dns]'") from None
     import trio
 
     from .._client.dns import DNSReport, check_dns, format_report
