@@ -12,6 +12,9 @@ Cases:
   body with three fields), 10,000 rows.
 * ``text+html``: a ``Content-Type: text/markdown`` template (text/plain and text/html
   alternative) with a non-ASCII subject and non-ASCII names, 10,000 rows.
+* ``DKIM``: the text+html case, triomail only, unsigned, signed with an RSA-2048 key and
+  signed with an Ed25519 key (``--dkim-key``; signed in the render process), interleaved,
+  with the signed/unsigned ratio (``--no-dkim`` skips it, ``--only-dkim`` runs it alone).
 * ``1M rows``: the text+html template over 1,000,000 rows, triomail only, once; the
   peak RSS of the command (``os.wait4``) is reported, and that of its render process
   (sampled from ``/proc`` while it runs).
@@ -45,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,7 +203,14 @@ def compile_triomail() -> None:
 
 
 def run_triomail(
-    work: Path, rows: Path, template: Path, port: int, connections: int, *, watch: bool = False
+    work: Path,
+    rows: Path,
+    template: Path,
+    port: int,
+    connections: int,
+    *,
+    watch: bool = False,
+    extra: Sequence[str] = (),
 ) -> Run:
     journal = work / "journal.sqlite3"
     for suffix in ("", "-wal", "-shm"):
@@ -208,7 +218,7 @@ def run_triomail(
     argv = [
         sys.executable, "-m", "triomail", "send", str(rows), str(template),
         "--server", f"smtp+plain://127.0.0.1:{port}", "--yes", "--journal", str(journal),
-        "--connections", str(connections), "--progress-interval", "3600",
+        "--connections", str(connections), "--progress-interval", "3600", *extra,
     ]  # fmt: skip
     log = work / "triomail.log"
     run = run_child(argv, cwd=work, stdout=log, watch=watch)
@@ -233,6 +243,55 @@ def run_mailmerge(work: Path, rows: Path, template: Path, port: int) -> Run:
     return run
 
 
+# -- DKIM: the text+html campaign unsigned, RSA-signed and Ed25519-signed (issue 14) --------
+
+
+def dkim_keys(work: Path) -> dict[str, list[str]]:
+    """The ``send`` options of each variant: none, an RSA-2048 key, an Ed25519 key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    pem, pkcs8 = serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8
+    keys = {
+        "rsa-2048": rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        "ed25519": ed25519.Ed25519PrivateKey.generate(),
+    }
+    variants: dict[str, list[str]] = {"unsigned": []}
+    for name, key in keys.items():
+        path = work / f"{name}.pem"
+        path.write_bytes(key.private_bytes(pem, pkcs8, serialization.NoEncryption()))
+        variants[name] = ["--dkim-key", str(path), "--dkim-selector", name.partition("-")[0]]
+    return variants
+
+
+def dkim_section(
+    work: Path, rows: Path, template: Path, port: int, args: argparse.Namespace
+) -> None:
+    """Signed against unsigned, interleaved runs, medians; signing is in the render process."""
+    variants = dkim_keys(work)
+    walls: dict[str, list[float]] = {}
+    steadies: dict[str, list[float]] = {}
+    for i in range(args.runs):
+        for name, extra in variants.items():
+            t = run_triomail(work, rows, template, port, args.connections, extra=extra)
+            walls.setdefault(name, []).append(args.rows / t.seconds)
+            steadies.setdefault(name, []).append(t.steady or 0.0)
+            print(
+                f"  run {i + 1} text+html {name:<9} {args.rows / t.seconds:8,.0f} msg/s"
+                f" (steady {t.steady or 0:,.0f})",
+                flush=True,
+            )
+    header = f"{'DKIM':<11}{'triomail msg/s':>16}{'(steady)':>10}{'vs unsigned':>17}"
+    print(f"\n{header}\n{'-' * len(header)}")
+    base = statistics.median(walls["unsigned"])
+    base_steady = statistics.median(steadies["unsigned"]) or 1.0
+    for name in variants:
+        wall, steady = statistics.median(walls[name]), statistics.median(steadies[name])
+        ratio = f"{wall / base:.2f}x / {steady / base_steady:.2f}x"
+        print(f"{name:<11}{wall:>16,.0f}{steady:>10,.0f}{ratio:>17}")
+    print("(text+html template; ratios of wall time / steady rate; target signed >= 0.8x)\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -243,6 +302,8 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="1,000 rows, 20,000 for RSS, 1 run")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--no-dkim", action="store_true", help="skip the DKIM section")
+    parser.add_argument("--only-dkim", action="store_true", help="only the DKIM section")
     args = parser.parse_args()
     if args.quick:
         args.rows, args.big, args.runs = 1_000, 20_000, 1
@@ -267,6 +328,10 @@ def main() -> int:
             flush=True,
         )
         with smtp_sink() as port:
+            if not args.no_dkim:
+                dkim_section(work, rows, templates["text+html"], port, args)
+                if args.only_dkim:
+                    return 0
             for i in range(args.runs):
                 for case, template in templates.items():
                     t = run_triomail(work, rows, template, port, args.connections)

@@ -12,6 +12,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from ._bulk import checkdns
 from ._bulk import command as bulk_command
 from ._bulk import init as bulk_init
 from ._sink import cli as sink_cli
@@ -20,10 +21,18 @@ from ._web import cli as web_cli
 __all__ = ["build_parser", "main"]
 
 # Subcommands, in the order `triomail --help` lists them: `triomail sink` (the capture
-# server), `triomail send` (the bulk mailer) and `triomail view` (the web view of a
-# folder). Each register takes what `add_subparsers()` returns; the tuple's type is
-# inferred, so that no private name of argparse is spelt here.
-REGISTRARS = (sink_cli.register, bulk_command.register, web_cli.register, bulk_init.register)
+# server), `triomail send` (the bulk mailer), `triomail view` (the web view of a
+# folder), `triomail init` (a sample campaign to start from) and `triomail check-dns` (a
+# sending domain's SPF, DMARC and DKIM records). Each register takes what
+# `add_subparsers()` returns; the tuple's type is inferred, so that no private name of
+# argparse is spelt here.
+REGISTRARS = (
+    sink_cli.register,
+    bulk_command.register,
+    web_cli.register,
+    bulk_init.register,
+    checkdns.register,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -63,6 +63,9 @@ exit status:
   2    could not run: bad arguments, template or file errors, unreachable server,
        authentication failure (one line on stderr, no traceback); or the render
        process failed mid-batch (what was handed out is recorded; use --resume)
+  3    stopped by the policy brake: too many recipients refused for policy or
+       reputation (5.7.x, 4.7.x; --max-policy-rejections); what was on the wire was
+       finished, the rest is not sent: fix the cause, then use --resume
   130  interrupted (Ctrl-C or SIGTERM); the journal is consistent, use --resume
 """
 
@@ -91,6 +94,7 @@ def _flag(help_text: str) -> dict[str, Any]:
 
 
 WHERE, SAFETY, SPEED, RECORDS = "where to send", "safety", "throughput", "records"
+DELIVER = "deliverability"
 OPTIONS: tuple[Option, ...] = (
     Option(WHERE, ("--server",), {"metavar": "URL", "action": "append",
         "help": "smtp://, smtps:// or smtp+plain:// URL; repeat it to fail over between "
@@ -152,6 +156,38 @@ OPTIONS: tuple[Option, ...] = (
         "(AUTH redacted)")),
     Option(RECORDS, ("--progress-interval",), {"metavar": "SECONDS",
         "help": "seconds between progress lines when stderr is not a terminal"}),
+    Option(DELIVER, ("--dkim-key",), {"action": "append", "type": Path, "metavar": "PEM",
+        "help": "sign every message with this RSA or Ed25519 private key (repeatable: one "
+        "signature per key); an encrypted key's passphrase comes from "
+        "TRIOMAIL_DKIM_PASSPHRASE or a prompt"}),
+    Option(DELIVER, ("--dkim-selector",), {"action": "append", "metavar": "SELECTOR",
+        "help": "the selector of each --dkim-key, in the same order"}),
+    Option(DELIVER, ("--dkim-domain",), {"metavar": "DOMAIN",
+        "help": "the signing domain d= (default: the From address's domain)"}),
+    Option(DELIVER, ("--bounce-address",), {"metavar": "ADDR",
+        "help": "envelope sender (MAIL FROM) for bounces; a template expression is allowed, "
+        "e.g. bounces+{{id}}@example.com (VERP). A template's Return-Path: line does the same"}),
+    Option(DELIVER, ("--unsubscribe",), {"metavar": "URL",
+        "help": "add List-Unsubscribe <URL> and List-Unsubscribe-Post (RFC 8058 one-click); "
+        "an https URL, template expressions allowed"}),
+    Option(DELIVER, ("--unsubscribe-mailto",), {"metavar": "ADDR",
+        "help": "add a mailto: URI to List-Unsubscribe; template expressions allowed"}),
+    Option(DELIVER, ("--strict",), _flag("treat lint warnings (no List-Unsubscribe, free-mail "
+        "From, unaligned DKIM, no text part) as errors: exit 2 before sending")),
+    Option(DELIVER, ("--exclude",), {"type": Path, "metavar": "FILE",
+        "help": "never mail these addresses (one a line, or a CSV file with an email column; "
+        "the domain compared case-insensitively): such rows are recorded as suppressed"}),
+    Option(DELIVER, ("--suppress-to",), {"type": Path, "metavar": "FILE",
+        "help": "append each recipient refused permanently for its address (5.1.x, 5.2.1), "
+        "for the next campaign's --exclude"}),
+    Option(DELIVER, ("--max-policy-rejections",), {"metavar": "PERCENT",
+        "help": "stop sending (exit 3) once this share of the last 200 recipients was refused "
+        "for policy or reputation (5.7.x, 4.7.x but rate limiting)"}),
+    Option(DELIVER, ("--check-dns",), _flag("first check the From domain's SPF and DMARC "
+        "records and each --dkim-key's published key (as triomail check-dns); problems are a "
+        "lint warning")),
+    Option(DELIVER, ("--dns-resolver",), {"metavar": "ADDRESS[:PORT]",
+        "help": "the name server --check-dns asks (the system's)"}),
 )  # fmt: skip
 #: The positional arguments, in order.
 POSITIONALS: tuple[Option, ...] = (

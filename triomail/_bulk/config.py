@@ -82,6 +82,8 @@ def checked(
         items = value.split() if isinstance(value, str) else value
         if not isinstance(items, list) or not all(isinstance(i, str) for i in items) or not items:
             raise ValueError(f"{where}: {name} must be a string or a list of strings")
+        if kind.startswith("list[Path]"):
+            return [(base / Path(item).expanduser()).resolve() for item in items]
         return items
     numeric = kind.startswith(("int", "float"))
     allowed: tuple[type, ...] = (str,)

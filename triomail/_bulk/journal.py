@@ -37,12 +37,18 @@ from typing import Final, Literal
 
 __all__ = ["FINAL_STATES", "Journal", "JournalError", "Record", "Settled", "State"]
 
-State = Literal["pending", "in-flight", "accepted", "transient", "permanent", "unknown", "refused"]
+State = Literal[
+    "pending", "in-flight", "accepted", "transient", "permanent", "unknown", "refused",
+    "suppressed",
+]  # fmt: skip
 #: ``refused``: refused locally, before any server saw it (larger than the server's
 #: SIZE, a UTF-8 address without SMTPUTF8). No server said no, so it is not final: each
 #: --resume checks it again, against the server and the message as they are then.
+#: ``suppressed``: every recipient was excluded (--exclude); not final either, each run
+#: checks the row against its own exclusions.
 STATES: Final = (
-    "pending", "in-flight", "accepted", "transient", "permanent", "unknown", "refused"
+    "pending", "in-flight", "accepted", "transient", "permanent", "unknown", "refused",
+    "suppressed",
 )  # fmt: skip
 #: States that --resume never sends again.
 FINAL_STATES: Final = frozenset({"accepted", "permanent"})

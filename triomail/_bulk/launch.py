@@ -21,21 +21,27 @@ import itertools
 import socket
 import sys
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import trio
 
 from .._pool.pool import Server
+from .brake import Brake
+from .deliver import load_keys, signed, signer_of, template_headers
 from .dry_run import dry_run
 from .feed import Feed
 from .journal import Journal, JournalError
+from .lint import Lint, lint_sample
 from .outcomes import Outcomes
 from .planner import Policy
+from .preflight import DNS_PROBLEMS, check_campaign
 from .progress import Display, Progress
 from .recipients import BadRow, RecipientsError, RecipientsReader, check_utf8, estimate_rows
 from .render_process import RenderProcess, default_message_id
 from .run import SendRun
 from .servers import servers
-from .settings import CannotRun, SendSettings
+from .settings import EXIT_CANNOT_RUN, CannotRun, SendSettings
+from .suppression import SuppressionFile, load_exclusions
 from .template.compile import CompiledTemplate, compile_template
 from .template.rendered import RowError, TemplateError
 
@@ -51,9 +57,12 @@ SAMPLE_ID = "<sample@triomail.invalid>"
 def prepare_and_run(settings: SendSettings, renderer: RenderProcess | None) -> int:
     """Open and check everything, then send (or dry-run) the batch; the exit status."""
     try:
-        template = compile_template(settings.template, settings.attachments_dir)
+        template = compile_template(
+            settings.template, settings.attachments_dir, template_headers(settings)
+        )
     except TemplateError as exc:
         raise CannotRun(str(exc)) from None
+    keys = load_keys(settings, template.sender_domain())
     try:
         if settings.encoding is None:
             check_utf8(settings.recipients)
@@ -62,7 +71,8 @@ def prepare_and_run(settings: SendSettings, renderer: RenderProcess | None) -> i
         raise CannotRun(str(exc)) from None
     estimate = estimate_rows(settings.recipients)
     journal, counts = _open_journal(settings, template.digest)
-    with contextlib.closing(journal):
+    with contextlib.ExitStack() as stack:
+        stack.callback(journal.close)
         earlier = counts.get("accepted", 0)
         if not settings.retry_refused:
             earlier += counts.get("permanent", 0)
@@ -73,24 +83,52 @@ def prepare_and_run(settings: SendSettings, renderer: RenderProcess | None) -> i
         display = Display(
             progress, sys.stderr, tty=sys.stderr.isatty(), interval=settings.progress_interval
         )
-        outcomes = Outcomes(journal, progress, display, settings.recipients, settings.report)
+        suppress_to = (
+            None if settings.suppress_to is None else SuppressionFile(settings.suppress_to)
+        )
+        if suppress_to is not None:
+            stack.callback(suppress_to.close)
+        outcomes = Outcomes(
+            journal,
+            progress,
+            display,
+            settings.recipients,
+            settings.report,
+            content=template.digest,
+            suppress_to=suppress_to,
+            brake=Brake(settings.max_policy_rejections / 100),
+        )
         domain = message_domain(template)
         campaign = journal.campaign
+        relay = urlsplit(settings.server[0]).hostname if settings.server else None
+        lint = Lint(rows=estimate, relay=relay, strict=settings.strict)
+        render = signed(template.render, signer_of(keys))
         policy = Policy(
             run=journal.run,
             at_most_once=settings.at_most_once,
             message_id=lambda key: default_message_id(key, campaign, domain),
-            render=template.render,
+            render=lint.watch(render) if settings.dry_run else render,
             lookup=journal.lookup,
             retry_refused=settings.retry_refused,
+            excluded=frozenset() if settings.exclude is None else load_exclusions(settings.exclude),
         )
         if renderer is not None:
             # --render auto: it will be told where the rows rendered here end.
-            renderer.begin(campaign, domain, template.digest, more=settings.render == "auto")
+            renderer.begin(
+                campaign,
+                domain,
+                template.digest,
+                more=settings.render == "auto",
+                keys=[key.line() for key in keys],
+            )
         for warning in reader.warnings:
             print(f"triomail send: warning: {settings.recipients}: {warning}", file=sys.stderr)
+        if settings.check_dns:
+            from_domain = template.sender_domain()
+            if not check_campaign(from_domain, keys, settings.dns_resolver, display.message):
+                lint.warnings[DNS_PROBLEMS] = 0  # about the campaign, not its rows
         if settings.dry_run:
-            return dry_run(
+            status = dry_run(
                 reader,
                 policy,
                 outcomes,
@@ -98,6 +136,10 @@ def prepare_and_run(settings: SendSettings, renderer: RenderProcess | None) -> i
                 show=settings.show,
                 out_dir=settings.sink,
             )
+            return EXIT_CANNOT_RUN if lint.report(display.message, clean=True) else status
+        sampled = lint_sample(reader, lint.watch(render), policy.message_id)
+        if lint.report(display.message, of=f" of the first {sampled:,}"):
+            raise CannotRun("lint found errors (above); nothing was sent")
         found, confirm = _confirmation(settings, template, estimate, total)
         feed = Feed(
             reader,

@@ -25,6 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .deliver import template_headers
 from .render_process import RenderProcess
 from .settings import EXIT_CANNOT_RUN, EXIT_INTERRUPTED, CannotRun, SendSettings, settings_from
 
@@ -105,6 +106,7 @@ def _main(settings: SendSettings) -> int:
                     settings.recipients,
                     settings.attachments_dir,
                     settings.encoding,
+                    template_headers(settings),
                 )
             except OSError as exc:
                 raise CannotRun(f"cannot start the render process: {exc}") from None

@@ -27,10 +27,12 @@ from typing import IO, Any
 
 from .._core.reply import Reply
 from .._core.results import Outcome, SendResult
+from .brake import Brake
 from .journal import Journal, State
-from .planner import ChunkPlan
+from .planner import ChunkPlan, Suppressed
 from .progress import Display, Progress
-from .recipients import BadRow
+from .recipients import BadRow, Row
+from .suppression import SuppressionFile, address_level
 
 __all__ = ["MAX_PRINTED_ERRORS", "Outcomes", "Tag"]
 
@@ -107,8 +109,18 @@ class Outcomes:
         display: Display,
         recipients: Path,
         report_path: Path | None = None,
+        *,
+        content: str = "",
+        suppress_to: SuppressionFile | None = None,
+        brake: Brake | None = None,
     ) -> None:
         self.journal = journal
+        #: The template's digest, recorded with rows that are never claimed (suppressed).
+        self.content = content
+        #: --suppress-to: where address-level permanent refusals are appended.
+        self.suppress_to = suppress_to
+        #: The policy brake, told every recipient's outcome.
+        self.brake = brake
         self.progress = progress
         self.display = display
         self.recipients = recipients
@@ -130,28 +142,41 @@ class Outcomes:
         """Record what the planner decided not to send, in file order."""
         p = self.progress
         skipped: list[tuple[str, int, str, str]] = []
+        suppressed: list[tuple[str, int, str, str]] = []
         for note in plan.notes:
             if isinstance(note, BadRow):
                 self.bad_row(note.line, note.error)
                 continue
+            if isinstance(note, Suppressed):
+                row = note.row
+                suppressed.append((row.key, row.line, self.content, note.message_id))
+                p.suppressed += 1
+                self._not_sent(row, note.message_id, "suppressed", recipients=list(note.recipients))
+                continue
             row, record = note.row, note.record
             skipped.append((row.key, row.line, record.content, record.message_id))
             p.unknown += 1
-            self.write(
-                {
-                    "type": "message",
-                    "line": row.line,
-                    "key": row.key,
-                    "message_id": record.message_id,
-                    "outcome": "unknown",
-                    "skipped": "at-most-once",
-                    "time": _iso(time.time()),
-                }
-            )
+            self._not_sent(row, record.message_id, "unknown", skipped="at-most-once")
         p.earlier += plan.earlier
         p.earlier_failed += plan.earlier_refused
         if skipped:
             self.journal.mark(skipped, "unknown")
+        if suppressed:
+            self.journal.mark(suppressed, "suppressed")
+
+    def _not_sent(self, row: Row, message_id: str, outcome: str, **extra: object) -> None:
+        """The report line of a row the planner kept from the pool."""
+        self.write(
+            {
+                "type": "message",
+                "line": row.line,
+                "key": row.key,
+                "message_id": message_id,
+                "outcome": outcome,
+                **extra,
+                "time": _iso(time.time()),
+            }
+        )
 
     def bad_row(self, line: int, error: str) -> None:
         """A row that is not sent: counted, printed (the first few), reported.
@@ -212,6 +237,8 @@ class Outcomes:
             p.accepted += 1
             counts = p.recipients
             counts["accepted"] = counts.get("accepted", 0) + 1
+            if self.brake is not None:
+                self.brake.accepted()
             if reply is not None:
                 lines = reply.lines
                 line = lines[0] if len(lines) == 1 else "\n".join(lines)
@@ -259,10 +286,23 @@ class Outcomes:
             p.deferred += 1
         else:
             p.unknown += 1
+        if self.brake is not None:
+            self.brake.observe(recipients)
         counts = p.recipients
+        refusals = p.refusals
         for r in recipients:
             value = "unknown" if downgraded and r.outcome is _TRANSIENT else r.outcome.value
             counts[value] = counts.get(value, 0) + 1
+            if r.outcome is _ACCEPTED or r.reply is None:
+                continue
+            refusal = r.reply.enhanced_code or str(r.reply.code)
+            refusals[refusal] = refusals.get(refusal, 0) + 1
+            if (
+                self.suppress_to is not None
+                and r.outcome is _PERMANENT
+                and address_level(r.reply.enhanced_code)
+            ):
+                self.suppress_to.add(r.recipient)
         if self.report is not None:
             self._report(result, tag, outcome, downgraded, note)
 

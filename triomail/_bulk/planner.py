@@ -19,6 +19,8 @@ row in file order from that alone, and changes nothing:
   ``--at-most-once``, skipped and recorded as unknown;
 * ``--limit``: once the chunk's budget of messages to send is planned, the rest of the
   chunk is not looked at (the caller stops reading);
+* ``--exclude``: addresses in the suppression list leave the envelope; a row with no
+  recipient left is *suppressed*: recorded, not sent (:mod:`.suppression`);
 * every other row is sent: with the message the render process made of it when there
   is one and its Message-ID is the one the journal expects (the default for a new
   row), else rendered here with the journal's Message-ID.
@@ -29,15 +31,17 @@ The caller (:mod:`.feed`, or a dry run) applies the plan: reports the notes in o
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .journal import Record
 from .recipients import BadRow, Row
+from .suppression import normalize
 from .template.rendered import Rendered, RowError
 
-__all__ = ["AtMostOnce", "ChunkPlan", "Policy", "chunks", "plan_chunk"]
+__all__ = ["AtMostOnce", "ChunkPlan", "Policy", "Suppressed", "chunks", "plan_chunk"]
 
 
 def chunks(rows: Iterable[Row | BadRow], size: int) -> Iterator[list[Row | BadRow]]:
@@ -63,6 +67,8 @@ class Policy:
     lookup: Callable[[list[str]], Mapping[str, Record]]
     #: --retry-refused: send again the messages a server refused for good.
     retry_refused: bool = False
+    #: ``--exclude``: addresses never mailed, as :func:`.suppression.normalize` writes them.
+    excluded: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,14 +79,24 @@ class AtMostOnce:
     record: Record
 
 
+@dataclass(frozen=True, slots=True)
+class Suppressed:
+    """A row whose every recipient is excluded (``--exclude``): recorded, not sent."""
+
+    row: Row
+    message_id: str
+    recipients: tuple[str, ...]
+
+
 @dataclass(slots=True)
 class ChunkPlan:
     """The decisions for one chunk."""
 
     #: The messages to send, in file order, with what the journal knew of each.
     send: list[tuple[Row, Rendered, Record | None]] = field(default_factory=list)
-    #: In file order: rows not sent and reported (bad rows, duplicates, --at-most-once).
-    notes: list[BadRow | AtMostOnce] = field(default_factory=list)
+    #: In file order: rows not sent and reported (bad rows, duplicates, --at-most-once,
+    #: --exclude).
+    notes: list[BadRow | AtMostOnce | Suppressed] = field(default_factory=list)
     #: Rows settled in an earlier run (accepted or permanently refused): not sent.
     earlier: int = 0
     #: ... of which permanently refused.
@@ -131,14 +147,26 @@ def plan_chunk(
         if done is not None and (record is None or record.message_id == policy.message_id(key)):
             if isinstance(done, str):
                 notes.append(BadRow(item.line, done))
-            else:
-                send.append((item, done, record))
-            continue
-        message_id = record.message_id if record is not None else policy.message_id(key)
-        try:
-            rendered = policy.render(item.fields, message_id=message_id)
-        except RowError as exc:
-            notes.append(BadRow(item.line, str(exc)))
-            continue
+                continue
+            rendered = done
+        else:
+            message_id = record.message_id if record is not None else policy.message_id(key)
+            try:
+                rendered = policy.render(item.fields, message_id=message_id)
+            except RowError as exc:
+                notes.append(BadRow(item.line, str(exc)))
+                continue
+        if policy.excluded:
+            kept = _not_excluded(rendered.recipients, policy.excluded)
+            if not kept:
+                notes.append(Suppressed(item, rendered.message_id, rendered.recipients))
+                continue
+            if len(kept) < len(rendered.recipients):
+                rendered = dataclasses.replace(rendered, recipients=kept)
         send.append((item, rendered, record))
     return plan
+
+
+def _not_excluded(recipients: tuple[str, ...], excluded: frozenset[str]) -> tuple[str, ...]:
+    """The recipients not in ``excluded`` (compared with the domain lower-cased)."""
+    return tuple(a for a in recipients if normalize(a) not in excluded)

@@ -50,6 +50,10 @@ class Progress:
     unknown: int = 0
     #: Bad rows (reported and skipped).
     skipped: int = 0
+    #: Rows not sent: every recipient is on the --exclude list.
+    suppressed: int = 0
+    #: Recipients refused (permanently or not), by enhanced status code (or reply code).
+    refusals: dict[str, int] = field(default_factory=dict)
     #: Rows already accepted or refused in an earlier run (``--resume``).
     earlier: int = 0
     #: Of those, the ones refused (permanently).
@@ -146,6 +150,11 @@ class Progress:
             ("unknown (may have been delivered)", f"{self.unknown:,}"),
             ("bad rows skipped", f"{self.skipped:,}"),
         ]
+        if self.suppressed:
+            rows.append(("suppressed (--exclude), not sent", f"{self.suppressed:,}"))
+        if self.refusals:
+            top = sorted(self.refusals.items(), key=lambda item: (-item[1], item[0]))
+            rows.append(("refusals by code", ", ".join(f"{c} x{n:,}" for c, n in top)))
         if self.earlier:
             done = f"{self.earlier:,}"
             if self.earlier_failed:

@@ -101,20 +101,23 @@ def _frames(
 
 
 def child_main(argv: Sequence[str]) -> int:
-    """The render process: ``TEMPLATE RECIPIENTS [ATTACHMENTS_DIR ENCODING]`` ("" for
-    the default); the Message-ID parts on stdin."""
+    """The render process: ``TEMPLATE RECIPIENTS [ATTACHMENTS_DIR ENCODING [HEADER...]]``
+    ("" for the default); DKIM keys and the Message-ID parts on stdin."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     out = sys.stdout.fileno()
     try:
         from .template.compile import compile_template  # Jinja2 (see the header)
 
         template_path, recipients_path, *options = argv
-        attachments_dir, encoding = [*options, "", ""][:2]
-        template = compile_template(template_path, attachments_dir or None)
+        attachments_dir, encoding, *headers = [*options, "", ""][: max(2, len(options))]
+        template = compile_template(template_path, attachments_dir or None, headers)
         reader = RecipientsReader.open(recipients_path, encoding or None)
         rows = iter(reader)
         commands = _Commands(sys.stdin.fileno())
-        line = (commands.line(wait=True) or "").split()
+        keys = []
+        while (text := commands.line(wait=True) or "").startswith("dkim "):
+            keys.append(text)
+        line = text.split()
         if not line:
             return 0  # the parent went away (or did not need us) before the start
         version, campaign, domain, digest = line
@@ -122,8 +125,13 @@ def child_main(argv: Sequence[str]) -> int:
             raise RuntimeError(f"protocol {version}, expected {PROTOCOL}")
         if digest != template.digest:
             raise RuntimeError(f"the template {template_path} changed while starting")
+        render = template.render
+        if keys:
+            from .deliver import DKIMKey, signed, signer_of  # cryptography: only to sign
+
+            render = signed(render, signer_of([DKIMKey.from_line(k) for k in keys]))
         count = 0
-        for batch in _frames(rows, template.render, campaign, domain, commands):
+        for batch in _frames(rows, render, campaign, domain, commands):
             _write(out, "rows", batch)
             count += len(batch)
         _write(out, "end", count)

@@ -33,7 +33,9 @@ Frames: a 4-byte big-endian length, then ``marshal.dumps((kind, body))`` with ki
 * ``"end"``: the number of records sent (the file was read to its end);
 * ``"error"``: a one-line message (the child stops).
 
-Commands on the child's stdin, one per line: ``PROTOCOL CAMPAIGN DOMAIN DIGEST`` (start;
+Commands on the child's stdin, one per line: first ``dkim DOMAIN SELECTOR PEM`` for each
+DKIM key (``PEM`` in base64: the key travels on this private pipe, never on a command
+line; :mod:`.deliver`), then ``PROTOCOL CAMPAIGN DOMAIN DIGEST`` (start;
 the digest is the template's as the parent compiled it),
 then, if the parent renders the first rows itself (``--render auto``), ``skip LINE``:
 rows up to that line need not be rendered (checked between frames; records of such
@@ -67,7 +69,7 @@ __all__ = [
 ]
 
 #: Bumped whenever the frame format changes (the parent and the child are one version).
-PROTOCOL = 4
+PROTOCOL = 5
 #: A frame larger than this is garbage, not a batch of rows.
 MAX_FRAME = 64 * 1024 * 1024
 #: The pipe's capacity (Linux may cap it lower: /proc/sys/fs/pipe-max-size).
@@ -128,11 +130,15 @@ class RenderProcess:
         recipients: Path,
         attachments_dir: Path | None = None,
         encoding: str | None = None,
+        headers: Sequence[str] = (),
     ) -> RenderProcess:
-        """Start the child; it compiles the template and opens the file meanwhile."""
+        """Start the child; it compiles the template and opens the file meanwhile.
+
+        ``headers``: template lines added in front of the template's (``compile_template``).
+        """
         package = str(Path(__file__).resolve().parents[1])  # triomail/, not triomail/_bulk/
         argv = [sys.executable, "-P", "-c", _BOOTSTRAP, package, str(template), str(recipients)]
-        argv += [str(attachments_dir or ""), encoding or ""]
+        argv += [str(attachments_dir or ""), encoding or "", *headers]
         return cls.spawn(argv)
 
     @classmethod
@@ -153,13 +159,23 @@ class RenderProcess:
             os.close(write_fd)
         return cls(proc, read_fd)
 
-    def begin(self, campaign: str, domain: str, digest: str, *, more: bool = False) -> None:
+    def begin(
+        self,
+        campaign: str,
+        domain: str,
+        digest: str,
+        *,
+        more: bool = False,
+        keys: Sequence[str] = (),
+    ) -> None:
         """Tell the child the Message-ID parts; it starts rendering.
 
         ``digest``: the template's, as compiled here (the child refuses to render
         another version of it). ``more``: keep its stdin open for a
-        :meth:`skip_through` later.
+        :meth:`skip_through` later. ``keys``: the ``dkim`` lines to sign with.
         """
+        for line in keys:
+            self._command(line, close=False)
         self._command(f"{PROTOCOL} {campaign} {domain} {digest}", close=not more)
 
     def skip_through(self, line: int) -> None:

@@ -9,14 +9,14 @@ anything is claimed), asks the terminal's confirmation if launch set one, then o
 the pool on :meth:`.feed.Feed.messages` and records every result as it comes back
 (:mod:`.outcomes`).
 
-Signals: the first SIGINT/SIGTERM stops reading rows; transactions on the wire are
-finished, messages waiting for a retry are not sent again (recorded as transient, or
-unknown if an earlier attempt may have delivered them), claimed messages never handed
-to the pool go back to pending. A second signal cancels at once; messages cut off are
-recorded as transient or unknown, messages the pool held without sending them as
-transient. Either way nothing handed to the pool is left in-flight: the pool reports
-each such message in ``Pool.interrupted``, and ``--resume --at-most-once`` skips only
-those that may have been delivered.
+Signals: the first SIGINT/SIGTERM (or the policy brake, :mod:`.brake`) stops reading
+rows; transactions on the wire are finished, messages waiting for a retry are not sent
+again (recorded as transient, or unknown if an earlier attempt may have delivered them),
+claimed messages never handed to the pool go back to pending. A second signal cancels
+at once; messages cut off are recorded as transient or unknown, messages the pool held
+without sending them as transient. Either way nothing handed to the pool is left
+in-flight: the pool reports each such message in ``Pool.interrupted``, and ``--resume
+--at-most-once`` skips only those that may have been delivered.
 
 The capture server (:mod:`triomail.testing`) is imported only for ``--sink``, inside
 :meth:`SendRun.run`: its import costs every other run tens of milliseconds of start-up.
@@ -37,7 +37,15 @@ from .._pool.pool import Pool, RetryPolicy, Server, open_pool
 from .feed import Feed
 from .journal import Journal
 from .outcomes import Outcomes
-from .settings import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, STDOUT, CannotRun, SendSettings
+from .settings import (
+    EXIT_BRAKE,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    STDOUT,
+    CannotRun,
+    SendSettings,
+)
 
 __all__ = ["SendRun", "preflight"]
 
@@ -128,6 +136,12 @@ class SendRun:
                 "are sent with the new version"
             )
 
+    def _stopped(self, why: str, then: str) -> None:
+        """Say why the run stopped early, that the journal is consistent, what to do."""
+        consistent, left = self._left()
+        pending = f"; {left} message(s) pending or in flight" if left else ""
+        self._note(f"{why}: {consistent}{pending}; {then}")
+
     def _left(self) -> tuple[str, int]:
         """Where the journal is (it is consistent), and how many messages it holds unsettled."""
         counts = self.journal.counts()
@@ -166,13 +180,15 @@ class SendRun:
                 + (f" ({left} pending or in flight)" if left else "")
                 + "; continue with --resume"
             )
-        if self.aborted or self.feed.stopping:
-            consistent, left = self._left()
-            self._note(
-                f"interrupted: {consistent}"
-                + (f"; {left} message(s) pending or in flight" if left else "")
-                + "; continue with --resume"
+        brake = outcomes.brake
+        if brake is not None and brake.tripped:
+            self._stopped(
+                f"stopped by the policy brake: {brake.why()}",
+                "fix the cause (authentication, reputation, content), then --resume",
             )
+            return EXIT_BRAKE
+        if self.aborted or self.feed.stopping:
+            self._stopped("interrupted", "continue with --resume")
             return EXIT_INTERRUPTED
         if self.feed.limited and (left := self.feed.rows_left()):
             self._note(
@@ -239,17 +255,18 @@ class SendRun:
     ) -> None:
         """First signal: stop reading rows, finish what is on the wire. Second: abort."""
         outstanding = self.outcomes.outstanding
-        async for _ in signals:
-            self.feed.stopping = True
-            break
+        await self._first_stop(signals)
+        self.feed.stopping = True
         if not pool_ref:
             scope.cancel()  # nothing was sent yet
             return
         # What is on the wire finishes; nothing waits for a new connection (a server
         # gone quiet would hold the stop for its greeting timeout): not sent, --resume.
         pool_ref[0].stop_connecting()
+        brake = self.outcomes.brake
+        why = "policy brake" if brake is not None and brake.tripped else "interrupted"
         self._note(
-            f"interrupted: finishing the {len(outstanding)} message(s) in flight; "
+            f"{why}: finishing the {len(outstanding)} message(s) in flight; "
             "press Ctrl-C again to abort"
         )
 
@@ -273,6 +290,23 @@ class SendRun:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(drain)
             nursery.start_soon(second)
+
+    async def _first_stop(self, signals: AsyncIterator[int]) -> None:
+        """Return at the first signal, or when the policy brake trips (:mod:`.brake`)."""
+        tripped = trio.Event()
+        brake = self.outcomes.brake
+        if brake is not None:
+            brake.on_trip = tripped.set
+        async with trio.open_nursery() as nursery:
+
+            async def on_signal() -> None:
+                async for _ in signals:
+                    break
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(on_signal)
+            await tripped.wait()
+            nursery.cancel_scope.cancel()
 
     async def _tick(self, pool_ref: list[Pool]) -> None:
         outcomes = self.outcomes

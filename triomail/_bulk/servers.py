@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import getpass
 import logging
-import os
 import shlex
 import ssl
 import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -35,6 +32,7 @@ import trio
 
 from .._client.options import default_ssl_context
 from .._pool.pool import Server
+from .secrets import read_secret
 from .settings import CHECKS, CannotRun, SendSettings
 
 __all__ = ["TOKEN_FRESH_FOR", "run_secret_command", "servers"]
@@ -100,11 +98,10 @@ def _with_secret(
     if settings.password_command:
         secret = run_secret_command(settings.password_command, "--password-command")
     else:
-        known = os.environ.get("TRIOMAIL_PASSWORD") or asked.get((user, server.host))
+        known = asked.get((user, server.host))
         if known is None:
-            if not sys.stdin.isatty():
-                raise CannotRun("no password: set TRIOMAIL_PASSWORD (no terminal to prompt on)")
-            known = getpass.getpass(f"password for {user} on {server.host}: ")
+            prompt = f"password for {user} on {server.host}: "
+            known = read_secret("TRIOMAIL_PASSWORD", prompt, "password")
         secret = asked[(user, server.host)] = known
     if server.auth == "XOAUTH2":
         return dataclasses.replace(server, oauth_token=secret)

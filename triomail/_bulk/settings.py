@@ -40,6 +40,7 @@ from .config import (
 )
 
 __all__ = [
+    "EXIT_BRAKE",
     "EXIT_CANNOT_RUN",
     "EXIT_FAILED",
     "EXIT_INTERRUPTED",
@@ -56,6 +57,8 @@ __all__ = [
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CANNOT_RUN = 2
+#: The policy brake stopped the campaign (:mod:`.brake`).
+EXIT_BRAKE = 3
 EXIT_INTERRUPTED = 130
 
 #: --render: where messages are rendered.
@@ -110,6 +113,7 @@ CHECKS: dict[str, Callable[[str], Any]] = {
     "progress_interval": _number(float, 1e-3, 86_400),
     "render": _choice(RENDER_MODES),
     "pipelining": _choice(PIPELINING_MODES),
+    "max_policy_rejections": _number(float, 0.1, 100),
 }
 #: Descriptors kept free for the journal, the report, the render process and TLS.
 _RESERVED_FILES = 64
@@ -153,6 +157,26 @@ class SendSettings:
     retry_refused: bool = False
     progress_interval: float = 5.0
     render: str = "auto"
+    # -- deliverability (issue 14; options in command.py's DELIVER group) ------------------
+    #: DKIM keys (PEM files) and their selectors, pairwise; the domain (default: From's).
+    dkim_key: list[Path] | None = None
+    dkim_selector: list[str] | None = None
+    dkim_domain: str | None = None
+    #: MAIL FROM, a template expression allowed (VERP); written as a Return-Path line.
+    bounce_address: str | None = None
+    #: RFC 8058 one-click URL (https) and mailto address, template expressions allowed.
+    unsubscribe: str | None = None
+    unsubscribe_mailto: str | None = None
+    #: Lint warnings stop the run as errors do.
+    strict: bool = False
+    #: Addresses never mailed; where address-level permanent refusals are appended.
+    exclude: Path | None = None
+    suppress_to: Path | None = None
+    #: The brake: percent of recent recipients refused for policy that stops sending.
+    max_policy_rejections: float = 10.0
+    #: Check the sending domain's SPF, DMARC and DKIM records first; with this name server.
+    check_dns: bool = False
+    dns_resolver: str | None = None
 
     def journal_path(self) -> Path | None:
         """The journal file: --journal, else next to the recipients file; None (in

@@ -24,12 +24,42 @@ from email.utils import getaddresses
 
 from .errors import LocalProtocolError
 from .idna2008 import idna_domain
+from .structured import fold_structured, is_structured
 
 __all__ = ["Envelope", "envelope_of", "flatten"]
 
-_POLICY_7BIT = _policy.SMTP.clone(cte_type="7bit")
-_POLICY_8BIT = _policy.SMTP
-_POLICY_UTF8 = _policy.SMTPUTF8
+
+class _Policy(_policy.EmailPolicy):
+    """The SMTP policy, but structured fields (Message-ID, List-*...) are never encoded.
+
+    The email package writes any word longer than a line as RFC 2047 encoded words, even
+    in fields whose grammar has none (:mod:`.structured`).
+    """
+
+    def fold(self, name: str, value: str) -> str:
+        if not is_structured(name):
+            folded: str = super().fold(name, value)
+            return folded
+        return self._verbatim(name, value).replace("\r\n", self.linesep)
+
+    def fold_binary(self, name: str, value: str) -> bytes:
+        if not is_structured(name):
+            return super().fold_binary(name, value)
+        return self.fold(name, value).encode("utf-8" if self.utf8 else "ascii")
+
+    def _verbatim(self, name: str, value: str) -> str:
+        text = str(value)
+        if not (text.isascii() or self.utf8):
+            raise LocalProtocolError(
+                f"header {name}: non-ASCII text cannot be written in this field without "
+                f"SMTPUTF8 (it takes no encoded words): {text[:60]!r}"
+            )
+        return fold_structured(name, text)
+
+
+_POLICY_8BIT = _Policy(linesep="\r\n")  # as email.policy.SMTP
+POLICY_7BIT = _POLICY_8BIT.clone(cte_type="7bit")
+_POLICY_UTF8 = _POLICY_8BIT.clone(utf8=True)  # as email.policy.SMTPUTF8
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +163,7 @@ def _ascii_address_header(name: str, value: AddressHeader) -> AddressHeader:
             items.extend(addresses)
         else:
             items.append(Group(group.display_name, addresses))
-    header: AddressHeader = _POLICY_7BIT.header_factory(name, items)
+    header: AddressHeader = POLICY_7BIT.header_factory(name, items)
     return header
 
 
@@ -149,7 +179,7 @@ def _ascii_header(name: str, value: object) -> object:
         unfolded = re.sub(r"\r?\n(?=[ \t])", "", value)
         with contextlib.suppress(UnicodeDecodeError):  # if not UTF-8: unknown-8bit
             unfolded = unfolded.encode("utf-8", "surrogateescape").decode("utf-8")
-        value = _POLICY_7BIT.header_factory(name, unfolded)
+        value = POLICY_7BIT.header_factory(name, unfolded)
     if isinstance(value, AddressHeader):
         return _ascii_address_header(name, value)
     return value
@@ -182,10 +212,10 @@ def flatten(msg: Message, *, utf8: bool, eight_bit: bool) -> bytes:
         del msg["Resent-Bcc"]
     if not utf8:
         msg = _without_utf8_headers(msg)
-    policy = _POLICY_UTF8 if utf8 else (_POLICY_8BIT if eight_bit else _POLICY_7BIT)
+    policy = _POLICY_UTF8 if utf8 else (_POLICY_8BIT if eight_bit else POLICY_7BIT)
     buffer = io.BytesIO()
     try:
-        BytesGenerator(buffer, policy=policy).flatten(msg, linesep="\r\n")  # type: ignore[arg-type]
+        BytesGenerator(buffer, policy=policy).flatten(msg, linesep="\r\n")
     except UnicodeEncodeError as exc:
         # Raw non-ASCII the policy cannot re-encode (a compat32 MIME part's headers, a
         # parsed 8-bit body without charset under 7 bit): a caller error, not a crash.

@@ -243,13 +243,34 @@ def _tokens(env: jinja2.Environment, source: str) -> tuple[list[Piece], list[str
     return pieces, exprs
 
 
+def _with_headers(source: str, headers: Sequence[str]) -> str:
+    """``headers`` in front of the template's, unless it writes one of them itself."""
+    own = {
+        line.partition(":")[0].strip().lower()
+        for line in source.split("\n\n", 1)[0].split("\n")
+        if ":" in line and line[:1] not in (" ", "\t")
+    }
+    for line in headers:
+        name = line.partition(":")[0]
+        if name.lower() in own:
+            raise TemplateError(
+                f"the template writes {name} itself, and the command line adds one: keep one"
+            )
+    return "".join(f"{line}\n" for line in headers) + source
+
+
 def compile_template(
-    path: str | os.PathLike[str], attachments_dir: str | os.PathLike[str] | None = None
+    path: str | os.PathLike[str],
+    attachments_dir: str | os.PathLike[str] | None = None,
+    headers: Sequence[str] = (),
 ) -> CompiledTemplate:
     """Read and compile a template file; raises :class:`TemplateError`.
 
     ``attachments_dir``: where an attachment path built from a row's values must lead
-    (default: the template's directory).
+    (default: the template's directory). ``headers``: template lines (``Name: value``,
+    Jinja2 allowed) put in front of the template's own header fields, as if it had
+    them (``--unsubscribe``, ``--bounce-address``); a field the template writes itself
+    as well is a :class:`TemplateError`.
     """
     path = Path(path)
     root = path.parent.resolve() if attachments_dir is None else Path(attachments_dir).resolve()
@@ -260,6 +281,8 @@ def compile_template(
     except UnicodeDecodeError as exc:
         raise TemplateError(f"template {path} is not UTF-8: {exc}") from None
     source = source.replace("\r\n", "\n")
+    if headers:
+        source = _with_headers(source, headers)
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(path.parent),
         undefined=jinja2.StrictUndefined,
@@ -269,7 +292,8 @@ def compile_template(
     try:
         full = env.from_string(source)
     except jinja2.exceptions.TemplateSyntaxError as exc:
-        raise TemplateError(f"{path}:{exc.lineno}: {exc.message}") from None
+        lineno = max(1, (exc.lineno or 1) - len(headers))
+        raise TemplateError(f"{path}:{lineno}: {exc.message}") from None
     digest = hashlib.sha256(source.encode("utf-8")).hexdigest()
     tokens = _tokens(env, source)
     values = None

@@ -2,13 +2,14 @@
 
 Theory of operation
 -------------------
-Unstructured fields (``Subject``...) are encoded word by word: runs of words that need
-it become ``=?utf-8?b?...?=`` encoded words (RFC 2047 §2, §5) of at most 75
-characters, and lines are folded at whitespace near 78 characters (RFC 5322 §2.1.1,
-§2.2.3). Address fields are parsed into (display name, address) pairs; a display
-name is quoted or encoded as a phrase, the address is checked as an SMTP path
-(RFC 5321 §4.1.2); an address with a non-ASCII local part is written as raw UTF-8
-(RFC 6532) and makes the message need SMTPUTF8 (RFC 6531).
+Structured fields (``Message-ID``, ``List-*``...) take no encoded words and are written
+verbatim (:func:`encode_field`). Unstructured fields (``Subject``...) are encoded word
+by word: runs of words that need it become ``=?utf-8?b?...?=`` encoded words
+(RFC 2047 §2, §5) of at most 75 characters, and lines are folded at whitespace near 78
+characters (RFC 5322 §2.1.1, §2.2.3). Address fields are parsed into (display name,
+address) pairs; a display name is quoted or encoded as a phrase, the address is
+checked as an SMTP path (RFC 5321 §4.1.2); an address with a non-ASCII local part is
+written as raw UTF-8 (RFC 6532) and makes the message need SMTPUTF8 (RFC 6531).
 
 A field value holding CR, LF or another C0 control (TAB excepted) is refused for the
 row (:class:`.rendered.RowError`): no header injection through a field (R15). Jinja2
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 
 from ..._core.errors import LocalProtocolError
 from ..._core.paths import format_path
+from ..._core.structured import fold_structured, is_structured
 from .rendered import RowError
 
 # RFC 5321 §4.5.3.1.6 / RFC 5322 §2.1.1: 998 octets plus CRLF.
@@ -145,6 +147,26 @@ def encode_unstructured(name: str, value: str) -> str:
     # "Name: =?utf-8?b?" + base64 + "?=" within 78: 4 base64 characters per 3 bytes.
     first = max(3, (_FOLD_AT - len(name) - 2 - 12) // 4 * 3)
     return f"{name}: " + "\r\n ".join(_encoded_words(value, first)) + "\r\n"
+
+
+def encode_field(name: str, value: str) -> str:
+    """``Name: value\\r\\n`` for any field but an address field.
+
+    Structured fields (``Message-ID``, ``List-Unsubscribe``...) are written verbatim,
+    folded only where their grammar allows (:mod:`triomail._core.structured`); the rest
+    is unstructured text (:func:`encode_unstructured`).
+    """
+    if not is_structured(name):
+        return encode_unstructured(name, value)
+    if not value.isascii():
+        raise RowError(
+            f"header {name}: non-ASCII text cannot be written in this field (it takes no "
+            f"encoded words; percent-encode a URL): {value[:60]!r}"
+        )
+    try:
+        return fold_structured(name, value)
+    except LocalProtocolError as exc:
+        raise RowError(str(exc)) from None
 
 
 def _quote_phrase(name: str) -> str:

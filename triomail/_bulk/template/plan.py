@@ -26,7 +26,7 @@ from .headers import (
     AddressList,
     address_list,
     check_header_value,
-    encode_unstructured,
+    encode_field,
 )
 from .markdown import markdown_to_html
 from .mime import Attachment, attachment_for, new_boundary
@@ -78,6 +78,8 @@ class Plan:
     has_date: bool
     message_id_field: Field | None
     from_field: Field
+    #: ``Return-Path``: the envelope sender (bounce address), never written (RFC 5321 §4.4).
+    return_path_field: Field | None = None
 
 
 class PlanError(Exception):
@@ -97,6 +99,7 @@ def build_plan(
     has_date = False
     message_id_field = None
     from_field = None
+    return_path_field = None
     for f in fields:
         key = f.key
         if key == "attachment":
@@ -122,6 +125,10 @@ def build_plan(
             message_id_field = f
         elif key == "from" and from_field is None:
             from_field = f
+        elif key == "return-path":
+            if return_path_field is not None:
+                raise TemplateError("the template has more than one Return-Path header")
+            return_path_field = f
         f.name = CANONICAL_NAMES.get(key, f.name)
         header = _Header(f, fmt=format_pieces(f.pieces))
         if f.constant:
@@ -131,7 +138,7 @@ def build_plan(
                 if key in ADDRESS_FIELDS:
                     header.addresses = address_list(value, f.name)
                 else:
-                    header.encoded = encode_unstructured(f.name, value).encode("ascii")
+                    header.encoded = encode_field(f.name, value).encode("ascii")
             except RowError as exc:
                 raise TemplateError(str(exc)) from None
         elif key in ADDRESS_FIELDS:
@@ -175,6 +182,7 @@ def build_plan(
         has_date=has_date,
         message_id_field=message_id_field,
         from_field=from_field,
+        return_path_field=return_path_field,
     )
 
 

@@ -20,6 +20,7 @@ from email.generator import BytesGenerator
 from pathlib import Path
 
 from ..._core.errors import LocalProtocolError
+from ..._core.message import POLICY_7BIT
 from ..._core.paths import format_path
 from .addresses import check_bracketed
 from .headers import (
@@ -28,7 +29,7 @@ from .headers import (
     AddressList,
     check_header_value,
     encode_address_field,
-    encode_unstructured,
+    encode_field,
 )
 from .markdown import link_inline_images, markdown_to_html
 from .mime import attachment_for, content_ids, text_part
@@ -57,14 +58,29 @@ class _DateCache:
 _DATE = _DateCache()
 
 
+def bounce_address(value: str) -> str:
+    """The envelope sender a ``Return-Path`` field asks for (``<>``: the null sender)."""
+    value = value.strip()
+    check_header_value("Return-Path", value)
+    try:
+        return format_path(value, allow_null=True).address
+    except LocalProtocolError as exc:
+        raise RowError(f"Return-Path: invalid bounce address {value!r}: {exc}") from None
+
+
 def render_plan(plan: Plan, values: Sequence[str], message_id: str) -> Rendered:
     utf8 = False
     lines: list[bytes | tuple[str, AddressList]] = []
     envelope: list[str] = []
     sender = ""
+    bounce = None
     mid = message_id
     for header in plan.headers:
         f = header.field
+        if f is plan.return_path_field:
+            # The envelope sender, never part of the message (RFC 5321 §4.4).
+            bounce = bounce_address(header.fmt.format(*values))
+            continue
         if header.encoded is not None:
             lines.append(header.encoded)
             if f is plan.message_id_field:
@@ -79,7 +95,7 @@ def render_plan(plan: Plan, values: Sequence[str], message_id: str) -> Rendered:
                     check_bracketed(f.name, header.bracketed, values)
                 if f is plan.message_id_field:
                     mid = value
-                lines.append(encode_unstructured(f.name, value).encode("ascii"))
+                lines.append(encode_field(f.name, value).encode("ascii"))
                 continue
             addresses = header.template.fill(values)
         utf8 = utf8 or addresses.utf8
@@ -151,7 +167,7 @@ def render_plan(plan: Plan, values: Sequence[str], message_id: str) -> Rendered:
             out.append(body)
             if not body.endswith(b"\r\n"):
                 out.append(b"\r\n")
-            return _rendered(out, sender, envelope, mid, utf8)
+            return _rendered(out, sender, bounce, envelope, mid, utf8)
         out.append(f'Content-Type: multipart/related; boundary="{outer}"\r\n\r\n'.encode("ascii"))
         out.append(f"--{outer}\r\n".encode("ascii"))
         out.extend((head, b"\r\n", body, b"\r\n"))
@@ -159,12 +175,18 @@ def render_plan(plan: Plan, values: Sequence[str], message_id: str) -> Rendered:
         out.append(f"--{outer}\r\n".encode("ascii"))
         out.extend(attachment.part(cid))
     out.append(f"--{outer}--\r\n".encode("ascii"))
-    return _rendered(out, sender, envelope, mid, utf8)
+    return _rendered(out, sender, bounce, envelope, mid, utf8)
 
 
-def _rendered(out: list[bytes], sender: str, envelope: list[str], mid: str, utf8: bool) -> Rendered:
+def _rendered(
+    out: list[bytes], sender: str, bounce: str | None, envelope: list[str], mid: str, utf8: bool
+) -> Rendered:
+    """The message; its envelope sender is the bounce address if there is one, else From."""
     if not sender:
         raise RowError("no sender address in From")
+    if bounce is not None:
+        sender = bounce
+        utf8 = utf8 or not sender.partition("@")[0].isascii()
     return Rendered(b"".join(out), sender, tuple(dict.fromkeys(envelope)), mid, utf8)
 
 
@@ -195,10 +217,13 @@ def render_with_email(raw: str, base: Path, message_id: str) -> Rendered:
     if len(senders) != 1:
         raise RowError("From must hold exactly one address")
     try:
-        sender = format_path(senders[0][1]).address
+        author = format_path(senders[0][1]).address
     except LocalProtocolError as exc:
         raise RowError(f"invalid From address: {exc}") from None
+    bounce = msg.get("Return-Path")
+    sender = author if bounce is None else bounce_address(str(bounce))
     del msg["Bcc"]
+    del msg["Return-Path"]
     specs = msg.get_all("Attachment", [])
     del msg["Attachment"]
     mid = str(msg["Message-ID"]).strip() if "Message-ID" in msg else message_id
@@ -213,10 +238,9 @@ def render_with_email(raw: str, base: Path, message_id: str) -> Rendered:
     if "Message-ID" not in msg:
         msg["Message-ID"] = message_id
     buffer = io.BytesIO()
-    policy = email.policy.SMTP.clone(cte_type="7bit")
-    BytesGenerator(buffer, policy=policy).flatten(msg, linesep="\r\n")  # type: ignore[arg-type]
+    BytesGenerator(buffer, policy=POLICY_7BIT).flatten(msg, linesep="\r\n")
     data = buffer.getvalue()
     if any(len(line) > MAX_LINE for line in data.split(b"\r\n")):
         raise RowError("a line of the message is longer than 998 octets")
-    utf8 = not all(r.partition("@")[0].isascii() for r in [sender, *recipients])
+    utf8 = not all(r.partition("@")[0].isascii() for r in [author, sender, *recipients])
     return Rendered(data, sender, tuple(dict.fromkeys(recipients)), mid, utf8)
