@@ -159,7 +159,8 @@ def test_the_readme_has_exactly_the_two_commands() -> None:
     assert "\n" not in main_job and "\n" not in tests, "one line each, to copy and paste"
     assert main_job.startswith("python3 -m venv .venv && .venv/bin/pip install -e '.[cli]'")
     assert main_job.endswith(
-        ".venv/bin/triomail send examples/recipients.csv examples/template.txt --sink outbox"
+        ".venv/bin/triomail send examples/recipients.csv examples/template.txt"
+        " --unsubscribe 'https://example.com/unsubscribe?u={{number}}' --sink outbox"
     )
     assert tests == "bash .ci/run"
 

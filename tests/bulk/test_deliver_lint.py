@@ -124,3 +124,16 @@ async def test_a_real_run_lints_before_the_first_message(
         (tmp_path / "t.txt").write_text(free + TEXT)
         assert await send_async(rows, template, "--server", url, "--yes") == 0
         assert len(sink.messages) == 3  # warnings alone do not stop it
+
+
+async def test_the_summary_says_what_lint_checked_before_sending(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows, template = files(tmp_path, BASE + TEXT)
+    async with SMTPSink(tls=False) as sink:
+        url = server(sink).replace("smtp://", "smtp+plain://")
+        assert await send_async(rows, template, "--server", url, "--yes") == 0
+    summary = capsys.readouterr().out.splitlines()
+    assert [line.split() for line in summary if line.startswith("lint")] == [
+        ["lint", "no", "problems", "in", "the", "first", "3", "message(s)"]
+    ]

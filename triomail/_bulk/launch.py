@@ -140,6 +140,7 @@ def prepare_and_run(settings: SendSettings, renderer: RenderProcess | None) -> i
         sampled = lint_sample(reader, lint.watch(render), policy.message_id)
         if lint.report(display.message, of=f" of the first {sampled:,}"):
             raise CannotRun("lint found errors (above); nothing was sent")
+        progress.lint = lint.verdict()
         found, confirm = _confirmation(settings, template, estimate, total)
         feed = Feed(
             reader,

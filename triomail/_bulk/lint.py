@@ -165,6 +165,13 @@ class Lint:
         return bool(self.errors or (self.strict and self.warnings))
 
 
+    def verdict(self) -> str:
+        """One line for the summary: what was checked and what was found."""
+        found = sum(len(counts) for counts in (self.errors, self.warnings))
+        what = f"{found} finding(s), printed before sending" if found else "no problems"
+        return f"{what} in the first {self.checked:,} message(s)"
+
+
 def lint_sample(
     rows: Iterable[Row | BadRow], render: Callable[..., Rendered], message_id: Callable[[str], str]
 ) -> int:

@@ -52,6 +52,8 @@ class Progress:
     skipped: int = 0
     #: Rows not sent: every recipient is on the --exclude list.
     suppressed: int = 0
+    #: What lint found in the rows it checked before sending (the summary's "lint" row).
+    lint: str = ""
     #: Recipients refused (permanently or not), by enhanced status code (or reply code).
     refusals: dict[str, int] = field(default_factory=dict)
     #: Rows already accepted or refused in an earlier run (``--resume``).
@@ -152,6 +154,8 @@ class Progress:
         ]
         if self.suppressed:
             rows.append(("suppressed (--exclude), not sent", f"{self.suppressed:,}"))
+        if self.lint:
+            rows.append(("lint", self.lint))
         if self.refusals:
             top = sorted(self.refusals.items(), key=lambda item: (-item[1], item[0]))
             rows.append(("refusals by code", ", ".join(f"{c} x{n:,}" for c, n in top)))
