@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .settings import CHECKS, RENDER_MODES, SendSettings
+from .settings import CHECKS, RENDER_MODES, SendSettings, journal_target
 
 __all__ = ["OPTIONS", "POSITIONALS", "Option", "Subcommands", "defaults", "register"]
 
@@ -80,6 +80,7 @@ def _flag(help_text: str) -> dict[str, Any]:
 
 
 WHERE, SAFETY, SPEED, RECORDS = "where to send", "safety", "throughput", "records"
+SHARED = "shared journal (PostgreSQL)"
 OPTIONS: tuple[Option, ...] = (
     Option(WHERE, ("--server",), {"metavar": "URL",
         "help": "smtp://, smtps:// or smtp+plain:// URL"}),
@@ -121,13 +122,18 @@ OPTIONS: tuple[Option, ...] = (
         "help": "longest retry delay, also for an unreachable server"}),
     Option(RECORDS, ("--report",), {"type": Path, "metavar": "FILE.jsonl",
         "help": "one JSON line per message and recipient"}),
-    Option(RECORDS, ("--journal",), {"type": Path, "metavar": "PATH",
-        "help": "SQLite journal file"}),
+    Option(RECORDS, ("--journal",), {"type": journal_target, "metavar": "PATH_OR_URL",
+        "help": "SQLite journal file, or postgresql://USER@HOST:PORT/DB?campaign=NAME to "
+        "share the campaign with other workers (docs/scale-out.md)"}),
     Option(RECORDS, ("--resume",), _flag("continue the batch recorded in the journal")),
     Option(RECORDS, ("--at-most-once",), _flag("on --resume, skip messages whose outcome is "
         "unknown instead of resending them")),
     Option(RECORDS, ("--progress-interval",), {"metavar": "SECONDS",
         "help": "seconds between progress lines when stderr is not a terminal"}),
+    # -- the shared journal (issue 15) --
+    Option(SHARED, ("--lease",), {"metavar": "SECONDS",
+        "help": "a worker's hold on the rows it sends, renewed while they are on the wire; "
+        "rows of a worker silent this long are taken over by the others"}),
 )  # fmt: skip
 #: The positional arguments, in order.
 POSITIONALS: tuple[Option, ...] = (

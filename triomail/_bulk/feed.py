@@ -17,6 +17,12 @@ far, and rows are read here a few at a time until one of its batches goes beyond
 chunks (then its rows are taken, and waited for if need be): a slow template,
 rendered here as fast as there, would never let it catch up.
 
+A shared journal (:mod:`.journal.postgres`) may refuse part of a claim: those rows
+belong to another worker and are left out here. Once the file is done, rows that other
+workers held past their lease (they died or stalled) are taken over: the file is read
+again for just those keys (:meth:`Feed._takeover_chunks`), until no other worker
+holds an unsettled row.
+
 A first signal sets :attr:`Feed.stopping`: no more rows are read. Messages claimed in
 the journal and not yet handed to the pool go back to pending (:meth:`Feed.close`).
 """
@@ -26,14 +32,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from contextlib import aclosing
 
 import trio
 
 from .._core.errors import LocalProtocolError
 from .._core.prepare import PreparedMessage, prepare, prepare_rendered
-from .journal import Journal, Record
+from .journal import BaseJournal, Record
 from .outcomes import Outcomes, Tag
 from .planner import ChunkPlan, Policy, chunks, plan_chunk
 from .recipients import BadRow, RecipientsReader, Row
@@ -47,6 +53,8 @@ _log = logging.getLogger("triomail.send")
 
 #: --render auto: chunks rendered here while the render process catches up.
 CATCH_UP_CHUNKS = 4
+#: Shortest wait between two looks for rows to take over (seconds).
+TAKEOVER_POLL = 0.2
 
 
 def prepared_message(rendered: Rendered, recipients: tuple[str, ...], tag: Tag) -> PreparedMessage:
@@ -91,7 +99,7 @@ class Feed:
     def __init__(
         self,
         reader: RecipientsReader,
-        journal: Journal,
+        journal: BaseJournal,
         policy: Policy,
         outcomes: Outcomes,
         *,
@@ -99,6 +107,7 @@ class Feed:
         limit: int | None,
         renderer: RenderProcess | None = None,
         catch_up: bool = False,
+        reread: Callable[[], Iterable[Row | BadRow]] | None = None,
     ) -> None:
         self.reader = reader
         self.journal = journal
@@ -119,6 +128,10 @@ class Feed:
         self.unhanded: deque[str] = deque()
         #: Why the render process stopped before the end of the file, if it did.
         self.render_error: str | None = None
+        #: The recipients file read again (shared journal: rows to take over).
+        self.reread = reread
+        #: Rows another worker of a shared journal claimed first (not ours to send).
+        self.elsewhere = 0
 
     async def messages(self) -> AsyncIterator[PreparedMessage]:
         """The pool's input: rows planned, claimed in the journal, then yielded."""
@@ -143,7 +156,14 @@ class Feed:
                         progress.earlier += 1
                 tags: list[Tag] = [m.tag for m in sendable]  # type: ignore[misc]
                 if tags:
-                    self.journal.claim((t.key, t.line, self.content, t.message_id) for t in tags)
+                    won = await self.journal.claim_async(
+                        [(t.key, t.line, self.content, t.message_id) for t in tags]
+                    )
+                    if len(won) < len(tags):  # another worker has the others
+                        self.elsewhere += len(tags) - len(won)
+                        mine = set(won)
+                        sendable = [m for m in sendable if m.tag.key in mine]  # type: ignore[attr-defined]
+                        tags = [t for t in tags if t.key in mine]
                 unhanded.extend(t.key for t in tags)
                 for index, message in enumerate(sendable):
                     if self.stopping:
@@ -159,6 +179,37 @@ class Feed:
                 await trio.lowlevel.checkpoint()
 
     async def _chunks(self) -> AsyncGenerator[ChunkPlan]:
+        """The plans of the file's chunks, then of the rows taken over from others."""
+        async with aclosing(self._file_chunks()) as planned:
+            async for plan in planned:
+                yield plan
+        if self.journal.shared and self.reread is not None:
+            async with aclosing(self._takeover_chunks()) as planned:
+                async for plan in planned:
+                    yield plan
+
+    async def _takeover_chunks(self) -> AsyncGenerator[ChunkPlan]:
+        """Rows other workers held past their lease, read again from the file."""
+        assert self.reread is not None
+        journal = self.journal
+        while not self.stopping:
+            wait = await trio.to_thread.run_sync(journal.takeover_wait)
+            if wait is None:
+                return
+            await trio.sleep(max(wait, TAKEOVER_POLL))
+            keys = await trio.to_thread.run_sync(journal.takeover_keys)
+            if not keys:
+                continue
+            rows = (r for r in self.reread() if not isinstance(r, BadRow) and r.key in keys)
+            for chunk in chunks(rows, MAX_BATCH):
+                if self.stopping:
+                    return
+                budget = None if self.limit is None else self.limit - self.handed
+                if budget is not None and budget <= 0:
+                    return
+                yield plan_chunk(self.policy, chunk, budget)
+
+    async def _file_chunks(self) -> AsyncGenerator[ChunkPlan]:
         """The plans of chunks of rows, read here or by the render process."""
         renderer = self.renderer
         rows = chunks(self.reader, MAX_BATCH)

@@ -30,7 +30,7 @@ from .._client.options import default_ssl_context
 from .._pool.pool import Server
 from .dry_run import dry_run
 from .feed import Feed
-from .journal import Journal, JournalError
+from .journal import BaseJournal, JournalError, open_journal
 from .outcomes import Outcomes
 from .planner import Policy
 from .progress import Display, Progress
@@ -104,12 +104,13 @@ def prepare_and_run(settings: SendSettings, renderer: RenderProcess | None) -> i
             limit=settings.limit,
             renderer=renderer,
             catch_up=settings.render == "auto",
+            reread=lambda: RecipientsReader.open(settings.recipients, settings.encoding),
         )
         batch = SendRun(settings, journal, counts, template.digest, feed, outcomes)
         return _trio_run(batch, server)
 
 
-def _open_journal(settings: SendSettings, digest: str) -> tuple[Journal, dict[str, int]]:
+def _open_journal(settings: SendSettings, digest: str) -> tuple[BaseJournal, dict[str, int]]:
     """The journal (next to the recipients file unless given; never a file for a dry
     run) and its counts by state."""
     path = settings.journal
@@ -118,11 +119,12 @@ def _open_journal(settings: SendSettings, digest: str) -> tuple[Journal, dict[st
     if settings.dry_run:
         path = None  # a dry run never touches a real journal
     try:
-        return Journal.open(
+        return open_journal(
             path,
             resume=settings.resume and not settings.dry_run,
             source=str(settings.recipients.resolve()),
             content=digest,
+            lease=settings.lease,
         )
     except JournalError as exc:
         raise CannotRun(str(exc)) from None
@@ -152,13 +154,15 @@ def _confirmed_server(settings: SendSettings, estimate: int, total: int) -> Serv
 def _trio_run(batch: SendRun, server: Server | None) -> int:
     try:
         return trio.run(batch.run, server)
+    except JournalError as exc:
+        raise CannotRun(str(exc)) from None
     except BaseExceptionGroup as group:
-        cannot, rest = group.split(CannotRun)
+        cannot, rest = group.split((CannotRun, JournalError))
         if cannot is not None:
             first = cannot.exceptions[0]
             while isinstance(first, BaseExceptionGroup):
                 first = first.exceptions[0]
-            raise first from None
+            raise CannotRun(str(first)) from None
         if rest is not None:
             raise rest from None
         raise

@@ -27,7 +27,7 @@ from typing import IO, Any
 
 from .._core.reply import Reply
 from .._core.results import Outcome, SendResult
-from .journal import Journal
+from .journal import BaseJournal
 from .planner import ChunkPlan
 from .progress import Display, Progress
 from .recipients import BadRow
@@ -90,7 +90,7 @@ class Outcomes:
 
     def __init__(
         self,
-        journal: Journal,
+        journal: BaseJournal,
         progress: Progress,
         display: Display,
         recipients: Path,

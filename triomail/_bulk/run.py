@@ -34,7 +34,7 @@ import trio
 from .._core.errors import SMTPAuthenticationError, SMTPError
 from .._pool.pool import Pool, RetryPolicy, Server, open_pool
 from .feed import Feed
-from .journal import Journal
+from .journal import BaseJournal, JournalError
 from .outcomes import Outcomes
 from .settings import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, STDOUT, CannotRun, SendSettings
 
@@ -56,7 +56,7 @@ class SendRun:
     def __init__(
         self,
         settings: SendSettings,
-        journal: Journal,
+        journal: BaseJournal,
         counts: dict[str, int],
         digest: str,
         feed: Feed,
@@ -124,7 +124,7 @@ class SendRun:
     def _left(self) -> tuple[str, int]:
         """Where the journal is (it is consistent), and how many messages it holds unsettled."""
         counts = self.journal.counts()
-        where = self.journal.path or "(in memory)"
+        where = self.journal.where
         return f"the journal {where} is consistent", counts["pending"] + counts["in-flight"]
 
     async def _run(self, server: Server, signals: AsyncIterator[int]) -> int:
@@ -149,6 +149,7 @@ class SendRun:
         outcomes.display.finish()
         for line in outcomes.failure_lines():
             outcomes.display.message(line)
+        self._shared_note()
         # With --report - the summary goes to stderr, so stdout is JSON lines only.
         print(outcomes.progress.summary(), file=sys.stderr if to_stdout else sys.stdout, flush=True)
         if self.feed.render_error is not None:
@@ -185,6 +186,7 @@ class SendRun:
         async with trio.open_nursery() as outer:
             with trio.CancelScope() as scope:
                 outer.start_soon(self._watch_signals, signals, scope, pool_ref)
+                outer.start_soon(self._journal_background)
                 await preflight(server)
                 outer.start_soon(self._tick, pool_ref)
                 try:
@@ -215,6 +217,29 @@ class SendRun:
                     for result in pool_ref[0].interrupted if pool_ref else ():
                         settle(result, note="cut off by an abort")
             outer.cancel_scope.cancel()
+
+    async def _journal_background(self) -> None:
+        """The journal's own work (a shared journal's commits and leases)."""
+        try:
+            await self.journal.background()
+        except JournalError as exc:
+            raise CannotRun(str(exc)) from None
+
+    def _shared_note(self) -> None:
+        """A shared journal: what other workers did is in their summaries."""
+        if not self.journal.shared:
+            return
+        self._note(
+            f"shared journal: this worker (run {self.journal.run}) left "
+            f"{self.feed.elsewhere:,} row(s) to other workers; `triomail status "
+            f"{self.journal.where}` shows the whole campaign"
+        )
+        stale = getattr(self.journal, "stale", 0)
+        if stale:
+            self._note(
+                f"{stale:,} message(s) were taken over by another worker while this one "
+                "still had them (its lease expired): possible duplicates"
+            )
 
     async def _watch_signals(
         self,

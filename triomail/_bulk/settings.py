@@ -29,10 +29,14 @@ __all__ = [
     "EXIT_FAILED",
     "EXIT_INTERRUPTED",
     "CHECKS",
+    "DEFAULT_LEASE",
     "EXIT_OK",
+    "JOURNAL_URL_SCHEMES",
     "RENDER_MODES",
     "CannotRun",
     "SendSettings",
+    "is_url",
+    "journal_target",
     "settings_from",
 ]
 
@@ -78,9 +82,27 @@ CHECKS: dict[str, Callable[[str], Any]] = {
     "retry_backoff": _number(float, 1e-3, 86_400),
     "retry_max_backoff": _number(float, 1e-3, 86_400),
     "progress_interval": _number(float, 1e-3, 86_400),
+    # -- the shared journal (issue 15) --
+    "lease": _number(float, 0.1, 86_400),
 }
 #: Descriptors kept free for the journal, the report, the render process and TLS.
 _RESERVED_FILES = 64
+
+
+#: --lease: seconds a worker of a shared journal holds a row it does not renew.
+DEFAULT_LEASE = 60.0
+#: The URL schemes of a shared (PostgreSQL) journal; anything else is a file path.
+JOURNAL_URL_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_url(target: object) -> bool:
+    """Is this ``--journal`` value a database URL (not a file path)?"""
+    return isinstance(target, str) and target.startswith(JOURNAL_URL_SCHEMES)
+
+
+def journal_target(text: str) -> Path | str:
+    """``--journal``'s type: a ``postgresql://`` URL stays text, anything else is a path."""
+    return text if is_url(text) else Path(text)
 
 
 class CannotRun(Exception):
@@ -109,11 +131,13 @@ class SendSettings:
     retry_backoff: float = 1.0
     retry_max_backoff: float = 300.0
     report: Path | None = None
-    journal: Path | None = None
+    journal: Path | str | None = None  # a path, or a postgresql:// URL
     resume: bool = False
     at_most_once: bool = False
     progress_interval: float = 5.0
     render: str = "auto"
+    # -- the shared journal (issue 15) --
+    lease: float = DEFAULT_LEASE
 
     def render_in_process(self) -> bool:
         """Render in a second process? (--render, the CPU count; never for a dry run)."""
@@ -137,6 +161,7 @@ _TOML_TYPES: dict[str, tuple[type, ...]] = {
     "str": (str,),
     "str | None": (str,),
     "Path | None": (str,),
+    "Path | str | None": (str,),
 }
 #: Every setting but the two positional arguments can come from a config file.
 _CONFIG_TYPES = {
@@ -174,7 +199,7 @@ def _load_config(path: Path) -> dict[str, Any]:
             raise CannotRun(f"config {path}: unknown setting {raw_key!r}")
         if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
             raise CannotRun(f"config {path}: {raw_key} has the wrong type")
-        if key in _PATHS:
+        if key in _PATHS and not is_url(value):
             value = (path.parent / Path(str(value)).expanduser()).resolve()
         check = CHECKS.get(key)
         if check is not None:

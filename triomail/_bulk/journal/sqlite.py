@@ -1,21 +1,17 @@
-"""The send journal: one SQLite row per message, so a batch can be resumed safely.
+"""The embedded journal: one SQLite row per message, so a batch can be resumed safely.
 
 Theory of operation
 -------------------
-Every message is identified by its recipients-file row (:attr:`Row.key`, a hash of the
-row's content) and carries the template's hash as its content hash. Its state moves
-
-    pending -> in-flight -> accepted | transient | permanent | unknown
-
-A message is marked *in-flight* in a committed transaction **before** it is handed to
-the pool (:meth:`Journal.claim`, one transaction per chunk of messages), and its final
-state is recorded when the pool reports it (:meth:`Journal.record`, buffered and
-committed in batches, so SQLite does not cap throughput). After a crash or ``kill -9``
-a message is therefore never "forgotten": it is either final, or still in-flight,
-which ``--resume`` treats as an unknown outcome (R37, R38): resend with the same
-Message-ID (at-least-once, the default), or skip (``--at-most-once``). Accepted and
-permanently refused messages are never sent again; per-recipient outcomes are kept so
-that a message that was accepted for some recipients is resent only to the others.
+The states and their meaning are :mod:`.base`'s. A message is marked *in-flight* in
+a committed transaction **before** it is handed to the pool (:meth:`Journal.claim`,
+one transaction per chunk of messages), and its final state is recorded when the pool
+reports it (:meth:`Journal.record`, buffered and committed in batches, so SQLite does
+not cap throughput). After a crash or ``kill -9`` a message is therefore never
+"forgotten": it is either final, or still in-flight, which ``--resume`` treats as an
+unknown outcome (R37, R38): resend with the same Message-ID (at-least-once, the
+default), or skip (``--at-most-once``). Accepted and permanently refused messages are
+never sent again; per-recipient outcomes are kept so that a message that was accepted
+for some recipients is resent only to the others.
 
 The database runs in WAL mode with ``synchronous=NORMAL``: a committed transaction
 survives the process being killed (only a power loss can roll back the last commits,
@@ -31,16 +27,11 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
 
-__all__ = ["FINAL_STATES", "Journal", "JournalError", "Record", "Settled", "State"]
+from .base import STATES, BaseJournal, Entry, JournalError, Record, State
 
-State = Literal["pending", "in-flight", "accepted", "transient", "permanent", "unknown"]
-STATES: Final = ("pending", "in-flight", "accepted", "transient", "permanent", "unknown")
-#: States that --resume never sends again.
-FINAL_STATES: Final = frozenset({"accepted", "permanent"})
+__all__ = ["Journal"]
 
 _SCHEMA_VERSION = "1"
 _SCHEMA = """
@@ -67,39 +58,8 @@ CREATE TABLE IF NOT EXISTS messages (
 # layout work the same (every statement goes through the key).
 
 
-class JournalError(Exception):
-    """The journal cannot be used as asked (exists without --resume, unreadable...)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """What the journal knows about one message."""
-
-    key: str
-    line: int
-    content: str
-    message_id: str
-    state: State
-    attempts: int
-    done: tuple[str, ...]
-    run: int
-
-
-@dataclass(frozen=True, slots=True)
-class Settled:
-    """A final (for this run) state to record for one message."""
-
-    key: str
-    state: State
-    attempts: int
-    code: int | None
-    enhanced: str | None
-    text: str | None
-    done: Sequence[str]
-
-
-class Journal:
-    """An open journal. Use :meth:`open`; call :meth:`close` (or use ``with``)."""
+class Journal(BaseJournal):
+    """An open SQLite journal. Use :meth:`open`; call :meth:`close` (or use ``with``)."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path | None, run: int, campaign: str):
         self._conn = conn
@@ -180,7 +140,9 @@ class Journal:
         journal.previous_content = meta.get("content", "")
         return journal, counts
 
-    previous_content: str = ""
+    @property
+    def where(self) -> str:
+        return "(in memory)" if self.path is None else str(self.path)
 
     @staticmethod
     def _count(conn: sqlite3.Connection) -> dict[str, int]:
@@ -199,12 +161,6 @@ class Journal:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._conn.close()
-
-    def __enter__(self) -> Journal:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # ----------------------------------------------------------------- messages
 
@@ -230,11 +186,12 @@ class Journal:
         found = self.lookup(keys)
         return [found[k] for k in keys]
 
-    def claim(self, entries: Iterable[tuple[str, int, str, str]]) -> None:
+    def claim(self, entries: Iterable[Entry]) -> list[str]:
         """Mark messages in-flight and commit (with any buffered outcomes) at once.
 
-        ``entries`` are ``(key, line, content, message_id)``. After this returns, a
-        crash leaves these messages in-flight, never forgotten.
+        ``entries`` are ``(key, line, content, message_id)``; one process owns the file,
+        so every key is claimed. After this returns, a crash leaves these messages
+        in-flight, never forgotten.
         """
         now = time.time()
         rows = [(key, line, content, mid, self.run, now) for key, line, content, mid in entries]
@@ -254,8 +211,9 @@ class Journal:
             conn.execute("ROLLBACK")
             raise
         self._last_commit = time.monotonic()
+        return [row[0] for row in rows]
 
-    def mark(self, entries: Iterable[tuple[str, int, str, str]], state: State) -> None:
+    def mark(self, entries: Iterable[Entry], state: State) -> None:
         """Record messages that were not sent in this run (e.g. skipped unknowns)."""
         now = time.time()
         rows = [
@@ -270,18 +228,6 @@ class Journal:
             rows,
         )
         self._conn.execute("COMMIT")
-
-    def record(self, outcome: Settled) -> None:
-        """Buffer a message's outcome; committed in batches (see :meth:`flush`)."""
-        self.record_outcome(
-            outcome.key,
-            outcome.state,
-            outcome.attempts,
-            outcome.code,
-            outcome.enhanced,
-            outcome.text,
-            outcome.done,
-        )
 
     def record_outcome(
         self,

@@ -1,0 +1,185 @@
+"""The one journal interface that the send command uses, whatever stores the states.
+
+Theory of operation
+-------------------
+Every message is identified by its recipients-file row (:attr:`.recipients.Row.key`, a
+hash of the row's content) and carries the template's hash as its content hash. Its
+state moves
+
+    pending -> in-flight -> accepted | transient | permanent | unknown
+
+A message is marked *in-flight* in a committed transaction before it is handed to the
+pool (:meth:`BaseJournal.claim`), and its final state is recorded when the pool reports
+it (:meth:`BaseJournal.record_outcome`, buffered, committed by :meth:`BaseJournal.flush`).
+After a crash a message is never "forgotten": it is final, or still in-flight, which
+``--resume`` treats as an unknown outcome (R37, R38).
+
+Two stores implement the interface: :mod:`.sqlite` (one file, one process; the default)
+and :mod:`.postgres` (one campaign shared by any number of processes on any number of
+machines). A shared journal may refuse a claim (another worker holds the row: the
+claim returns only the keys won) and hands rows of a dead worker to the survivors
+(:meth:`BaseJournal.takeover_wait`). The same contract suite
+(tests/bulk/test_journal_contract.py) runs against both.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final, Literal
+
+__all__ = [
+    "FINAL_STATES",
+    "STATES",
+    "BaseJournal",
+    "Entry",
+    "JournalError",
+    "Record",
+    "Settled",
+    "State",
+]
+
+State = Literal["pending", "in-flight", "accepted", "transient", "permanent", "unknown"]
+STATES: Final = ("pending", "in-flight", "accepted", "transient", "permanent", "unknown")
+#: States that --resume never sends again.
+FINAL_STATES: Final = frozenset({"accepted", "permanent"})
+#: What a claim or a mark is given per message: ``(key, line, content, message_id)``.
+Entry = tuple[str, int, str, str]
+
+
+class JournalError(Exception):
+    """The journal cannot be used as asked (exists without --resume, unreadable...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """What the journal knows about one message."""
+
+    key: str
+    line: int
+    content: str
+    message_id: str
+    state: State
+    attempts: int
+    done: tuple[str, ...]
+    run: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """A final (for this run) state to record for one message."""
+
+    key: str
+    state: State
+    attempts: int
+    code: int | None
+    enhanced: str | None
+    text: str | None
+    done: Sequence[str]
+
+
+class BaseJournal(abc.ABC):
+    """An open journal: the send command's only view of the stored states."""
+
+    #: Random per campaign: part of every Message-ID, so two batches never share one.
+    campaign: str
+    #: This run's number (unique per worker in a shared journal).
+    run: int
+    #: The template digest recorded by the previous run ("" if none).
+    previous_content: str = ""
+    #: Other processes may share the campaign (claims can be refused, rows taken over).
+    shared: bool = False
+
+    @property
+    @abc.abstractmethod
+    def where(self) -> str:
+        """Where the journal is, for messages (a path, a URL without password)."""
+
+    @abc.abstractmethod
+    def counts(self) -> dict[str, int]:
+        """The number of messages in each state (committing buffered outcomes first)."""
+
+    @abc.abstractmethod
+    def lookup(self, keys: Sequence[str]) -> dict[str, Record]:
+        """The records of those keys that the journal has."""
+
+    @abc.abstractmethod
+    def records(self) -> list[Record]:
+        """Every record, in line order (for tests and inspection; loads them all)."""
+
+    @abc.abstractmethod
+    def claim(self, entries: Iterable[Entry]) -> list[str]:
+        """Mark messages in-flight and commit (with any buffered outcomes) at once.
+
+        Returns the keys claimed, in order: all of them unless another worker holds
+        some. After this returns, a crash leaves them in-flight, never forgotten.
+        """
+
+    @abc.abstractmethod
+    def mark(self, entries: Iterable[Entry], state: State) -> None:
+        """Record messages that were not sent in this run (e.g. skipped unknowns)."""
+
+    @abc.abstractmethod
+    def record_outcome(
+        self,
+        key: str,
+        state: State,
+        attempts: int,
+        code: int | None,
+        enhanced: str | None,
+        text: str | None,
+        done: Sequence[str] | None,
+    ) -> None:
+        """Buffer a message's outcome (the hot path); committed by :meth:`flush`."""
+
+    @abc.abstractmethod
+    def flush(self) -> None:
+        """Commit buffered outcomes now."""
+
+    @abc.abstractmethod
+    def release(self, keys: Iterable[str]) -> None:
+        """Put claimed messages that were never handed to the pool back to pending."""
+
+    @abc.abstractmethod
+    def in_flight_of_this_run(self) -> int:
+        """Messages this run left in flight."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Commit what is buffered and close."""
+
+    def record(self, outcome: Settled) -> None:
+        """Buffer a message's outcome given as a :class:`Settled`."""
+        self.record_outcome(
+            outcome.key,
+            outcome.state,
+            outcome.attempts,
+            outcome.code,
+            outcome.enhanced,
+            outcome.text,
+            outcome.done,
+        )
+
+    async def claim_async(self, entries: list[Entry]) -> list[str]:
+        """:meth:`claim` from a trio task (a network journal runs it in a thread)."""
+        return self.claim(entries)
+
+    async def background(self) -> None:
+        """Work a store does beside the batch (commits, lease renewal); none by default."""
+        return None
+
+    def takeover_wait(self) -> float | None:
+        """Seconds until rows held by other workers may be taken over (0: now); ``None``
+        when no other worker holds an unsettled row (always, for a private journal)."""
+        return None
+
+    def takeover_keys(self) -> set[str]:
+        """The keys whose holder's lease has expired (they may be claimed now)."""
+        return set()
+
+    def __enter__(self) -> BaseJournal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
