@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ._bulk import command as bulk_command
+from ._bulk import status as bulk_status
 from ._sink import cli as sink_cli
 from ._web import cli as web_cli
 
@@ -22,7 +23,7 @@ __all__ = ["build_parser", "main"]
 # server), `triomail send` (the bulk mailer) and `triomail view` (the web view of a
 # folder). Each register takes what `add_subparsers()` returns; the tuple's type is
 # inferred, so that no private name of argparse is spelt here.
-REGISTRARS = (sink_cli.register, bulk_command.register, web_cli.register)
+REGISTRARS = (sink_cli.register, bulk_command.register, web_cli.register, bulk_status.register)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,8 +53,9 @@ _log = logging.getLogger("triomail.send")
 
 #: --render auto: chunks rendered here while the render process catches up.
 CATCH_UP_CHUNKS = 4
-#: Shortest wait between two looks for rows to take over (seconds).
-TAKEOVER_POLL = 0.2
+#: Shortest and longest wait between two looks for rows to take over (seconds): the
+#: other workers usually finish their rows long before their leases could expire.
+TAKEOVER_POLL = (0.05, 1.0)
 
 
 def prepared_message(rendered: Rendered, recipients: tuple[str, ...], tag: Tag) -> PreparedMessage:
@@ -196,7 +197,7 @@ class Feed:
             wait = await trio.to_thread.run_sync(journal.takeover_wait)
             if wait is None:
                 return
-            await trio.sleep(max(wait, TAKEOVER_POLL))
+            await trio.sleep(min(max(wait, TAKEOVER_POLL[0]), TAKEOVER_POLL[1]))
             keys = await trio.to_thread.run_sync(journal.takeover_keys)
             if not keys:
                 continue

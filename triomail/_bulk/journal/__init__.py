@@ -18,6 +18,7 @@ from .base import (
     JournalError,
     Record,
     Settled,
+    Snapshot,
     State,
 )
 from .sqlite import Journal
@@ -31,6 +32,7 @@ __all__ = [
     "JournalError",
     "Record",
     "Settled",
+    "Snapshot",
     "State",
     "open_journal",
 ]

@@ -33,6 +33,7 @@ __all__ = [
     "FINAL_STATES",
     "STATES",
     "BaseJournal",
+    "Snapshot",
     "Entry",
     "JournalError",
     "Record",
@@ -77,6 +78,18 @@ class Settled:
     enhanced: str | None
     text: str | None
     done: Sequence[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A journal's state as ``triomail status`` shows it (read without changing it)."""
+
+    #: The campaign's random id (in every Message-ID).
+    campaign: str
+    #: Messages per state, per run (a worker of a shared journal, or one run of a file).
+    by_run: dict[int, dict[str, int]]
+    #: Per run, who it is (host, pid, running or finished), where the store knows.
+    workers: dict[int, str]
 
 
 class BaseJournal(abc.ABC):

@@ -26,138 +26,36 @@ When its file is done, a worker waits for rows that other workers hold and takes
 those whose lease expires (:meth:`takeover_keys`); it ends when no row of the
 campaign is in flight elsewhere.
 
-The driver is psycopg 3, synchronous: every statement runs in ``trio.to_thread`` on
-one of two connections (claims, and outcomes with lease renewals), each behind a
-one-token :class:`trio.CapacityLimiter`, so one thread uses a connection at a time; a
-statement that hangs ends at ``statement_timeout``. A lost connection is reopened with
-a doubling backoff for up to ``RECONNECT_SECONDS``, then the run stops with one line
-(the journal is consistent; ``--resume`` continues). The password never comes from
-the URL: libpq reads ``PGPASSWORD`` or ``~/.pgpass``.
+The driver is psycopg 3, synchronous: statements run in ``trio.to_thread`` on one
+of two connections (claims; outcomes and lease renewals), one thread at a time on
+each (:class:`.pg_sql.Link`, which also reopens a lost connection with a backoff,
+then stops the run with one line: the journal is consistent, ``--resume``
+continues). Outcomes are group-committed every ``GROUP_COMMIT_SECONDS``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Final, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
 
 import trio
 
 from ..settings import DEFAULT_LEASE
 from .base import STATES, BaseJournal, Entry, JournalError, Record, State
+from .pg_sql import LOAD, OUTCOME, SCHEMA, TAKE, Link, file_digest, parse_url
 
-try:
-    import psycopg
-except ImportError:  # pragma: no cover - the extra is not installed
-    psycopg = None  # type: ignore[assignment]
-
-__all__ = ["RECONNECT_SECONDS", "PostgresJournal", "parse_url"]
+__all__ = ["GROUP_COMMIT_SECONDS", "PostgresJournal"]
 
 _log = logging.getLogger("triomail.send")
-_T = TypeVar("_T")
 
-#: How long a lost database connection is retried before the run stops.
-RECONNECT_SECONDS: Final = 60.0
 #: Seconds between commits of buffered outcomes (shared by all connections).
 GROUP_COMMIT_SECONDS: Final = 0.005
-#: A statement that takes longer than this is cancelled by the server (milliseconds).
-STATEMENT_TIMEOUT_MS: Final = 30_000
-
-_SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS triomail_campaigns (
-    name TEXT PRIMARY KEY,       -- ?campaign=NAME
-    campaign TEXT NOT NULL,      -- random: part of every Message-ID
-    source TEXT NOT NULL,        -- digest of the recipients file
-    content TEXT NOT NULL,       -- digest of the template
-    runs INTEGER NOT NULL DEFAULT 0,
-    created TIMESTAMPTZ NOT NULL DEFAULT now()
-);
-CREATE TABLE IF NOT EXISTS triomail_workers (
-    name TEXT NOT NULL, run INTEGER NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL,
-    started TIMESTAMPTZ NOT NULL DEFAULT now(), seen TIMESTAMPTZ NOT NULL DEFAULT now(),
-    finished TIMESTAMPTZ, stale INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (name, run)
-);
-CREATE TABLE IF NOT EXISTS triomail_messages (
-    name TEXT NOT NULL, key TEXT NOT NULL, line INTEGER NOT NULL, content TEXT NOT NULL,
-    message_id TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
-    code INTEGER, enhanced TEXT, text TEXT, done TEXT,
-    run INTEGER NOT NULL,        -- the worker that last claimed or settled the row
-    fence BIGINT NOT NULL DEFAULT 0,
-    lease_until TIMESTAMPTZ,
-    updated TIMESTAMPTZ NOT NULL DEFAULT now(),
-    PRIMARY KEY (name, key)
-);
-CREATE INDEX IF NOT EXISTS triomail_messages_state ON triomail_messages (name, state);
-"""
-_LOAD: Final = """
-INSERT INTO triomail_messages (name, key, line, content, message_id, state, run)
-SELECT %(name)s, key, line, content, message_id, 'pending', %(run)s
-FROM unnest(%(keys)s::text[], %(lines)s::int[], %(contents)s::text[], %(mids)s::text[])
-    AS v(key, line, content, message_id)
-ON CONFLICT DO NOTHING
-"""
-_TAKE: Final = """
-WITH c AS (
-    SELECT key FROM triomail_messages
-    WHERE name = %(name)s AND key = ANY(%(keys)s)
-      AND (state = ANY(%(states)s) OR (state = 'in-flight' AND lease_until < now()))
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE triomail_messages m
-SET state = 'in-flight', run = %(run)s, fence = m.fence + 1,
-    lease_until = now() + make_interval(secs => %(lease)s), line = v.line,
-    content = v.content, updated = now()
-FROM c, unnest(%(keys)s::text[], %(lines)s::int[], %(contents)s::text[]) AS v(key, line, content)
-WHERE m.name = %(name)s AND m.key = c.key AND v.key = c.key
-RETURNING m.key, m.fence
-"""
-_OUTCOMES: Final = """
-UPDATE triomail_messages m
-SET state = v.state, attempts = m.attempts + v.attempts, code = v.code,
-    enhanced = v.enhanced, text = v.text, done = v.done, lease_until = NULL, updated = now()
-FROM unnest(%s::text[], %s::text[], %s::int[], %s::int[], %s::text[], %s::text[],
-            %s::text[], %s::bigint[]) AS v(key, state, attempts, code, enhanced, text, done, fence)
-WHERE m.name = %s AND m.key = v.key AND m.fence = v.fence AND m.state = 'in-flight'
-RETURNING m.key
-"""
-
-
-def parse_url(url: str) -> tuple[str, str, str]:
-    """``(conninfo, campaign name, URL for messages)`` of a journal URL; one clear
-    :class:`JournalError` for a password in it or a missing ``?campaign=``."""
-    parts = urlsplit(url)
-    if parts.password is not None:
-        raise JournalError(
-            "do not put the password in the journal URL; set PGPASSWORD or use ~/.pgpass"
-        )
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    names = [v for k, v in query if k == "campaign"]
-    if not names or not names[0]:
-        raise JournalError(f"--journal {url}: name the campaign with ?campaign=NAME")
-    rest = urlencode([(k, v) for k, v in query if k != "campaign"])
-    conninfo = urlunsplit((parts.scheme, parts.netloc, parts.path, rest, ""))
-    return conninfo, names[0], url
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def _file_digest(source: str) -> str:
-    """The recipients file's identity: a digest of its bytes (a path when unreadable)."""
-    try:
-        with open(source, "rb") as f:
-            return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
-    except OSError:
-        return source
 
 
 class PostgresJournal(BaseJournal):
@@ -166,13 +64,16 @@ class PostgresJournal(BaseJournal):
     shared = True
 
     def __init__(self, conninfo: str, name: str, url: str, lease: float) -> None:
-        self._conninfo = conninfo
         self.name = name
         self.url = url
         self.lease = lease
-        self.resume = False
-        self._conn = self._connect()
-        self._out = self._connect()
+        #: Claims, lookups and counts; outcomes and lease renewals (one thread each).
+        self._claims = Link(conninfo, url)
+        try:
+            self._outcomes = Link(conninfo, url)
+        except BaseException:
+            self._claims.close()
+            raise
         self._claimable = ["pending"]
         #: The fence each claimed row had when this run claimed it.
         self._fences: dict[str, int] = {}
@@ -180,27 +81,10 @@ class PostgresJournal(BaseJournal):
         #: Late outcomes refused because another worker took the row over.
         self.stale = 0
         self.batch_seconds = GROUP_COMMIT_SECONDS
-        self._limiters: dict[str, trio.CapacityLimiter] = {}
 
     @property
     def where(self) -> str:
         return self.url
-
-    def _connect(self) -> Any:
-        if psycopg is None:
-            raise JournalError(
-                "a postgresql:// journal needs psycopg: pip install 'triomail[postgres]'"
-            )
-        try:
-            return psycopg.connect(
-                self._conninfo,
-                autocommit=True,
-                connect_timeout=10,
-                options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
-                application_name="triomail send",
-            )
-        except psycopg.Error as exc:
-            raise JournalError(f"cannot open journal {self.url}: {_one_line(exc)}") from None
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -222,21 +106,23 @@ class PostgresJournal(BaseJournal):
         conninfo, name, shown = parse_url(url)
         journal = cls(conninfo, name, shown, DEFAULT_LEASE if lease is None else lease)
         try:
-            journal._join(resume, _file_digest(source) if source else "", content)
+            journal._join(resume, file_digest(source) if source else "", content)
             return journal, journal.counts()
         except BaseException:
             journal.close()
             raise
 
     def _join(self, resume: bool, source: str, content: str) -> None:
-        self.resume = resume
         if resume:
             self._claimable = ["pending", "transient", "unknown"]
-        with self._conn.transaction():
+        self._claims.run(lambda conn: self._join_in(conn, resume, source, content))
+
+    def _join_in(self, conn: Any, resume: bool, source: str, content: str) -> None:
+        with conn.transaction():
             # One creator of the tables and of the campaign at a time.
-            self._conn.execute("SELECT pg_advisory_xact_lock(7236142)")
-            self._conn.execute(_SCHEMA)
-            row = self._conn.execute(
+            conn.execute("SELECT pg_advisory_xact_lock(7236142)")
+            conn.execute(SCHEMA)
+            row = conn.execute(
                 "SELECT campaign, source, content, runs FROM triomail_campaigns "
                 "WHERE name = %s FOR UPDATE",
                 (self.name,),
@@ -245,7 +131,7 @@ class PostgresJournal(BaseJournal):
                 if resume:
                     raise JournalError(f"--resume: no campaign {self.name!r} in {self.url}")
                 row = (secrets.token_hex(6), source, content, 0)
-                self._conn.execute(
+                conn.execute(
                     "INSERT INTO triomail_campaigns (name, campaign, source, content) "
                     "VALUES (%s, %s, %s, %s)",
                     (self.name, row[0], source, content),
@@ -266,11 +152,11 @@ class PostgresJournal(BaseJournal):
             self.campaign = campaign
             self.previous_content = old_content
             self.run = runs + 1
-            self._conn.execute(
+            conn.execute(
                 "UPDATE triomail_campaigns SET runs = %s, content = %s WHERE name = %s",
                 (self.run, content or old_content, self.name),
             )
-            self._conn.execute(
+            conn.execute(
                 "INSERT INTO triomail_workers (name, run, host, pid) VALUES (%s, %s, %s, %s)",
                 (self.name, self.run, socket.gethostname(), os.getpid()),
             )
@@ -279,99 +165,42 @@ class PostgresJournal(BaseJournal):
         try:
             self.flush()
             if hasattr(self, "run"):
-                self._retrying(
-                    lambda c: c.execute(
-                        "UPDATE triomail_workers SET finished = now(), seen = now(), stale = %s "
-                        "WHERE name = %s AND run = %s",
-                        (self.stale, self.name, self.run),
-                    ),
-                    conn=self._out,
+                self._outcomes.execute(
+                    "UPDATE triomail_workers SET finished = now(), seen = now(), stale = %s "
+                    "WHERE name = %s AND run = %s",
+                    (self.stale, self.name, self.run),
                 )
         finally:
-            self._conn.close()
-            self._out.close()
-
-    # ----------------------------------------------------------------- the connection
-
-    def _retrying(self, work: Callable[[Any], _T], *, conn: Any) -> _T:
-        """``work(connection)``, reconnecting with backoff if the connection was lost."""
-        deadline = time.monotonic() + RECONNECT_SECONDS
-        delay = 0.1
-        while True:
-            try:
-                if conn.closed:
-                    conn = self._reopen(conn)
-                return work(conn)
-            except psycopg.OperationalError as exc:
-                if not conn.closed and not conn.broken:
-                    raise JournalError(f"journal {self.url}: {_one_line(exc)}") from None
-                if time.monotonic() + delay > deadline:
-                    raise JournalError(
-                        f"lost the journal database {self.url} for {RECONNECT_SECONDS:.0f} s "
-                        f"({_one_line(exc)}); what was committed is consistent: continue "
-                        "with --resume"
-                    ) from None
-                _log.warning("journal %s: %s; reconnecting", self.url, _one_line(exc))
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                conn.close()
-
-    def _reopen(self, old: Any) -> Any:
-        new = psycopg.connect(
-            self._conninfo,
-            autocommit=True,
-            connect_timeout=10,
-            options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
-            application_name="triomail send",
-        )
-        if old is self._conn:
-            self._conn = new
-        else:
-            self._out = new
-        return new
-
-    async def _in_thread(self, fn: Callable[..., _T], *args: Any, conn: str) -> _T:
-        limiter = self._limiters.get(conn)
-        if limiter is None:
-            limiter = self._limiters[conn] = trio.CapacityLimiter(1)
-        return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
+            self._claims.close()
+            self._outcomes.close()
 
     # ----------------------------------------------------------------- messages
 
     def counts(self) -> dict[str, int]:
         self.flush()
         counts = dict.fromkeys(STATES, 0)
-        rows = self._retrying(
-            lambda c: c.execute(
-                "SELECT state, count(*) FROM triomail_messages WHERE name = %s GROUP BY state",
-                (self.name,),
-            ).fetchall(),
-            conn=self._conn,
+        rows = self._claims.query(
+            "SELECT state, count(*) FROM triomail_messages WHERE name = %s GROUP BY state",
+            (self.name,),
         )
         for state, n in rows:
             counts[state] = n
         return counts
 
     def lookup(self, keys: Sequence[str]) -> dict[str, Record]:
-        rows = self._retrying(
-            lambda c: c.execute(
-                "SELECT key, line, content, message_id, state, attempts, done, run "
-                "FROM triomail_messages WHERE name = %s AND key = ANY(%s)",
-                (self.name, list(keys)),
-            ).fetchall(),
-            conn=self._conn,
+        rows = self._claims.query(
+            "SELECT key, line, content, message_id, state, attempts, done, run "
+            "FROM triomail_messages WHERE name = %s AND key = ANY(%s)",
+            (self.name, list(keys)),
         )
         return {r[0]: _record(r) for r in rows}
 
     def records(self) -> list[Record]:
         self.flush()
-        rows = self._retrying(
-            lambda c: c.execute(
-                "SELECT key, line, content, message_id, state, attempts, done, run "
-                "FROM triomail_messages WHERE name = %s ORDER BY line",
-                (self.name,),
-            ).fetchall(),
-            conn=self._conn,
+        rows = self._claims.query(
+            "SELECT key, line, content, message_id, state, attempts, done, run "
+            "FROM triomail_messages WHERE name = %s ORDER BY line",
+            (self.name,),
         )
         return [_record(r) for r in rows]
 
@@ -388,37 +217,35 @@ class PostgresJournal(BaseJournal):
             "mids": [r[3] for r in rows],
             "states": self._claimable,
             "lease": self.lease,
+            "content": rows[0][2],
         }
 
         def work(conn: Any) -> list[tuple[str, int]]:
             with conn.transaction():
-                conn.execute(_LOAD, params)
-                return list(conn.execute(_TAKE, params).fetchall())
+                conn.execute(LOAD, params)
+                return list(conn.execute(TAKE, params).fetchall())
 
-        won = dict(self._retrying(work, conn=self._conn))
+        won = dict(self._claims.run(work))
         self._fences.update(won)
         return [r[0] for r in rows if r[0] in won]
 
     async def claim_async(self, entries: list[Entry]) -> list[str]:
-        return await self._in_thread(self.claim, entries, conn="claims")
+        return await self._claims.run_async(self.claim, entries)
 
     def mark(self, entries: Iterable[Entry], state: State) -> None:
         rows = list(entries)
         if not rows:
             return
-        self._retrying(
-            lambda c: c.execute(
-                "INSERT INTO triomail_messages AS m "
-                "(name, key, line, content, message_id, state, run) "
-                "SELECT %s, k, l, ct, mid, %s, %s FROM unnest(%s::text[], %s::int[], "
-                "%s::text[], %s::text[]) AS v(k, l, ct, mid) "
-                "ON CONFLICT (name, key) DO UPDATE SET state = excluded.state, "
-                "run = excluded.run, line = excluded.line, updated = now(), lease_until = NULL "
-                "WHERE m.state <> 'in-flight' OR m.lease_until < now() OR m.run = excluded.run",
-                (self.name, state, self.run, [r[0] for r in rows], [r[1] for r in rows],
-                 [r[2] for r in rows], [r[3] for r in rows]),
-            ),
-            conn=self._conn,
+        self._claims.execute(
+            "INSERT INTO triomail_messages AS m "
+            "(name, key, line, content, message_id, state, run) "
+            "SELECT %s, k, l, ct, mid, %s, %s FROM unnest(%s::text[], %s::int[], "
+            "%s::text[], %s::text[]) AS v(k, l, ct, mid) "
+            "ON CONFLICT (name, key) DO UPDATE SET state = excluded.state, "
+            "run = excluded.run, line = excluded.line, updated = now(), lease_until = NULL "
+            "WHERE m.state <> 'in-flight' OR m.lease_until < now() OR m.run = excluded.run",
+            (self.name, state, self.run, [r[0] for r in rows], [r[1] for r in rows],
+             [r[2] for r in rows], [r[3] for r in rows]),
         )  # fmt: skip
 
     def record_outcome(
@@ -443,11 +270,21 @@ class PostgresJournal(BaseJournal):
     def _write_outcomes(self, batch: list[tuple[Any, ...]]) -> None:
         if not batch:
             return
-        columns = [list(c) for c in zip(*batch, strict=True)]
+        params = [(*item[1:7], self.name, item[0], item[7]) for item in batch]
+
+        def work(conn: Any) -> list[tuple[str]]:
+            # One transaction, one round trip (psycopg pipelines executemany).
+            found = []
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(OUTCOME, params, returning=True)
+                while True:
+                    found += cur.fetchall()
+                    if not cur.nextset():
+                        break
+            return found
+
         try:
-            rows = self._retrying(
-                lambda c: c.execute(_OUTCOMES, (*columns, self.name)).fetchall(), conn=self._out
-            )
+            rows = self._outcomes.run(work)
         except BaseException:
             self._pending[:0] = batch  # written by the next flush, or left in flight
             raise
@@ -469,40 +306,37 @@ class PostgresJournal(BaseJournal):
         self.flush()
         for key in keys:
             self._fences.pop(key, None)
-        self._retrying(
-            lambda c: c.execute(
-                "UPDATE triomail_messages SET state = 'pending', lease_until = NULL, "
-                "updated = now() WHERE name = %s AND key = ANY(%s) AND state = 'in-flight' "
-                "AND run = %s",
-                (self.name, keys, self.run),
-            ),
-            conn=self._conn,
+        self._claims.execute(
+            "UPDATE triomail_messages SET state = 'pending', lease_until = NULL, "
+            "updated = now() WHERE name = %s AND key = ANY(%s) AND state = 'in-flight' "
+            "AND run = %s",
+            (self.name, keys, self.run),
         )
 
     def in_flight_of_this_run(self) -> int:
         self.flush()
-        (n,) = self._retrying(
-            lambda c: c.execute(
-                "SELECT count(*) FROM triomail_messages "
-                "WHERE name = %s AND state = 'in-flight' AND run = %s",
-                (self.name, self.run),
-            ).fetchone(),
-            conn=self._conn,
+        ((n,),) = self._claims.query(
+            "SELECT count(*) FROM triomail_messages "
+            "WHERE name = %s AND state = 'in-flight' AND run = %s",
+            (self.name, self.run),
         )
         return int(n)
 
     # ----------------------------------------------------------------- workers
 
     def _renew(self) -> None:
-        self._retrying(
-            lambda c: c.execute(
+        def work(c: Any) -> None:
+            c.execute(
                 "UPDATE triomail_messages SET lease_until = now() + make_interval(secs => %s) "
-                "WHERE name = %s AND state = 'in-flight' AND run = %s;"
+                "WHERE name = %s AND state = 'in-flight' AND run = %s",
+                (self.lease, self.name, self.run),
+            )
+            c.execute(
                 "UPDATE triomail_workers SET seen = now() WHERE name = %s AND run = %s",
-                (self.lease, self.name, self.run, self.name, self.run),
-            ),
-            conn=self._out,
-        )
+                (self.name, self.run),
+            )
+
+        self._outcomes.run(work)
 
     async def background(self) -> None:
         """Group-commit the buffered outcomes and renew the leases, until cancelled."""
@@ -512,21 +346,18 @@ class PostgresJournal(BaseJournal):
             await trio.sleep(self.batch_seconds)
             if self._pending:
                 batch, self._pending = self._pending, []
-                await self._in_thread(self._write_outcomes, batch, conn="outcomes")
+                await self._outcomes.run_async(self._write_outcomes, batch)
             if time.monotonic() - renewed >= renew_every:
                 renewed = time.monotonic()
-                await self._in_thread(self._renew, conn="outcomes")
+                await self._outcomes.run_async(self._renew)
 
     def takeover_wait(self) -> float | None:
-        row = self._retrying(
-            lambda c: c.execute(
-                "SELECT count(*), EXTRACT(EPOCH FROM min(lease_until) - now()), "
-                "count(*) FILTER (WHERE state = 'pending') FROM triomail_messages "
-                "WHERE name = %s AND run <> %s AND state IN ('pending', 'in-flight')",
-                (self.name, self.run),
-            ).fetchone(),
-            conn=self._conn,
-        )
+        row = self._claims.query(
+            "SELECT count(*), EXTRACT(EPOCH FROM min(lease_until) - now()), "
+            "count(*) FILTER (WHERE state = 'pending') FROM triomail_messages "
+            "WHERE name = %s AND run <> %s AND state IN ('pending', 'in-flight')",
+            (self.name, self.run),
+        )[0]
         count, seconds, pending = row
         if not count:
             return None
@@ -535,13 +366,10 @@ class PostgresJournal(BaseJournal):
         return max(0.0, float(seconds))
 
     def takeover_keys(self) -> set[str]:
-        rows = self._retrying(
-            lambda c: c.execute(
-                "SELECT key FROM triomail_messages WHERE name = %s AND run <> %s "
-                "AND (state = 'pending' OR (state = 'in-flight' AND lease_until < now()))",
-                (self.name, self.run),
-            ).fetchall(),
-            conn=self._conn,
+        rows = self._claims.query(
+            "SELECT key FROM triomail_messages WHERE name = %s AND run <> %s "
+            "AND (state = 'pending' OR (state = 'in-flight' AND lease_until < now()))",
+            (self.name, self.run),
         )
         return {r[0] for r in rows}
 

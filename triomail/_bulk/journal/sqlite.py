@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from .base import STATES, BaseJournal, Entry, JournalError, Record, State
+from .base import STATES, BaseJournal, Entry, JournalError, Record, Snapshot, State
 
 __all__ = ["Journal"]
 
@@ -139,6 +139,25 @@ class Journal(BaseJournal):
         journal = cls(conn, where, run, campaign)
         journal.previous_content = meta.get("content", "")
         return journal, counts
+
+    @staticmethod
+    def peek(path: Path) -> Snapshot:
+        """The journal's states by run, read-only (``triomail status``)."""
+        if not path.is_file():
+            raise JournalError(f"no journal at {path}")
+        try:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            with contextlib.closing(conn):
+                meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
+                rows = conn.execute(
+                    "SELECT run, state, count(*) FROM messages GROUP BY run, state"
+                ).fetchall()
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot read journal {path}: {exc}") from None
+        by_run: dict[int, dict[str, int]] = {}
+        for run, state, n in rows:
+            by_run.setdefault(run, dict.fromkeys(STATES, 0))[state] = n
+        return Snapshot(meta.get("campaign", "?"), by_run, {})
 
     @property
     def where(self) -> str:
