@@ -241,6 +241,11 @@ async def test_postgres_restarted_mid_campaign(postgres: Cluster, tmp_path: Path
     assert final_counts(journal)["accepted"] == n
 
 
+@pytest.mark.xfail(
+    reason="issue 15 step 5 (in-flight marked when a message goes on the wire, not when "
+    "its chunk is claimed) is not done: a chunk and the pool's queue are in flight",
+    strict=True,
+)
 @pytest.mark.parametrize("at_most_once", [False, True])
 async def test_kill_9_leaves_little_in_doubt_on_postgres(
     postgres: Cluster, tmp_path: Path, at_most_once: bool
