@@ -39,7 +39,7 @@ import trio
 
 from .._core.errors import LocalProtocolError
 from .._core.prepare import PreparedMessage, prepare, prepare_rendered
-from .journal import BaseJournal, Record
+from .journal import BaseJournal, JournalError, Record
 from .outcomes import Outcomes, Tag
 from .planner import ChunkPlan, Policy, chunks, plan_chunk
 from .recipients import BadRow, RecipientsReader, Row
@@ -127,7 +127,8 @@ class Feed:
         self.handed = 0
         #: Claimed in the journal, not handed to the pool yet (released by :meth:`close`).
         self.unhanded: deque[str] = deque()
-        #: Why the render process stopped before the end of the file, if it did.
+        #: Why the rows stopped before the end of the file (the render process failed,
+        #: or the journal could not claim any more), if they did.
         self.render_error: str | None = None
         #: The recipients file read again (shared journal: rows to take over).
         self.reread = reread
@@ -157,9 +158,14 @@ class Feed:
                         progress.earlier += 1
                 tags: list[Tag] = [m.tag for m in sendable]  # type: ignore[misc]
                 if tags:
-                    won = await self.journal.claim_async(
-                        [(t.key, t.line, self.content, t.message_id) for t in tags]
-                    )
+                    try:
+                        won = await self.journal.claim_async(
+                            [(t.key, t.line, self.content, t.message_id) for t in tags]
+                        )
+                    except JournalError as exc:
+                        # Claim no more (a full disk): what is on the wire finishes.
+                        self.render_error = str(exc)
+                        return
                     if len(won) < len(tags):  # another worker has the others
                         self.elsewhere += len(tags) - len(won)
                         mine = set(won)

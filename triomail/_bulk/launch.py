@@ -21,6 +21,7 @@ import os
 import socket
 import ssl
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -61,7 +62,7 @@ def prepare_and_run(settings: SendSettings, renderer: RenderProcess | None) -> i
         raise CannotRun(str(exc)) from None
     estimate = estimate_rows(settings.recipients)
     journal, counts = _open_journal(settings, template.digest)
-    with contextlib.closing(journal):
+    with _closing(journal):
         earlier = counts.get("accepted", 0) + counts.get("permanent", 0)
         total = max(0, estimate - earlier) if settings.resume else estimate
         if settings.limit is not None:
@@ -128,6 +129,18 @@ def _open_journal(settings: SendSettings, digest: str) -> tuple[BaseJournal, dic
         )
     except JournalError as exc:
         raise CannotRun(str(exc)) from None
+
+
+@contextlib.contextmanager
+def _closing(journal: BaseJournal) -> Iterator[BaseJournal]:
+    """Close the journal at the end; a failure to is one line (exit 2), not a traceback."""
+    try:
+        yield journal
+    finally:
+        try:
+            journal.close()
+        except JournalError as exc:
+            raise CannotRun(str(exc)) from None
 
 
 def _confirmed_server(settings: SendSettings, estimate: int, total: int) -> Server | None:

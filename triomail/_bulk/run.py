@@ -123,7 +123,10 @@ class SendRun:
 
     def _left(self) -> tuple[str, int]:
         """Where the journal is (it is consistent), and how many messages it holds unsettled."""
-        counts = self.journal.counts()
+        try:
+            counts = self.journal.counts()
+        except JournalError:
+            return f"the journal {self.journal.where} is consistent", 0
         where = self.journal.where
         return f"the journal {where} is consistent", counts["pending"] + counts["in-flight"]
 

@@ -13,6 +13,13 @@ default), or skip (``--at-most-once``). Accepted and permanently refused message
 never sent again; per-recipient outcomes are kept so that a message that was accepted
 for some recipients is resent only to the others.
 
+A full disk must not lose what is known: a file of ``RESERVE_BYTES`` is kept next to
+the journal, and when a commit fails for lack of space it is deleted and the commit
+tried again, so the outcomes already received are recorded; then no more messages
+are claimed, the run finishes what is on the wire and stops with one line (exit 2),
+and ``--resume`` once space is freed sends nothing twice. A damaged file is found by
+``PRAGMA quick_check`` when a journal is resumed (one line, exit 2).
+
 The database runs in WAL mode with ``synchronous=NORMAL``: a committed transaction
 survives the process being killed (only a power loss can roll back the last commits,
 which then look in-flight or pending, never accepted).
@@ -26,12 +33,17 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from .base import STATES, BaseJournal, Entry, JournalError, Record, Snapshot, State
 
-__all__ = ["Journal"]
+__all__ = ["RESERVE_BYTES", "Journal"]
+
+#: Space kept in ``JOURNAL.reserve`` and given back when the disk fills up.
+RESERVE_BYTES = 256 * 1024
+#: SQLite's result code for "database or disk is full".
+_SQLITE_FULL = 13
 
 _SCHEMA_VERSION = "1"
 _SCHEMA = """
@@ -72,6 +84,15 @@ class Journal(BaseJournal):
         #: Commit buffered outcomes after this many, or this many seconds.
         self.batch_size = 500
         self.batch_seconds = 0.25
+        #: Why no more messages may be claimed (the disk filled up), if so.
+        self.full: str | None = None
+        self._reserve = None if path is None else path.with_name(path.name + ".reserve")
+        if self._reserve is not None:
+            try:
+                self._reserve.write_bytes(bytes(RESERVE_BYTES))
+            except OSError:  # no room even for that: the journal works without it
+                self._reserve.unlink(missing_ok=True)
+                self._reserve = None
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -106,10 +127,18 @@ class Journal(BaseJournal):
                 # 16 MiB of page cache: a million random keys stay mostly in memory.
                 conn.execute("PRAGMA cache_size=-16384")
             conn.executescript(_SCHEMA)
+            if existed:
+                (check,) = conn.execute("PRAGMA quick_check(1)").fetchone()
+                if check != "ok":
+                    conn.close()
+                    raise JournalError(
+                        f"journal {where} is damaged ({' '.join(check.split())}); restore it "
+                        "from a copy, or start over with another --journal"
+                    )
+            meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
+            counts = cls._count(conn)
         except sqlite3.Error as exc:
             raise JournalError(f"cannot open journal {where}: {exc}") from None
-        meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
-        counts = cls._count(conn)
         if meta and meta.get("schema") != _SCHEMA_VERSION:
             conn.close()
             raise JournalError(f"{where}: not a triomail journal (schema {meta.get('schema')})")
@@ -122,22 +151,27 @@ class Journal(BaseJournal):
             )
         campaign = meta.get("campaign") or secrets.token_hex(6)
         run = int(meta.get("runs", "0")) + 1
-        conn.execute("BEGIN")
-        for name, value in (
+        journal = cls(conn, where, run, campaign)
+        journal.previous_content = meta.get("content", "")
+        values = [
             ("schema", _SCHEMA_VERSION),
             ("campaign", campaign),
             ("runs", str(run)),
             ("source", source),
             ("content", content),
-        ):
-            conn.execute(
-                "INSERT INTO meta VALUES (?, ?) "
-                "ON CONFLICT(name) DO UPDATE SET value=excluded.value",
-                (name, value),
+        ]
+        try:
+            journal._write(
+                lambda c: c.executemany(
+                    "INSERT INTO meta VALUES (?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET value=excluded.value",
+                    values,
+                ),
+                reserve=False,
             )
-        conn.execute("COMMIT")
-        journal = cls(conn, where, run, campaign)
-        journal.previous_content = meta.get("content", "")
+        except JournalError:
+            journal.close()
+            raise
         return journal, counts
 
     @staticmethod
@@ -175,16 +209,57 @@ class Journal(BaseJournal):
         return self._count(self._conn)
 
     def close(self) -> None:
-        self.flush()
-        if self.path is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self._conn.close()
+        try:
+            if self.full is None:  # else what could be written was, and said so
+                self.flush()
+            if self.path is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            self._conn.close()
+            if self._reserve is not None:
+                self._reserve.unlink(missing_ok=True)
+
+    def _write(self, work: Callable[[sqlite3.Connection], object], *, reserve: bool) -> None:
+        """``work`` in one committed transaction; a failure is one :class:`JournalError`
+        line. Out of space, with ``reserve`` the reserve is given back and the commit
+        tried once more (only for outcomes: a claim's new keys would take it all)."""
+        conn = self._conn
+        while True:
+            try:
+                conn.execute("BEGIN")
+                work(conn)
+                conn.execute("COMMIT")
+                self._last_commit = time.monotonic()
+                return
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                if getattr(exc, "sqlite_errorcode", None) != _SQLITE_FULL:
+                    raise JournalError(f"journal {self.where}: {exc}") from None
+                self.full = f"journal {self.where}: the disk is full (free some space)"
+                if not reserve or self._reserve is None:
+                    raise JournalError(self.full) from None
+                self._reserve.unlink(missing_ok=True)
+                self._reserve = None
+                # A checkpoint would grow the database file into the space given back.
+                conn.execute("PRAGMA wal_autocheckpoint=0")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
 
     # ----------------------------------------------------------------- messages
 
     def lookup(self, keys: Sequence[str]) -> dict[str, Record]:
         """The records of those keys that the journal has."""
+        try:
+            return self._lookup(keys)
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(f"journal {self.where}: {exc}") from None
+
+    def _lookup(self, keys: Sequence[str]) -> dict[str, Record]:
         found: dict[str, Record] = {}
         for start in range(0, len(keys), 500):
             chunk = keys[start : start + 500]
@@ -212,12 +287,14 @@ class Journal(BaseJournal):
         so every key is claimed. After this returns, a crash leaves these messages
         in-flight, never forgotten.
         """
+        if self.full is not None:
+            raise JournalError(self.full)
         now = time.time()
         rows = [(key, line, content, mid, self.run, now) for key, line, content, mid in entries]
-        conn = self._conn
-        conn.execute("BEGIN")
-        try:
-            self._write_outcomes()
+        pending = self._pending
+
+        def work(conn: sqlite3.Connection) -> None:
+            self._write_outcomes(conn, pending)
             conn.executemany(
                 "INSERT INTO messages (key, line, content, message_id, state, run, updated) "
                 "VALUES (?, ?, ?, ?, 'in-flight', ?, ?) "
@@ -225,11 +302,14 @@ class Journal(BaseJournal):
                 "content=excluded.content, run=excluded.run, updated=excluded.updated",
                 rows,
             )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
+
+        try:
+            self._write(work, reserve=False)
+        except JournalError:
+            if self.full is not None:
+                self.flush()  # the outcomes known so far, into the reserve
             raise
-        self._last_commit = time.monotonic()
+        del pending[:]  # committed
         return [row[0] for row in rows]
 
     def mark(self, entries: Iterable[Entry], state: State) -> None:
@@ -238,15 +318,16 @@ class Journal(BaseJournal):
         rows = [
             (key, line, content, mid, state, self.run, now) for key, line, content, mid in entries
         ]
-        self._conn.execute("BEGIN")
-        self._conn.executemany(
-            "INSERT INTO messages (key, line, content, message_id, state, run, updated) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT(key) DO UPDATE SET state=excluded.state, run=excluded.run, "
-            "line=excluded.line, updated=excluded.updated",
-            rows,
+        self._write(
+            lambda c: c.executemany(
+                "INSERT INTO messages (key, line, content, message_id, state, run, updated) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET state=excluded.state, run=excluded.run, "
+                "line=excluded.line, updated=excluded.updated",
+                rows,
+            ),
+            reserve=False,
         )
-        self._conn.execute("COMMIT")
 
     def record_outcome(
         self,
@@ -264,34 +345,30 @@ class Journal(BaseJournal):
             (state, attempts, code, enhanced, text, json.dumps(list(done)) if done else None,
              time.time(), key)
         )  # fmt: skip
+        if self.full is not None:
+            return  # the disk is full: one last commit at the end takes the least room
         if (
             len(pending) >= self.batch_size
             or time.monotonic() - self._last_commit >= self.batch_seconds
         ):
             self.flush()
 
-    def _write_outcomes(self) -> None:
-        if self._pending:
-            self._conn.executemany(
+    @staticmethod
+    def _write_outcomes(conn: sqlite3.Connection, pending: list[tuple[object, ...]]) -> None:
+        if pending:
+            conn.executemany(
                 "UPDATE messages SET state=?, attempts=attempts+?, code=?, enhanced=?, text=?, "
                 "done=?, updated=? WHERE key=?",
-                self._pending,
+                pending,
             )
-            self._pending = []
 
     def flush(self) -> None:
-        """Commit buffered outcomes now."""
-        if not self._pending:
+        """Commit buffered outcomes now (kept buffered if the commit fails)."""
+        pending = self._pending
+        if not pending:
             return
-        conn = self._conn
-        conn.execute("BEGIN")
-        try:
-            self._write_outcomes()
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        self._last_commit = time.monotonic()
+        self._write(lambda c: self._write_outcomes(c, pending), reserve=True)
+        del pending[:]
 
     def release(self, keys: Iterable[str]) -> None:
         """Put claimed messages that were never handed to the pool back to pending."""
@@ -299,12 +376,13 @@ class Journal(BaseJournal):
         if not rows:
             return
         self.flush()
-        self._conn.execute("BEGIN")
-        self._conn.executemany(
-            "UPDATE messages SET state='pending', updated=? WHERE key=? AND state='in-flight'",
-            rows,
+        self._write(
+            lambda c: c.executemany(
+                "UPDATE messages SET state='pending', updated=? WHERE key=? AND state='in-flight'",
+                rows,
+            ),
+            reserve=False,
         )
-        self._conn.execute("COMMIT")
 
     def in_flight_of_this_run(self) -> int:
         self.flush()
