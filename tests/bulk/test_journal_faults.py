@@ -15,16 +15,9 @@ from pathlib import Path
 
 import pytest
 import trio
+from helpers.campaign import campaign_files
 
 from triomail.testing import CapturedMessage, SMTPSink
-
-TEMPLATE = """\
-TO: {{name}} <{{email}}>
-SUBJECT: Hello {{name}}
-FROM: Sender <sender@example.com>
-
-Hi {{name}}, your number is {{number}}.
-"""
 
 
 @pytest.fixture
@@ -45,15 +38,6 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
-def files(tmp_path: Path, n: int) -> tuple[Path, Path]:
-    rows = tmp_path / "rows.csv"
-    lines = ["email,name,number"] + [f"user{i}@example.com,User {i},{i}" for i in range(n)]
-    rows.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tpl = tmp_path / "template.txt"
-    tpl.write_text(TEMPLATE, encoding="utf-8")
-    return rows, tpl
-
-
 async def send(*args: object) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "triomail", "send", *(str(a) for a in args)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
@@ -64,7 +48,7 @@ async def send(*args: object) -> subprocess.CompletedProcess[str]:
 
 async def test_full_disk_then_resume_sends_nothing_twice(tmp_path: Path, small_disk: Path) -> None:
     n = 4_000
-    rows, tpl = files(tmp_path, n)
+    rows, tpl = campaign_files(tmp_path, n)
     journal = small_disk / "j.sqlite3"
     got: collections.Counter[str] = collections.Counter()
 
@@ -88,7 +72,7 @@ async def test_full_disk_then_resume_sends_nothing_twice(tmp_path: Path, small_d
 
 
 async def test_damaged_journal_is_one_line(tmp_path: Path) -> None:
-    rows, tpl = files(tmp_path, 300)
+    rows, tpl = campaign_files(tmp_path, 300)
     journal = tmp_path / "j.sqlite3"
     async with SMTPSink(tls=False, store=False) as sink:
         common = (rows, tpl, "--server", f"smtp+plain://{sink.host}:{sink.port}",

@@ -1,14 +1,16 @@
-"""The pool's input: rows read, planned, claimed in the journal, then handed over.
+"""The pool's input: rows read, planned, reserved in the journal, then handed over.
 
 Theory of operation
 -------------------
 :meth:`Feed.messages` is an async generator that the pool consumes lazily. It takes
 rows a chunk at a time, from the recipients file or from the render process
 (:mod:`.render_process`, records decoded by :mod:`.records`), has the planner decide
-each row (:mod:`.planner`), records what is not sent (:mod:`.outcomes`), marks the
-chunk's messages in flight in one committed journal transaction (a message on the
-wire is never unknown to the journal), and only then yields them one by one. Chunks
-are small at first so the first messages leave at once.
+each row (:mod:`.planner`), records what is not sent (:mod:`.outcomes`), reserves the
+chunk's messages in one committed journal transaction, and only then yields them one
+by one. The pool marks each in flight just before writing it (``on_wire``, see
+:mod:`.journal.base`): a message on the wire is never unknown to the journal, and a
+reserved one never written is not in doubt. Chunks are small at first so the first
+messages leave at once.
 
 With ``--render auto`` the render process starts while the first rows are read and
 rendered here; once its first batch is there it is told to skip the rows read here so
@@ -17,14 +19,14 @@ far, and rows are read here a few at a time until one of its batches goes beyond
 chunks (then its rows are taken, and waited for if need be): a slow template,
 rendered here as fast as there, would never let it catch up.
 
-A shared journal (:mod:`.journal.postgres`) may refuse part of a claim: those rows
+A shared journal (:mod:`.journal.postgres`) may refuse part of a reservation: those rows
 belong to another worker and are left out here. Once the file is done, rows that other
 workers held past their lease (they died or stalled) are taken over: the file is read
 again for just those keys (:meth:`Feed._takeover_chunks`), until no other worker
 holds an unsettled row.
 
-A first signal sets :attr:`Feed.stopping`: no more rows are read. Messages claimed in
-the journal and not yet handed to the pool go back to pending (:meth:`Feed.close`).
+A first signal sets :attr:`Feed.stopping`: no more rows are read. Messages reserved
+and not yet handed to the pool are given back (:meth:`Feed.close`).
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ def _message(row: Row, rendered: Rendered, record: Record | None) -> PreparedMes
 
 
 class Feed:
-    """Rows in, prepared messages out (:meth:`messages`), each claimed in the journal."""
+    """Rows in, prepared messages out (:meth:`messages`), each reserved in the journal."""
 
     def __init__(
         self,
@@ -114,7 +116,7 @@ class Feed:
         self.journal = journal
         self.policy = policy
         self.outcomes = outcomes
-        #: The template's digest, recorded with each claimed message.
+        #: The template's digest, recorded with each reserved message.
         self.content = content
         self.limit = limit
         #: The render process, if rows are rendered in one (--render).
@@ -128,15 +130,15 @@ class Feed:
         #: Claimed in the journal, not handed to the pool yet (released by :meth:`close`).
         self.unhanded: deque[str] = deque()
         #: Why the rows stopped before the end of the file (the render process failed,
-        #: or the journal could not claim any more), if they did.
+        #: or the journal could not reserve any more), if they did.
         self.render_error: str | None = None
         #: The recipients file read again (shared journal: rows to take over).
         self.reread = reread
-        #: Rows another worker of a shared journal claimed first (not ours to send).
+        #: Rows another worker of a shared journal reserved first (not ours to send).
         self.elsewhere = 0
 
     async def messages(self) -> AsyncIterator[PreparedMessage]:
-        """The pool's input: rows planned, claimed in the journal, then yielded."""
+        """The pool's input: rows planned, reserved in the journal, then yielded."""
         outcomes = self.outcomes
         progress = outcomes.progress
         outstanding = outcomes.outstanding
@@ -159,7 +161,7 @@ class Feed:
                 tags: list[Tag] = [m.tag for m in sendable]  # type: ignore[misc]
                 if tags:
                     try:
-                        won = await self.journal.claim_async(
+                        won = await self.journal.reserve_async(
                             [(t.key, t.line, self.content, t.message_id) for t in tags]
                         )
                     except JournalError as exc:
@@ -281,9 +283,9 @@ class Feed:
             size = min(MAX_BATCH, size * 2)
 
     def close(self) -> None:
-        """Stop reading the render process; claimed messages never handed go back."""
+        """Stop reading the render process; reserved messages never handed go back."""
         if self.renderer is not None:
             self.renderer.close_pipe()
         if self.unhanded:
-            self.journal.release(list(self.unhanded))
+            self.journal.unreserve(list(self.unhanded))
             self.unhanded.clear()

@@ -27,15 +27,16 @@ import contextlib
 import signal
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 import trio
 
 from .._core.errors import SMTPAuthenticationError, SMTPError
+from .._core.prepare import PreparedMessage
 from .._pool.pool import Pool, RetryPolicy, Server, open_pool
 from .feed import Feed
 from .journal import BaseJournal, JournalError
-from .outcomes import Outcomes
+from .outcomes import Outcomes, Tag
 from .settings import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, STDOUT, CannotRun, SendSettings
 
 __all__ = ["SendRun", "preflight"]
@@ -155,10 +156,11 @@ class SendRun:
         self._shared_note()
         # With --report - the summary goes to stderr, so stdout is JSON lines only.
         print(outcomes.progress.summary(), file=sys.stderr if to_stdout else sys.stdout, flush=True)
-        if self.feed.render_error is not None:
+        error = self.feed.render_error or self.journal.failure
+        if error is not None:
             consistent, left = self._left()
             raise CannotRun(
-                f"{self.feed.render_error}; the messages handed out were sent and recorded, "
+                f"{error}; the messages handed out were sent and recorded, "
                 f"{consistent}"
                 + (f" ({left} pending or in flight)" if left else "")
                 + "; continue with --resume"
@@ -200,6 +202,7 @@ class SendRun:
                             max_messages_per_connection=s.max_per_connection,
                             rate=s.rate,
                             retry=retry,
+                            on_wire=self._on_wire,
                         ) as pool,
                         pool.send_all(self.feed.messages()) as results,
                     ):
@@ -220,6 +223,10 @@ class SendRun:
                     for result in pool_ref[0].interrupted if pool_ref else ():
                         settle(result, note="cut off by an abort")
             outer.cancel_scope.cancel()
+
+    async def _on_wire(self, messages: Sequence[PreparedMessage]) -> None:
+        """The pool is about to write these: the journal commits them in flight first."""
+        await self.journal.on_wire([m.tag.key for m in messages if type(m.tag) is Tag])
 
     async def _journal_background(self) -> None:
         """The journal's own work (a shared journal's commits and leases)."""

@@ -7,8 +7,9 @@ made from :class:`PoolOptions`), and the pool's parts read them from one object.
 from __future__ import annotations
 
 import random
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = ["PoolOptions", "RetryPolicy"]
 
@@ -57,6 +58,9 @@ class PoolOptions:
     queue_timeout: float | None = None
     #: Transactions one connection pipelines before their replies (RFC 2920).
     pipeline_depth: int = 16
+    #: Awaited with the messages a worker is about to write, before it writes them (a
+    #: journal commits them in flight); a run then carries at most ``ON_WIRE_RUN``.
+    on_wire: Callable[[Sequence[Any]], Awaitable[None]] | None = None
 
     def __post_init__(self) -> None:
         if self.connections < 1:

@@ -362,6 +362,8 @@ Args:
         sent (None: as long as it takes).
     pipeline_depth: transactions one connection pipelines before their replies (1:
         one at a time).
+    on_wire: awaited with the messages a worker is about to write, before it writes
+        them (a journal commits them in flight; each run then carries at most two).
 
 :func:`start_pool` is the same pool in a nursery you own. Cancelling the block cancels
 in-flight work: every message handed over that has no result yet (cut off on the wire,

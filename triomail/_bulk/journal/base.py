@@ -8,11 +8,17 @@ state moves
 
     pending -> in-flight -> accepted | transient | permanent | unknown
 
-A message is marked *in-flight* in a committed transaction before it is handed to the
-pool (:meth:`BaseJournal.claim`), and its final state is recorded when the pool reports
-it (:meth:`BaseJournal.record_outcome`, buffered, committed by :meth:`BaseJournal.flush`).
-After a crash a message is never "forgotten": it is final, or still in-flight, which
-``--resume`` treats as an unknown outcome (R37, R38).
+The send command *reserves* a chunk's rows when it plans them (:meth:`BaseJournal.reserve`:
+this run's, a shared journal's other workers keep off them), and a message is marked
+*in-flight* in a committed transaction just before its bytes are written: the pool
+awaits :meth:`BaseJournal.on_wire` with the messages a connection is about to write.
+Those commits are grouped: every connection that asks while one commit runs waits for
+the next, which carries all their rows and the outcomes buffered meanwhile
+(:meth:`BaseJournal.background`, every ``GROUP_COMMIT_SECONDS`` at least). So after a
+crash the rows in flight are those that were on the wire, a few per connection, and
+their outcomes lag their replies by milliseconds: only those are unknown, which
+``--resume`` resends with the same Message-ID or, with ``--at-most-once``, skips (R37,
+R38). A reserved row never written is sent again as if never tried.
 
 Two stores implement the interface: :mod:`.sqlite` (one file, one process; the default)
 and :mod:`.postgres` (one campaign shared by any number of processes on any number of
@@ -29,8 +35,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
+import trio
+
 __all__ = [
     "FINAL_STATES",
+    "GROUP_COMMIT_SECONDS",
     "STATES",
     "BaseJournal",
     "Snapshot",
@@ -45,6 +54,8 @@ State = Literal["pending", "in-flight", "accepted", "transient", "permanent", "u
 STATES: Final = ("pending", "in-flight", "accepted", "transient", "permanent", "unknown")
 #: States that --resume never sends again.
 FINAL_STATES: Final = frozenset({"accepted", "permanent"})
+#: Seconds between two commits of buffered outcomes while no message goes on the wire.
+GROUP_COMMIT_SECONDS: Final = 0.005
 #: What a claim or a mark is given per message: ``(key, line, content, message_id)``.
 Entry = tuple[str, int, str, str]
 
@@ -90,6 +101,16 @@ class Snapshot:
     by_run: dict[int, dict[str, int]]
     #: Per run, who it is (host, pid, running or finished), where the store knows.
     workers: dict[int, str]
+
+
+class _WireBatch:
+    """Rows waiting for the next group commit, and the event their writers wait on."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.wake = trio.Event()
+        self.done = trio.Event()
+        self.error: str | None = None
 
 
 class BaseJournal(abc.ABC):
@@ -174,12 +195,75 @@ class BaseJournal(abc.ABC):
             outcome.done,
         )
 
-    async def claim_async(self, entries: list[Entry]) -> list[str]:
-        """:meth:`claim` from a trio task (a network journal runs it in a thread)."""
-        return self.claim(entries)
+    @abc.abstractmethod
+    def reserve(self, entries: Iterable[Entry]) -> list[str]:
+        """Take rows for this run without marking them in flight (see :meth:`on_wire`);
+        the keys taken (a shared journal's other workers may hold some)."""
+
+    def unreserve(self, keys: Iterable[str]) -> None:
+        """Give back reserved rows never handed to the pool (a shared journal's leases)."""
+        return None
+
+    @abc.abstractmethod
+    def commit_wire(self, keys: list[str]) -> None:
+        """Mark these rows in flight and commit, with the buffered outcomes."""
+
+    async def reserve_async(self, entries: list[Entry]) -> list[str]:
+        """:meth:`reserve` from a trio task (a network journal runs it in a thread)."""
+        return self.reserve(entries)
+
+    async def commit_wire_async(self, keys: list[str]) -> None:
+        """:meth:`commit_wire` from a trio task (a network journal runs it in a thread)."""
+        self.commit_wire(keys)
+
+    #: The next group commit (while :meth:`background` runs).
+    _batch: _WireBatch | None = None
+    #: Why a group commit failed, the first time one did (the run then stops).
+    failure: str | None = None
+
+    async def on_wire(self, keys: list[str]) -> None:
+        """Return once these rows are committed in flight (grouped with the others
+        asked for meanwhile when :meth:`background` runs); :class:`JournalError` if
+        they could not be: then they must not be written."""
+        batch = self._batch
+        if batch is None:  # no group commits: alone
+            await self.commit_wire_async(keys)
+            return
+        batch.keys.extend(keys)
+        batch.wake.set()
+        await batch.done.wait()
+        if batch.error is not None:
+            raise JournalError(batch.error)
 
     async def background(self) -> None:
-        """Work a store does beside the batch (commits, lease renewal); none by default."""
+        """The group commits (and a store's periodic work), until cancelled.
+
+        A failed commit fails its waiters (their messages are not written) and the
+        next ones try again: a full disk or a lost database stops the run through
+        its feed (:attr:`failure`), not by cutting off what is on the wire."""
+        self._batch = _WireBatch()
+        try:
+            while True:
+                batch = self._batch
+                with trio.move_on_after(GROUP_COMMIT_SECONDS):
+                    await batch.wake.wait()
+                self._batch = _WireBatch()
+                try:
+                    await self.commit_wire_async(batch.keys)
+                except JournalError as exc:
+                    batch.error = str(exc)
+                    self.failure = self.failure or batch.error
+                finally:
+                    batch.done.set()
+                await self.periodic()
+        finally:
+            batch, self._batch = self._batch, None
+            if batch is not None:
+                batch.error = "the journal stopped committing"
+                batch.done.set()
+
+    async def periodic(self) -> None:
+        """A store's own work between group commits (a shared journal's leases)."""
         return None
 
     def takeover_wait(self) -> float | None:

@@ -93,13 +93,14 @@ ON CONFLICT DO NOTHING
 # its rows through the primary key. (A claim's rows share the run's content digest.)
 TAKE: Final = """
 UPDATE triomail_messages m
-SET state = 'in-flight', run = %(run)s, fence = m.fence + 1,
-    lease_until = now() + make_interval(secs => %(lease)s), content = %(content)s,
-    updated = now()
+SET state = CASE WHEN %(in_flight)s THEN 'in-flight' ELSE m.state END, run = %(run)s,
+    fence = m.fence + 1, lease_until = now() + make_interval(secs => %(lease)s),
+    content = %(content)s, updated = now()
 WHERE m.name = %(name)s AND m.key IN (
     SELECT key FROM triomail_messages
     WHERE name = %(name)s AND key = ANY(%(keys)s)
-      AND (state = ANY(%(states)s) OR (state = 'in-flight' AND lease_until < now()))
+      AND (lease_until IS NULL OR lease_until < now())
+      AND (state = ANY(%(states)s) OR state = 'in-flight')
     FOR UPDATE SKIP LOCKED)
 RETURNING m.key, m.fence
 """
@@ -107,7 +108,7 @@ OUTCOME: Final = """
 UPDATE triomail_messages
 SET state = %s, attempts = attempts + %s, code = %s, enhanced = %s, text = %s, done = %s,
     lease_until = NULL, updated = now()
-WHERE name = %s AND key = %s AND fence = %s AND state = 'in-flight'
+WHERE name = %s AND key = %s AND fence = %s
 RETURNING key
 """
 

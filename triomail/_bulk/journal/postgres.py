@@ -5,18 +5,20 @@ Theory of operation
 ``--journal postgresql://USER@HOST:PORT/DB?campaign=NAME`` names a campaign; every
 ``triomail send`` started with the same URL, recipients file and template joins it.
 Each worker reads the whole file and plans it as usual (:mod:`..planner`); what makes
-the workers share the rows is the claim (:meth:`PostgresJournal.claim`), one
+the workers share the rows is the reservation (:meth:`PostgresJournal.reserve`), one
 transaction per chunk:
 
 * the chunk's rows are inserted as *pending* with ``ON CONFLICT DO NOTHING``, so the
   file is loaded once however many workers start together (loading is idempotent);
-* then the claimable ones are locked with ``FOR UPDATE SKIP LOCKED`` (a row another
-  worker is claiming right now is not waited for) and set *in-flight*, owned by this
-  run, with a **lease** (an expiry) and the row's **fencing counter** incremented.
+* then the free ones are locked with ``FOR UPDATE SKIP LOCKED`` (a row another worker
+  is taking right now is not waited for) and become this run's, with a **lease** (an
+  expiry) and the row's **fencing counter** incremented; they go *in-flight* only when
+  their bytes are about to be written (:meth:`.base.BaseJournal.on_wire`).
 
-Claimable means pending, or in-flight with an expired lease (its worker died or
-stalled), plus transient and unknown with ``--resume``. A worker renews the leases of
-its rows in flight every third of the lease (:meth:`PostgresJournal.background`).
+Free means no live lease: pending, or in flight after its worker died or stalled, plus
+transient and unknown with ``--resume``. A worker renews the leases of its rows every
+third of the lease (:meth:`PostgresJournal.periodic`). A dead worker's rows that never
+went on the wire are taken over as pending (never sent); those in flight as unknown.
 An outcome is written only if the row's fence is still the one the claim returned
 (``WHERE fence = ...``): a worker that stalled past its lease and woke up finds its
 row taken over, its late outcome is refused and logged as a possible duplicate, and
@@ -30,7 +32,8 @@ The driver is psycopg 3, synchronous: statements run in ``trio.to_thread`` on on
 of two connections (claims; outcomes and lease renewals), one thread at a time on
 each (:class:`.pg_sql.Link`, which also reopens a lost connection with a backoff,
 then stops the run with one line: the journal is consistent, ``--resume``
-continues). Outcomes are group-committed every ``GROUP_COMMIT_SECONDS``.
+continues). The group commits of :mod:`.base` (rows going on the wire, outcomes) run
+on the second connection, between lease renewals.
 """
 
 from __future__ import annotations
@@ -42,20 +45,15 @@ import secrets
 import socket
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any, Final
-
-import trio
+from typing import Any
 
 from ..settings import DEFAULT_LEASE
 from .base import STATES, BaseJournal, Entry, JournalError, Record, State
 from .pg_sql import LOAD, OUTCOME, SCHEMA, TAKE, Link, file_digest, parse_url
 
-__all__ = ["GROUP_COMMIT_SECONDS", "PostgresJournal"]
+__all__ = ["PostgresJournal"]
 
 _log = logging.getLogger("triomail.send")
-
-#: Seconds between commits of buffered outcomes (shared by all connections).
-GROUP_COMMIT_SECONDS: Final = 0.005
 
 
 class PostgresJournal(BaseJournal):
@@ -80,7 +78,7 @@ class PostgresJournal(BaseJournal):
         self._pending: list[tuple[Any, ...]] = []
         #: Late outcomes refused because another worker took the row over.
         self.stale = 0
-        self.batch_seconds = GROUP_COMMIT_SECONDS
+        self._renewed = time.monotonic()
 
     @property
     def where(self) -> str:
@@ -205,6 +203,12 @@ class PostgresJournal(BaseJournal):
         return [_record(r) for r in rows]
 
     def claim(self, entries: Iterable[Entry]) -> list[str]:
+        return self._take(entries, in_flight=True)
+
+    def reserve(self, entries: Iterable[Entry]) -> list[str]:
+        return self._take(entries, in_flight=False)
+
+    def _take(self, entries: Iterable[Entry], *, in_flight: bool) -> list[str]:
         rows = list(entries)
         if not rows:
             return []
@@ -218,6 +222,7 @@ class PostgresJournal(BaseJournal):
             "states": self._claimable,
             "lease": self.lease,
             "content": rows[0][2],
+            "in_flight": in_flight,
         }
 
         def work(conn: Any) -> list[tuple[str, int]]:
@@ -229,8 +234,28 @@ class PostgresJournal(BaseJournal):
         self._fences.update(won)
         return [r[0] for r in rows if r[0] in won]
 
-    async def claim_async(self, entries: list[Entry]) -> list[str]:
-        return await self._claims.run_async(self.claim, entries)
+    async def reserve_async(self, entries: list[Entry]) -> list[str]:
+        return await self._claims.run_async(self.reserve, entries)
+
+    def unreserve(self, keys: Iterable[str]) -> None:
+        keys = list(keys)
+        for key in keys:
+            self._fences.pop(key, None)
+        if keys:
+            self._claims.execute(
+                "UPDATE triomail_messages SET lease_until = NULL, updated = now() "
+                "WHERE name = %s AND key = ANY(%s) AND run = %s",
+                (self.name, keys, self.run),
+            )
+
+    def commit_wire(self, keys: list[str]) -> None:
+        batch, self._pending = self._pending, []
+        self._write_outcomes(batch, keys)
+
+    async def commit_wire_async(self, keys: list[str]) -> None:
+        batch, self._pending = self._pending, []  # here: record_outcome appends here
+        if keys or batch:
+            await self._outcomes.run_async(self._write_outcomes, batch, keys)
 
     def mark(self, entries: Iterable[Entry], state: State) -> None:
         rows = list(entries)
@@ -243,7 +268,7 @@ class PostgresJournal(BaseJournal):
             "%s::text[], %s::text[]) AS v(k, l, ct, mid) "
             "ON CONFLICT (name, key) DO UPDATE SET state = excluded.state, "
             "run = excluded.run, line = excluded.line, updated = now(), lease_until = NULL "
-            "WHERE m.state <> 'in-flight' OR m.lease_until < now() OR m.run = excluded.run",
+            "WHERE m.lease_until IS NULL OR m.lease_until < now() OR m.run = excluded.run",
             (self.name, state, self.run, [r[0] for r in rows], [r[1] for r in rows],
              [r[2] for r in rows], [r[3] for r in rows]),
         )  # fmt: skip
@@ -265,10 +290,11 @@ class PostgresJournal(BaseJournal):
 
     def flush(self) -> None:
         batch, self._pending = self._pending, []
-        self._write_outcomes(batch)
+        self._write_outcomes(batch, [])
 
-    def _write_outcomes(self, batch: list[tuple[Any, ...]]) -> None:
-        if not batch:
+    def _write_outcomes(self, batch: list[tuple[Any, ...]], wire: list[str]) -> None:
+        """The outcomes (fenced) and the rows going on the wire, in one commit."""
+        if not batch and not wire:
             return
         params = [(*item[1:7], self.name, item[0], item[7]) for item in batch]
 
@@ -276,11 +302,18 @@ class PostgresJournal(BaseJournal):
             # One transaction, one round trip (psycopg pipelines executemany).
             found = []
             with conn.transaction(), conn.cursor() as cur:
-                cur.executemany(OUTCOME, params, returning=True)
-                while True:
-                    found += cur.fetchall()
-                    if not cur.nextset():
-                        break
+                if wire:
+                    cur.execute(
+                        "UPDATE triomail_messages SET state = 'in-flight', updated = now() "
+                        "WHERE name = %s AND key = ANY(%s) AND run = %s",
+                        (self.name, wire, self.run),
+                    )
+                if params:
+                    cur.executemany(OUTCOME, params, returning=True)
+                    while True:
+                        found += cur.fetchall()
+                        if not cur.nextset():
+                            break
             return found
 
         try:
@@ -307,9 +340,9 @@ class PostgresJournal(BaseJournal):
         for key in keys:
             self._fences.pop(key, None)
         self._claims.execute(
-            "UPDATE triomail_messages SET state = 'pending', lease_until = NULL, "
-            "updated = now() WHERE name = %s AND key = ANY(%s) AND state = 'in-flight' "
-            "AND run = %s",
+            "UPDATE triomail_messages SET lease_until = NULL, updated = now(), state = "
+            "CASE WHEN state = 'in-flight' THEN 'pending' ELSE state END "
+            "WHERE name = %s AND key = ANY(%s) AND run = %s",
             (self.name, keys, self.run),
         )
 
@@ -328,7 +361,7 @@ class PostgresJournal(BaseJournal):
         def work(c: Any) -> None:
             c.execute(
                 "UPDATE triomail_messages SET lease_until = now() + make_interval(secs => %s) "
-                "WHERE name = %s AND state = 'in-flight' AND run = %s",
+                "WHERE name = %s AND run = %s AND lease_until IS NOT NULL",
                 (self.lease, self.name, self.run),
             )
             c.execute(
@@ -338,37 +371,31 @@ class PostgresJournal(BaseJournal):
 
         self._outcomes.run(work)
 
-    async def background(self) -> None:
-        """Group-commit the buffered outcomes and renew the leases, until cancelled."""
-        renew_every = self.lease / 3
-        renewed = time.monotonic()
-        while True:
-            await trio.sleep(self.batch_seconds)
-            if self._pending:
-                batch, self._pending = self._pending, []
-                await self._outcomes.run_async(self._write_outcomes, batch)
-            if time.monotonic() - renewed >= renew_every:
-                renewed = time.monotonic()
-                await self._outcomes.run_async(self._renew)
+    async def periodic(self) -> None:
+        """Renew this worker's leases every third of the lease."""
+        if time.monotonic() - self._renewed >= self.lease / 3:
+            self._renewed = time.monotonic()
+            await self._outcomes.run_async(self._renew)
 
     def takeover_wait(self) -> float | None:
-        row = self._claims.query(
-            "SELECT count(*), EXTRACT(EPOCH FROM min(lease_until) - now()), "
-            "count(*) FILTER (WHERE state = 'pending') FROM triomail_messages "
+        ((count, free, seconds),) = self._claims.query(
+            "SELECT count(*), count(*) FILTER (WHERE lease_until IS NULL "
+            "OR lease_until < now()), EXTRACT(EPOCH FROM min(lease_until) - now()) "
+            "FROM triomail_messages "
             "WHERE name = %s AND run <> %s AND state IN ('pending', 'in-flight')",
             (self.name, self.run),
-        )[0]
-        count, seconds, pending = row
+        )
         if not count:
             return None
-        if pending or seconds is None:
+        if free or seconds is None:
             return 0.0
         return max(0.0, float(seconds))
 
     def takeover_keys(self) -> set[str]:
         rows = self._claims.query(
             "SELECT key FROM triomail_messages WHERE name = %s AND run <> %s "
-            "AND (state = 'pending' OR (state = 'in-flight' AND lease_until < now()))",
+            "AND state IN ('pending', 'in-flight') "
+            "AND (lease_until IS NULL OR lease_until < now())",
             (self.name, self.run),
         )
         return {r[0] for r in rows}

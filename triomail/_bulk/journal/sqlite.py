@@ -210,8 +210,11 @@ class Journal(BaseJournal):
 
     def close(self) -> None:
         try:
-            if self.full is None:  # else what could be written was, and said so
+            try:
                 self.flush()
+            except JournalError:
+                if self.full is None:
+                    raise  # else the run said so already
             if self.path is not None:
                 with contextlib.suppress(sqlite3.Error):
                     self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -303,14 +306,46 @@ class Journal(BaseJournal):
                 rows,
             )
 
-        try:
-            self._write(work, reserve=False)
-        except JournalError:
-            if self.full is not None:
-                self.flush()  # the outcomes known so far, into the reserve
-            raise
+        self._write(work, reserve=False)
         del pending[:]  # committed
         return [row[0] for row in rows]
+
+    def reserve(self, entries: Iterable[Entry]) -> list[str]:
+        """Record the rows as this run's (new ones pending), not yet in flight."""
+        if self.full is not None:
+            raise JournalError(self.full)
+        now = time.time()
+        rows = [(key, line, content, mid, self.run, now) for key, line, content, mid in entries]
+        self._write(
+            lambda c: c.executemany(
+                "INSERT INTO messages (key, line, content, message_id, state, run, updated) "
+                "VALUES (?, ?, ?, ?, 'pending', ?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET line=excluded.line, "
+                "content=excluded.content, run=excluded.run, updated=excluded.updated",
+                rows,
+            ),
+            reserve=False,
+        )
+        return [row[0] for row in rows]
+
+    def commit_wire(self, keys: list[str]) -> None:
+        """Mark the rows in flight, with the buffered outcomes, in one commit."""
+        pending = self._pending
+        if not keys and not pending:
+            return
+        if self.full is not None:
+            raise JournalError(self.full)
+        now = time.time()
+
+        def work(conn: sqlite3.Connection) -> None:
+            self._write_outcomes(conn, pending)
+            conn.executemany(
+                "UPDATE messages SET state='in-flight', updated=? WHERE key=?",
+                [(now, key) for key in keys],
+            )
+
+        self._write(work, reserve=False)
+        del pending[:]
 
     def mark(self, entries: Iterable[Entry], state: State) -> None:
         """Record messages that were not sent in this run (e.g. skipped unknowns)."""
@@ -346,12 +381,16 @@ class Journal(BaseJournal):
              time.time(), key)
         )  # fmt: skip
         if self.full is not None:
-            return  # the disk is full: one last commit at the end takes the least room
+            return  # the disk is full: one last commit at the end, into the reserve
         if (
             len(pending) >= self.batch_size
             or time.monotonic() - self._last_commit >= self.batch_seconds
         ):
-            self.flush()
+            try:
+                self.flush(reserve=False)
+            except JournalError:
+                if self.full is None:
+                    raise  # else kept for the last commit
 
     @staticmethod
     def _write_outcomes(conn: sqlite3.Connection, pending: list[tuple[object, ...]]) -> None:
@@ -362,12 +401,13 @@ class Journal(BaseJournal):
                 pending,
             )
 
-    def flush(self) -> None:
-        """Commit buffered outcomes now (kept buffered if the commit fails)."""
+    def flush(self, *, reserve: bool = True) -> None:
+        """Commit buffered outcomes now (kept buffered if the commit fails); out of
+        space, into the reserve unless ``reserve`` is false."""
         pending = self._pending
         if not pending:
             return
-        self._write(lambda c: self._write_outcomes(c, pending), reserve=True)
+        self._write(lambda c: self._write_outcomes(c, pending), reserve=reserve)
         del pending[:]
 
     def release(self, keys: Iterable[str]) -> None:
