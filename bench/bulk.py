@@ -243,6 +243,11 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="1,000 rows, 20,000 for RSS, 1 run")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    # -- the PostgreSQL journal (issue 15): bench/bulk_postgres.py
+    parser.add_argument(
+        "--postgres", action=argparse.BooleanOptionalAction, default=True,
+        help="also compare the SQLite and PostgreSQL journals (bench/bulk_postgres.py)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.quick:
         args.rows, args.big, args.runs = 1_000, 20_000, 1
@@ -314,6 +319,14 @@ def main() -> int:
         print(
             f"\nmedians of {args.runs} run(s); wall time of the whole command (start-up included)"
         )
+        # -- the PostgreSQL journal (issue 15)
+        if args.postgres:
+            from .bulk_postgres import postgres_section
+
+            with smtp_sink() as port:
+                postgres_section(
+                    work, rows, args.rows, templates["plain"], port, args.connections, args.runs
+                )
     finally:
         if args.keep:
             print(f"work directory: {work}")
