@@ -122,6 +122,8 @@ class Worker:
             return None
         jobs = [first] if self.ledger.take(first) else []
         run = ON_WIRE_RUN if self.options.on_wire and self.dispatch.batch_size > 1 else 1
+        if (limit := self.options.max_messages_per_connection) is not None:
+            run = min(run, max(1, limit - self.lease.sent))
         while jobs and len(jobs) < run:  # with on_wire, a run is taken (announced) at once
             try:
                 job = queue.receive_nowait()

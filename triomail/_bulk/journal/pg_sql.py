@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover - the extra is not installed
 
 __all__ = [
     "LOAD",
-    "OUTCOME",
+    "GROUP_COMMIT",
     "RECONNECT_SECONDS",
     "SCHEMA",
     "TAKE",
@@ -104,12 +104,27 @@ WHERE m.name = %(name)s AND m.key IN (
     FOR UPDATE SKIP LOCKED)
 RETURNING m.key, m.fence
 """
-OUTCOME: Final = """
-UPDATE triomail_messages
-SET state = %s, attempts = attempts + %s, code = %s, enhanced = %s, text = %s, done = %s,
-    lease_until = NULL, updated = now()
-WHERE name = %s AND key = %s AND fence = %s
-RETURNING key
+# A group commit is one statement (one round trip, atomic): the rows going on the wire
+# marked in flight, and a batch of outcomes written where the fence still matches
+# (``key = ANY(...)`` lets the planner use the primary key before there are statistics).
+GROUP_COMMIT: Final = """
+WITH wire AS (
+    UPDATE triomail_messages SET state = 'in-flight', updated = now()
+    WHERE name = %(name)s AND key = ANY(%(wire)s) AND run = %(run)s
+), settled AS (
+    UPDATE triomail_messages m
+    SET state = v.state, attempts = m.attempts + v.attempts, code = v.code,
+        enhanced = v.enhanced, text = v.text, done = v.done, lease_until = NULL,
+        updated = now()
+    FROM unnest(%(keys)s::text[], %(states)s::text[], %(attempts)s::int[],
+                %(codes)s::int[], %(enhanced)s::text[], %(texts)s::text[],
+                %(done)s::text[], %(fences)s::bigint[])
+        AS v(key, state, attempts, code, enhanced, text, done, fence)
+    WHERE m.name = %(name)s AND m.key = ANY(%(keys)s) AND m.key = v.key
+      AND m.fence = v.fence
+    RETURNING m.key
+)
+SELECT key FROM settled
 """
 
 

@@ -49,7 +49,7 @@ from typing import Any
 
 from ..settings import DEFAULT_LEASE
 from .base import STATES, BaseJournal, Entry, JournalError, Record, State
-from .pg_sql import LOAD, OUTCOME, SCHEMA, TAKE, Link, file_digest, parse_url
+from .pg_sql import GROUP_COMMIT, LOAD, SCHEMA, TAKE, Link, file_digest, parse_url
 
 __all__ = ["PostgresJournal"]
 
@@ -296,25 +296,13 @@ class PostgresJournal(BaseJournal):
         """The outcomes (fenced) and the rows going on the wire, in one commit."""
         if not batch and not wire:
             return
-        params = [(*item[1:7], self.name, item[0], item[7]) for item in batch]
+        names = ("keys", "states", "attempts", "codes", "enhanced", "texts", "done", "fences")
+        columns = list(map(list, zip(*batch, strict=True))) if batch else [[]] * len(names)
+        params: dict[str, object] = {"name": self.name, "wire": wire, "run": self.run}
+        params.update(zip(names, columns, strict=True))
 
         def work(conn: Any) -> list[tuple[str]]:
-            # One transaction, one round trip (psycopg pipelines executemany).
-            found = []
-            with conn.transaction(), conn.cursor() as cur:
-                if wire:
-                    cur.execute(
-                        "UPDATE triomail_messages SET state = 'in-flight', updated = now() "
-                        "WHERE name = %s AND key = ANY(%s) AND run = %s",
-                        (self.name, wire, self.run),
-                    )
-                if params:
-                    cur.executemany(OUTCOME, params, returning=True)
-                    while True:
-                        found += cur.fetchall()
-                        if not cur.nextset():
-                            break
-            return found
+            return list(conn.execute(GROUP_COMMIT, params).fetchall())
 
         try:
             rows = self._outcomes.run(work)
