@@ -142,13 +142,15 @@ class BaseJournal(abc.ABC):
     def records(self) -> list[Record]:
         """Every record, in line order (for tests and inspection; loads them all)."""
 
-    @abc.abstractmethod
     def claim(self, entries: Iterable[Entry]) -> list[str]:
-        """Mark messages in-flight and commit (with any buffered outcomes) at once.
+        """:meth:`reserve`, then :meth:`commit_wire` (with any buffered outcomes).
 
         Returns the keys claimed, in order: all of them unless another worker holds
         some. After this returns, a crash leaves them in-flight, never forgotten.
         """
+        keys = self.reserve(entries)
+        self.commit_wire(keys)
+        return keys
 
     @abc.abstractmethod
     def mark(self, entries: Iterable[Entry], state: State) -> None:

@@ -93,8 +93,7 @@ ON CONFLICT DO NOTHING
 # its rows through the primary key. (A claim's rows share the run's content digest.)
 TAKE: Final = """
 UPDATE triomail_messages m
-SET state = CASE WHEN %(in_flight)s THEN 'in-flight' ELSE m.state END, run = %(run)s,
-    fence = m.fence + 1, lease_until = now() + make_interval(secs => %(lease)s),
+SET run = %(run)s, fence = m.fence + 1, lease_until = now() + make_interval(secs => %(lease)s),
     content = %(content)s, updated = now()
 WHERE m.name = %(name)s AND m.key IN (
     SELECT key FROM triomail_messages

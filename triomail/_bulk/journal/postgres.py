@@ -202,13 +202,7 @@ class PostgresJournal(BaseJournal):
         )
         return [_record(r) for r in rows]
 
-    def claim(self, entries: Iterable[Entry]) -> list[str]:
-        return self._take(entries, in_flight=True)
-
     def reserve(self, entries: Iterable[Entry]) -> list[str]:
-        return self._take(entries, in_flight=False)
-
-    def _take(self, entries: Iterable[Entry], *, in_flight: bool) -> list[str]:
         rows = list(entries)
         if not rows:
             return []
@@ -222,7 +216,6 @@ class PostgresJournal(BaseJournal):
             "states": self._claimable,
             "lease": self.lease,
             "content": rows[0][2],
-            "in_flight": in_flight,
         }
 
         def work(conn: Any) -> list[tuple[str, int]]:

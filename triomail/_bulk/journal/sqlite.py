@@ -283,33 +283,6 @@ class Journal(BaseJournal):
         found = self.lookup(keys)
         return [found[k] for k in keys]
 
-    def claim(self, entries: Iterable[Entry]) -> list[str]:
-        """Mark messages in-flight and commit (with any buffered outcomes) at once.
-
-        ``entries`` are ``(key, line, content, message_id)``; one process owns the file,
-        so every key is claimed. After this returns, a crash leaves these messages
-        in-flight, never forgotten.
-        """
-        if self.full is not None:
-            raise JournalError(self.full)
-        now = time.time()
-        rows = [(key, line, content, mid, self.run, now) for key, line, content, mid in entries]
-        pending = self._pending
-
-        def work(conn: sqlite3.Connection) -> None:
-            self._write_outcomes(conn, pending)
-            conn.executemany(
-                "INSERT INTO messages (key, line, content, message_id, state, run, updated) "
-                "VALUES (?, ?, ?, ?, 'in-flight', ?, ?) "
-                "ON CONFLICT(key) DO UPDATE SET state='in-flight', line=excluded.line, "
-                "content=excluded.content, run=excluded.run, updated=excluded.updated",
-                rows,
-            )
-
-        self._write(work, reserve=False)
-        del pending[:]  # committed
-        return [row[0] for row in rows]
-
     def reserve(self, entries: Iterable[Entry]) -> list[str]:
         """Record the rows as this run's (new ones pending), not yet in flight."""
         if self.full is not None:
