@@ -304,6 +304,11 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--no-dkim", action="store_true", help="skip the DKIM section")
     parser.add_argument("--only-dkim", action="store_true", help="only the DKIM section")
+    # -- the PostgreSQL journal (issue 15): bench/bulk_postgres.py
+    parser.add_argument(
+        "--postgres", action=argparse.BooleanOptionalAction, default=True,
+        help="also compare the SQLite and PostgreSQL journals (bench/bulk_postgres.py)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.quick:
         args.rows, args.big, args.runs = 1_000, 20_000, 1
@@ -379,6 +384,14 @@ def main() -> int:
         print(
             f"\nmedians of {args.runs} run(s); wall time of the whole command (start-up included)"
         )
+        # -- the PostgreSQL journal (issue 15)
+        if args.postgres:
+            from .bulk_postgres import postgres_section
+
+            with smtp_sink() as port:
+                postgres_section(
+                    work, rows, args.rows, templates["plain"], port, args.connections, args.runs
+                )
     finally:
         if args.keep:
             print(f"work directory: {work}")

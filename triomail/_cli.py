@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from ._bulk import checkdns
 from ._bulk import command as bulk_command
 from ._bulk import init as bulk_init
+from ._bulk import status as bulk_status
 from ._sink import cli as sink_cli
 from ._web import cli as web_cli
 
@@ -22,15 +23,16 @@ __all__ = ["build_parser", "main"]
 
 # Subcommands, in the order `triomail --help` lists them: `triomail sink` (the capture
 # server), `triomail send` (the bulk mailer), `triomail view` (the web view of a
-# folder), `triomail init` (a sample campaign to start from) and `triomail check-dns` (a
-# sending domain's SPF, DMARC and DKIM records). Each register takes what
-# `add_subparsers()` returns; the tuple's type is inferred, so that no private name of
-# argparse is spelt here.
+# folder), `triomail init` (a sample campaign to start from), `triomail status` (a
+# journal's campaign, per state and worker) and `triomail check-dns` (a sending domain's
+# SPF, DMARC and DKIM records). Each register takes what `add_subparsers()` returns; the
+# tuple's type is inferred, so that no private name of argparse is spelt here.
 REGISTRARS = (
     sink_cli.register,
     bulk_command.register,
     web_cli.register,
     bulk_init.register,
+    bulk_status.register,
     checkdns.register,
 )
 

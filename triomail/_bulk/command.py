@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .settings import CHECKS, CHOICES, SendSettings
+from .settings import CHECKS, CHOICES, SendSettings, journal_target
 
 __all__ = ["OPTIONS", "POSITIONALS", "Option", "Subcommands", "defaults", "register"]
 
@@ -95,6 +95,7 @@ def _flag(help_text: str) -> dict[str, Any]:
 
 WHERE, SAFETY, SPEED, RECORDS = "where to send", "safety", "throughput", "records"
 DELIVER = "deliverability"
+SHARED = "shared journal (PostgreSQL)"
 OPTIONS: tuple[Option, ...] = (
     Option(WHERE, ("--server",), {"metavar": "URL", "action": "append",
         "help": "smtp://, smtps:// or smtp+plain:// URL; repeat it to fail over between "
@@ -145,8 +146,9 @@ OPTIONS: tuple[Option, ...] = (
         "for each end-of-data reply) or off (one command at a time)"}),
     Option(RECORDS, ("--report",), {"type": Path, "metavar": "FILE.jsonl",
         "help": "one JSON line per message and recipient"}),
-    Option(RECORDS, ("--journal",), {"type": Path, "metavar": "PATH",
-        "help": "SQLite journal file"}),
+    Option(RECORDS, ("--journal",), {"type": journal_target, "metavar": "PATH_OR_URL",
+        "help": "SQLite journal file, or postgresql://USER@HOST:PORT/DB?campaign=NAME to "
+        "share the campaign with other workers (docs/scale-out.md)"}),
     Option(RECORDS, ("--resume",), _flag("continue the batch recorded in the journal")),
     Option(RECORDS, ("--at-most-once",), _flag("on --resume, skip messages whose outcome is "
         "unknown instead of resending them")),
@@ -188,6 +190,10 @@ OPTIONS: tuple[Option, ...] = (
         "lint warning")),
     Option(DELIVER, ("--dns-resolver",), {"metavar": "ADDRESS[:PORT]",
         "help": "the name server --check-dns asks (the system's)"}),
+    # -- the shared journal (issue 15) --
+    Option(SHARED, ("--lease",), {"metavar": "SECONDS",
+        "help": "a worker's hold on the rows it sends, renewed while they are on the wire; "
+        "rows of a worker silent this long are taken over by the others"}),
 )  # fmt: skip
 #: The positional arguments, in order.
 POSITIONALS: tuple[Option, ...] = (

@@ -92,6 +92,8 @@ def checked(
     if isinstance(value, bool) or not isinstance(value, allowed):
         raise ValueError(f"{where}: {name} has the wrong type")
     if kind.startswith("Path"):
+        if "str" in kind and "://" in str(value):  # a path or a URL (--journal)
+            return value
         return (base / Path(str(value)).expanduser()).resolve()
     if check is not None:
         try:

@@ -1,14 +1,16 @@
-"""The pool's input: rows read, planned, claimed in the journal, then handed over.
+"""The pool's input: rows read, planned, reserved in the journal, then handed over.
 
 Theory of operation
 -------------------
 :meth:`Feed.messages` is an async generator that the pool consumes lazily. It takes
 rows a chunk at a time, from the recipients file or from the render process
 (:mod:`.render_process`, records decoded by :mod:`.records`), has the planner decide
-each row (:mod:`.planner`), records what is not sent (:mod:`.outcomes`), marks the
-chunk's messages in flight in one committed journal transaction (a message on the
-wire is never unknown to the journal), and only then yields them one by one. Chunks
-are small at first so the first messages leave at once.
+each row (:mod:`.planner`), records what is not sent (:mod:`.outcomes`), reserves the
+chunk's messages in one committed journal transaction, and only then yields them one
+by one. The pool marks each in flight just before writing it (``on_wire``, see
+:mod:`.journal.base`): a message on the wire is never unknown to the journal, and a
+reserved one never written is not in doubt. Chunks are small at first so the first
+messages leave at once.
 
 With ``--render auto`` the render process starts while the first rows are read and
 rendered here; once its first batch is there it is told to skip the rows read here so
@@ -17,8 +19,14 @@ far, and rows are read here a few at a time until one of its batches goes beyond
 chunks (then its rows are taken, and waited for if need be): a slow template,
 rendered here as fast as there, would never let it catch up.
 
-A first signal sets :attr:`Feed.stopping`: no more rows are read. Messages claimed in
-the journal and not yet handed to the pool go back to pending (:meth:`Feed.close`).
+A shared journal (:mod:`.journal.postgres`) may refuse part of a reservation: those rows
+belong to another worker and are left out here. Once the file is done, rows that other
+workers held past their lease (they died or stalled) are taken over: the file is read
+again for just those keys (:meth:`Feed._takeover_chunks`), until no other worker
+holds an unsettled row.
+
+A first signal sets :attr:`Feed.stopping`: no more rows are read. Messages reserved
+and not yet handed to the pool are given back (:meth:`Feed.close`).
 """
 
 from __future__ import annotations
@@ -26,14 +34,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from contextlib import aclosing
 
 import trio
 
 from .._core.errors import LocalProtocolError
 from .._core.prepare import PreparedMessage, prepare, prepare_rendered
-from .journal import Journal, Record
+from .journal import BaseJournal, JournalError, Record
 from .outcomes import Outcomes, Tag
 from .planner import ChunkPlan, Policy, chunks, plan_chunk
 from .recipients import BadRow, RecipientsReader, Row, estimate_rows
@@ -47,6 +55,9 @@ _log = logging.getLogger("triomail.send")
 
 #: --render auto: chunks rendered here while the render process catches up.
 CATCH_UP_CHUNKS = 4
+#: Shortest and longest wait between two looks for rows to take over (seconds): the
+#: other workers usually finish their rows long before their leases could expire.
+TAKEOVER_POLL = (0.05, 1.0)
 
 
 def prepared_message(rendered: Rendered, recipients: tuple[str, ...], tag: Tag) -> PreparedMessage:
@@ -86,12 +97,12 @@ def _message(row: Row, rendered: Rendered, record: Record | None) -> PreparedMes
 
 
 class Feed:
-    """Rows in, prepared messages out (:meth:`messages`), each claimed in the journal."""
+    """Rows in, prepared messages out (:meth:`messages`), each reserved in the journal."""
 
     def __init__(
         self,
         reader: RecipientsReader,
-        journal: Journal,
+        journal: BaseJournal,
         policy: Policy,
         outcomes: Outcomes,
         *,
@@ -99,12 +110,13 @@ class Feed:
         limit: int | None,
         renderer: RenderProcess | None = None,
         catch_up: bool = False,
+        reread: Callable[[], Iterable[Row | BadRow]] | None = None,
     ) -> None:
         self.reader = reader
         self.journal = journal
         self.policy = policy
         self.outcomes = outcomes
-        #: The template's digest, recorded with each claimed message.
+        #: The template's digest, recorded with each reserved message.
         self.content = content
         self.limit = limit
         #: The render process, if rows are rendered in one (--render).
@@ -120,11 +132,16 @@ class Feed:
         self.limited = False
         #: Claimed in the journal, not handed to the pool yet (released by :meth:`close`).
         self.unhanded: deque[str] = deque()
-        #: Why the render process stopped before the end of the file, if it did.
+        #: Why the rows stopped before the end of the file (the render process failed,
+        #: or the journal could not reserve any more), if they did.
         self.render_error: str | None = None
+        #: The recipients file read again (shared journal: rows to take over).
+        self.reread = reread
+        #: Rows another worker of a shared journal reserved first (not ours to send).
+        self.elsewhere = 0
 
     async def messages(self) -> AsyncIterator[PreparedMessage]:
-        """The pool's input: rows planned, claimed in the journal, then yielded."""
+        """The pool's input: rows planned, reserved in the journal, then yielded."""
         outcomes = self.outcomes
         progress = outcomes.progress
         outstanding = outcomes.outstanding
@@ -146,7 +163,19 @@ class Feed:
                         progress.earlier += 1
                 tags: list[Tag] = [m.tag for m in sendable]  # type: ignore[misc]
                 if tags:
-                    self.journal.claim((t.key, t.line, self.content, t.message_id) for t in tags)
+                    try:
+                        won = await self.journal.reserve_async(
+                            [(t.key, t.line, self.content, t.message_id) for t in tags]
+                        )
+                    except JournalError as exc:
+                        # Claim no more (a full disk): what is on the wire finishes.
+                        self.render_error = str(exc)
+                        return
+                    if len(won) < len(tags):  # another worker has the others
+                        self.elsewhere += len(tags) - len(won)
+                        mine = set(won)
+                        sendable = [m for m in sendable if m.tag.key in mine]  # type: ignore[attr-defined]
+                        tags = [t for t in tags if t.key in mine]
                 unhanded.extend(t.key for t in tags)
                 for index, message in enumerate(sendable):
                     if self.stopping:
@@ -163,6 +192,37 @@ class Feed:
                 await trio.lowlevel.checkpoint()
 
     async def _chunks(self) -> AsyncGenerator[ChunkPlan]:
+        """The plans of the file's chunks, then of the rows taken over from others."""
+        async with aclosing(self._file_chunks()) as planned:
+            async for plan in planned:
+                yield plan
+        if self.journal.shared and self.reread is not None:
+            async with aclosing(self._takeover_chunks()) as planned:
+                async for plan in planned:
+                    yield plan
+
+    async def _takeover_chunks(self) -> AsyncGenerator[ChunkPlan]:
+        """Rows other workers held past their lease, read again from the file."""
+        assert self.reread is not None
+        journal = self.journal
+        while not self.stopping:
+            wait = await trio.to_thread.run_sync(journal.takeover_wait)
+            if wait is None:
+                return
+            await trio.sleep(min(max(wait, TAKEOVER_POLL[0]), TAKEOVER_POLL[1]))
+            keys = await trio.to_thread.run_sync(journal.takeover_keys)
+            if not keys:
+                continue
+            rows = (r for r in self.reread() if not isinstance(r, BadRow) and r.key in keys)
+            for chunk in chunks(rows, MAX_BATCH):
+                if self.stopping:
+                    return
+                budget = None if self.limit is None else self.limit - self.handed
+                if budget is not None and budget <= 0:
+                    return
+                yield plan_chunk(self.policy, chunk, budget)
+
+    async def _file_chunks(self) -> AsyncGenerator[ChunkPlan]:
         """The plans of chunks of rows, read here or by the render process."""
         renderer = self.renderer
         rows = chunks(self.reader, MAX_BATCH)
@@ -233,9 +293,9 @@ class Feed:
         return max(0, lines - self.last_line)
 
     def close(self) -> None:
-        """Stop reading the render process; claimed messages never handed go back."""
+        """Stop reading the render process; reserved messages never handed go back."""
         if self.renderer is not None:
             self.renderer.close_pipe()
         if self.unhanded:
-            self.journal.release(list(self.unhanded))
+            self.journal.unreserve(list(self.unhanded))
             self.unhanded.clear()

@@ -20,7 +20,7 @@ import contextlib
 import itertools
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit
 
 import trio
@@ -30,7 +30,7 @@ from .brake import Brake
 from .deliver import load_keys, signed, signer_of, template_headers
 from .dry_run import dry_run
 from .feed import Feed
-from .journal import Journal, JournalError
+from .journal import BaseJournal, JournalError, open_journal
 from .lint import Lint, lint_sample
 from .outcomes import Outcomes
 from .planner import Policy
@@ -72,7 +72,7 @@ def prepare_and_run(settings: SendSettings, renderer: RenderProcess | None) -> i
     estimate = estimate_rows(settings.recipients)
     journal, counts = _open_journal(settings, template.digest)
     with contextlib.ExitStack() as stack:
-        stack.callback(journal.close)
+        stack.enter_context(_closing(journal))
         earlier = counts.get("accepted", 0)
         if not settings.retry_refused:
             earlier += counts.get("permanent", 0)
@@ -151,25 +151,39 @@ def prepare_and_run(settings: SendSettings, renderer: RenderProcess | None) -> i
             limit=settings.limit,
             renderer=renderer,
             catch_up=settings.render == "auto",
+            reread=lambda: RecipientsReader.open(settings.recipients, settings.encoding),
         )
         batch = SendRun(settings, journal, counts, template.digest, feed, outcomes)
         batch.confirm = confirm
         return _trio_run(batch, found)
 
 
-def _open_journal(settings: SendSettings, digest: str) -> tuple[Journal, dict[str, int]]:
+def _open_journal(settings: SendSettings, digest: str) -> tuple[BaseJournal, dict[str, int]]:
     """The journal (next to the recipients file unless given; never a file for a dry
     run) and its counts by state."""
     path = settings.journal_path()
     try:
-        return Journal.open(
+        return open_journal(
             path,
             resume=settings.resume and not settings.dry_run,
             source=str(settings.recipients.resolve()),
             content=digest,
+            lease=settings.lease,
         )
     except JournalError as exc:
         raise CannotRun(str(exc)) from None
+
+
+@contextlib.contextmanager
+def _closing(journal: BaseJournal) -> Iterator[BaseJournal]:
+    """Close the journal at the end; a failure to is one line (exit 2), not a traceback."""
+    try:
+        yield journal
+    finally:
+        try:
+            journal.close()
+        except JournalError as exc:
+            raise CannotRun(str(exc)) from None
 
 
 def _confirmation(
@@ -227,13 +241,15 @@ def _sample(settings: SendSettings, template: CompiledTemplate) -> str:
 def _trio_run(batch: SendRun, server: list[Server] | None) -> int:
     try:
         return trio.run(batch.run, server)
+    except JournalError as exc:
+        raise CannotRun(str(exc)) from None
     except BaseExceptionGroup as group:
-        cannot, rest = group.split(CannotRun)
+        cannot, rest = group.split((CannotRun, JournalError))
         if cannot is not None:
             first = cannot.exceptions[0]
             while isinstance(first, BaseExceptionGroup):
                 first = first.exceptions[0]
-            raise first from None
+            raise CannotRun(str(first)) from None
         if rest is not None:
             raise rest from None
         raise

@@ -164,7 +164,6 @@ class Lint:
                 say(f"lint {kind}: {text}{rows}")
         return bool(self.errors or (self.strict and self.warnings))
 
-
     def verdict(self) -> str:
         """One line for the summary: what was checked and what was found."""
         found = sum(len(counts) for counts in (self.errors, self.warnings))

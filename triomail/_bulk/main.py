@@ -63,7 +63,7 @@ def _mailmerge_resume(settings: SendSettings, row: int | None) -> None:
     if row is None:
         return
     path = settings.journal_path()
-    if path is not None and path.is_file():
+    if isinstance(path, str) or (path is not None and path.is_file()):  # a URL: a database
         print(
             f"triomail send: --resume {row}: the journal {path} records which rows were "
             "sent; the batch resumes from it, not from a row number",

@@ -28,7 +28,7 @@ from typing import IO, Any
 from .._core.reply import Reply
 from .._core.results import Outcome, SendResult
 from .brake import Brake
-from .journal import Journal, State
+from .journal import BaseJournal, State
 from .planner import ChunkPlan, Suppressed
 from .progress import Display, Progress
 from .recipients import BadRow, Row
@@ -104,7 +104,7 @@ class Outcomes:
 
     def __init__(
         self,
-        journal: Journal,
+        journal: BaseJournal,
         progress: Progress,
         display: Display,
         recipients: Path,

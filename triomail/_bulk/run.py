@@ -28,15 +28,16 @@ import contextlib
 import signal
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 import trio
 
 from .._core.errors import SMTPAuthenticationError, SMTPError
+from .._core.prepare import PreparedMessage
 from .._pool.pool import Pool, RetryPolicy, Server, open_pool
 from .feed import Feed
-from .journal import Journal
-from .outcomes import Outcomes
+from .journal import BaseJournal, JournalError
+from .outcomes import Outcomes, Tag
 from .settings import (
     EXIT_BRAKE,
     EXIT_FAILED,
@@ -65,7 +66,7 @@ class SendRun:
     def __init__(
         self,
         settings: SendSettings,
-        journal: Journal,
+        journal: BaseJournal,
         counts: dict[str, int],
         digest: str,
         feed: Feed,
@@ -144,8 +145,11 @@ class SendRun:
 
     def _left(self) -> tuple[str, int]:
         """Where the journal is (it is consistent), and how many messages it holds unsettled."""
-        counts = self.journal.counts()
-        where = self.journal.path or "(in memory)"
+        try:
+            counts = self.journal.counts()
+        except JournalError:
+            return f"the journal {self.journal.where} is consistent", 0
+        where = self.journal.where
         return f"the journal {where} is consistent", counts["pending"] + counts["in-flight"]
 
     async def _run(self, server: list[Server], signals: AsyncIterator[int]) -> int:
@@ -170,12 +174,14 @@ class SendRun:
         outcomes.display.finish()
         for line in outcomes.failure_lines():
             outcomes.display.message(line)
+        self._shared_note()
         # With --report - the summary goes to stderr, so stdout is JSON lines only.
         print(outcomes.progress.summary(), file=sys.stderr if to_stdout else sys.stdout, flush=True)
-        if self.feed.render_error is not None:
+        error = self.feed.render_error or self.journal.failure
+        if error is not None:
             consistent, left = self._left()
             raise CannotRun(
-                f"{self.feed.render_error}; the messages handed out were sent and recorded, "
+                f"{error}; the messages handed out were sent and recorded, "
                 f"{consistent}"
                 + (f" ({left} pending or in flight)" if left else "")
                 + "; continue with --resume"
@@ -213,6 +219,7 @@ class SendRun:
         async with trio.open_nursery() as outer:
             with trio.CancelScope() as scope:
                 outer.start_soon(self._watch_signals, signals, scope, pool_ref)
+                outer.start_soon(self._journal_background)
                 await preflight(server)
                 if self.confirm is not None:
                     await trio.to_thread.run_sync(self.confirm, abandon_on_cancel=True)
@@ -226,6 +233,7 @@ class SendRun:
                             rate=s.rate,
                             retry=retry,
                             pipeline=s.pipelining,
+                            on_wire=self._on_wire,
                         ) as pool,
                         pool.send_all(self.feed.messages()) as results,
                     ):
@@ -246,6 +254,33 @@ class SendRun:
                     for result in pool_ref[0].interrupted if pool_ref else ():
                         settle(result, note="cut off by an abort")
             outer.cancel_scope.cancel()
+
+    async def _on_wire(self, messages: Sequence[PreparedMessage]) -> None:
+        """The pool is about to write these: the journal commits them in flight first."""
+        await self.journal.on_wire([m.tag.key for m in messages if type(m.tag) is Tag])
+
+    async def _journal_background(self) -> None:
+        """The journal's own work (a shared journal's commits and leases)."""
+        try:
+            await self.journal.background()
+        except JournalError as exc:
+            raise CannotRun(str(exc)) from None
+
+    def _shared_note(self) -> None:
+        """A shared journal: what other workers did is in their summaries."""
+        if not self.journal.shared:
+            return
+        self._note(
+            f"shared journal: this worker (run {self.journal.run}) left "
+            f"{self.feed.elsewhere:,} row(s) to other workers; `triomail status "
+            f"{self.journal.where}` shows the whole campaign"
+        )
+        stale = getattr(self.journal, "stale", 0)
+        if stale:
+            self._note(
+                f"{stale:,} message(s) were taken over by another worker while this one "
+                "still had them (its lease expired): possible duplicates"
+            )
 
     async def _watch_signals(
         self,

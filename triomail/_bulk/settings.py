@@ -46,11 +46,15 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "CHECKS",
     "CHOICES",
+    "DEFAULT_LEASE",
     "EXIT_OK",
+    "JOURNAL_URL_SCHEMES",
     "PIPELINING_MODES",
     "RENDER_MODES",
     "CannotRun",
     "SendSettings",
+    "is_url",
+    "journal_target",
     "settings_from",
 ]
 
@@ -114,9 +118,26 @@ CHECKS: dict[str, Callable[[str], Any]] = {
     "render": _choice(RENDER_MODES),
     "pipelining": _choice(PIPELINING_MODES),
     "max_policy_rejections": _number(float, 0.1, 100),
+    "lease": _number(float, 0.1, 86_400),
 }
 #: Descriptors kept free for the journal, the report, the render process and TLS.
 _RESERVED_FILES = 64
+
+
+#: --lease: seconds a worker of a shared journal holds a row it does not renew.
+DEFAULT_LEASE = 60.0
+#: The URL schemes of a shared (PostgreSQL) journal; anything else is a file path.
+JOURNAL_URL_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_url(target: object) -> bool:
+    """Is this ``--journal`` value a database URL (not a file path)?"""
+    return isinstance(target, str) and target.startswith(JOURNAL_URL_SCHEMES)
+
+
+def journal_target(text: str) -> Path | str:
+    """``--journal``'s type: a ``postgresql://`` URL stays text, anything else is a path."""
+    return text if is_url(text) else Path(text)
 
 
 class CannotRun(Exception):
@@ -151,7 +172,7 @@ class SendSettings:
     pipelining: Pipeline = "cross"
     # ---
     report: Path | None = None
-    journal: Path | None = None
+    journal: Path | str | None = None  # a path, or a postgresql:// URL
     resume: bool = False
     at_most_once: bool = False
     retry_refused: bool = False
@@ -177,10 +198,13 @@ class SendSettings:
     #: Check the sending domain's SPF, DMARC and DKIM records first; with this name server.
     check_dns: bool = False
     dns_resolver: str | None = None
+    # -- the shared journal (issue 15) --
+    lease: float = DEFAULT_LEASE
 
-    def journal_path(self) -> Path | None:
-        """The journal file: --journal, else next to the recipients file; None (in
-        memory) with --sink, and always for a dry run, which never touches one."""
+    def journal_path(self) -> Path | str | None:
+        """The journal: --journal (a file or a ``postgresql://`` URL), else a file next
+        to the recipients file; None (in memory) with --sink, and always for a dry run,
+        which never touches one."""
         if self.dry_run:
             return None
         if self.journal is None and self.sink is None:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from .._client.options import Pipeline, pipeline_mode
 
@@ -75,6 +76,9 @@ class PoolOptions:
     #: and its connections wait for each end-of-data reply from then on), ``"within"``
     #: always waits for it, ``"off"`` writes one command at a time.
     pipeline: Pipeline = "cross"
+    #: Awaited with the messages a worker is about to write, before it writes them (a
+    #: journal commits them in flight); a run then carries at most ``ON_WIRE_RUN``.
+    on_wire: Callable[[Sequence[Any]], Awaitable[None]] | None = None
 
     def __post_init__(self) -> None:
         if self.connections < 1:

@@ -51,6 +51,8 @@ __all__ = ["DATA_RUN", "Worker", "as_prepared"]
 
 #: Messages one pipelined run may carry over a connection without CHUNKING.
 DATA_RUN = 256
+#: ... with ``on_wire`` (all announced first, so a crash leaves this many in doubt).
+ON_WIRE_RUN = 2
 
 _Ready = list[tuple[Job, PreparedMessage]]
 _Refused = list[tuple[Job, LocalProtocolError]]
@@ -111,14 +113,25 @@ class Worker:
                         await self.lease.reserve(state)
                 first = await queue.receive()
             else:
-                with trio.move_on_after(self.options.idle_timeout):
+                with trio.move_on_after(self.options.idle_timeout) as idle:
                     first = await queue.receive()
-                    return [first] if self.ledger.take(first) else []
-                await self.lease.release()  # idle past idle_timeout: QUIT
-                return []
+                if idle.cancelled_caught:
+                    await self.lease.release()  # idle past idle_timeout: QUIT
+                    return []
         except trio.EndOfChannel:
             return None
-        return [first] if self.ledger.take(first) else []
+        jobs = [first] if self.ledger.take(first) else []
+        run = ON_WIRE_RUN if self.options.on_wire and self.dispatch.batch_size > 1 else 1
+        if (limit := self.options.max_messages_per_connection) is not None:
+            run = min(run, max(1, limit - self.lease.sent))
+        while jobs and len(jobs) < run:  # with on_wire, a run is taken (announced) at once
+            try:
+                job = queue.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            if self.ledger.take(job):
+                jobs.append(job)
+        return jobs
 
     async def _open_for(self, jobs: list[Job]) -> bool:
         """Open a connection for ``jobs``, failing over between servers; False if none
@@ -251,6 +264,11 @@ class Worker:
             if bucket is not None and not await self._unless_stopped(bucket.acquire(len(ready))):
                 await self._not_sent([job for job, _ in ready], outcomes.STOPPED, final=True)
                 return
+            try:
+                if self.options.on_wire is not None:
+                    await self.options.on_wire([message for _, message in ready])
+            except Exception as exc:  # not announced, so not written
+                return await self._not_sent([job for job, _ in ready], str(exc), final=True)
             refused: _Refused = []
             results = await self._send(ready, refused)
             # Every outcome is recorded before any is handed over (which may wait for
@@ -302,6 +320,8 @@ class Worker:
         conn = self.lease.conn
         assert conn is not None
         yield from [message for _, message in ready]
+        if self.options.on_wire is not None:
+            return  # nothing that was not announced
         room = self.dispatch.batch_size
         if not conn.capabilities.chunking:
             room = max(room, DATA_RUN)

@@ -1,0 +1,108 @@
+"""The PostgreSQL journal in ``python -m bench.bulk`` (issue 15): ``--postgres``.
+
+Three measurements on the same rows, template and Postfix ``smtp-sink``, each the
+median of ``--runs``:
+
+* one worker with the SQLite journal against one worker with a PostgreSQL journal on
+  a private cluster (``initdb``/``pg_ctl`` in a temporary directory, as the tests do),
+  in messages per second of wall time;
+* two workers against one on the same PostgreSQL campaign: the campaign's rows over
+  the wall time until the last worker exits (the ratio depends on the CPU count, which
+  is printed: every worker renders every row it plans);
+* the CPU time (user + system, ``wait4``) of one SQLite worker per message, the
+  journal's share of which is what the millisecond-lag change moved.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["postgres_section"]
+
+
+@dataclass
+class _Timed:
+    seconds: float
+    cpu: float
+
+
+def _send(
+    rows: Path, template: Path, port: int, journal: str, connections: int, work: Path, name: str
+) -> subprocess.Popen[bytes]:
+    argv = [
+        sys.executable, "-m", "triomail", "send", str(rows), str(template),
+        "--server", f"smtp+plain://127.0.0.1:{port}", "--yes", "--journal", journal,
+        "--connections", str(connections), "--progress-interval", "3600",
+    ]  # fmt: skip
+    log = (work / f"{name}.log").open("wb")
+    return subprocess.Popen(argv, cwd=work, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+
+
+def _wait_all(procs: list[subprocess.Popen[bytes]], start: float) -> _Timed:
+    cpu = 0.0
+    for proc in procs:
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            raise RuntimeError(f"triomail send exited {proc.returncode} (see the work directory)")
+        cpu += usage.ru_utime + usage.ru_stime
+    return _Timed(time.perf_counter() - start, cpu)
+
+
+def _run(
+    workers: int, rows: Path, template: Path, port: int, journal: str, connections: int, work: Path
+) -> _Timed:
+    start = time.perf_counter()
+    procs = [
+        _send(rows, template, port, journal, connections, work, f"pg{i}") for i in range(workers)
+    ]
+    return _wait_all(procs, start)
+
+
+def postgres_section(
+    work: Path, rows: Path, n: int, template: Path, port: int, connections: int, runs: int
+) -> None:
+    """Print the PostgreSQL section (see the module's docstring)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from helpers.postgres import pg_binaries, start_postgres
+
+    if pg_binaries() is None:
+        print("\nPostgreSQL: not installed (Debian package postgresql), section skipped")
+        return
+    sqlite: list[float] = []
+    one: list[float] = []
+    two: list[float] = []
+    cpu: list[float] = []
+    with start_postgres() as cluster:
+        for i in range(runs):
+            journal = work / "pg-bench.sqlite3"
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{journal}{suffix}").unlink(missing_ok=True)
+            s = _run(1, rows, template, port, str(journal), connections, work)
+            p1 = _run(1, rows, template, port, cluster.journal(f"one{i}"), connections, work)
+            p2 = _run(2, rows, template, port, cluster.journal(f"two{i}"), connections, work)
+            sqlite.append(n / s.seconds)
+            one.append(n / p1.seconds)
+            two.append(n / p2.seconds)
+            cpu.append(s.cpu / n)
+            print(
+                f"  run {i + 1} journal: SQLite {n / s.seconds:7,.0f} msg/s, PostgreSQL "
+                f"{n / p1.seconds:7,.0f} msg/s, two PostgreSQL workers {n / p2.seconds:7,.0f}",
+                flush=True,
+            )
+    s_med, one_med, two_med = (statistics.median(v) for v in (sqlite, one, two))
+    print(
+        f"\njournal, one worker, {n:,} rows, {connections} connections: SQLite {s_med:,.0f} "
+        f"msg/s, PostgreSQL {one_med:,.0f} msg/s ({one_med / s_med:.2f}x SQLite)\n"
+        f"two workers on one PostgreSQL campaign: {two_med:,.0f} msg/s, "
+        f"{two_med / one_med:.2f}x one worker ({os.cpu_count()} CPUs, shared with the sink "
+        f"and the database)\n"
+        f"CPU per message of one SQLite worker (user + system, whole command): "
+        f"{statistics.median(cpu) * 1e6:,.0f} us"
+    )

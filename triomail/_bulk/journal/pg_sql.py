@@ -1,0 +1,262 @@
+"""The PostgreSQL journal's statements, its URL, and a connection that comes back.
+
+Theory of operation
+-------------------
+:mod:`.postgres` says what the tables mean. Here are the statements themselves, the
+``--journal`` URL's parsing (the password is refused: libpq reads ``PGPASSWORD`` or
+``~/.pgpass``), :func:`peek` for ``triomail status``, and :class:`Link`, one database
+connection used by one thread at a time: :meth:`Link.run` runs a piece of work on it
+and, when the connection was lost (the server restarted), reopens it with a doubling
+backoff for up to ``RECONNECT_SECONDS`` before giving up with one line;
+:meth:`Link.run_async` does the same in ``trio.to_thread`` behind the link's one-token
+:class:`trio.CapacityLimiter`. Each connection asks the server for a
+``statement_timeout``, so a statement stuck on the server cannot hold a worker (or its
+cancellation) forever.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Final, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import trio
+
+from .base import STATES, JournalError, Snapshot
+
+try:
+    import psycopg
+except ImportError:  # pragma: no cover - the extra is not installed
+    psycopg = None  # type: ignore[assignment]
+
+__all__ = [
+    "LOAD",
+    "GROUP_COMMIT",
+    "RECONNECT_SECONDS",
+    "SCHEMA",
+    "TAKE",
+    "Link",
+    "file_digest",
+    "one_line",
+    "parse_url",
+    "peek",
+    "psycopg",
+]
+
+_log = logging.getLogger("triomail.send")
+_T = TypeVar("_T")
+
+#: How long a lost database connection is retried before the run stops.
+RECONNECT_SECONDS: Final = 60.0
+#: A statement that takes longer than this is cancelled by the server (milliseconds).
+STATEMENT_TIMEOUT_MS: Final = 30_000
+
+SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS triomail_campaigns (
+    name TEXT PRIMARY KEY,       -- ?campaign=NAME
+    campaign TEXT NOT NULL,      -- random: part of every Message-ID
+    source TEXT NOT NULL,        -- digest of the recipients file
+    content TEXT NOT NULL,       -- digest of the template
+    runs INTEGER NOT NULL DEFAULT 0,
+    created TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS triomail_workers (
+    name TEXT NOT NULL, run INTEGER NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL,
+    started TIMESTAMPTZ NOT NULL DEFAULT now(), seen TIMESTAMPTZ NOT NULL DEFAULT now(),
+    finished TIMESTAMPTZ, stale INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (name, run)
+);
+CREATE TABLE IF NOT EXISTS triomail_messages (
+    name TEXT NOT NULL, key TEXT NOT NULL, line INTEGER NOT NULL, content TEXT NOT NULL,
+    message_id TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    code INTEGER, enhanced TEXT, text TEXT, done TEXT,
+    run INTEGER NOT NULL,        -- the worker that last claimed or settled the row
+    fence BIGINT NOT NULL DEFAULT 0,
+    lease_until TIMESTAMPTZ,
+    updated TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (name, key)
+);
+CREATE INDEX IF NOT EXISTS triomail_messages_state ON triomail_messages (name, state);
+"""
+LOAD: Final = """
+INSERT INTO triomail_messages (name, key, line, content, message_id, state, run)
+SELECT %(name)s, key, line, content, message_id, 'pending', %(run)s
+FROM unnest(%(keys)s::text[], %(lines)s::int[], %(contents)s::text[], %(mids)s::text[])
+    AS v(key, line, content, message_id)
+ON CONFLICT DO NOTHING
+"""
+# No join with an unnest() of the batch: while a fresh table has no statistics the
+# planner may pick a nested loop over a sequential scan. Every statement below finds
+# its rows through the primary key. (A claim's rows share the run's content digest.)
+TAKE: Final = """
+UPDATE triomail_messages m
+SET run = %(run)s, fence = m.fence + 1, lease_until = now() + make_interval(secs => %(lease)s),
+    content = %(content)s, updated = now()
+WHERE m.name = %(name)s AND m.key IN (
+    SELECT key FROM triomail_messages
+    WHERE name = %(name)s AND key = ANY(%(keys)s)
+      AND (lease_until IS NULL OR lease_until < now())
+      AND (state = ANY(%(states)s) OR state = 'in-flight')
+    FOR UPDATE SKIP LOCKED)
+RETURNING m.key, m.fence
+"""
+# A group commit is one statement (one round trip, atomic): the rows going on the wire
+# marked in flight, and a batch of outcomes written where the fence still matches
+# (``key = ANY(...)`` lets the planner use the primary key before there are statistics).
+GROUP_COMMIT: Final = """
+WITH wire AS (
+    UPDATE triomail_messages SET state = 'in-flight', updated = now()
+    WHERE name = %(name)s AND key = ANY(%(wire)s) AND run = %(run)s
+), settled AS (
+    UPDATE triomail_messages m
+    SET state = v.state, attempts = m.attempts + v.attempts, code = v.code,
+        enhanced = v.enhanced, text = v.text, done = v.done, lease_until = NULL,
+        updated = now()
+    FROM unnest(%(keys)s::text[], %(states)s::text[], %(attempts)s::int[],
+                %(codes)s::int[], %(enhanced)s::text[], %(texts)s::text[],
+                %(done)s::text[], %(fences)s::bigint[])
+        AS v(key, state, attempts, code, enhanced, text, done, fence)
+    WHERE m.name = %(name)s AND m.key = ANY(%(keys)s) AND m.key = v.key
+      AND m.fence = v.fence
+    RETURNING m.key
+)
+SELECT key FROM settled
+"""
+
+
+def parse_url(url: str) -> tuple[str, str, str]:
+    """``(conninfo, campaign name, URL for messages)`` of a journal URL; one clear
+    :class:`JournalError` for a password in it or a missing ``?campaign=``."""
+    parts = urlsplit(url)
+    if parts.password is not None:
+        raise JournalError(
+            "do not put the password in the journal URL; set PGPASSWORD or use ~/.pgpass"
+        )
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    names = [v for k, v in query if k == "campaign"]
+    if not names or not names[0]:
+        raise JournalError(f"--journal {url}: name the campaign with ?campaign=NAME")
+    rest = urlencode([(k, v) for k, v in query if k != "campaign"])
+    conninfo = urlunsplit((parts.scheme, parts.netloc, parts.path, rest, ""))
+    return conninfo, names[0], url
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def file_digest(source: str) -> str:
+    """The recipients file's identity: a digest of its bytes (a path when unreadable)."""
+    try:
+        with open(source, "rb") as f:
+            return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return source
+
+
+class Link:
+    """One connection to the journal's database, reopened when lost."""
+
+    def __init__(self, conninfo: str, url: str) -> None:
+        if psycopg is None:
+            raise JournalError(
+                "a postgresql:// journal needs psycopg: pip install 'triomail[postgres]'"
+            )
+        self._conninfo = conninfo
+        self.url = url
+        try:
+            self.conn = self._connect()
+        except psycopg.Error as exc:
+            raise JournalError(f"cannot open journal {url}: {one_line(exc)}") from None
+        self._limiter: trio.CapacityLimiter | None = None
+
+    def _connect(self) -> Any:
+        return psycopg.connect(
+            self._conninfo,
+            autocommit=True,
+            connect_timeout=10,
+            options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+            application_name="triomail send",
+        )
+
+    def run(self, work: Callable[[Any], _T]) -> _T:
+        """``work(connection)``, reconnecting with backoff if the connection was lost;
+        any other database error is one :class:`JournalError` line."""
+        deadline = time.monotonic() + RECONNECT_SECONDS
+        delay = 0.1
+        while True:
+            try:
+                if self.conn.closed:
+                    self.conn = self._connect()
+                return work(self.conn)
+            except psycopg.Error as exc:
+                conn = self.conn
+                lost = isinstance(exc, psycopg.OperationalError) and (conn.closed or conn.broken)
+                if not lost:
+                    raise JournalError(f"journal {self.url}: {one_line(exc)}") from None
+                if time.monotonic() + delay > deadline:
+                    raise JournalError(
+                        f"lost the journal database {self.url} for {RECONNECT_SECONDS:.0f} s "
+                        f"({one_line(exc)}); what was committed is consistent: continue "
+                        "with --resume"
+                    ) from None
+                _log.warning("journal %s: %s; reconnecting", self.url, one_line(exc))
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                conn.close()
+
+    def query(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+        """The rows of one statement (:meth:`run`)."""
+        return self.run(lambda c: list(c.execute(sql, params).fetchall()))
+
+    def execute(self, sql: str, params: Any = None) -> None:
+        """One statement without rows (:meth:`run`)."""
+        self.run(lambda c: c.execute(sql, params))
+
+    async def run_async(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)`` in a thread, one at a time on this link."""
+        if self._limiter is None:
+            self._limiter = trio.CapacityLimiter(1)
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def peek(url: str) -> Snapshot:
+    """The campaign's states by worker, read-only (``triomail status``)."""
+    conninfo, name, shown = parse_url(url)
+    link = Link(conninfo, shown)
+    try:
+        c = link.conn
+        try:
+            row = c.execute(
+                "SELECT campaign FROM triomail_campaigns WHERE name = %s", (name,)
+            ).fetchone()
+        except psycopg.errors.UndefinedTable:
+            row = None
+        if row is None:
+            raise JournalError(f"no campaign {name!r} in {shown}")
+        by_run: dict[int, dict[str, int]] = {}
+        for run, state, n in c.execute(
+            "SELECT run, state, count(*) FROM triomail_messages WHERE name = %s "
+            "GROUP BY run, state",
+            (name,),
+        ):
+            by_run.setdefault(run, dict.fromkeys(STATES, 0))[state] = n
+        workers = {
+            run: f"{host} pid {pid}, "
+            + (f"finished{f', {stale} stale' if stale else ''}" if done else
+               f"last seen {age:.0f} s ago")
+            for run, host, pid, done, stale, age in c.execute(
+                "SELECT run, host, pid, finished IS NOT NULL, stale, "
+                "EXTRACT(EPOCH FROM now() - seen) FROM triomail_workers WHERE name = %s",
+                (name,),
+            )
+        }  # fmt: skip
+        return Snapshot(row[0], by_run, workers)
+    finally:
+        link.close()

@@ -1,0 +1,387 @@
+"""The shared journal: one campaign in PostgreSQL, sent by any number of workers.
+
+Theory of operation
+-------------------
+``--journal postgresql://USER@HOST:PORT/DB?campaign=NAME`` names a campaign; every
+``triomail send`` started with the same URL, recipients file and template joins it.
+Each worker reads the whole file and plans it as usual (:mod:`..planner`); what makes
+the workers share the rows is the reservation (:meth:`PostgresJournal.reserve`), one
+transaction per chunk:
+
+* the chunk's rows are inserted as *pending* with ``ON CONFLICT DO NOTHING``, so the
+  file is loaded once however many workers start together (loading is idempotent);
+* then the free ones are locked with ``FOR UPDATE SKIP LOCKED`` (a row another worker
+  is taking right now is not waited for) and become this run's, with a **lease** (an
+  expiry) and the row's **fencing counter** incremented; they go *in-flight* only when
+  their bytes are about to be written (:meth:`.base.BaseJournal.on_wire`).
+
+Free means no live lease: pending, or in flight after its worker died or stalled, plus
+transient and unknown with ``--resume``. A worker renews the leases of its rows every
+third of the lease (:meth:`PostgresJournal.periodic`). A dead worker's rows that never
+went on the wire are taken over as pending (never sent); those in flight as unknown.
+An outcome is written only if the row's fence is still the one the claim returned
+(``WHERE fence = ...``): a worker that stalled past its lease and woke up finds its
+row taken over, its late outcome is refused and logged as a possible duplicate, and
+the outcome of the worker that took the row over stands.
+
+When its file is done, a worker waits for rows that other workers hold and takes over
+those whose lease expires (:meth:`takeover_keys`); it ends when no row of the
+campaign is in flight elsewhere.
+
+The driver is psycopg 3, synchronous: statements run in ``trio.to_thread`` on one
+of two connections (claims; outcomes and lease renewals), one thread at a time on
+each (:class:`.pg_sql.Link`, which also reopens a lost connection with a backoff,
+then stops the run with one line: the journal is consistent, ``--resume``
+continues). The group commits of :mod:`.base` (rows going on the wire, outcomes) run
+on the second connection, between lease renewals.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ..settings import DEFAULT_LEASE
+from .base import STATES, BaseJournal, Entry, JournalError, Record, State
+from .pg_sql import GROUP_COMMIT, LOAD, SCHEMA, TAKE, Link, file_digest, parse_url
+
+__all__ = ["PostgresJournal"]
+
+_log = logging.getLogger("triomail.send")
+
+
+class PostgresJournal(BaseJournal):
+    """A campaign in PostgreSQL; see the module's theory of operation."""
+
+    shared = True
+
+    def __init__(self, conninfo: str, name: str, url: str, lease: float) -> None:
+        self.name = name
+        self.url = url
+        self.lease = lease
+        #: Claims, lookups and counts; outcomes and lease renewals (one thread each).
+        self._claims = Link(conninfo, url)
+        try:
+            self._outcomes = Link(conninfo, url)
+        except BaseException:
+            self._claims.close()
+            raise
+        self._claimable = ["pending"]
+        #: The fence each claimed row had when this run claimed it.
+        self._fences: dict[str, int] = {}
+        self._pending: list[tuple[Any, ...]] = []
+        #: Late outcomes refused because another worker took the row over.
+        self.stale = 0
+        self._renewed = time.monotonic()
+
+    @property
+    def where(self) -> str:
+        return self.url
+
+    # ----------------------------------------------------------------- lifecycle
+
+    @classmethod
+    def open(
+        cls,
+        url: str,
+        *,
+        resume: bool,
+        source: str = "",
+        content: str = "",
+        lease: float | None = None,
+    ) -> tuple[PostgresJournal, dict[str, int]]:
+        """Join (or start) the campaign; return the journal and its counts by state.
+
+        A campaign started with another recipients file or template is refused
+        unless ``resume`` (then, as with SQLite, unsent rows use the new template).
+        """
+        conninfo, name, shown = parse_url(url)
+        journal = cls(conninfo, name, shown, DEFAULT_LEASE if lease is None else lease)
+        try:
+            journal._join(resume, file_digest(source) if source else "", content)
+            return journal, journal.counts()
+        except BaseException:
+            journal.close()
+            raise
+
+    def _join(self, resume: bool, source: str, content: str) -> None:
+        if resume:
+            self._claimable = ["pending", "transient", "unknown"]
+        self._claims.run(lambda conn: self._join_in(conn, resume, source, content))
+
+    def _join_in(self, conn: Any, resume: bool, source: str, content: str) -> None:
+        with conn.transaction():
+            # One creator of the tables and of the campaign at a time.
+            conn.execute("SELECT pg_advisory_xact_lock(7236142)")
+            conn.execute(SCHEMA)
+            row = conn.execute(
+                "SELECT campaign, source, content, runs FROM triomail_campaigns "
+                "WHERE name = %s FOR UPDATE",
+                (self.name,),
+            ).fetchone()
+            if row is None:
+                if resume:
+                    raise JournalError(f"--resume: no campaign {self.name!r} in {self.url}")
+                row = (secrets.token_hex(6), source, content, 0)
+                conn.execute(
+                    "INSERT INTO triomail_campaigns (name, campaign, source, content) "
+                    "VALUES (%s, %s, %s, %s)",
+                    (self.name, row[0], source, content),
+                )
+            campaign, old_source, old_content, runs = row
+            changed = [
+                what
+                for what, old, new in (("recipients file", old_source, source),
+                                       ("template", old_content, content))
+                if old and new and old != new
+            ]  # fmt: skip
+            if changed and not resume:
+                raise JournalError(
+                    f"campaign {self.name!r} in {self.url} was started with another "
+                    f"{' and '.join(changed)}; use the same files, or --resume to send the "
+                    "rest with these, or another ?campaign=NAME"
+                )
+            self.campaign = campaign
+            self.previous_content = old_content
+            self.run = runs + 1
+            conn.execute(
+                "UPDATE triomail_campaigns SET runs = %s, content = %s WHERE name = %s",
+                (self.run, content or old_content, self.name),
+            )
+            conn.execute(
+                "INSERT INTO triomail_workers (name, run, host, pid) VALUES (%s, %s, %s, %s)",
+                (self.name, self.run, socket.gethostname(), os.getpid()),
+            )
+
+    def close(self) -> None:
+        try:
+            self.flush()
+            if hasattr(self, "run"):
+                self._outcomes.execute(
+                    "UPDATE triomail_workers SET finished = now(), seen = now(), stale = %s "
+                    "WHERE name = %s AND run = %s",
+                    (self.stale, self.name, self.run),
+                )
+        finally:
+            self._claims.close()
+            self._outcomes.close()
+
+    # ----------------------------------------------------------------- messages
+
+    def counts(self) -> dict[str, int]:
+        self.flush()
+        counts = dict.fromkeys(STATES, 0)
+        rows = self._claims.query(
+            "SELECT state, count(*) FROM triomail_messages WHERE name = %s GROUP BY state",
+            (self.name,),
+        )
+        for state, n in rows:
+            counts[state] = n
+        return counts
+
+    def lookup(self, keys: Sequence[str]) -> dict[str, Record]:
+        rows = self._claims.query(
+            "SELECT key, line, content, message_id, state, attempts, done, run "
+            "FROM triomail_messages WHERE name = %s AND key = ANY(%s)",
+            (self.name, list(keys)),
+        )
+        return {r[0]: _record(r) for r in rows}
+
+    def records(self) -> list[Record]:
+        self.flush()
+        rows = self._claims.query(
+            "SELECT key, line, content, message_id, state, attempts, done, run "
+            "FROM triomail_messages WHERE name = %s ORDER BY line",
+            (self.name,),
+        )
+        return [_record(r) for r in rows]
+
+    def reserve(self, entries: Iterable[Entry]) -> list[str]:
+        rows = list(entries)
+        if not rows:
+            return []
+        params = {
+            "name": self.name,
+            "run": self.run,
+            "keys": [r[0] for r in rows],
+            "lines": [r[1] for r in rows],
+            "contents": [r[2] for r in rows],
+            "mids": [r[3] for r in rows],
+            "states": self._claimable,
+            "lease": self.lease,
+            "content": rows[0][2],
+        }
+
+        def work(conn: Any) -> list[tuple[str, int]]:
+            with conn.transaction():
+                conn.execute(LOAD, params)
+                return list(conn.execute(TAKE, params).fetchall())
+
+        won = dict(self._claims.run(work))
+        self._fences.update(won)
+        return [r[0] for r in rows if r[0] in won]
+
+    async def reserve_async(self, entries: list[Entry]) -> list[str]:
+        return await self._claims.run_async(self.reserve, entries)
+
+    def unreserve(self, keys: Iterable[str]) -> None:
+        keys = list(keys)
+        for key in keys:
+            self._fences.pop(key, None)
+        if keys:
+            self._claims.execute(
+                "UPDATE triomail_messages SET lease_until = NULL, updated = now() "
+                "WHERE name = %s AND key = ANY(%s) AND run = %s",
+                (self.name, keys, self.run),
+            )
+
+    def commit_wire(self, keys: list[str]) -> None:
+        batch, self._pending = self._pending, []
+        self._write_outcomes(batch, keys)
+
+    async def commit_wire_async(self, keys: list[str]) -> None:
+        batch, self._pending = self._pending, []  # here: record_outcome appends here
+        if keys or batch:
+            await self._outcomes.run_async(self._write_outcomes, batch, keys)
+
+    def mark(self, entries: Iterable[Entry], state: State) -> None:
+        rows = list(entries)
+        if not rows:
+            return
+        self._claims.execute(
+            "INSERT INTO triomail_messages AS m "
+            "(name, key, line, content, message_id, state, run) "
+            "SELECT %s, k, l, ct, mid, %s, %s FROM unnest(%s::text[], %s::int[], "
+            "%s::text[], %s::text[]) AS v(k, l, ct, mid) "
+            "ON CONFLICT (name, key) DO UPDATE SET state = excluded.state, "
+            "run = excluded.run, line = excluded.line, updated = now(), lease_until = NULL "
+            "WHERE m.lease_until IS NULL OR m.lease_until < now() OR m.run = excluded.run",
+            (self.name, state, self.run, [r[0] for r in rows], [r[1] for r in rows],
+             [r[2] for r in rows], [r[3] for r in rows]),
+        )  # fmt: skip
+
+    def record_outcome(
+        self,
+        key: str,
+        state: State,
+        attempts: int,
+        code: int | None,
+        enhanced: str | None,
+        text: str | None,
+        done: Sequence[str] | None,
+    ) -> None:
+        self._pending.append(
+            (key, state, attempts, code, enhanced, text,
+             json.dumps(list(done)) if done else None, self._fences.pop(key, 0))
+        )  # fmt: skip
+
+    def flush(self) -> None:
+        batch, self._pending = self._pending, []
+        self._write_outcomes(batch, [])
+
+    def _write_outcomes(self, batch: list[tuple[Any, ...]], wire: list[str]) -> None:
+        """The outcomes (fenced) and the rows going on the wire, in one commit."""
+        if not batch and not wire:
+            return
+        names = ("keys", "states", "attempts", "codes", "enhanced", "texts", "done", "fences")
+        columns = list(map(list, zip(*batch, strict=True))) if batch else [[]] * len(names)
+        params: dict[str, object] = {"name": self.name, "wire": wire, "run": self.run}
+        params.update(zip(names, columns, strict=True))
+
+        def work(conn: Any) -> list[tuple[str]]:
+            return list(conn.execute(GROUP_COMMIT, params).fetchall())
+
+        try:
+            rows = self._outcomes.run(work)
+        except BaseException:
+            self._pending[:0] = batch  # written by the next flush, or left in flight
+            raise
+        written = {r[0] for r in rows}
+        for item in batch:
+            if item[0] not in written:
+                self.stale += 1
+                _log.warning(
+                    "journal: line key %s was taken over by another worker after this one's "
+                    "lease expired; its late outcome (%s) is not recorded: possible duplicate",
+                    item[0],
+                    item[1],
+                )
+
+    def release(self, keys: Iterable[str]) -> None:
+        keys = list(keys)
+        if not keys:
+            return
+        self.flush()
+        for key in keys:
+            self._fences.pop(key, None)
+        self._claims.execute(
+            "UPDATE triomail_messages SET lease_until = NULL, updated = now(), state = "
+            "CASE WHEN state = 'in-flight' THEN 'pending' ELSE state END "
+            "WHERE name = %s AND key = ANY(%s) AND run = %s",
+            (self.name, keys, self.run),
+        )
+
+    def in_flight_of_this_run(self) -> int:
+        self.flush()
+        ((n,),) = self._claims.query(
+            "SELECT count(*) FROM triomail_messages "
+            "WHERE name = %s AND state = 'in-flight' AND run = %s",
+            (self.name, self.run),
+        )
+        return int(n)
+
+    # ----------------------------------------------------------------- workers
+
+    def _renew(self) -> None:
+        def work(c: Any) -> None:
+            c.execute(
+                "UPDATE triomail_messages SET lease_until = now() + make_interval(secs => %s) "
+                "WHERE name = %s AND run = %s AND lease_until IS NOT NULL",
+                (self.lease, self.name, self.run),
+            )
+            c.execute(
+                "UPDATE triomail_workers SET seen = now() WHERE name = %s AND run = %s",
+                (self.name, self.run),
+            )
+
+        self._outcomes.run(work)
+
+    async def periodic(self) -> None:
+        """Renew this worker's leases every third of the lease."""
+        if time.monotonic() - self._renewed >= self.lease / 3:
+            self._renewed = time.monotonic()
+            await self._outcomes.run_async(self._renew)
+
+    def takeover_wait(self) -> float | None:
+        ((count, free, seconds),) = self._claims.query(
+            "SELECT count(*), count(*) FILTER (WHERE lease_until IS NULL "
+            "OR lease_until < now()), EXTRACT(EPOCH FROM min(lease_until) - now()) "
+            "FROM triomail_messages "
+            "WHERE name = %s AND run <> %s AND state IN ('pending', 'in-flight')",
+            (self.name, self.run),
+        )
+        if not count:
+            return None
+        if free or seconds is None:
+            return 0.0
+        return max(0.0, float(seconds))
+
+    def takeover_keys(self) -> set[str]:
+        rows = self._claims.query(
+            "SELECT key FROM triomail_messages WHERE name = %s AND run <> %s "
+            "AND state IN ('pending', 'in-flight') "
+            "AND (lease_until IS NULL OR lease_until < now())",
+            (self.name, self.run),
+        )
+        return {r[0] for r in rows}
+
+
+def _record(r: Sequence[Any]) -> Record:
+    done = tuple(json.loads(r[6])) if r[6] else ()
+    return Record(r[0], r[1], r[2], r[3], r[4], r[5], done, r[7])
