@@ -202,3 +202,65 @@ def test_changed_template_is_refused(postgres: Cluster) -> None:
     journal, _ = open_journal(url, resume=True, content="c2")
     assert journal.previous_content == "c1"
     journal.close()
+
+
+def test_rows_going_on_the_wire_survive_a_kill(target: Target) -> None:
+    """What :meth:`on_wire` and :meth:`committed` returned is kept by a kill -9, with
+    the outcomes recorded before it; a row only asked for ahead is not in flight."""
+    script = textwrap.dedent(
+        f"""
+        import os, trio
+        from triomail._bulk.journal import Settled, open_journal
+        j, _ = open_journal({target()!r}, resume=False, content="c1")
+        j.batch_seconds = 3600
+        j.reserve([(f"k{{i}}", i, "c", f"<m{{i}}@x>") for i in range(5)])
+
+        async def main():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(j.background)
+                await trio.sleep(0.01)
+                await j.on_wire(["k0", "k1"])
+                j.record(Settled("k0", "accepted", 1, 250, None, "ok", ()))
+                j.request(["k2"])
+                while not j.committed("k2"):
+                    await trio.sleep(0.001)
+                os._exit(9)
+
+        trio.run(main)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], check=False)
+    assert proc.returncode == 9
+    journal, counts = opened(target, resume=True)
+    assert counts["accepted"] == 1
+    assert counts["in-flight"] == 2
+    assert counts["pending"] == 2
+    journal.close()
+
+
+def test_the_sqlite_redo_log_is_read_by_status_and_replayed(tmp_path: Path) -> None:
+    """The SQLite journal's marks in flight live in ``JOURNAL.wire`` until its next
+    commit: ``triomail status`` (peek) counts them, opening replays them, and a last
+    line a crash cut short is ignored."""
+    from triomail._bulk.journal import Journal
+    from triomail._bulk.journal.wirelog import log_path
+
+    path = tmp_path / "j.sqlite3"
+    journal, _ = Journal.open(path, resume=False)
+    journal.reserve(entries(4))
+    journal.wire_now(["k0", "k1"])
+    journal.record(Settled("k0", "accepted", 1, 250, None, "ok", ()))
+    journal.wire_now(["k2"])
+    with log_path(path).open("a") as log:
+        log.write('[["w", 1.0, "k3"]')  # cut short: never complete, so never sent
+    by_state = Journal.peek(path).by_run[journal.run]
+    assert (by_state["accepted"], by_state["in-flight"], by_state["pending"]) == (1, 2, 1)
+    # A crash: nothing committed on the way out.
+    journal._conn.close()
+    assert journal._log is not None
+    journal._log.close()
+    journal, counts = Journal.open(path, resume=True)
+    assert (counts["accepted"], counts["in-flight"], counts["pending"]) == (1, 2, 1)
+    assert log_path(path).stat().st_size == 0  # replayed into the database
+    journal.close()
+    assert not log_path(path).exists()

@@ -28,16 +28,15 @@ import contextlib
 import signal
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import trio
 
 from .._core.errors import SMTPAuthenticationError, SMTPError
-from .._core.prepare import PreparedMessage
 from .._pool.pool import Pool, RetryPolicy, Server, open_pool
 from .feed import Feed
 from .journal import BaseJournal, JournalError
-from .outcomes import Outcomes, Tag
+from .outcomes import Outcomes
 from .settings import (
     EXIT_BRAKE,
     EXIT_FAILED,
@@ -47,6 +46,7 @@ from .settings import (
     CannotRun,
     SendSettings,
 )
+from .wire import Wire
 
 __all__ = ["SendRun", "preflight"]
 
@@ -216,6 +216,7 @@ class SendRun:
             unknown="at-most-once" if s.at_most_once else "at-least-once",
         )
         pool_ref: list[Pool] = []
+        wire = Wire(self.journal, settle)
         async with trio.open_nursery() as outer:
             with trio.CancelScope() as scope:
                 outer.start_soon(self._watch_signals, signals, scope, pool_ref)
@@ -233,31 +234,31 @@ class SendRun:
                             rate=s.rate,
                             retry=retry,
                             pipeline=s.pipelining,
-                            on_wire=self._on_wire,
+                            on_wire=wire,
                         ) as pool,
                         pool.send_all(self.feed.messages()) as results,
                     ):
                         pool_ref.append(pool)
                         try:
                             async for result in results:
-                                settle(result)
+                                if wire.fresh(result):
+                                    settle(result)
+                                    wire.logged()
                         finally:
                             # Results already delivered but not yet read (on an abort).
                             while True:
                                 try:
-                                    settle(results.receive_nowait())
+                                    result = results.receive_nowait()
                                 except (trio.WouldBlock, trio.EndOfChannel):
                                     break
+                                if wire.fresh(result):
+                                    settle(result)
                 finally:
                     # Complete once open_pool has ended: cut off on the wire, or held
                     # by the pool and not sent (queued, waiting for a retry's backoff).
                     for result in pool_ref[0].interrupted if pool_ref else ():
                         settle(result, note="cut off by an abort")
             outer.cancel_scope.cancel()
-
-    async def _on_wire(self, messages: Sequence[PreparedMessage]) -> None:
-        """The pool is about to write these: the journal commits them in flight first."""
-        await self.journal.on_wire([m.tag.key for m in messages if type(m.tag) is Tag])
 
     async def _journal_background(self) -> None:
         """The journal's own work (a shared journal's commits and leases)."""

@@ -17,7 +17,7 @@ from .._core.capabilities import Capabilities
 from .._core.prepare import PreparedMessage
 from .._core.results import SendResult
 
-__all__ = ["Connection"]
+__all__ = ["Connection", "WireHook"]
 
 
 class Connection(Protocol):
@@ -68,3 +68,27 @@ class Connection(Protocol):
 
     async def aclose(self) -> None:
         """QUIT (unless broken) and close."""
+
+
+class WireHook(Protocol):
+    """What a pool is told before it writes a message (``on_wire``): a journal that
+    commits each message in flight first.
+
+    A worker writes a message only once :meth:`ready` says so. It requests (:meth:`request`)
+    the next message from the queue as it writes the current one, so that commit
+    overlaps the round trip and a pipelined run goes on; a message not ready when the
+    pipeline wants it ends the run, and the worker awaits :meth:`wait` for it.
+    """
+
+    def request(self, messages: Sequence[PreparedMessage]) -> None:
+        """Start committing these (never waits)."""
+
+    def ready(self, message: PreparedMessage) -> bool:
+        """True if ``message`` may be written now (asked once per message)."""
+
+    async def wait(self, messages: Sequence[PreparedMessage]) -> None:
+        """Return once these may be written; raise if they may not be."""
+
+    def settled(self, result: SendResult) -> None:
+        """A written message's final result, as it is handed to the consumer (a
+        journal records its outcome with the next commit, before the next message)."""

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from .._client.options import Pipeline, pipeline_mode
+from .interfaces import WireHook
 
 __all__ = ["PoolOptions", "RetryPolicy"]
 
@@ -76,9 +76,9 @@ class PoolOptions:
     #: and its connections wait for each end-of-data reply from then on), ``"within"``
     #: always waits for it, ``"off"`` writes one command at a time.
     pipeline: Pipeline = "cross"
-    #: Awaited with the messages a worker is about to write, before it writes them (a
-    #: journal commits them in flight); a run then carries at most ``ON_WIRE_RUN``.
-    on_wire: Callable[[Sequence[Any]], Awaitable[None]] | None = None
+    #: Told of each message before it is written (a journal commits it in flight
+    #: first): a :class:`~.interfaces.WireHook`.
+    on_wire: WireHook | None = None
 
     def __post_init__(self) -> None:
         if self.connections < 1:

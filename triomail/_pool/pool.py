@@ -367,8 +367,8 @@ Args:
         envelope behind an end of data, unless the server refused that before),
         ``"within"`` (wait for each end-of-data reply) or ``"off"`` (one command at a
         time); see ``SMTPConnection.send_many``.
-    on_wire: awaited with the messages a worker is about to write, before it writes
-        them (a journal commits them in flight; each run then carries at most two).
+    on_wire: a ``WireHook`` (``_pool/interfaces.py``) that says when each message may be
+        written (a journal commits it in flight first; see ``_pool/wire.py``).
 
 :func:`start_pool` is the same pool in a nursery you own. Cancelling the block cancels
 in-flight work: every message handed over that has no result yet (cut off on the wire,

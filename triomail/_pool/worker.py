@@ -46,13 +46,12 @@ from .dispatch import Dispatch
 from .interfaces import Connection
 from .jobs import Job, MessageLike
 from .servers import Lease, ServerState, throttles
+from .wire import WireRun
 
 __all__ = ["DATA_RUN", "Worker", "as_prepared"]
 
 #: Messages one pipelined run may carry over a connection without CHUNKING.
 DATA_RUN = 256
-#: ... with ``on_wire`` (all announced first, so a crash leaves this many in doubt).
-ON_WIRE_RUN = 2
 
 _Ready = list[tuple[Job, PreparedMessage]]
 _Refused = list[tuple[Job, LocalProtocolError]]
@@ -70,6 +69,10 @@ class Worker:
         self.streamed = 0
         #: Jobs this worker holds while their server is down (counted as in backoff).
         self.waiting = 0
+        #: With ``on_wire``: the current run, and a job it asked for ahead and did not
+        #: write (not committed in time), for the next attempt.
+        self.wire: WireRun | None = None
+        self.carried: list[Job] = []
 
     async def run(self) -> None:
         dispatch = self.dispatch
@@ -100,8 +103,12 @@ class Worker:
         only when it is ready to write them, so the workers share the queue fairly).
 
         Returns None when the pool closes, and an empty list after closing an idle
-        connection or dropping a withdrawn job.
+        connection or dropping a withdrawn job. Jobs a run took ahead and did not
+        write come first.
         """
+        if self.carried:
+            jobs, self.carried = self.carried, []
+            return jobs
         queue = self.dispatch.jobs_receive
         try:
             if self.lease.conn is None:
@@ -120,18 +127,7 @@ class Worker:
                     return []
         except trio.EndOfChannel:
             return None
-        jobs = [first] if self.ledger.take(first) else []
-        run = ON_WIRE_RUN if self.options.on_wire and self.dispatch.batch_size > 1 else 1
-        if (limit := self.options.max_messages_per_connection) is not None:
-            run = min(run, max(1, limit - self.lease.sent))
-        while jobs and len(jobs) < run:  # with on_wire, a run is taken (announced) at once
-            try:
-                job = queue.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
-            if self.ledger.take(job):
-                jobs.append(job)
-        return jobs
+        return [first] if self.ledger.take(first) else []
 
     async def _open_for(self, jobs: list[Job]) -> bool:
         """Open a connection for ``jobs``, failing over between servers; False if none
@@ -266,11 +262,15 @@ class Worker:
                 return
             try:
                 if self.options.on_wire is not None:
-                    await self.options.on_wire([message for _, message in ready])
-            except Exception as exc:  # not announced, so not written
+                    await self.options.on_wire.wait([message for _, message in ready])
+            except Exception as exc:  # not committed, so not written
                 return await self._not_sent([job for job, _ in ready], str(exc), final=True)
             refused: _Refused = []
             results = await self._send(ready, refused)
+            wire, self.wire = self.wire, None
+            if wire is not None and wire.ahead is not None:  # the next attempt's
+                self.carried.append(wire.ahead[0])
+                self.streamed -= 1
             # Every outcome is recorded before any is handed over (which may wait for
             # the consumer): a cancellation then finds each job with its result.
             finished: list[tuple[Job, SendResult]] = []
@@ -319,21 +319,36 @@ class Worker:
         """
         conn = self.lease.conn
         assert conn is not None
-        yield from [message for _, message in ready]
-        if self.options.on_wire is not None:
-            return  # nothing that was not announced
         room = self.dispatch.batch_size
         if not conn.capabilities.chunking:
             room = max(room, DATA_RUN)
         limit = self.options.max_messages_per_connection
         if limit is not None:
             room = min(room, limit - self.lease.sent)
-        queue, ledger = self.dispatch.jobs_receive, self.ledger
+        hook = self.options.on_wire
+        if hook is not None:
+            self.wire = WireRun(hook, ready, room, lambda: self._take_next(refused))
+            yield from self.wire.messages()
+            return
+        yield from [message for _, message in ready]
         while len(ready) < room:
+            taken = self._take_next(refused)
+            if taken is None:
+                return
+            ready.append(taken)
+            yield taken[1]
+
+    def _take_next(self, refused: _Refused) -> tuple[Job, PreparedMessage] | None:
+        """The next job from the queue, prepared for the connection (a job the client
+        refuses goes to ``refused``); None if none is waiting."""
+        conn = self.lease.conn
+        assert conn is not None
+        queue, ledger = self.dispatch.jobs_receive, self.ledger
+        while True:
             try:
                 job = queue.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel):
-                return
+                return None
             if not ledger.take(job):
                 continue
             self.streamed += 1
@@ -344,8 +359,7 @@ class Worker:
                 except LocalProtocolError as exc:
                     refused.append((job, exc))
                     continue
-            ready.append((job, message))
-            yield message
+            return job, message
 
     async def _send(self, ready: _Ready, refused: _Refused) -> list[SendResult] | None:
         """Send on the worker's connection; None if it was dead before MAIL (R45)."""
@@ -364,8 +378,11 @@ class Worker:
             # Delivered while the run goes on (the job is then final): the consumer (a
             # journal, a progress bar) learns of an acceptance at once, and nothing
             # piles up in here.
-            if first_try and result.ok and ledger.accept_at_once(job, result) and state is not None:
+            accepted = first_try and result.ok and ledger.accept_at_once(job, result)
+            if accepted and state is not None:
                 state.record_success()
+            if self.wire is not None:
+                self.wire.on_result(result if accepted else None)
 
         try:
             return await conn.send_many(self._stream(ready, refused), on_result=on_result)
@@ -381,6 +398,9 @@ class Worker:
                     ledger.cut_short(job, result)
             for job, refusal in refused:
                 ledger.cut_short(job, job.refused(refusal))
+            wire, self.wire = self.wire, None
+            if wire is not None and wire.ahead is not None:  # asked for, never written
+                ledger.cut_short(wire.ahead[0], wire.ahead[0].not_sent("pool cancelled"))
             raise
 
     async def _send_one(

@@ -231,22 +231,101 @@ class BaseJournal(abc.ABC):
 
     #: The next group commit (while :meth:`background` runs).
     _batch: _WireBatch | None = None
+    #: Rows asked for and the group commit that carries them; rows committed since.
+    _asked: dict[str, _WireBatch]
+    _wired: set[str]
     #: Why a group commit failed, the first time one did (the run then stops).
     failure: str | None = None
+
+    #: The store commits fast in the calling thread (:meth:`wire_now`: SQLite's redo
+    #: log): :meth:`committed` commits the waiting group at once rather than say "not
+    #: yet", and :meth:`background` commits the database on its clock alone.
+    inline_commits: bool = False
+
+    def wire_now(self, keys: list[str]) -> None:
+        """Commit these rows in flight, with the buffered outcomes, in the calling
+        thread (a store with :attr:`inline_commits` does it cheaply)."""
+        self.commit_wire(keys)
+
+    def request(self, keys: Sequence[str]) -> None:
+        """Queue these rows for the next group commit and wake the committer; never
+        waits (the pool asks this ahead of writing them, so the commit overlaps a
+        round trip). Without :meth:`background` it does nothing: :meth:`on_wire`
+        commits them."""
+        batch = self._batch
+        if batch is None:
+            return
+        asked, wired = self._asked, self._wired
+        for key in keys:
+            if key not in asked and key not in wired:
+                asked[key] = batch
+                batch.keys.append(key)
+        if not self.inline_commits:
+            batch.wake.set()
+
+    def committed(self, key: str) -> bool:
+        """True if ``key`` (asked for with :meth:`request`) is committed in flight: the
+        caller writes it now, so the answer is given once. A store with
+        :attr:`inline_commits` commits the waiting group at once if it holds ``key``."""
+        if self._batch is None:
+            return False
+        wired = self._wired
+        if self.inline_commits:
+            if key not in wired and self._asked.get(key) is self._batch:
+                batch = self._next_group()
+                try:
+                    self.wire_now(batch.keys)
+                except JournalError as exc:
+                    self._group_failed(batch, exc)
+                finally:
+                    self._group_done(batch)
+            elif key in wired:  # committed on the clock: the outcomes settled since
+                try:
+                    self.wire_now([])
+                except JournalError as exc:
+                    self.failure = self.failure or str(exc)
+                    return False
+        if key in wired:
+            wired.discard(key)
+            return True
+        return False
 
     async def on_wire(self, keys: list[str]) -> None:
         """Return once these rows are committed in flight (grouped with the others
         asked for meanwhile when :meth:`background` runs); :class:`JournalError` if
         they could not be: then they must not be written."""
-        batch = self._batch
-        if batch is None:  # no group commits: alone
+        if self._batch is None:  # no group commits: alone
             await self.commit_wire_async(keys)
             return
-        batch.keys.extend(keys)
-        batch.wake.set()
-        await batch.done.wait()
-        if batch.error is not None:
-            raise JournalError(batch.error)
+        self.request(keys)
+        for key in keys:
+            while not self.committed(key):
+                batch = self._asked.get(key)
+                if batch is None:  # its commit failed: ask once more, or give up
+                    if self.failure is not None:
+                        raise JournalError(self.failure)
+                    self.request([key])
+                    continue
+                await batch.done.wait()
+                if batch.error is not None:
+                    raise JournalError(batch.error)
+
+    def _next_group(self) -> _WireBatch:
+        """The group to commit now; later requests go to a new one."""
+        batch, self._batch = self._batch, _WireBatch()
+        assert batch is not None
+        return batch
+
+    def _group_failed(self, batch: _WireBatch, exc: JournalError) -> None:
+        batch.error = str(exc)
+        self.failure = self.failure or batch.error
+
+    def _group_done(self, batch: _WireBatch) -> None:
+        if batch.error is None:
+            self._wired.update(batch.keys)
+        for key in batch.keys:
+            del self._asked[key]
+        batch.done.set()
 
     async def background(self) -> None:
         """The group commits (and a store's periodic work), until cancelled.
@@ -255,19 +334,26 @@ class BaseJournal(abc.ABC):
         next ones try again: a full disk or a lost database stops the run through
         its feed (:attr:`failure`), not by cutting off what is on the wire."""
         self._batch = _WireBatch()
+        self._asked, self._wired = {}, set()
         try:
             while True:
-                batch = self._batch
                 with trio.move_on_after(GROUP_COMMIT_SECONDS):
-                    await batch.wake.wait()
-                self._batch = _WireBatch()
-                try:
-                    await self.commit_wire_async(batch.keys)
-                except JournalError as exc:
-                    batch.error = str(exc)
-                    self.failure = self.failure or batch.error
-                finally:
-                    batch.done.set()
+                    await self._batch.wake.wait()
+                if self.inline_commits:
+                    # Rows asked for ahead wait for their writer (:meth:`committed`):
+                    # this commits what the redo log holds, on the clock.
+                    try:
+                        await self.commit_wire_async([])
+                    except JournalError as exc:
+                        self.failure = self.failure or str(exc)
+                else:
+                    batch = self._next_group()
+                    try:
+                        await self.commit_wire_async(batch.keys)
+                    except JournalError as exc:
+                        self._group_failed(batch, exc)
+                    finally:
+                        self._group_done(batch)
                 await self.periodic()
         finally:
             batch, self._batch = self._batch, None

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from .base import STATES, BaseJournal, Entry, JournalError, Record, Snapshot, State
+from .wirelog import WireLog, log_path, recount, replay
 
 __all__ = ["RESERVE_BYTES", "Journal"]
 
@@ -45,6 +46,12 @@ RESERVE_BYTES = 256 * 1024
 #: SQLite's result code for "database or disk is full".
 _SQLITE_FULL = 13
 
+#: A row going on the wire, and an outcome (as ``record_outcome`` buffers it).
+_IN_FLIGHT = "UPDATE messages SET state='in-flight', updated=? WHERE key=?"
+_OUTCOME = (
+    "UPDATE messages SET state=?, attempts=attempts+?, code=?, enhanced=?, text=?, "
+    "done=?, updated=? WHERE key=?"
+)
 _SCHEMA_VERSION = "1"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -73,6 +80,9 @@ CREATE TABLE IF NOT EXISTS messages (
 class Journal(BaseJournal):
     """An open SQLite journal. Use :meth:`open`; call :meth:`close` (or use ``with``)."""
 
+    #: Rows go on the wire through the redo log (:mod:`.wirelog`): one write, at once.
+    inline_commits = True
+
     def __init__(self, conn: sqlite3.Connection, path: Path | None, run: int, campaign: str):
         self._conn = conn
         self.path = path
@@ -80,6 +90,13 @@ class Journal(BaseJournal):
         #: Random per journal: part of every Message-ID, so two batches never share one.
         self.campaign = campaign
         self._pending: list[tuple[object, ...]] = []
+        #: Rows in flight and outcomes (the first ``_logged`` of ``_pending``) that
+        #: the redo log holds and the database does not yet.
+        self._marks: list[str] = []
+        self._logged = 0
+        #: Keys with an outcome in ``_pending`` (a commit writes rows in flight first).
+        self._settled: set[str] = set()
+        self._log = None if path is None else WireLog(log_path(path))
         self._last_commit = time.monotonic()
         #: Commit buffered outcomes after this many, or this many seconds.
         self.batch_size = 500
@@ -127,6 +144,8 @@ class Journal(BaseJournal):
                 # 16 MiB of page cache: a million random keys stay mostly in memory.
                 conn.execute("PRAGMA cache_size=-16384")
             conn.executescript(_SCHEMA)
+            if where is not None:
+                replay(conn, log_path(where), _IN_FLIGHT, _OUTCOME)
             if existed:
                 (check,) = conn.execute("PRAGMA quick_check(1)").fetchone()
                 if check != "ok":
@@ -186,11 +205,12 @@ class Journal(BaseJournal):
                 rows = conn.execute(
                     "SELECT run, state, count(*) FROM messages GROUP BY run, state"
                 ).fetchall()
+                by_run: dict[int, dict[str, int]] = {}
+                for run, state, n in rows:
+                    by_run.setdefault(run, dict.fromkeys(STATES, 0))[state] = n
+                recount(conn, log_path(path), by_run)  # as the redo log will leave them
         except sqlite3.Error as exc:
             raise JournalError(f"cannot read journal {path}: {exc}") from None
-        by_run: dict[int, dict[str, int]] = {}
-        for run, state, n in rows:
-            by_run.setdefault(run, dict.fromkeys(STATES, 0))[state] = n
         return Snapshot(meta.get("campaign", "?"), by_run, {})
 
     @property
@@ -220,6 +240,8 @@ class Journal(BaseJournal):
                     self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             self._conn.close()
+            if self._log is not None:
+                self._log.close()
             if self._reserve is not None:
                 self._reserve.unlink(missing_ok=True)
 
@@ -303,22 +325,52 @@ class Journal(BaseJournal):
 
     def commit_wire(self, keys: list[str]) -> None:
         """Mark the rows in flight, with the buffered outcomes, in one commit."""
-        pending = self._pending
-        if not keys and not pending:
+        if self.full is not None and keys:
+            raise JournalError(self.full)
+        self._commit(keys, reserve=False)
+
+    def wire_now(self, keys: list[str]) -> None:
+        """Mark the rows in flight, with the buffered outcomes, in the redo log (one
+        write; the database follows within ``GROUP_COMMIT_SECONDS``)."""
+        log = self._log
+        if log is None:  # in memory: nothing survives a crash anyway
+            self.commit_wire(keys)
             return
         if self.full is not None:
             raise JournalError(self.full)
+        if not self._settled.isdisjoint(keys):
+            # Going again with its last outcome not committed (a retry within a few
+            # milliseconds): that outcome first, so the row ends in flight.
+            self._commit([], reserve=False)
+        pending = self._pending
+        if not keys and len(pending) == self._logged:
+            return
+        try:
+            log.append(time.time(), keys, pending[self._logged :])
+        except OSError as exc:
+            raise JournalError(f"journal {self.where}: {exc.strerror}") from None
+        self._logged = len(pending)
+        self._marks += keys
+
+    def _commit(self, keys: list[str], *, reserve: bool) -> None:
+        """One transaction: the buffered outcomes, the rows the redo log has in
+        flight, and ``keys`` in flight; then the redo log is emptied."""
+        pending, marks = self._pending, self._marks + keys
+        if not marks and not pending:
+            return
         now = time.time()
 
         def work(conn: sqlite3.Connection) -> None:
+            # Rows first: one the redo log had in flight may have its outcome since.
+            conn.executemany(_IN_FLIGHT, [(now, key) for key in marks])
             self._write_outcomes(conn, pending)
-            conn.executemany(
-                "UPDATE messages SET state='in-flight', updated=? WHERE key=?",
-                [(now, key) for key in keys],
-            )
 
-        self._write(work, reserve=False)
+        self._write(work, reserve=reserve)
         del pending[:]
+        self._marks, self._logged = [], 0
+        self._settled.clear()
+        if self._log is not None:
+            self._log.clear()
 
     def mark(self, entries: Iterable[Entry], state: State) -> None:
         """Record messages that were not sent in this run (e.g. skipped unknowns)."""
@@ -353,6 +405,7 @@ class Journal(BaseJournal):
             (state, attempts, code, enhanced, text, json.dumps(list(done)) if done else None,
              time.time(), key)
         )  # fmt: skip
+        self._settled.add(key)
         if self.full is not None:
             return  # the disk is full: one last commit at the end, into the reserve
         if (
@@ -368,20 +421,12 @@ class Journal(BaseJournal):
     @staticmethod
     def _write_outcomes(conn: sqlite3.Connection, pending: list[tuple[object, ...]]) -> None:
         if pending:
-            conn.executemany(
-                "UPDATE messages SET state=?, attempts=attempts+?, code=?, enhanced=?, text=?, "
-                "done=?, updated=? WHERE key=?",
-                pending,
-            )
+            conn.executemany(_OUTCOME, pending)
 
     def flush(self, *, reserve: bool = True) -> None:
         """Commit buffered outcomes now (kept buffered if the commit fails); out of
         space, into the reserve unless ``reserve`` is false."""
-        pending = self._pending
-        if not pending:
-            return
-        self._write(lambda c: self._write_outcomes(c, pending), reserve=reserve)
-        del pending[:]
+        self._commit([], reserve=reserve)
 
     def release(self, keys: Iterable[str]) -> None:
         """Put claimed messages that were never handed to the pool back to pending."""
