@@ -38,7 +38,8 @@ class Wire:
         self.early: set[int] = set()
 
     def request(self, messages: Sequence[PreparedMessage]) -> None:
-        self.journal.request(_keys(messages))
+        if not self.journal.inline_commits:  # else committed at once when ready
+            self.journal.request(_keys(messages))
 
     def ready(self, message: PreparedMessage) -> bool:
         tag = message.tag

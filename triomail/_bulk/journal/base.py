@@ -40,6 +40,7 @@ import trio
 __all__ = [
     "FINAL_STATES",
     "GROUP_COMMIT_SECONDS",
+    "LOG_COMMIT_SECONDS",
     "STATES",
     "BaseJournal",
     "Snapshot",
@@ -67,6 +68,9 @@ STATES: Final = (
 FINAL_STATES: Final = frozenset({"accepted", "permanent"})
 #: Seconds between two commits of buffered outcomes while no message goes on the wire.
 GROUP_COMMIT_SECONDS: Final = 0.005
+#: ... with :attr:`BaseJournal.inline_commits` (a redo log keeps what is not committed:
+#: the database commit is bookkeeping, each one costs the same whatever it carries).
+LOG_COMMIT_SECONDS: Final = 0.05
 #: What a claim or a mark is given per message: ``(key, line, content, message_id)``.
 Entry = tuple[str, int, str, str]
 
@@ -238,8 +242,8 @@ class BaseJournal(abc.ABC):
     failure: str | None = None
 
     #: The store commits fast in the calling thread (:meth:`wire_now`: SQLite's redo
-    #: log): :meth:`committed` commits the waiting group at once rather than say "not
-    #: yet", and :meth:`background` commits the database on its clock alone.
+    #: log): :meth:`committed` commits a row at once rather than say "not yet", and
+    #: :meth:`background` commits the database on its clock alone.
     inline_commits: bool = False
 
     def wire_now(self, keys: list[str]) -> None:
@@ -250,41 +254,31 @@ class BaseJournal(abc.ABC):
     def request(self, keys: Sequence[str]) -> None:
         """Queue these rows for the next group commit and wake the committer; never
         waits (the pool asks this ahead of writing them, so the commit overlaps a
-        round trip). Without :meth:`background` it does nothing: :meth:`on_wire`
-        commits them."""
+        round trip). A store with :attr:`inline_commits` needs nothing ahead."""
         batch = self._batch
-        if batch is None:
+        if batch is None or self.inline_commits:
             return
         asked, wired = self._asked, self._wired
         for key in keys:
             if key not in asked and key not in wired:
                 asked[key] = batch
                 batch.keys.append(key)
-        if not self.inline_commits:
-            batch.wake.set()
+        batch.wake.set()
 
     def committed(self, key: str) -> bool:
-        """True if ``key`` (asked for with :meth:`request`) is committed in flight: the
+        """True if ``key`` is committed in flight (asked for with :meth:`request`): the
         caller writes it now, so the answer is given once. A store with
-        :attr:`inline_commits` commits the waiting group at once if it holds ``key``."""
+        :attr:`inline_commits` commits it at once, with the outcomes settled since."""
         if self._batch is None:
             return False
-        wired = self._wired
         if self.inline_commits:
-            if key not in wired and self._asked.get(key) is self._batch:
-                batch = self._next_group()
-                try:
-                    self.wire_now(batch.keys)
-                except JournalError as exc:
-                    self._group_failed(batch, exc)
-                finally:
-                    self._group_done(batch)
-            elif key in wired:  # committed on the clock: the outcomes settled since
-                try:
-                    self.wire_now([])
-                except JournalError as exc:
-                    self.failure = self.failure or str(exc)
-                    return False
+            try:
+                self.wire_now([key])
+            except JournalError as exc:
+                self.failure = self.failure or str(exc)
+                return False
+            return True
+        wired = self._wired
         if key in wired:
             wired.discard(key)
             return True
@@ -296,6 +290,9 @@ class BaseJournal(abc.ABC):
         they could not be: then they must not be written."""
         if self._batch is None:  # no group commits: alone
             await self.commit_wire_async(keys)
+            return
+        if self.inline_commits:
+            self.wire_now(keys)
             return
         self.request(keys)
         for key in keys:
@@ -335,13 +332,12 @@ class BaseJournal(abc.ABC):
         its feed (:attr:`failure`), not by cutting off what is on the wire."""
         self._batch = _WireBatch()
         self._asked, self._wired = {}, set()
+        period = LOG_COMMIT_SECONDS if self.inline_commits else GROUP_COMMIT_SECONDS
         try:
             while True:
-                with trio.move_on_after(GROUP_COMMIT_SECONDS):
+                with trio.move_on_after(period):
                     await self._batch.wake.wait()
-                if self.inline_commits:
-                    # Rows asked for ahead wait for their writer (:meth:`committed`):
-                    # this commits what the redo log holds, on the clock.
+                if self.inline_commits:  # what the redo log holds, on the clock
                     try:
                         await self.commit_wire_async([])
                     except JournalError as exc:

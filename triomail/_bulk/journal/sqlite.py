@@ -331,7 +331,7 @@ class Journal(BaseJournal):
 
     def wire_now(self, keys: list[str]) -> None:
         """Mark the rows in flight, with the buffered outcomes, in the redo log (one
-        write; the database follows within ``GROUP_COMMIT_SECONDS``)."""
+        write; the database follows within ``LOG_COMMIT_SECONDS``)."""
         log = self._log
         if log is None:  # in memory: nothing survives a crash anyway
             self.commit_wire(keys)

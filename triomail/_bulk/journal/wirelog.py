@@ -8,8 +8,8 @@ much as the rest of a message's work: one per message would cut a pipelined run'
 rate by a third, and grouping them means committing rows long before they are written.
 So the SQLite journal appends what it must not lose -- rows going on the wire, and the
 outcomes settled since -- to ``JOURNAL.wire`` in one ``write`` (the kernel has it: a
-``kill -9`` loses nothing), and commits the database every few milliseconds, after
-which the log is emptied. Opening the journal replays what the log holds into the
+``kill -9`` loses nothing), and commits the database every ``LOG_COMMIT_SECONDS``,
+after which the log is emptied. Opening the journal replays what the log holds into the
 database first, in order (each record says what a commit would have said, so one
 applied twice changes nothing); a last line cut short by a crash is ignored: the
 write of a row going on the wire ends before its first byte is sent. ``triomail
