@@ -257,7 +257,8 @@ class SendRun:
                     # Complete once open_pool has ended: cut off on the wire, or held
                     # by the pool and not sent (queued, waiting for a retry's backoff).
                     for result in pool_ref[0].interrupted if pool_ref else ():
-                        settle(result, note="cut off by an abort")
+                        if wire.fresh(result):  # not settled already by the hook
+                            settle(result, note="cut off by an abort")
             outer.cancel_scope.cancel()
 
     async def _journal_background(self) -> None:

@@ -13,16 +13,16 @@ its next attempt.
 
 How far ahead is the bound on what a crash leaves in doubt. With DATA and PIPELINING
 (RFC 2920) two messages of a connection are on the wire at once: one whose end of data
-awaits its reply, and the next one's envelope written behind it. The next message is
-asked for only once no more than one written message awaits its result, and the hook
-hears of each final result before that (:meth:`WireHook.settled`: a journal records
-its outcome with the next commit), so the rows committed in flight and not settled
-stay at most two per connection (one per
-connection is truly in doubt: an envelope without its body delivers nothing). With a
-journal whose commit is a local write (SQLite) the hook commits the waiting group at
-once when the pipeline asks, so the run goes on; a journal over a network (PostgreSQL)
-commits in its own task, and the run goes on when the commit was faster than the round
-trip.
+awaits its reply, and the next one's envelope written behind it (which delivers
+nothing without its body). The next message is asked for only once no more than one
+written message awaits its result, and the hook hears of each final result before
+that (:meth:`WireHook.settled`: a journal records its outcome with the next commit),
+so the rows committed in flight and not settled stay at most two per connection. With
+BDAT whole messages go back to back, so that bound makes runs of two there.
+
+A journal whose commit is a local write (SQLite's redo log) commits a message when the
+pipeline asks for it, and never ends a run; one over a network (PostgreSQL) commits in
+its own task, and the run goes on when that commit was faster than the round trip.
 """
 
 from __future__ import annotations

@@ -12,9 +12,13 @@ The send command *reserves* a chunk's rows when it plans them (:meth:`BaseJourna
 this run's, a shared journal's other workers keep off them), and a message is marked
 *in-flight* in a committed transaction just before its bytes are written: the pool
 awaits :meth:`BaseJournal.on_wire` with the messages a connection is about to write.
-Those commits are grouped: every connection that asks while one commit runs waits for
-the next, which carries all their rows and the outcomes buffered meanwhile
-(:meth:`BaseJournal.background`, every ``GROUP_COMMIT_SECONDS`` at least). So after a
+The pool asks for a connection's next message while it writes the current one
+(:meth:`BaseJournal.request`, see triomail/_pool/wire.py) and writes it once
+:meth:`BaseJournal.committed` says so. Those commits are grouped: every connection that
+asks while one commit runs waits for the next, which carries all their rows and the
+outcomes buffered meanwhile (:meth:`BaseJournal.background`, every
+``GROUP_COMMIT_SECONDS`` at least); a store with :attr:`BaseJournal.inline_commits`
+(SQLite: a redo log, :mod:`.wirelog`) commits each row at once instead. So after a
 crash the rows in flight are those that were on the wire, a few per connection, and
 their outcomes lag their replies by milliseconds: only those are unknown, which
 ``--resume`` resends with the same Message-ID or, with ``--at-most-once``, skips (R37,
