@@ -33,11 +33,13 @@ except ImportError:  # pragma: no cover - the extra is not installed
     psycopg = None  # type: ignore[assignment]
 
 __all__ = [
-    "LOAD",
     "GROUP_COMMIT",
     "RECONNECT_SECONDS",
+    "RENEW",
+    "RESERVE",
     "SCHEMA",
-    "TAKE",
+    "SETTLE",
+    "WIRE",
     "Link",
     "file_digest",
     "one_line",
@@ -81,50 +83,70 @@ CREATE TABLE IF NOT EXISTS triomail_messages (
 );
 CREATE INDEX IF NOT EXISTS triomail_messages_state ON triomail_messages (name, state);
 """
-LOAD: Final = """
-INSERT INTO triomail_messages (name, key, line, content, message_id, state, run)
-SELECT %(name)s, key, line, content, message_id, 'pending', %(run)s
-FROM unnest(%(keys)s::text[], %(lines)s::int[], %(contents)s::text[], %(mids)s::text[])
-    AS v(key, line, content, message_id)
-ON CONFLICT DO NOTHING
-"""
-# No join with an unnest() of the batch: while a fresh table has no statistics the
-# planner may pick a nested loop over a sequential scan. Every statement below finds
-# its rows through the primary key. (A claim's rows share the run's content digest.)
-TAKE: Final = """
-UPDATE triomail_messages m
-SET run = %(run)s, fence = m.fence + 1, lease_until = now() + make_interval(secs => %(lease)s),
-    content = %(content)s, updated = now()
-WHERE m.name = %(name)s AND m.key IN (
-    SELECT key FROM triomail_messages
-    WHERE name = %(name)s AND key = ANY(%(keys)s)
-      AND (lease_until IS NULL OR lease_until < now())
-      AND (state = ANY(%(states)s) OR state = 'in-flight')
-    FOR UPDATE SKIP LOCKED)
-RETURNING m.key, m.fence
-"""
-# A group commit is one statement (one round trip, atomic): the rows going on the wire
-# marked in flight, and a batch of outcomes written where the fence still matches
-# (``key = ANY(...)`` lets the planner use the primary key before there are statistics).
-GROUP_COMMIT: Final = """
-WITH wire AS (
-    UPDATE triomail_messages SET state = 'in-flight', updated = now()
-    WHERE name = %(name)s AND key = ANY(%(wire)s) AND run = %(run)s
-), settled AS (
+# A reservation is one statement (one round trip, atomic). Rows new to the campaign
+# are inserted already leased to this run (loading is idempotent: ON CONFLICT DO
+# NOTHING, and a row another worker inserts meanwhile is theirs); rows that were there
+# are taken if free, locked with FOR UPDATE SKIP LOCKED (a row another worker is taking
+# right now is not waited for). Both parts of a WITH see the same snapshot, so the
+# UPDATE never sees the rows the INSERT adds: a row is won once. No join with an
+# unnest() of the batch: while a fresh table has no statistics the planner may pick a
+# nested loop over a sequential scan. Every statement below finds its rows through the
+# primary key. (A claim's rows share the run's content digest.)
+RESERVE: Final = """
+WITH loaded AS (
+    INSERT INTO triomail_messages
+        (name, key, line, content, message_id, state, run, fence, lease_until)
+    SELECT %(name)s, key, line, content, message_id, 'pending', %(run)s, 1,
+        now() + make_interval(secs => %(lease)s)
+    FROM unnest(%(keys)s::text[], %(lines)s::int[], %(contents)s::text[], %(mids)s::text[])
+        AS v(key, line, content, message_id)
+    ON CONFLICT DO NOTHING
+    RETURNING key, fence
+), taken AS (
     UPDATE triomail_messages m
-    SET state = v.state, attempts = m.attempts + v.attempts, code = v.code,
-        enhanced = v.enhanced, text = v.text, done = v.done, lease_until = NULL,
-        updated = now()
-    FROM unnest(%(keys)s::text[], %(states)s::text[], %(attempts)s::int[],
-                %(codes)s::int[], %(enhanced)s::text[], %(texts)s::text[],
-                %(done)s::text[], %(fences)s::bigint[])
-        AS v(key, state, attempts, code, enhanced, text, done, fence)
-    WHERE m.name = %(name)s AND m.key = ANY(%(keys)s) AND m.key = v.key
-      AND m.fence = v.fence
-    RETURNING m.key
+    SET run = %(run)s, fence = m.fence + 1,
+        lease_until = now() + make_interval(secs => %(lease)s),
+        content = %(content)s, updated = now()
+    WHERE m.name = %(name)s AND m.key IN (
+        SELECT key FROM triomail_messages
+        WHERE name = %(name)s AND key = ANY(%(keys)s)
+          AND (lease_until IS NULL OR lease_until < now())
+          AND (state = ANY(%(states)s) OR state = 'in-flight')
+        FOR UPDATE SKIP LOCKED)
+    RETURNING m.key, m.fence
 )
-SELECT key FROM settled
+SELECT key, fence FROM loaded UNION ALL SELECT key, fence FROM taken
 """
+# A worker's lease renewal and its heartbeat, in one statement.
+RENEW: Final = """
+WITH leases AS (
+    UPDATE triomail_messages SET lease_until = now() + make_interval(secs => %(lease)s)
+    WHERE name = %(name)s AND run = %(run)s AND lease_until IS NOT NULL
+)
+UPDATE triomail_workers SET seen = now() WHERE name = %(name)s AND run = %(run)s
+"""
+# The rows a connection is about to write, in flight; and a batch of outcomes, written
+# where the fence still matches (``key = ANY(...)`` lets the planner use the primary
+# key before there are statistics), returning the keys written.
+WIRE: Final = """
+UPDATE triomail_messages SET state = 'in-flight', updated = now()
+WHERE name = %(name)s AND key = ANY(%(wire)s) AND run = %(run)s
+"""
+SETTLE: Final = """
+UPDATE triomail_messages m
+SET state = v.state, attempts = m.attempts + v.attempts, code = v.code,
+    enhanced = v.enhanced, text = v.text, done = v.done, lease_until = NULL,
+    updated = now()
+FROM unnest(%(keys)s::text[], %(states)s::text[], %(attempts)s::int[],
+            %(codes)s::int[], %(enhanced)s::text[], %(texts)s::text[],
+            %(done)s::text[], %(fences)s::bigint[])
+    AS v(key, state, attempts, code, enhanced, text, done, fence)
+WHERE m.name = %(name)s AND m.key = ANY(%(keys)s) AND m.key = v.key
+  AND m.fence = v.fence
+RETURNING m.key
+"""
+# Both in one statement (one round trip, atomic): a group commit from synchronous code.
+GROUP_COMMIT: Final = f"WITH wire AS ({WIRE}), settled AS ({SETTLE}) SELECT key FROM settled"
 
 
 def parse_url(url: str) -> tuple[str, str, str]:

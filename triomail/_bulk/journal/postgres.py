@@ -49,7 +49,8 @@ from typing import Any
 
 from ..settings import DEFAULT_LEASE
 from .base import STATES, BaseJournal, Entry, JournalError, Record, State
-from .pg_sql import GROUP_COMMIT, LOAD, SCHEMA, TAKE, Link, file_digest, parse_url
+from .pg_async import AsyncLink
+from .pg_sql import GROUP_COMMIT, RENEW, RESERVE, SCHEMA, Link, file_digest, parse_url
 
 __all__ = ["PostgresJournal"]
 
@@ -65,12 +66,18 @@ class PostgresJournal(BaseJournal):
         self.name = name
         self.url = url
         self.lease = lease
-        #: Claims, lookups and counts; outcomes and lease renewals (one thread each).
+        #: Everything said from synchronous code (joining, lookups, counts, the last
+        #: flush); then, awaited from trio without a thread, the reservations, and the
+        #: group commits with the lease renewals.
         self._claims = Link(conninfo, url)
+        self._links: list[Link] = [self._claims]
         try:
-            self._outcomes = Link(conninfo, url)
+            self._reserver = AsyncLink(conninfo, url)
+            self._links.append(self._reserver)
+            self._committer = AsyncLink(conninfo, url)
+            self._links.append(self._committer)
         except BaseException:
-            self._claims.close()
+            self._close_links()
             raise
         self._claimable = ["pending"]
         #: The fence each claimed row had when this run claimed it.
@@ -163,14 +170,17 @@ class PostgresJournal(BaseJournal):
         try:
             self.flush()
             if hasattr(self, "run"):
-                self._outcomes.execute(
+                self._claims.execute(
                     "UPDATE triomail_workers SET finished = now(), seen = now(), stale = %s "
                     "WHERE name = %s AND run = %s",
                     (self.stale, self.name, self.run),
                 )
         finally:
-            self._claims.close()
-            self._outcomes.close()
+            self._close_links()
+
+    def _close_links(self) -> None:
+        for link in self._links:
+            link.close()
 
     # ----------------------------------------------------------------- messages
 
@@ -206,7 +216,16 @@ class PostgresJournal(BaseJournal):
         rows = list(entries)
         if not rows:
             return []
-        params = {
+        return self._won(rows, self._claims.query(RESERVE, self._reserve_params(rows)))
+
+    async def reserve_async(self, entries: list[Entry]) -> list[str]:
+        if not entries:
+            return []
+        params = self._reserve_params(entries)
+        return self._won(entries, await self._reserver.query_async(RESERVE, params))
+
+    def _reserve_params(self, rows: list[Entry]) -> dict[str, Any]:
+        return {
             "name": self.name,
             "run": self.run,
             "keys": [r[0] for r in rows],
@@ -218,17 +237,11 @@ class PostgresJournal(BaseJournal):
             "content": rows[0][2],
         }
 
-        def work(conn: Any) -> list[tuple[str, int]]:
-            with conn.transaction():
-                conn.execute(LOAD, params)
-                return list(conn.execute(TAKE, params).fetchall())
-
-        won = dict(self._claims.run(work))
+    def _won(self, rows: list[Entry], taken: list[tuple[Any, ...]]) -> list[str]:
+        """The keys won, in the chunk's order; their fences remembered."""
+        won = dict(taken)
         self._fences.update(won)
         return [r[0] for r in rows if r[0] in won]
-
-    async def reserve_async(self, entries: list[Entry]) -> list[str]:
-        return await self._claims.run_async(self.reserve, entries)
 
     def unreserve(self, keys: Iterable[str]) -> None:
         keys = list(keys)
@@ -247,8 +260,14 @@ class PostgresJournal(BaseJournal):
 
     async def commit_wire_async(self, keys: list[str]) -> None:
         batch, self._pending = self._pending, []  # here: record_outcome appends here
-        if keys or batch:
-            await self._outcomes.run_async(self._write_outcomes, batch, keys)
+        if not keys and not batch:
+            return
+        try:
+            rows = await self._committer.query_async(GROUP_COMMIT, self._commit_params(batch, keys))
+        except BaseException:
+            self._pending[:0] = batch  # written by the next flush, or left in flight
+            raise
+        self._refused(batch, rows)
 
     def mark(self, entries: Iterable[Entry], state: State) -> None:
         rows = list(entries)
@@ -289,19 +308,22 @@ class PostgresJournal(BaseJournal):
         """The outcomes (fenced) and the rows going on the wire, in one commit."""
         if not batch and not wire:
             return
-        names = ("keys", "states", "attempts", "codes", "enhanced", "texts", "done", "fences")
-        columns = list(map(list, zip(*batch, strict=True))) if batch else [[]] * len(names)
-        params: dict[str, object] = {"name": self.name, "wire": wire, "run": self.run}
-        params.update(zip(names, columns, strict=True))
-
-        def work(conn: Any) -> list[tuple[str]]:
-            return list(conn.execute(GROUP_COMMIT, params).fetchall())
-
         try:
-            rows = self._outcomes.run(work)
+            rows = self._claims.query(GROUP_COMMIT, self._commit_params(batch, wire))
         except BaseException:
             self._pending[:0] = batch  # written by the next flush, or left in flight
             raise
+        self._refused(batch, rows)
+
+    def _commit_params(self, batch: list[tuple[Any, ...]], wire: list[str]) -> dict[str, Any]:
+        names = ("keys", "states", "attempts", "codes", "enhanced", "texts", "done", "fences")
+        columns = list(map(list, zip(*batch, strict=True))) if batch else [[]] * len(names)
+        params: dict[str, Any] = {"name": self.name, "wire": wire, "run": self.run}
+        params.update(zip(names, columns, strict=True))
+        return params
+
+    def _refused(self, batch: list[tuple[Any, ...]], rows: list[tuple[Any, ...]]) -> None:
+        """Count and log the outcomes the fence refused (another worker has the row)."""
         written = {r[0] for r in rows}
         for item in batch:
             if item[0] not in written:
@@ -338,25 +360,12 @@ class PostgresJournal(BaseJournal):
 
     # ----------------------------------------------------------------- workers
 
-    def _renew(self) -> None:
-        def work(c: Any) -> None:
-            c.execute(
-                "UPDATE triomail_messages SET lease_until = now() + make_interval(secs => %s) "
-                "WHERE name = %s AND run = %s AND lease_until IS NOT NULL",
-                (self.lease, self.name, self.run),
-            )
-            c.execute(
-                "UPDATE triomail_workers SET seen = now() WHERE name = %s AND run = %s",
-                (self.name, self.run),
-            )
-
-        self._outcomes.run(work)
-
     async def periodic(self) -> None:
         """Renew this worker's leases every third of the lease."""
         if time.monotonic() - self._renewed >= self.lease / 3:
             self._renewed = time.monotonic()
-            await self._outcomes.run_async(self._renew)
+            params = {"name": self.name, "run": self.run, "lease": self.lease}
+            await self._committer.query_async(RENEW, params)
 
     def takeover_wait(self) -> float | None:
         ((count, free, seconds),) = self._claims.query(
