@@ -31,7 +31,6 @@ connection is reopened with the same doubling backoff as :class:`.pg_sql.Link`, 
 
 from __future__ import annotations
 
-import logging
 import re
 import time
 from collections.abc import Mapping
@@ -39,12 +38,10 @@ from typing import Any
 
 import trio
 
-from .base import JournalError
-from .pg_sql import RECONNECT_SECONDS, Link, one_line, psycopg
+from .pg_sql import RECONNECT_SECONDS, Link, psycopg
 
 __all__ = ["AsyncLink", "numbered"]
 
-_log = logging.getLogger("triomail.send")
 _NAMED = re.compile(r"%\((\w+)\)s")
 
 
@@ -62,6 +59,11 @@ def numbered(sql: str) -> tuple[bytes, tuple[str, ...]]:
 
 class AsyncLink(Link):
     """One connection whose statements are awaited from trio (never from a thread)."""
+
+    #: A prepared statement keeps one generic plan, made without the values. A plan
+    #: for the values trusts statistics that do not know a new campaign yet (one row,
+    #: they say) and scanned the whole campaign instead of finding a chunk's keys.
+    options = Link.options + " -c plan_cache_mode=force_generic_plan"
 
     def __init__(self, conninfo: str, url: str) -> None:
         super().__init__(conninfo, url)
@@ -93,20 +95,7 @@ class AsyncLink(Link):
                     with trio.CancelScope(shield=True):
                         return await self._round_trip(command, values)
                 except psycopg.Error as exc:
-                    conn = self.conn
-                    lost = isinstance(exc, psycopg.OperationalError) and (
-                        conn.closed or conn.broken or conn.pgconn.status == _BAD
-                    )
-                    if not lost:
-                        raise JournalError(f"journal {self.url}: {one_line(exc)}") from None
-                    if time.monotonic() + delay > deadline:
-                        raise JournalError(
-                            f"lost the journal database {self.url} for "
-                            f"{RECONNECT_SECONDS:.0f} s ({one_line(exc)}); what was committed "
-                            "is consistent: continue with --resume"
-                        ) from None
-                    _log.warning("journal %s: %s; reconnecting", self.url, one_line(exc))
-                    conn.close()
+                    self.lost(exc, deadline, delay)
                     await trio.sleep(delay)
                     delay = min(delay * 2, 5.0)
 
@@ -157,6 +146,5 @@ if psycopg is not None:
     import psycopg.adapt
 
     _AUTO = psycopg.adapt.PyFormat.AUTO
-    _BAD = psycopg.pq.ConnStatus.BAD
     _FATAL = psycopg.pq.ExecStatus.FATAL_ERROR
     _TUPLES_OK = psycopg.pq.ExecStatus.TUPLES_OK

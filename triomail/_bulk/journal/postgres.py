@@ -6,18 +6,20 @@ Theory of operation
 ``triomail send`` started with the same URL, recipients file and template joins it.
 Each worker reads the whole file and plans it as usual (:mod:`..planner`); what makes
 the workers share the rows is the reservation (:meth:`PostgresJournal.reserve`), one
-transaction per chunk:
+statement per chunk (:data:`.pg_sql.RESERVE`):
 
-* the chunk's rows are inserted as *pending* with ``ON CONFLICT DO NOTHING``, so the
-  file is loaded once however many workers start together (loading is idempotent);
-* then the free ones are locked with ``FOR UPDATE SKIP LOCKED`` (a row another worker
-  is taking right now is not waited for) and become this run's, with a **lease** (an
-  expiry) and the row's **fencing counter** incremented; they go *in-flight* only when
-  their bytes are about to be written (:meth:`.base.BaseJournal.on_wire`).
+* the chunk's rows new to the campaign are inserted with ``ON CONFLICT DO NOTHING``,
+  already this run's, so the file is loaded once however many workers start together
+  (loading is idempotent);
+* the rows that were there are locked with ``FOR UPDATE SKIP LOCKED`` if free (a row
+  another worker is taking right now is not waited for) and become this run's;
+* either way a row won has a **lease** (an expiry) and its **fencing counter**
+  incremented; it goes *in-flight* only when its bytes are about to be written
+  (:meth:`.base.BaseJournal.on_wire`).
 
 Free means no live lease: pending, or in flight after its worker died or stalled, plus
 transient and unknown with ``--resume``. A worker renews the leases of its rows every
-third of the lease (:meth:`PostgresJournal.periodic`). A dead worker's rows that never
+third of the lease. A dead worker's rows that never
 went on the wire are taken over as pending (never sent); those in flight as unknown.
 An outcome is written only if the row's fence is still the one the claim returned
 (``WHERE fence = ...``): a worker that stalled past its lease and woke up finds its
@@ -28,29 +30,38 @@ When its file is done, a worker waits for rows that other workers hold and takes
 those whose lease expires (:meth:`takeover_keys`); it ends when no row of the
 campaign is in flight elsewhere.
 
-The driver is psycopg 3, synchronous: statements run in ``trio.to_thread`` on one
-of two connections (claims; outcomes and lease renewals), one thread at a time on
-each (:class:`.pg_sql.Link`, which also reopens a lost connection with a backoff,
-then stops the run with one line: the journal is consistent, ``--resume``
-continues). The group commits of :mod:`.base` (rows going on the wire, outcomes) run
-on the second connection, between lease renewals.
+The driver is psycopg 3 on three connections. What a run says all the time is awaited
+from trio through libpq's non-blocking API (:class:`.pg_async.AsyncLink`, no thread):
+on one connection only the group commits of :mod:`.base` (rows going on the wire with
+the outcomes buffered meanwhile), which connections wait for before writing; on
+another the reservations and the lease renewals, so that neither delays a commit. The
+third serves the synchronous calls (joining, lookups, counts, the last flush;
+:class:`.pg_sql.Link`). A lost connection is reopened with a backoff, then the run
+stops with one line: the journal is consistent, ``--resume`` continues.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import secrets
-import socket
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ..settings import DEFAULT_LEASE
-from .base import STATES, BaseJournal, Entry, JournalError, Record, State
+from .base import STATES, BaseJournal, Entry, Record, State
 from .pg_async import AsyncLink
-from .pg_sql import GROUP_COMMIT, RENEW, RESERVE, SCHEMA, Link, file_digest, parse_url
+from .pg_sql import (
+    GROUP_COMMIT,
+    RENEW,
+    RESERVE,
+    SETTLE,
+    WIRE,
+    Link,
+    file_digest,
+    join,
+    parse_url,
+)  # fmt: skip
 
 __all__ = ["PostgresJournal"]
 
@@ -67,15 +78,16 @@ class PostgresJournal(BaseJournal):
         self.url = url
         self.lease = lease
         #: Everything said from synchronous code (joining, lookups, counts, the last
-        #: flush); then, awaited from trio without a thread, the reservations, and the
-        #: group commits with the lease renewals.
+        #: flush); then, awaited from trio without a thread: the group commits (what
+        #: connections wait for, so nothing else queues on it), and the reservations
+        #: and lease renewals.
         self._claims = Link(conninfo, url)
         self._links: list[Link] = [self._claims]
         try:
-            self._reserver = AsyncLink(conninfo, url)
-            self._links.append(self._reserver)
-            self._committer = AsyncLink(conninfo, url)
-            self._links.append(self._committer)
+            self._wire = AsyncLink(conninfo, url)
+            self._links.append(self._wire)
+            self._writer = AsyncLink(conninfo, url)
+            self._links.append(self._writer)
         except BaseException:
             self._close_links()
             raise
@@ -120,51 +132,10 @@ class PostgresJournal(BaseJournal):
     def _join(self, resume: bool, source: str, content: str) -> None:
         if resume:
             self._claimable = ["pending", "transient", "unknown"]
-        self._claims.run(lambda conn: self._join_in(conn, resume, source, content))
-
-    def _join_in(self, conn: Any, resume: bool, source: str, content: str) -> None:
-        with conn.transaction():
-            # One creator of the tables and of the campaign at a time.
-            conn.execute("SELECT pg_advisory_xact_lock(7236142)")
-            conn.execute(SCHEMA)
-            row = conn.execute(
-                "SELECT campaign, source, content, runs FROM triomail_campaigns "
-                "WHERE name = %s FOR UPDATE",
-                (self.name,),
-            ).fetchone()
-            if row is None:
-                if resume:
-                    raise JournalError(f"--resume: no campaign {self.name!r} in {self.url}")
-                row = (secrets.token_hex(6), source, content, 0)
-                conn.execute(
-                    "INSERT INTO triomail_campaigns (name, campaign, source, content) "
-                    "VALUES (%s, %s, %s, %s)",
-                    (self.name, row[0], source, content),
-                )
-            campaign, old_source, old_content, runs = row
-            changed = [
-                what
-                for what, old, new in (("recipients file", old_source, source),
-                                       ("template", old_content, content))
-                if old and new and old != new
-            ]  # fmt: skip
-            if changed and not resume:
-                raise JournalError(
-                    f"campaign {self.name!r} in {self.url} was started with another "
-                    f"{' and '.join(changed)}; use the same files, or --resume to send the "
-                    "rest with these, or another ?campaign=NAME"
-                )
-            self.campaign = campaign
-            self.previous_content = old_content
-            self.run = runs + 1
-            conn.execute(
-                "UPDATE triomail_campaigns SET runs = %s, content = %s WHERE name = %s",
-                (self.run, content or old_content, self.name),
-            )
-            conn.execute(
-                "INSERT INTO triomail_workers (name, run, host, pid) VALUES (%s, %s, %s, %s)",
-                (self.name, self.run, socket.gethostname(), os.getpid()),
-            )
+        joined = self._claims.run(
+            lambda conn: join(conn, self.name, self.url, resume, source, content)
+        )
+        self.campaign, self.previous_content, self.run = joined
 
     def close(self) -> None:
         try:
@@ -222,7 +193,7 @@ class PostgresJournal(BaseJournal):
         if not entries:
             return []
         params = self._reserve_params(entries)
-        return self._won(entries, await self._reserver.query_async(RESERVE, params))
+        return self._won(entries, await self._writer.query_async(RESERVE, params))
 
     def _reserve_params(self, rows: list[Entry]) -> dict[str, Any]:
         return {
@@ -262,8 +233,12 @@ class PostgresJournal(BaseJournal):
         batch, self._pending = self._pending, []  # here: record_outcome appends here
         if not keys and not batch:
             return
+        # The outcomes buffered so far go with the rows going on the wire: a connection
+        # sends its next messages only once its last ones are settled, so after a crash
+        # the rows in flight are those on the wire. The cheapest statement that does it.
+        sql = GROUP_COMMIT if keys and batch else WIRE if keys else SETTLE
         try:
-            rows = await self._committer.query_async(GROUP_COMMIT, self._commit_params(batch, keys))
+            rows = await self._wire.query_async(sql, self._commit_params(batch, keys))
         except BaseException:
             self._pending[:0] = batch  # written by the next flush, or left in flight
             raise
@@ -365,7 +340,7 @@ class PostgresJournal(BaseJournal):
         if time.monotonic() - self._renewed >= self.lease / 3:
             self._renewed = time.monotonic()
             params = {"name": self.name, "run": self.run, "lease": self.lease}
-            await self._committer.query_async(RENEW, params)
+            await self._writer.query_async(RENEW, params)
 
     def takeover_wait(self) -> float | None:
         ((count, free, seconds),) = self._claims.query(
