@@ -60,11 +60,6 @@ def numbered(sql: str) -> tuple[bytes, tuple[str, ...]]:
 class AsyncLink(Link):
     """One connection whose statements are awaited from trio (never from a thread)."""
 
-    #: A prepared statement keeps one generic plan, made without the values. A plan
-    #: for the values trusts statistics that do not know a new campaign yet (one row,
-    #: they say) and scanned the whole campaign instead of finding a chunk's keys.
-    options = Link.options + " -c plan_cache_mode=force_generic_plan"
-
     def __init__(self, conninfo: str, url: str) -> None:
         super().__init__(conninfo, url)
         self.conn.pgconn.nonblocking = 1

@@ -236,8 +236,11 @@ def file_digest(source: str) -> str:
 class Link:
     """One connection to the journal's database, reopened when lost."""
 
-    #: Settings of the connection's session.
-    options = f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"
+    #: Settings of the connection's session. Statements are prepared (:meth:`query`)
+    #: and keep one generic plan, made without the values: a plan for the values
+    #: trusts statistics that do not know a new campaign yet (one row, they say) and
+    #: scanned the whole campaign instead of finding a chunk's keys by primary key.
+    options = f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c plan_cache_mode=force_generic_plan"
 
     def __init__(self, conninfo: str, url: str) -> None:
         if psycopg is None:
@@ -296,11 +299,11 @@ class Link:
 
     def query(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
         """The rows of one statement (:meth:`run`)."""
-        return self.run(lambda c: list(c.execute(sql, params).fetchall()))
+        return self.run(lambda c: list(c.execute(sql, params, prepare=True).fetchall()))
 
     def execute(self, sql: str, params: Any = None) -> None:
         """One statement without rows (:meth:`run`)."""
-        self.run(lambda c: c.execute(sql, params))
+        self.run(lambda c: c.execute(sql, params, prepare=True))
 
     def close(self) -> None:
         self.conn.close()
