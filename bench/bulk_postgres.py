@@ -37,15 +37,9 @@ class _Timed:
 
 
 def _send(
-    rows: Path,
-    template: Path,
-    port: int,
-    journal: str,
-    connections: int,
-    work: Path,
-    name: str,
+    rows: Path, template: Path, port: int, journal: str, connections: int, work: Path, name: str,
     tree: str | None = None,
-) -> subprocess.Popen[bytes]:
+) -> subprocess.Popen[bytes]:  # fmt: skip
     argv = [
         sys.executable, "-m", "triomail", "send", str(rows), str(template),
         "--server", f"smtp+plain://127.0.0.1:{port}", "--yes", "--journal", journal,
@@ -70,15 +64,9 @@ def _wait_all(procs: list[subprocess.Popen[bytes]], start: float) -> _Timed:
 
 
 def _run(
-    workers: int,
-    rows: Path,
-    template: Path,
-    port: int,
-    journal: str,
-    connections: int,
-    work: Path,
+    workers: int, rows: Path, template: Path, port: int, journal: str, connections: int, work: Path,
     tree: str | None = None,
-) -> _Timed:
+) -> _Timed:  # fmt: skip
     start = time.perf_counter()
     procs = [
         _send(rows, template, port, journal, connections, work, f"pg{i}", tree)
