@@ -82,8 +82,12 @@ CREATE TABLE IF NOT EXISTS triomail_messages (
     lease_until TIMESTAMPTZ,
     updated TIMESTAMPTZ NOT NULL DEFAULT now(),
     -- The one index: a row's updates (state, lease, fence) change no indexed column,
-    -- so PostgreSQL writes them beside the row without touching an index (HOT).
-    PRIMARY KEY (name, key)
+    -- so PostgreSQL writes them beside the row without touching an index (HOT). The
+    -- key leads: a plan (cached, or made while the table is empty or its statistics
+    -- do not know the campaign) can then only find a chunk's rows by their keys,
+    -- never by scanning the campaign's. Whole-campaign reads (counts, takeovers,
+    -- renewals, status) scan the table; they are rare.
+    PRIMARY KEY (key, name)
 );
 """
 # A reservation is one statement (one round trip, atomic). Rows new to the campaign
