@@ -11,6 +11,10 @@ median of ``--runs``:
   is printed: every worker renders every row it plans);
 * the CPU time (user + system, ``wait4``) of one SQLite worker per message, the
   journal's share of which is what the millisecond-lag change moved.
+
+``BENCH_PG_BASELINE=DIR`` (a directory holding another ``triomail`` package, e.g.
+``git -C MAIN archive HEAD triomail | tar -x -C DIR``) also runs one PostgreSQL worker
+of that tree in each run, interleaved: before and after in one command.
 """
 
 from __future__ import annotations
@@ -33,15 +37,19 @@ class _Timed:
 
 
 def _send(
-    rows: Path, template: Path, port: int, journal: str, connections: int, work: Path, name: str
-) -> subprocess.Popen[bytes]:
+    rows: Path, template: Path, port: int, journal: str, connections: int, work: Path, name: str,
+    tree: str | None = None,
+) -> subprocess.Popen[bytes]:  # fmt: skip
     argv = [
         sys.executable, "-m", "triomail", "send", str(rows), str(template),
         "--server", f"smtp+plain://127.0.0.1:{port}", "--yes", "--journal", journal,
         "--connections", str(connections), "--progress-interval", "3600",
     ]  # fmt: skip
     log = (work / f"{name}.log").open("wb")
-    return subprocess.Popen(argv, cwd=work, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    env = None if tree is None else dict(os.environ, PYTHONPATH=tree)
+    return subprocess.Popen(
+        argv, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+    )
 
 
 def _wait_all(procs: list[subprocess.Popen[bytes]], start: float) -> _Timed:
@@ -56,11 +64,13 @@ def _wait_all(procs: list[subprocess.Popen[bytes]], start: float) -> _Timed:
 
 
 def _run(
-    workers: int, rows: Path, template: Path, port: int, journal: str, connections: int, work: Path
-) -> _Timed:
+    workers: int, rows: Path, template: Path, port: int, journal: str, connections: int, work: Path,
+    tree: str | None = None,
+) -> _Timed:  # fmt: skip
     start = time.perf_counter()
     procs = [
-        _send(rows, template, port, journal, connections, work, f"pg{i}") for i in range(workers)
+        _send(rows, template, port, journal, connections, work, f"pg{i}", tree)
+        for i in range(workers)
     ]
     return _wait_all(procs, start)
 
@@ -79,6 +89,8 @@ def postgres_section(
     one: list[float] = []
     two: list[float] = []
     cpu: list[float] = []
+    baseline = os.environ.get("BENCH_PG_BASELINE")
+    before: list[float] = []
     with start_postgres() as cluster:
         for i in range(runs):
             journal = work / "pg-bench.sqlite3"
@@ -87,6 +99,11 @@ def postgres_section(
             s = _run(1, rows, template, port, str(journal), connections, work)
             p1 = _run(1, rows, template, port, cluster.journal(f"one{i}"), connections, work)
             p2 = _run(2, rows, template, port, cluster.journal(f"two{i}"), connections, work)
+            if baseline:
+                b = _run(1, rows, template, port, cluster.journal(f"base{i}"), connections, work,
+                         baseline)  # fmt: skip
+                before.append(n / b.seconds)
+                print(f"  run {i + 1} PostgreSQL, {baseline}: {n / b.seconds:7,.0f} msg/s")
             sqlite.append(n / s.seconds)
             one.append(n / p1.seconds)
             two.append(n / p2.seconds)
@@ -106,3 +123,9 @@ def postgres_section(
         f"CPU per message of one SQLite worker (user + system, whole command): "
         f"{statistics.median(cpu) * 1e6:,.0f} us"
     )
+    if before:
+        b_med = statistics.median(before)
+        print(
+            f"PostgreSQL journal of {baseline}: {b_med:,.0f} msg/s ({b_med / s_med:.2f}x "
+            f"SQLite; this tree {one_med / b_med:.2f}x that)"
+        )

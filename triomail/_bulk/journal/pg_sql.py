@@ -4,12 +4,12 @@ Theory of operation
 -------------------
 :mod:`.postgres` says what the tables mean. Here are the statements themselves, the
 ``--journal`` URL's parsing (the password is refused: libpq reads ``PGPASSWORD`` or
-``~/.pgpass``), :func:`peek` for ``triomail status``, and :class:`Link`, one database
-connection used by one thread at a time: :meth:`Link.run` runs a piece of work on it
-and, when the connection was lost (the server restarted), reopens it with a doubling
-backoff for up to ``RECONNECT_SECONDS`` before giving up with one line;
-:meth:`Link.run_async` does the same in ``trio.to_thread`` behind the link's one-token
-:class:`trio.CapacityLimiter`. Each connection asks the server for a
+``~/.pgpass``), :func:`join` (a worker joins its campaign), :func:`peek` for
+``triomail status``, and :class:`Link`, one database connection used from synchronous
+code: :meth:`Link.run` runs a piece of work on it and, when the connection was lost
+(the server restarted), reopens it with a doubling backoff for up to
+``RECONNECT_SECONDS`` before giving up with one line (:meth:`Link.lost`, which
+:class:`.pg_async.AsyncLink` shares). Each connection asks the server for a
 ``statement_timeout``, so a statement stuck on the server cannot hold a worker (or its
 cancellation) forever.
 """
@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import secrets
+import socket
 import time
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
-
-import trio
 
 from .base import STATES, JournalError, Snapshot
 
@@ -33,13 +34,16 @@ except ImportError:  # pragma: no cover - the extra is not installed
     psycopg = None  # type: ignore[assignment]
 
 __all__ = [
-    "LOAD",
     "GROUP_COMMIT",
     "RECONNECT_SECONDS",
+    "RENEW",
+    "RESERVE",
     "SCHEMA",
-    "TAKE",
+    "SETTLE",
+    "WIRE",
     "Link",
     "file_digest",
+    "join",
     "one_line",
     "parse_url",
     "peek",
@@ -77,54 +81,130 @@ CREATE TABLE IF NOT EXISTS triomail_messages (
     fence BIGINT NOT NULL DEFAULT 0,
     lease_until TIMESTAMPTZ,
     updated TIMESTAMPTZ NOT NULL DEFAULT now(),
-    PRIMARY KEY (name, key)
+    -- The one index: a row's updates (state, lease, fence) change no indexed column,
+    -- so PostgreSQL writes them beside the row without touching an index (HOT). The
+    -- key leads: a plan (cached, or made while the table is empty or its statistics
+    -- do not know the campaign) can then only find a chunk's rows by their keys,
+    -- never by scanning the campaign's. Whole-campaign reads (counts, takeovers,
+    -- renewals, status) scan the table; they are rare.
+    PRIMARY KEY (key, name)
 );
-CREATE INDEX IF NOT EXISTS triomail_messages_state ON triomail_messages (name, state);
 """
-LOAD: Final = """
-INSERT INTO triomail_messages (name, key, line, content, message_id, state, run)
-SELECT %(name)s, key, line, content, message_id, 'pending', %(run)s
-FROM unnest(%(keys)s::text[], %(lines)s::int[], %(contents)s::text[], %(mids)s::text[])
-    AS v(key, line, content, message_id)
-ON CONFLICT DO NOTHING
-"""
-# No join with an unnest() of the batch: while a fresh table has no statistics the
-# planner may pick a nested loop over a sequential scan. Every statement below finds
-# its rows through the primary key. (A claim's rows share the run's content digest.)
-TAKE: Final = """
-UPDATE triomail_messages m
-SET run = %(run)s, fence = m.fence + 1, lease_until = now() + make_interval(secs => %(lease)s),
-    content = %(content)s, updated = now()
-WHERE m.name = %(name)s AND m.key IN (
+# A reservation is one statement (one round trip, atomic). Rows new to the campaign
+# are inserted already leased to this run (loading is idempotent: ON CONFLICT DO
+# NOTHING, and a row another worker inserts meanwhile is theirs); rows that were there
+# are taken if free, locked with FOR UPDATE SKIP LOCKED (a row another worker is taking
+# right now is not waited for). Both parts of a WITH see the same snapshot, so the
+# UPDATE never sees the rows the INSERT adds: a row is won once. No join, with an
+# unnest() of the batch or with the locked rows: the planner, misled by statistics
+# that do not know a new campaign yet, turned such joins into nested loops over the
+# whole campaign. Every statement below finds its rows through the primary key, with
+# ``key = ANY(array)`` (the locked keys as an array computed once, ``ARRAY(SELECT
+# ...)``). (A claim's rows share the run's content digest.)
+RESERVE: Final = """
+WITH loaded AS (
+    INSERT INTO triomail_messages
+        (name, key, line, content, message_id, state, run, fence, lease_until)
+    SELECT %(name)s, key, line, content, message_id, 'pending', %(run)s, 1,
+        now() + make_interval(secs => %(lease)s)
+    FROM unnest(%(keys)s::text[], %(lines)s::int[], %(contents)s::text[], %(mids)s::text[])
+        AS v(key, line, content, message_id)
+    ON CONFLICT DO NOTHING
+    RETURNING key, fence
+), free AS MATERIALIZED (
     SELECT key FROM triomail_messages
     WHERE name = %(name)s AND key = ANY(%(keys)s)
       AND (lease_until IS NULL OR lease_until < now())
       AND (state = ANY(%(states)s) OR state = 'in-flight')
-    FOR UPDATE SKIP LOCKED)
-RETURNING m.key, m.fence
-"""
-# A group commit is one statement (one round trip, atomic): the rows going on the wire
-# marked in flight, and a batch of outcomes written where the fence still matches
-# (``key = ANY(...)`` lets the planner use the primary key before there are statistics).
-GROUP_COMMIT: Final = """
-WITH wire AS (
-    UPDATE triomail_messages SET state = 'in-flight', updated = now()
-    WHERE name = %(name)s AND key = ANY(%(wire)s) AND run = %(run)s
-), settled AS (
+    FOR UPDATE SKIP LOCKED
+), taken AS (
     UPDATE triomail_messages m
-    SET state = v.state, attempts = m.attempts + v.attempts, code = v.code,
-        enhanced = v.enhanced, text = v.text, done = v.done, lease_until = NULL,
-        updated = now()
-    FROM unnest(%(keys)s::text[], %(states)s::text[], %(attempts)s::int[],
-                %(codes)s::int[], %(enhanced)s::text[], %(texts)s::text[],
-                %(done)s::text[], %(fences)s::bigint[])
-        AS v(key, state, attempts, code, enhanced, text, done, fence)
-    WHERE m.name = %(name)s AND m.key = ANY(%(keys)s) AND m.key = v.key
-      AND m.fence = v.fence
-    RETURNING m.key
+    SET run = %(run)s, fence = m.fence + 1,
+        lease_until = now() + make_interval(secs => %(lease)s),
+        content = %(content)s, updated = now()
+    WHERE m.name = %(name)s AND m.key = ANY(ARRAY(SELECT key FROM free))
+    RETURNING m.key, m.fence
 )
-SELECT key FROM settled
+SELECT key, fence FROM loaded UNION ALL SELECT key, fence FROM taken
 """
+# A worker's lease renewal and its heartbeat, in one statement.
+RENEW: Final = """
+WITH leases AS (
+    UPDATE triomail_messages SET lease_until = now() + make_interval(secs => %(lease)s)
+    WHERE name = %(name)s AND run = %(run)s AND lease_until IS NOT NULL
+)
+UPDATE triomail_workers SET seen = now() WHERE name = %(name)s AND run = %(run)s
+"""
+# The rows a connection is about to write, in flight; and a batch of outcomes, written
+# where the fence still matches (``key = ANY(...)`` lets the planner use the primary
+# key before there are statistics), returning the keys written.
+WIRE: Final = """
+UPDATE triomail_messages SET state = 'in-flight', updated = now()
+WHERE name = %(name)s AND key = ANY(%(wire)s) AND run = %(run)s
+"""
+SETTLE: Final = """
+UPDATE triomail_messages m
+SET state = v.state, attempts = m.attempts + v.attempts, code = v.code,
+    enhanced = v.enhanced, text = v.text, done = v.done, lease_until = NULL,
+    updated = now()
+FROM unnest(%(keys)s::text[], %(states)s::text[], %(attempts)s::int[],
+            %(codes)s::int[], %(enhanced)s::text[], %(texts)s::text[],
+            %(done)s::text[], %(fences)s::bigint[])
+    AS v(key, state, attempts, code, enhanced, text, done, fence)
+WHERE m.name = %(name)s AND m.key = ANY(%(keys)s) AND m.key = v.key
+  AND m.fence = v.fence
+RETURNING m.key
+"""
+# Both in one statement (one round trip, atomic): a group commit from synchronous code.
+GROUP_COMMIT: Final = f"WITH wire AS ({WIRE}), settled AS ({SETTLE}) SELECT key FROM settled"
+
+
+def join(
+    conn: Any, name: str, url: str, resume: bool, source: str, content: str
+) -> tuple[str, str, int]:
+    """Join (or start) campaign ``name`` in one transaction, creating the tables if
+    needed; ``(campaign id, previous template digest, this worker's run)``."""
+    with conn.transaction():
+        # One creator of the tables and of the campaign at a time.
+        conn.execute("SELECT pg_advisory_xact_lock(7236142)")
+        conn.execute(SCHEMA)
+        row = conn.execute(
+            "SELECT campaign, source, content, runs FROM triomail_campaigns "
+            "WHERE name = %s FOR UPDATE",
+            (name,),
+        ).fetchone()
+        if row is None:
+            if resume:
+                raise JournalError(f"--resume: no campaign {name!r} in {url}")
+            row = (secrets.token_hex(6), source, content, 0)
+            conn.execute(
+                "INSERT INTO triomail_campaigns (name, campaign, source, content) "
+                "VALUES (%s, %s, %s, %s)",
+                (name, row[0], source, content),
+            )
+        campaign, old_source, old_content, runs = row
+        changed = [
+            what
+            for what, old, new in (("recipients file", old_source, source),
+                                   ("template", old_content, content))
+            if old and new and old != new
+        ]  # fmt: skip
+        if changed and not resume:
+            raise JournalError(
+                f"campaign {name!r} in {url} was started with another "
+                f"{' and '.join(changed)}; use the same files, or --resume to send the "
+                "rest with these, or another ?campaign=NAME"
+            )
+        run = runs + 1
+        conn.execute(
+            "UPDATE triomail_campaigns SET runs = %s, content = %s WHERE name = %s",
+            (run, content or old_content, name),
+        )
+        conn.execute(
+            "INSERT INTO triomail_workers (name, run, host, pid) VALUES (%s, %s, %s, %s)",
+            (name, run, socket.gethostname(), os.getpid()),
+        )
+    return campaign, old_content, run
 
 
 def parse_url(url: str) -> tuple[str, str, str]:
@@ -160,6 +240,12 @@ def file_digest(source: str) -> str:
 class Link:
     """One connection to the journal's database, reopened when lost."""
 
+    #: Settings of the connection's session. Statements are prepared (:meth:`query`)
+    #: and keep one generic plan, made without the values: a plan for the values
+    #: trusts statistics that do not know a new campaign yet (one row, they say) and
+    #: scanned the whole campaign instead of finding a chunk's keys by primary key.
+    options = f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c plan_cache_mode=force_generic_plan"
+
     def __init__(self, conninfo: str, url: str) -> None:
         if psycopg is None:
             raise JournalError(
@@ -171,14 +257,13 @@ class Link:
             self.conn = self._connect()
         except psycopg.Error as exc:
             raise JournalError(f"cannot open journal {url}: {one_line(exc)}") from None
-        self._limiter: trio.CapacityLimiter | None = None
 
     def _connect(self) -> Any:
         return psycopg.connect(
             self._conninfo,
             autocommit=True,
             connect_timeout=10,
-            options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+            options=self.options,
             application_name="triomail send",
         )
 
@@ -193,34 +278,36 @@ class Link:
                     self.conn = self._connect()
                 return work(self.conn)
             except psycopg.Error as exc:
-                conn = self.conn
-                lost = isinstance(exc, psycopg.OperationalError) and (conn.closed or conn.broken)
-                if not lost:
-                    raise JournalError(f"journal {self.url}: {one_line(exc)}") from None
-                if time.monotonic() + delay > deadline:
-                    raise JournalError(
-                        f"lost the journal database {self.url} for {RECONNECT_SECONDS:.0f} s "
-                        f"({one_line(exc)}); what was committed is consistent: continue "
-                        "with --resume"
-                    ) from None
-                _log.warning("journal %s: %s; reconnecting", self.url, one_line(exc))
+                self.lost(exc, deadline, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
-                conn.close()
+
+    def lost(self, exc: Exception, deadline: float, delay: float) -> None:
+        """Close the connection after ``exc`` if it was lost and the backoff may wait
+        ``delay`` more before ``deadline``; else raise the one line of
+        :class:`JournalError` that stops the run."""
+        conn = self.conn
+        lost = isinstance(exc, psycopg.OperationalError) and (
+            conn.closed or conn.broken or conn.pgconn.status == psycopg.pq.ConnStatus.BAD
+        )
+        if not lost:
+            raise JournalError(f"journal {self.url}: {one_line(exc)}") from None
+        if time.monotonic() + delay > deadline:
+            raise JournalError(
+                f"lost the journal database {self.url} for {RECONNECT_SECONDS:.0f} s "
+                f"({one_line(exc)}); what was committed is consistent: continue "
+                "with --resume"
+            ) from None
+        _log.warning("journal %s: %s; reconnecting", self.url, one_line(exc))
+        conn.close()
 
     def query(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
         """The rows of one statement (:meth:`run`)."""
-        return self.run(lambda c: list(c.execute(sql, params).fetchall()))
+        return self.run(lambda c: list(c.execute(sql, params, prepare=True).fetchall()))
 
     def execute(self, sql: str, params: Any = None) -> None:
         """One statement without rows (:meth:`run`)."""
-        self.run(lambda c: c.execute(sql, params))
-
-    async def run_async(self, fn: Callable[..., _T], *args: Any) -> _T:
-        """``fn(*args)`` in a thread, one at a time on this link."""
-        if self._limiter is None:
-            self._limiter = trio.CapacityLimiter(1)
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        self.run(lambda c: c.execute(sql, params, prepare=True))
 
     def close(self) -> None:
         self.conn.close()

@@ -6,18 +6,20 @@ Theory of operation
 ``triomail send`` started with the same URL, recipients file and template joins it.
 Each worker reads the whole file and plans it as usual (:mod:`..planner`); what makes
 the workers share the rows is the reservation (:meth:`PostgresJournal.reserve`), one
-transaction per chunk:
+statement per chunk (:data:`.pg_sql.RESERVE`):
 
-* the chunk's rows are inserted as *pending* with ``ON CONFLICT DO NOTHING``, so the
-  file is loaded once however many workers start together (loading is idempotent);
-* then the free ones are locked with ``FOR UPDATE SKIP LOCKED`` (a row another worker
-  is taking right now is not waited for) and become this run's, with a **lease** (an
-  expiry) and the row's **fencing counter** incremented; they go *in-flight* only when
-  their bytes are about to be written (:meth:`.base.BaseJournal.on_wire`).
+* the chunk's rows new to the campaign are inserted with ``ON CONFLICT DO NOTHING``,
+  already this run's, so the file is loaded once however many workers start together
+  (loading is idempotent);
+* the rows that were there are locked with ``FOR UPDATE SKIP LOCKED`` if free (a row
+  another worker is taking right now is not waited for) and become this run's;
+* either way a row won has a **lease** (an expiry) and its **fencing counter**
+  incremented; it goes *in-flight* only when its bytes are about to be written
+  (:meth:`.base.BaseJournal.on_wire`).
 
 Free means no live lease: pending, or in flight after its worker died or stalled, plus
 transient and unknown with ``--resume``. A worker renews the leases of its rows every
-third of the lease (:meth:`PostgresJournal.periodic`). A dead worker's rows that never
+third of the lease. A dead worker's rows that never
 went on the wire are taken over as pending (never sent); those in flight as unknown.
 An outcome is written only if the row's fence is still the one the claim returned
 (``WHERE fence = ...``): a worker that stalled past its lease and woke up finds its
@@ -28,28 +30,38 @@ When its file is done, a worker waits for rows that other workers hold and takes
 those whose lease expires (:meth:`takeover_keys`); it ends when no row of the
 campaign is in flight elsewhere.
 
-The driver is psycopg 3, synchronous: statements run in ``trio.to_thread`` on one
-of two connections (claims; outcomes and lease renewals), one thread at a time on
-each (:class:`.pg_sql.Link`, which also reopens a lost connection with a backoff,
-then stops the run with one line: the journal is consistent, ``--resume``
-continues). The group commits of :mod:`.base` (rows going on the wire, outcomes) run
-on the second connection, between lease renewals.
+The driver is psycopg 3 on three connections. What a run says all the time is awaited
+from trio through libpq's non-blocking API (:class:`.pg_async.AsyncLink`, no thread):
+on one connection only the group commits of :mod:`.base` (rows going on the wire with
+the outcomes buffered meanwhile), which connections wait for before writing; on
+another the reservations and the lease renewals, so that neither delays a commit. The
+third serves the synchronous calls (joining, lookups, counts, the last flush;
+:class:`.pg_sql.Link`). A lost connection is reopened with a backoff, then the run
+stops with one line: the journal is consistent, ``--resume`` continues.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import secrets
-import socket
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ..settings import DEFAULT_LEASE
-from .base import STATES, BaseJournal, Entry, JournalError, Record, State
-from .pg_sql import GROUP_COMMIT, LOAD, SCHEMA, TAKE, Link, file_digest, parse_url
+from .base import STATES, BaseJournal, Entry, Record, State
+from .pg_async import AsyncLink
+from .pg_sql import (
+    GROUP_COMMIT,
+    RENEW,
+    RESERVE,
+    SETTLE,
+    WIRE,
+    Link,
+    file_digest,
+    join,
+    parse_url,
+)  # fmt: skip
 
 __all__ = ["PostgresJournal"]
 
@@ -65,12 +77,19 @@ class PostgresJournal(BaseJournal):
         self.name = name
         self.url = url
         self.lease = lease
-        #: Claims, lookups and counts; outcomes and lease renewals (one thread each).
+        #: Everything said from synchronous code (joining, lookups, counts, the last
+        #: flush); then, awaited from trio without a thread: the group commits (what
+        #: connections wait for, so nothing else queues on it), and the reservations
+        #: and lease renewals.
         self._claims = Link(conninfo, url)
+        self._links: list[Link] = [self._claims]
         try:
-            self._outcomes = Link(conninfo, url)
+            self._wire = AsyncLink(conninfo, url)
+            self._links.append(self._wire)
+            self._writer = AsyncLink(conninfo, url)
+            self._links.append(self._writer)
         except BaseException:
-            self._claims.close()
+            self._close_links()
             raise
         self._claimable = ["pending"]
         #: The fence each claimed row had when this run claimed it.
@@ -113,64 +132,26 @@ class PostgresJournal(BaseJournal):
     def _join(self, resume: bool, source: str, content: str) -> None:
         if resume:
             self._claimable = ["pending", "transient", "unknown"]
-        self._claims.run(lambda conn: self._join_in(conn, resume, source, content))
-
-    def _join_in(self, conn: Any, resume: bool, source: str, content: str) -> None:
-        with conn.transaction():
-            # One creator of the tables and of the campaign at a time.
-            conn.execute("SELECT pg_advisory_xact_lock(7236142)")
-            conn.execute(SCHEMA)
-            row = conn.execute(
-                "SELECT campaign, source, content, runs FROM triomail_campaigns "
-                "WHERE name = %s FOR UPDATE",
-                (self.name,),
-            ).fetchone()
-            if row is None:
-                if resume:
-                    raise JournalError(f"--resume: no campaign {self.name!r} in {self.url}")
-                row = (secrets.token_hex(6), source, content, 0)
-                conn.execute(
-                    "INSERT INTO triomail_campaigns (name, campaign, source, content) "
-                    "VALUES (%s, %s, %s, %s)",
-                    (self.name, row[0], source, content),
-                )
-            campaign, old_source, old_content, runs = row
-            changed = [
-                what
-                for what, old, new in (("recipients file", old_source, source),
-                                       ("template", old_content, content))
-                if old and new and old != new
-            ]  # fmt: skip
-            if changed and not resume:
-                raise JournalError(
-                    f"campaign {self.name!r} in {self.url} was started with another "
-                    f"{' and '.join(changed)}; use the same files, or --resume to send the "
-                    "rest with these, or another ?campaign=NAME"
-                )
-            self.campaign = campaign
-            self.previous_content = old_content
-            self.run = runs + 1
-            conn.execute(
-                "UPDATE triomail_campaigns SET runs = %s, content = %s WHERE name = %s",
-                (self.run, content or old_content, self.name),
-            )
-            conn.execute(
-                "INSERT INTO triomail_workers (name, run, host, pid) VALUES (%s, %s, %s, %s)",
-                (self.name, self.run, socket.gethostname(), os.getpid()),
-            )
+        joined = self._claims.run(
+            lambda conn: join(conn, self.name, self.url, resume, source, content)
+        )
+        self.campaign, self.previous_content, self.run = joined
 
     def close(self) -> None:
         try:
             self.flush()
             if hasattr(self, "run"):
-                self._outcomes.execute(
+                self._claims.execute(
                     "UPDATE triomail_workers SET finished = now(), seen = now(), stale = %s "
                     "WHERE name = %s AND run = %s",
                     (self.stale, self.name, self.run),
                 )
         finally:
-            self._claims.close()
-            self._outcomes.close()
+            self._close_links()
+
+    def _close_links(self) -> None:
+        for link in self._links:
+            link.close()
 
     # ----------------------------------------------------------------- messages
 
@@ -206,7 +187,16 @@ class PostgresJournal(BaseJournal):
         rows = list(entries)
         if not rows:
             return []
-        params = {
+        return self._won(rows, self._claims.query(RESERVE, self._reserve_params(rows)))
+
+    async def reserve_async(self, entries: list[Entry]) -> list[str]:
+        if not entries:
+            return []
+        params = self._reserve_params(entries)
+        return self._won(entries, await self._writer.query_async(RESERVE, params))
+
+    def _reserve_params(self, rows: list[Entry]) -> dict[str, Any]:
+        return {
             "name": self.name,
             "run": self.run,
             "keys": [r[0] for r in rows],
@@ -218,17 +208,11 @@ class PostgresJournal(BaseJournal):
             "content": rows[0][2],
         }
 
-        def work(conn: Any) -> list[tuple[str, int]]:
-            with conn.transaction():
-                conn.execute(LOAD, params)
-                return list(conn.execute(TAKE, params).fetchall())
-
-        won = dict(self._claims.run(work))
+    def _won(self, rows: list[Entry], taken: list[tuple[Any, ...]]) -> list[str]:
+        """The keys won, in the chunk's order; their fences remembered."""
+        won = dict(taken)
         self._fences.update(won)
         return [r[0] for r in rows if r[0] in won]
-
-    async def reserve_async(self, entries: list[Entry]) -> list[str]:
-        return await self._claims.run_async(self.reserve, entries)
 
     def unreserve(self, keys: Iterable[str]) -> None:
         keys = list(keys)
@@ -247,8 +231,18 @@ class PostgresJournal(BaseJournal):
 
     async def commit_wire_async(self, keys: list[str]) -> None:
         batch, self._pending = self._pending, []  # here: record_outcome appends here
-        if keys or batch:
-            await self._outcomes.run_async(self._write_outcomes, batch, keys)
+        if not keys and not batch:
+            return
+        # The outcomes buffered so far go with the rows going on the wire: a connection
+        # sends its next messages only once its last ones are settled, so after a crash
+        # the rows in flight are those on the wire. The cheapest statement that does it.
+        sql = GROUP_COMMIT if keys and batch else WIRE if keys else SETTLE
+        try:
+            rows = await self._wire.query_async(sql, self._commit_params(batch, keys))
+        except BaseException:
+            self._pending[:0] = batch  # written by the next flush, or left in flight
+            raise
+        self._refused(batch, rows)
 
     def mark(self, entries: Iterable[Entry], state: State) -> None:
         rows = list(entries)
@@ -289,19 +283,22 @@ class PostgresJournal(BaseJournal):
         """The outcomes (fenced) and the rows going on the wire, in one commit."""
         if not batch and not wire:
             return
-        names = ("keys", "states", "attempts", "codes", "enhanced", "texts", "done", "fences")
-        columns = list(map(list, zip(*batch, strict=True))) if batch else [[]] * len(names)
-        params: dict[str, object] = {"name": self.name, "wire": wire, "run": self.run}
-        params.update(zip(names, columns, strict=True))
-
-        def work(conn: Any) -> list[tuple[str]]:
-            return list(conn.execute(GROUP_COMMIT, params).fetchall())
-
         try:
-            rows = self._outcomes.run(work)
+            rows = self._claims.query(GROUP_COMMIT, self._commit_params(batch, wire))
         except BaseException:
             self._pending[:0] = batch  # written by the next flush, or left in flight
             raise
+        self._refused(batch, rows)
+
+    def _commit_params(self, batch: list[tuple[Any, ...]], wire: list[str]) -> dict[str, Any]:
+        names = ("keys", "states", "attempts", "codes", "enhanced", "texts", "done", "fences")
+        columns = list(map(list, zip(*batch, strict=True))) if batch else [[]] * len(names)
+        params: dict[str, Any] = {"name": self.name, "wire": wire, "run": self.run}
+        params.update(zip(names, columns, strict=True))
+        return params
+
+    def _refused(self, batch: list[tuple[Any, ...]], rows: list[tuple[Any, ...]]) -> None:
+        """Count and log the outcomes the fence refused (another worker has the row)."""
         written = {r[0] for r in rows}
         for item in batch:
             if item[0] not in written:
@@ -338,25 +335,12 @@ class PostgresJournal(BaseJournal):
 
     # ----------------------------------------------------------------- workers
 
-    def _renew(self) -> None:
-        def work(c: Any) -> None:
-            c.execute(
-                "UPDATE triomail_messages SET lease_until = now() + make_interval(secs => %s) "
-                "WHERE name = %s AND run = %s AND lease_until IS NOT NULL",
-                (self.lease, self.name, self.run),
-            )
-            c.execute(
-                "UPDATE triomail_workers SET seen = now() WHERE name = %s AND run = %s",
-                (self.name, self.run),
-            )
-
-        self._outcomes.run(work)
-
     async def periodic(self) -> None:
         """Renew this worker's leases every third of the lease."""
         if time.monotonic() - self._renewed >= self.lease / 3:
             self._renewed = time.monotonic()
-            await self._outcomes.run_async(self._renew)
+            params = {"name": self.name, "run": self.run, "lease": self.lease}
+            await self._writer.query_async(RENEW, params)
 
     def takeover_wait(self) -> float | None:
         ((count, free, seconds),) = self._claims.query(
