@@ -37,22 +37,21 @@ compile them from source in every run).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-SMTP_SINK = Path("/usr/sbin/smtp-sink")
+from bench._common import SMTP_SINK, smtp_sink
+
 MAILMERGE = Path(sys.executable).parent / "mailmerge"
 
 PLAIN_TEMPLATE = """\
@@ -97,40 +96,6 @@ def write_rows(path: Path, n: int, seed: int = 1) -> None:
             w.writerow(
                 [f"user{i}@example.com", name, rng.randint(1, 99999), rng.choice(("Basic", "Pro"))]
             )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_greeting(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 2) as s:
-            if s.recv(512).startswith(b"220"):
-                s.sendall(b"QUIT\r\n")
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"smtp-sink did not greet on port {port}")
-
-
-@contextlib.contextmanager
-def smtp_sink() -> Iterator[int]:
-    """``smtp-sink -u nobody 127.0.0.1:PORT 1000`` for the duration of the block."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(SMTP_SINK), "-u", "nobody", f"127.0.0.1:{port}", "1000"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_greeting(port)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @dataclass

@@ -20,7 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .bulk import PLAIN_TEMPLATE, smtp_sink, write_rows
+from ._common import smtp_sink
+from .bulk import PLAIN_TEMPLATE, write_rows
 
 HERE = Path(__file__).resolve().parent.parent
 
