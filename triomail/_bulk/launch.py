@@ -9,7 +9,7 @@ or ``--dry-run``). Then the servers and their secrets (:mod:`.servers`: a secret
 command, ``TRIOMAIL_PASSWORD`` or a prompt, never the URL). From a terminal every real
 send is confirmed once the servers answered (:func:`_confirmation`: the count, a sample
 recipient, the servers), so that a mistyped password is said before the question.
-Anything failing up to here, or in the first connections (:func:`.run.preflight`),
+Anything failing up to here, or in the first connections (:func:`.servers.preflight`),
 exits 2 with one line (:class:`.settings.CannotRun`). The batch itself is one trio run
 (:class:`.run.SendRun`).
 """

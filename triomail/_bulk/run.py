@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 :meth:`SendRun.run` starts the embedded capture server for ``--sink`` (through
 :mod:`triomail.testing`), opens and closes one connection to each server first
-(:func:`preflight`: refused credentials, or every server unreachable, exit 2 before
+(:func:`.servers.preflight`: refused credentials, or every server unreachable, exit 2 before
 anything is claimed), asks the terminal's confirmation if launch set one, then opens
 the pool on :meth:`.feed.Feed.messages` and records every result as it comes back
 (:mod:`.outcomes`).
@@ -32,11 +32,11 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import trio
 
-from .._core.errors import SMTPAuthenticationError, SMTPError
 from .._pool.pool import Pool, RetryPolicy, Server, open_pool
 from .feed import Feed
 from .journal import BaseJournal, JournalError
 from .outcomes import Outcomes
+from .servers import preflight
 from .settings import (
     EXIT_BRAKE,
     EXIT_FAILED,
@@ -48,7 +48,7 @@ from .settings import (
 )
 from .wire import Wire
 
-__all__ = ["SendRun", "preflight"]
+__all__ = ["SendRun"]
 
 #: The capture server of --sink: connections it takes at least, and its largest message.
 SINK_MIN_CONNECTIONS = 64
@@ -379,37 +379,3 @@ def _signal_receiver() -> Iterator[AsyncIterator[int]]:
         yield 0  # pragma: no cover
 
     yield never()
-
-
-async def preflight(servers: list[Server]) -> None:
-    """Open and close one connection to each server: refused credentials anywhere exit
-    2 (a configuration error), and so does every server unreachable; one unreachable of
-    several is said, and the pool fails over."""
-    failures: list[str] = []
-    for server in servers:
-        try:
-            await _try(server)
-        except CannotRun as exc:
-            if len(servers) == 1 or "authentication failed" in str(exc):
-                raise
-            failures.append(str(exc))
-    if len(failures) == len(servers):
-        raise CannotRun("; ".join(failures))
-    for failure in failures:
-        print(f"triomail send: warning: {failure}; the others are used", file=sys.stderr)
-
-
-async def _try(server: Server) -> None:
-    where = f"{server.host}:{server.port or '(default port)'}"
-    try:
-        with trio.fail_after(server.timeouts.connect + 30):
-            conn = await server.open()
-    except SMTPAuthenticationError as exc:
-        raise CannotRun(f"authentication failed at {where}: {exc}") from None
-    except SMTPError as exc:
-        raise CannotRun(f"cannot use the server {where}: {exc}") from None
-    except trio.TooSlowError:
-        raise CannotRun(f"cannot use the server {where}: no answer") from None
-    except OSError as exc:
-        raise CannotRun(f"cannot connect to {where}: {exc}") from None
-    await conn.aclose()

@@ -14,6 +14,10 @@ would show in ``ps`` and in shell history): ``--password-command CMD`` or
 its standard output), else ``TRIOMAIL_PASSWORD``, else a prompt on the terminal. An
 OAuth token expires (typically after an hour), so the token command runs again for a
 connection opened once the last token is :data:`TOKEN_FRESH_FOR` seconds old.
+
+Before anything is claimed, :func:`preflight` opens and closes one connection to each
+server, so refused credentials or a wrong address are one line and exit 2, not a
+journal full of failures.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import logging
 import shlex
 import ssl
 import subprocess
+import sys
 import time
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -31,11 +36,12 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import trio
 
 from .._client.options import default_ssl_context
+from .._core.errors import SMTPAuthenticationError, SMTPError
 from .._pool.pool import Server
 from .secrets import read_secret
 from .settings import CHECKS, CannotRun, SendSettings
 
-__all__ = ["TOKEN_FRESH_FOR", "run_secret_command", "servers"]
+__all__ = ["TOKEN_FRESH_FOR", "preflight", "run_secret_command", "servers"]
 
 #: Seconds an OAuth token from --oauth-token-command is used before it is asked again.
 TOKEN_FRESH_FOR = 300.0
@@ -164,3 +170,37 @@ def _ssl_context(ca_file: Path | None) -> ssl.SSLContext | None:
     except (OSError, ValueError) as exc:
         raise CannotRun(f"--ca-file {ca_file}: {exc}") from None
     return context
+
+
+async def preflight(servers: list[Server]) -> None:
+    """Open and close one connection to each server: refused credentials anywhere exit
+    2 (a configuration error), and so does every server unreachable; one unreachable of
+    several is said, and the pool fails over."""
+    failures: list[str] = []
+    for server in servers:
+        try:
+            await _try(server)
+        except CannotRun as exc:
+            if len(servers) == 1 or "authentication failed" in str(exc):
+                raise
+            failures.append(str(exc))
+    if len(failures) == len(servers):
+        raise CannotRun("; ".join(failures))
+    for failure in failures:
+        print(f"triomail send: warning: {failure}; the others are used", file=sys.stderr)
+
+
+async def _try(server: Server) -> None:
+    where = f"{server.host}:{server.port or '(default port)'}"
+    try:
+        with trio.fail_after(server.timeouts.connect + 30):
+            conn = await server.open()
+    except SMTPAuthenticationError as exc:
+        raise CannotRun(f"authentication failed at {where}: {exc}") from None
+    except SMTPError as exc:
+        raise CannotRun(f"cannot use the server {where}: {exc}") from None
+    except trio.TooSlowError:
+        raise CannotRun(f"cannot use the server {where}: no answer") from None
+    except OSError as exc:
+        raise CannotRun(f"cannot connect to {where}: {exc}") from None
+    await conn.aclose()

@@ -20,6 +20,10 @@ counting an attempt (R45); a 535 or a certificate failure fails every message fo
 server at once (R10, R35); a connect failure fails over to another server if one is up,
 else the worker keeps its jobs through the outage and sends them as soon as the server
 answers (:mod:`.servers` counts the outage in backoff windows).
+
+The module is longer than our usual 400 lines on purpose: a worker's turn (take, open,
+send, settle, release) reads best as one sequence with each R-numbered rule where it
+applies; what needs no I/O is kept out, in :mod:`.jobs` and :mod:`.wire`.
 """
 
 from __future__ import annotations

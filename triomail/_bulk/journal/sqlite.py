@@ -2,11 +2,12 @@
 
 Theory of operation
 -------------------
-The states and their meaning are :mod:`.base`'s. A message is marked *in-flight* in
-a committed transaction **before** it is handed to the pool (:meth:`Journal.claim`,
-one transaction per chunk of messages), and its final state is recorded when the pool
-reports it (:meth:`Journal.record`, buffered and committed in batches, so SQLite does
-not cap throughput). After a crash or ``kill -9`` a message is therefore never
+The states and their meaning are :mod:`.base`'s. A chunk's rows are *reserved* when
+they are planned (:meth:`Journal.reserve`), and each message is marked *in-flight* just
+before its first byte is written: the mark, with the outcomes settled since, is one
+append to the redo log beside the journal (:mod:`.wirelog`, which ``kill -9`` does not
+lose), and the database catches up from the log every ``LOG_COMMIT_SECONDS``; opening a
+journal replays what the log holds. After a crash a message is therefore never
 "forgotten": it is either final, or still in-flight, which ``--resume`` treats as an
 unknown outcome (R37, R38): resend with the same Message-ID (at-least-once, the
 default), or skip (``--at-most-once``). Accepted and permanently refused messages are
@@ -23,6 +24,10 @@ and ``--resume`` once space is freed sends nothing twice. A damaged file is foun
 The database runs in WAL mode with ``synchronous=NORMAL``: a committed transaction
 survives the process being killed (only a power loss can roll back the last commits,
 which then look in-flight or pending, never accepted).
+
+The module is longer than our usual 400 lines because it is the one owner of the
+SQLite schema and of every transaction on it (open, reserve, wire, outcomes, release,
+counts); the log's own format is kept apart in :mod:`.wirelog`.
 """
 
 from __future__ import annotations
