@@ -1,10 +1,12 @@
-"""``on_wire``: every message is ready before its first byte, and pipelined runs stay long.
+"""``on_wire``: every message is committed before its content, and pipelined runs stay long.
 
-The hook here stands in for a journal: a message is "committed" when a later scheduling
-round (a task of the test) or the writer itself takes it, and the hook checks the
-bound the pool promises (see triomail/_pool/wire.py): when a message is asked for,
-at most one message of its connection is written and without its final result.
-Against the capture server, so the pipelining and the replies are real.
+The hook here stands in for a journal: a message is "committed" when :meth:`Hook.wait`
+returns, inline (as the SQLite journal's redo log) or on a later scheduling round (as a
+PostgreSQL group commit). It checks what the pool promises (see triomail/_pool/wire.py):
+each message is asked for before it is awaited, its content reaches the server only
+after that, and when a message is taken at most one message of its connection is
+written and without its final result. Against the capture server, behind a relay that
+counts the round trips, so the pipelining and the replies are real.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from collections.abc import Sequence
 
 import pytest
 import trio
+from helpers.turns import counting_relay
 
 import triomail
-from triomail import PreparedMessage, SendResult, Server
+from triomail import Outcome, PreparedMessage, SendResult, Server
 from triomail.testing import SMTPSink
 
 
@@ -25,83 +28,115 @@ def _message(i: int) -> PreparedMessage:
 
 
 class Hook:
-    """A WireHook that commits on request (inline, as the SQLite journal does) or
-    never (then every message waits), and records what the pool did."""
+    """A WireHook that records what the pool did and checks it against the sink."""
 
-    def __init__(self, *, inline: bool) -> None:
-        self.inline = inline
-        self.asked: set[object] = set()
-        self.committed: set[object] = set()
-        self.written: list[object] = []  # in the order the pool may write them
+    def __init__(self, sink: SMTPSink, *, later: bool = False) -> None:
+        self.sink = sink
+        self.later = later  # commit on a later scheduling round, not inline
+        self.asked: list[object] = []
+        self.committed: list[object] = []
         self.done: set[object] = set()
-        self.waits = 0
         self.most_unsettled = 0
+        self.early: list[object] = []  # content at the server before its commit
+        self.hold: dict[object, float] = {}  # tag -> seconds its commit takes
+        self.refuse: set[object] = set()  # tags whose commit fails (once)
 
-    def _unsettled(self) -> int:
-        return len([t for t in self.written if t not in self.done])
+    def _delivered(self) -> set[str]:
+        return {m.message["Subject"] for m in self.sink.messages}
 
     def request(self, messages: Sequence[PreparedMessage]) -> None:
-        # The bound: what is written and not settled when the next is asked for.
-        self.most_unsettled = max(self.most_unsettled, self._unsettled())
-        self.asked.update(m.tag for m in messages)
-
-    def ready(self, message: PreparedMessage) -> bool:
-        if message.tag in self.asked and self.inline:
-            self.committed.add(message.tag)
-        if message.tag in self.committed:
-            self.written.append(message.tag)
-            return True
-        return False
+        # The bound: what is taken and not settled when the next is taken.
+        unsettled = len([t for t in self.asked if t not in self.done])
+        self.most_unsettled = max(self.most_unsettled, unsettled)
+        self.asked.extend(m.tag for m in messages)
 
     async def wait(self, messages: Sequence[PreparedMessage]) -> None:
-        self.waits += 1
-        await trio.lowlevel.checkpoint()
         for m in messages:
-            self.committed.add(m.tag)
-            self.written.append(m.tag)
+            assert m.tag in self.asked, f"{m.tag} awaited before it was asked for"
+            if self.later:
+                await trio.sleep(self.hold.pop(m.tag, 0))
+            if str(m.tag) in self._delivered():
+                self.early.append(m.tag)
+            if m.tag in self.refuse:
+                self.refuse.discard(m.tag)
+                raise OSError(f"commit of {m.tag} failed")
+            self.committed.append(m.tag)
 
     def settled(self, result: SendResult) -> None:
         self.done.add(result.tag)
 
 
 async def _send(
-    hook: Hook, n: int, connections: int, *, chunking: bool = False
-) -> list[SendResult]:
+    hook_args: dict[str, object],
+    n: int,
+    connections: int,
+    *,
+    chunking: bool = False,
+    setup: object = None,
+) -> tuple[Hook, list[SendResult], SMTPSink, int]:
     async with (
         SMTPSink(tls=False, hide_extensions=() if chunking else ("CHUNKING",)) as sink,
-        triomail.open_pool(
-            Server(sink.host, sink.port, tls="none"), connections=connections, on_wire=hook
-        ) as pool,
-        pool.send_all(_message(i) for i in range(n)) as results,
+        counting_relay(sink.host, sink.port) as (port, turns),
     ):
-        return [result async for result in results]
+        hook = Hook(sink, **hook_args)  # type: ignore[arg-type]
+        if callable(setup):
+            setup(hook)
+        async with (
+            triomail.open_pool(
+                Server(sink.host, port, tls="none"), connections=connections, on_wire=hook
+            ) as pool,
+            pool.send_all(_message(i) for i in range(n)) as results,
+        ):
+            got = [result async for result in results]
+        return hook, got, sink, turns.count
 
 
 @pytest.mark.parametrize("chunking", [False, True])
-async def test_runs_stay_long_and_each_message_is_ready_first(chunking: bool) -> None:
+@pytest.mark.parametrize("later", [False, True])
+async def test_each_message_is_committed_before_its_content(chunking: bool, later: bool) -> None:
     n, connections = 600, 3
-    hook = Hook(inline=True)
-    results = await _send(hook, n, connections, chunking=chunking)
+    hook, results, sink, turns = await _send({"later": later}, n, connections, chunking=chunking)
     assert sorted(r.tag for r in results) == list(range(n))  # type: ignore[type-var]
     assert all(r.ok for r in results)
-    # Every message was committed before it could be written, each once.
-    assert sorted(hook.written) == list(range(n))  # type: ignore[type-var]
-    assert hook.committed == set(range(n))
-    # With DATA, asked for ahead while the run went on: few runs, not one per message
-    # or two. (BDAT writes whole messages back to back: two at most in doubt means
-    # runs of two there.)
-    if not chunking:
-        assert hook.waits <= n // 20
-    # When a connection asks for its next message at most one it wrote awaits its
-    # result (each other connection: two, an end of data and the envelope behind it).
+    assert len(sink.messages) == n
+    # Every message was committed, each once, and none reached the server before.
+    assert sorted(hook.committed) == list(range(n))  # type: ignore[type-var]
+    assert hook.early == []
+    # When a connection takes its next message at most one it wrote awaits its result
+    # (each other connection: two, an end of data and the envelope behind it).
     assert hook.most_unsettled <= 1 + 2 * (connections - 1)
+    if not chunking:
+        # With DATA a run goes on while commits run: about one round trip a message (a
+        # run cut at each message that is not committed yet would take two).
+        assert turns <= n + n // 10 + 10 * connections
 
 
-async def test_a_message_not_ready_in_time_waits_for_the_next_run() -> None:
+async def test_a_slow_commit_holds_the_content_not_the_run() -> None:
     n = 40
-    hook = Hook(inline=False)  # nothing asked ahead is ever committed in time
-    results = await _send(hook, n, 1)
-    assert sorted(r.tag for r in results) == list(range(n))  # type: ignore[type-var]
-    assert all(r.ok for r in results)
-    assert sorted(hook.written) == list(range(n))  # type: ignore[type-var]
-    assert hook.waits == n  # each run ended at the message that was not ready
+
+    def setup(hook: Hook) -> None:
+        hook.hold[7] = 0.3  # the sink would have it long before, were it written
+
+    hook, results, sink, turns = await _send({"later": True}, n, 1, setup=setup)
+    assert all(r.ok for r in results) and len(sink.messages) == n
+    assert sorted(hook.committed) == list(range(n)) and hook.early == []  # type: ignore[type-var]
+    assert turns <= n + 6  # greeting, EHLO, QUIT: one run, one round trip a message
+
+
+@pytest.mark.parametrize("later", [False, True])
+async def test_a_message_held_back_is_not_written_and_not_retried(later: bool) -> None:
+    n = 30
+
+    def setup(hook: Hook) -> None:
+        hook.refuse.add(12)
+
+    hook, results, sink, _ = await _send({"later": later}, n, 2, setup=setup)
+    by_tag = {r.tag: r for r in results}
+    assert len(results) == n and sorted(by_tag) == list(range(n))  # type: ignore[type-var]
+    held = by_tag[12]
+    assert held.outcome is Outcome.TRANSIENT and "not written: commit of 12 failed" in str(
+        held.error
+    )
+    delivered = sorted(int(m.message["Subject"]) for m in sink.messages)
+    assert delivered == [i for i in range(n) if i != 12]  # the others once each
+    assert hook.committed.count(12) == 0

@@ -41,10 +41,6 @@ class Wire:
         if not self.journal.inline_commits:  # else committed at once when ready
             self.journal.request(_keys(messages))
 
-    def ready(self, message: PreparedMessage) -> bool:
-        tag = message.tag
-        return type(tag) is not Tag or self.journal.committed(tag.key)
-
     async def wait(self, messages: Sequence[PreparedMessage]) -> None:
         await self.journal.on_wire(_keys(messages))
 

@@ -35,6 +35,13 @@ stage, see :func:`run_batch`). The batch adds the bookkeeping:
   connection keeps that mode, :attr:`Transport.pipeline`, and says so once at INFO)
   and sends the message again on the same connection as soon as nothing is owed; it
   is no new attempt and no result is recorded for the refused one.
+
+* **Held back before its content.** A caller's ``gate`` (``send_many(gate=...)``) is
+  awaited before a message's content goes out: its end of data is what can deliver it
+  (RFC 5321 §4.1.1.4: a transaction without one is discarded), so a journal commits the
+  message in flight there, while its envelope's round trip runs. A gate that raises
+  stops the batch like a lost connection (:class:`Held`): the connection is closed with
+  the 354 unanswered, so that message was never delivered.
 """
 
 from __future__ import annotations
@@ -65,13 +72,16 @@ from .._core.transaction import (
 )
 from .transport import Transport
 
-__all__ = ["DATA_LINE", "DOT_LINE", "RSET_LINE", "Batch", "run_batch"]
+__all__ = ["DATA_LINE", "DOT_LINE", "RSET_LINE", "Batch", "Gate", "Held", "run_batch"]
 
 log = logging.getLogger("triomail")
 
 RSET_LINE = b"RSET\r\n"
 DATA_LINE = b"DATA\r\n"
 DOT_LINE = b".\r\n"
+
+#: Awaited before a message's content is written; raising holds it back (:class:`Held`).
+Gate = Callable[[PreparedMessage], Awaitable[None]]
 
 
 class _Stop(SMTPError):
@@ -80,6 +90,13 @@ class _Stop(SMTPError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class Held(SMTPError):
+    """A gate refused a message's content: the batch stops, the connection is closed."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"not written: {reason}")
 
 
 class Batch:
@@ -97,8 +114,10 @@ class Batch:
         tls_active: bool,
         dsn: DSN | None,
         requiretls: bool,
+        gate: Gate | None = None,
     ) -> None:
         self.io = io
+        self.gate = gate
         self.t = timeouts
         self.results = results
         self.txns = txns  # every transaction taken so far (all of them for a Sequence)
@@ -260,6 +279,18 @@ class Batch:
 
     # -------------------------------------------------------------------- writes
 
+    async def before_content(self, txn: Transaction) -> None:
+        """Await the gate (if any) before ``txn``'s content is written; :class:`Held`
+        if it raises."""
+        gate = self.gate
+        if gate is not None:
+            try:
+                await gate(txn.prepared)
+            except SMTPError:
+                raise
+            except Exception as exc:
+                raise Held(str(exc) or type(exc).__name__) from exc
+
     async def write(
         self,
         data: bytes,
@@ -306,6 +337,8 @@ async def run_batch(batch: Batch, driver: Callable[[Batch], Awaitable[None]]) ->
                     await driver(batch)
             except _Stop as stop:
                 failure, closing = stop.reason, True
+            except Held as held:
+                failure = str(held)
             except SMTPError as exc:
                 failure = f"{type(exc).__name__}: {exc}"
             except BaseException:

@@ -62,9 +62,12 @@ async def send_chunked(batch: Batch) -> None:
             await batch.drain()
             if batch.stop_reason is not None:
                 break
+            await batch.before_content(txn)
             await _bdat_alone(batch, txn, before is not None and not before.clean)
             owed_before = 0
             continue
+        # The content goes in the same write as the envelope: the gate comes first.
+        await batch.before_content(txn)
         # RFC 3030: after a failed BDAT the server's state is indeterminate until RSET.
         rset = before is not None and not before.clean
         if rset:

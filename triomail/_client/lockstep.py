@@ -43,6 +43,7 @@ from .._core.transaction import (
     Transaction,
     stage_seconds,
 )
+from .batch import Gate, Held
 from .transport import SALVAGE_SECONDS, Transport
 
 __all__ = ["reset", "send_each", "send_one"]
@@ -198,18 +199,29 @@ async def send_each(
     send: Callable[[PreparedMessage], Awaitable[SendResult]],
     messages: Iterable[PreparedMessage],
     on_result: Callable[[int, SendResult], None] | None,
+    gate: Gate | None = None,
 ) -> list[SendResult]:
-    """``send_many`` without PIPELINING: ``send`` each message; once the connection is
-    gone, the rest were never started."""
+    """``send_many`` without PIPELINING: ``send`` each message once its ``gate`` (if
+    any) let it go: one it held back is never started, and the others go on (nothing
+    of it was written); once the connection is gone, the rest were never started."""
     before = io.transactions
     results: list[SendResult] = []
     for index, prepared in enumerate(messages):
-        try:
-            result = await send(prepared)
-        except SMTPDisconnected as exc:
-            if io.transactions == before:
-                raise  # nothing was started: like send()
-            result = never_started(prepared, str(exc))
+        held: str | None = None
+        if gate is not None:
+            try:
+                await gate(prepared)
+            except Exception as exc:
+                held = str(Held(str(exc) or type(exc).__name__))
+        if held is not None:
+            result = never_started(prepared, held)
+        else:
+            try:
+                result = await send(prepared)
+            except SMTPDisconnected as exc:
+                if io.transactions == before:
+                    raise  # nothing was started: like send()
+                result = never_started(prepared, str(exc))
         results.append(result)
         if on_result is not None:
             on_result(index, result)

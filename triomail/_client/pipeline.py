@@ -38,7 +38,7 @@ from .._core.prepare import DSN, PreparedMessage
 from .._core.results import SendResult
 from .._core.timeouts import Timeouts
 from .._core.transaction import DATA, DATA_CHUNK, DOT, MAIL, RCPT, RCPT_GROUP, RSET, Transaction
-from .batch import DATA_LINE, DOT_LINE, RSET_LINE, Batch, run_batch
+from .batch import DATA_LINE, DOT_LINE, RSET_LINE, Batch, Gate, run_batch
 from .chunking import send_chunked
 from .transport import Transport
 
@@ -56,6 +56,7 @@ async def send_pipelined(
     dsn: DSN | None = None,
     requiretls: bool = False,
     on_result: Callable[[int, SendResult], None] | None = None,
+    gate: Gate | None = None,
 ) -> list[SendResult]:
     """Send ``messages`` over a PIPELINING session; one :class:`SendResult` per message.
 
@@ -84,7 +85,7 @@ async def send_pipelined(
             await io.abort()
             raise SMTPDisconnected("server closed or wrote to the connection while it was idle")
         batch = Batch(
-            io, timeouts, results, txns, on_result, lazy, caps, tls_active, dsn, requiretls
+            io, timeouts, results, txns, on_result, lazy, caps, tls_active, dsn, requiretls, gate
         )
         use_bdat = caps.chunking and chunking is not False
         await run_batch(batch, send_chunked if use_bdat else _data)
@@ -106,6 +107,7 @@ async def _data(batch: Batch) -> None:
         if due is not None:
             batch.body_due = None
             if batch.cross:
+                await batch.before_content(due)
                 slots.append((DOT, due, 0))  # first: a reply to a failed write is its answer
                 parts = _small_body(due) or await _body_head(batch, due)
                 finals.append((due, sum(map(len, parts))))
@@ -166,6 +168,7 @@ async def _data(batch: Batch) -> None:
 
 async def _end_of_data(batch: Batch, txn: Transaction) -> None:
     """Write ``txn``'s content alone and read the reply to its end of data."""
+    await batch.before_content(txn)
     batch.slots.append((DOT, txn, 0))
     parts = _small_body(txn) or await _body_head(batch, txn)
     data = b"".join(parts)

@@ -45,6 +45,7 @@ from .._core.sasl import SASLMechanism
 from .._core.timeouts import Timeouts
 from .._core.transaction import Transaction
 from .auth import authenticate, authenticate_with_any, choose
+from .batch import Gate
 from .lockstep import reset, send_each, send_one
 from .options import (
     Pipeline,
@@ -327,6 +328,7 @@ class SMTPConnection:
         requiretls: bool = False,
         on_result: Callable[[int, SendResult], None] | None = None,
         pipeline: Pipeline | None = None,
+        gate: Gate | None = None,
     ) -> list[SendResult]:
         """Send prepared messages; one result per message, in order.
 
@@ -355,6 +357,14 @@ class SMTPConnection:
         is consumed into "never started" results. An exception raised by the iterable
         itself ends the batch mid-way: the connection is left unusable and the results
         so far reach only ``on_result``.
+
+        ``gate(message)``, if given, is awaited before each message's content is
+        written, the part that can deliver it (a journal commits the message there, see
+        docs/pool.md). If it raises, that message is not sent and its result says why.
+        In ``"cross"`` mode its envelope is already out and answered by 354, so the
+        batch stops there: the connection is closed (the server discards that
+        transaction) and the messages not answered get the results of a lost
+        connection.
         """
         io = self._io
         io.check_usable()
@@ -368,7 +378,7 @@ class SMTPConnection:
             # Each group's replies waited for: no delayed ACK for them (transport).
             io.ack_each_read(within or io.pipeline != "cross")
             try:
-                return await send_each(io, send, messages, on_result)
+                return await send_each(io, send, messages, on_result, gate)
             finally:
                 io.ack_each_read(io.pipeline != "cross")
         return await send_pipelined(
@@ -381,6 +391,7 @@ class SMTPConnection:
             dsn=dsn,
             requiretls=requiretls,
             on_result=on_result,
+            gate=gate,
         )
 
 

@@ -8,7 +8,7 @@ connection offers is the caller's business, not the pool's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from email.message import Message
 from typing import Protocol
 
@@ -62,9 +62,11 @@ class Connection(Protocol):
         messages: Iterable[PreparedMessage],
         *,
         on_result: Callable[[int, SendResult], None] | None = None,
+        gate: Callable[[PreparedMessage], Awaitable[None]] | None = None,
     ) -> list[SendResult]:
         """Pipelined transactions (RFC 2920), one result per message, in order;
-        ``on_result`` hears of each as soon as it is known."""
+        ``on_result`` hears of each as soon as it is known; ``gate`` is awaited before
+        each message's content (raising stops the batch)."""
 
     async def aclose(self) -> None:
         """QUIT (unless broken) and close."""
@@ -74,17 +76,13 @@ class WireHook(Protocol):
     """What a pool is told before it writes a message (``on_wire``): a journal that
     commits each message in flight first.
 
-    A worker writes a message only once :meth:`ready` says so. It requests (:meth:`request`)
-    the next message from the queue as it writes the current one, so that commit
-    overlaps the round trip and a pipelined run goes on; a message not ready when the
-    pipeline wants it ends the run, and the worker awaits :meth:`wait` for it.
+    A worker asks for each message's commit (:meth:`request`) as it takes it for a
+    pipelined run and its envelope goes out, and awaits :meth:`wait` just before the
+    message's content, the part that can deliver it (see triomail/_pool/wire.py).
     """
 
     def request(self, messages: Sequence[PreparedMessage]) -> None:
         """Start committing these (never waits)."""
-
-    def ready(self, message: PreparedMessage) -> bool:
-        """True if ``message`` may be written now (asked once per message)."""
 
     async def wait(self, messages: Sequence[PreparedMessage]) -> None:
         """Return once these may be written; raise if they may not be."""

@@ -73,10 +73,8 @@ class Worker:
         self.streamed = 0
         #: Jobs this worker holds while their server is down (counted as in backoff).
         self.waiting = 0
-        #: With ``on_wire``: the current run, and a job it asked for ahead and did not
-        #: write (not committed in time), for the next attempt.
+        #: With ``on_wire``: the current pipelined run.
         self.wire: WireRun | None = None
-        self.carried: list[Job] = []
 
     async def run(self) -> None:
         dispatch = self.dispatch
@@ -107,12 +105,8 @@ class Worker:
         only when it is ready to write them, so the workers share the queue fairly).
 
         Returns None when the pool closes, and an empty list after closing an idle
-        connection or dropping a withdrawn job. Jobs a run took ahead and did not
-        write come first.
+        connection or dropping a withdrawn job.
         """
-        if self.carried:
-            jobs, self.carried = self.carried, []
-            return jobs
         queue = self.dispatch.jobs_receive
         try:
             if self.lease.conn is None:
@@ -265,16 +259,16 @@ class Worker:
                 await self._not_sent([job for job, _ in ready], outcomes.STOPPED, final=True)
                 return
             try:
-                if self.options.on_wire is not None:
-                    await self.options.on_wire.wait([message for _, message in ready])
+                hook = self.options.on_wire
+                if hook is not None and dispatch.batch_size == 1:  # else the run's gate
+                    await hook.wait([message for _, message in ready])
             except Exception as exc:  # not committed, so not written
                 return await self._not_sent([job for job, _ in ready], str(exc), final=True)
             refused: _Refused = []
             results = await self._send(ready, refused)
             wire, self.wire = self.wire, None
-            if wire is not None and wire.ahead is not None:  # the next attempt's
-                self.carried.append(wire.ahead[0])
-                self.streamed -= 1
+            # Held back by the hook (its journal could not commit): not sent, not retried.
+            held = set() if wire is None else wire.held
             # Every outcome is recorded before any is handed over (which may wait for
             # the consumer): a cancellation then finds each job with its result.
             finished: list[tuple[Job, SendResult]] = []
@@ -287,9 +281,12 @@ class Worker:
                 continue
             lease.sent += len(results)
             jobs = []
-            for index, ((job, _), result) in enumerate(zip(ready, results, strict=True)):
+            for index, ((job, message), result) in enumerate(zip(ready, results, strict=True)):
                 if job.final:
                     continue  # accepted and delivered during the run
+                if held and id(message) in held:
+                    dispatch.settle(job, result, finished, final=True)
+                    continue
                 if (
                     (reused or index > 0)
                     and not result.mail_accepted
@@ -329,17 +326,17 @@ class Worker:
         limit = self.options.max_messages_per_connection
         if limit is not None:
             room = min(room, limit - self.lease.sent)
-        hook = self.options.on_wire
-        if hook is not None:
-            self.wire = WireRun(hook, ready, room, lambda: self._take_next(refused))
-            yield from self.wire.messages()
-            return
+        wire = self.wire
+        if wire is not None:  # each message committed before its content (gate)
+            wire.hook.request([message for _, message in ready])
         yield from [message for _, message in ready]
-        while len(ready) < room:
+        while len(ready) < room and (wire is None or wire.may_take(len(ready))):
             taken = self._take_next(refused)
             if taken is None:
                 return
             ready.append(taken)
+            if wire is not None:
+                wire.hook.request([taken[1]])
             yield taken[1]
 
     def _take_next(self, refused: _Refused) -> tuple[Job, PreparedMessage] | None:
@@ -389,7 +386,12 @@ class Worker:
                 self.wire.on_result(result if accepted else None)
 
         try:
-            return await conn.send_many(self._stream(ready, refused), on_result=on_result)
+            hook = self.options.on_wire
+            self.wire = None if hook is None else WireRun(hook)
+            gate = None if self.wire is None else self.wire.gate
+            return await conn.send_many(
+                self._stream(ready, refused), on_result=on_result, gate=gate
+            )
         except trio.Cancelled:
             # Which unfinished message was past its final dot is not known: report
             # them all as unknown rather than risk calling a delivered one transient.
@@ -402,9 +404,7 @@ class Worker:
                     ledger.cut_short(job, result)
             for job, refusal in refused:
                 ledger.cut_short(job, job.refused(refusal))
-            wire, self.wire = self.wire, None
-            if wire is not None and wire.ahead is not None:  # asked for, never written
-                ledger.cut_short(wire.ahead[0], wire.ahead[0].not_sent("pool cancelled"))
+            self.wire = None
             raise
 
     async def _send_one(

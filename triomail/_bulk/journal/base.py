@@ -10,15 +10,14 @@ state moves
 
 The send command *reserves* a chunk's rows when it plans them (:meth:`BaseJournal.reserve`:
 this run's, a shared journal's other workers keep off them), and a message is marked
-*in-flight* in a committed transaction just before its bytes are written: the pool
-awaits :meth:`BaseJournal.on_wire` with the messages a connection is about to write.
-The pool asks for a connection's next message while it writes the current one
-(:meth:`BaseJournal.request`, see triomail/_pool/wire.py) and writes it once
-:meth:`BaseJournal.committed` says so. Those commits are grouped: every connection that
-asks while one commit runs waits for the next, which carries all their rows and the
-outcomes buffered meanwhile (:meth:`BaseJournal.background`, every
+*in-flight* in a committed transaction before its content is written, the part that can
+deliver it: the pool asks for the commit when it takes the message for a run and writes
+its envelope (:meth:`BaseJournal.request`, see triomail/_pool/wire.py) and awaits
+:meth:`BaseJournal.on_wire` just before the content. Those commits are grouped: every
+connection that asks while one commit runs waits for the next, which carries all their
+rows and the outcomes buffered meanwhile (:meth:`BaseJournal.background`, every
 ``GROUP_COMMIT_SECONDS`` at least); a store with :attr:`BaseJournal.inline_commits`
-(SQLite: a redo log, :mod:`.wirelog`) commits each row at once instead. So after a
+(SQLite: a redo log, :mod:`.wirelog`) commits each row when it is awaited instead. So after a
 crash the rows in flight are those that were on the wire, a few per connection, and
 their outcomes lag their replies by milliseconds: only those are unknown, which
 ``--resume`` resends with the same Message-ID or, with ``--at-most-once``, skips (R37,
@@ -271,7 +270,7 @@ class BaseJournal(abc.ABC):
 
     def committed(self, key: str) -> bool:
         """True if ``key`` is committed in flight (asked for with :meth:`request`): the
-        caller writes it now, so the answer is given once. A store with
+        caller writes its content now, so the answer is given once. A store with
         :attr:`inline_commits` commits it at once, with the outcomes settled since."""
         if self._batch is None:
             return False
