@@ -274,6 +274,11 @@ def main() -> int:
         "--postgres", action=argparse.BooleanOptionalAction, default=True,
         help="also compare the SQLite and PostgreSQL journals (bench/bulk_postgres.py)",
     )  # fmt: skip
+    parser.add_argument("--only-postgres", action="store_true", help="only the journal section")
+    parser.add_argument(
+        "--pg-connections", type=int, default=32,
+        help="the journals compared again with this many connections (default 32)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.quick:
         args.rows, args.big, args.runs = 1_000, 20_000, 1
@@ -297,6 +302,15 @@ def main() -> int:
             f"smtp-sink on loopback; {os.cpu_count()} CPUs",
             flush=True,
         )
+        if args.only_postgres:
+            from .bulk_postgres import postgres_section
+
+            with smtp_sink() as port:
+                postgres_section(
+                    work, rows, args.rows, templates["plain"], port, args.connections,
+                    args.runs, args.pg_connections,
+                )  # fmt: skip
+            return 0
         with smtp_sink() as port:
             if not args.no_dkim:
                 dkim_section(work, rows, templates["text+html"], port, args)
@@ -355,8 +369,9 @@ def main() -> int:
 
             with smtp_sink() as port:
                 postgres_section(
-                    work, rows, args.rows, templates["plain"], port, args.connections, args.runs
-                )
+                    work, rows, args.rows, templates["plain"], port, args.connections,
+                    args.runs, args.pg_connections,
+                )  # fmt: skip
     finally:
         if args.keep:
             print(f"work directory: {work}")

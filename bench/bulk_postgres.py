@@ -5,7 +5,11 @@ median of ``--runs``:
 
 * one worker with the SQLite journal against one worker with a PostgreSQL journal on
   a private cluster (``initdb``/``pg_ctl`` in a temporary directory, as the tests do),
-  in messages per second of wall time;
+  in messages per second of wall time, with the run's ``--connections`` and with
+  ``--pg-connections`` (32): each connection waits for its message's commit once a
+  message (at most two messages of a connection are in flight, so that a crash leaves
+  few in doubt), so a journal over the network needs more connections to hide its
+  commit's latency;
 * two workers against one on the same PostgreSQL campaign: the campaign's rows over
   the wall time until the last worker exits (the ratio depends on the CPU count, which
   is printed: every worker renders every row it plans);
@@ -76,7 +80,14 @@ def _run(
 
 
 def postgres_section(
-    work: Path, rows: Path, n: int, template: Path, port: int, connections: int, runs: int
+    work: Path,
+    rows: Path,
+    n: int,
+    template: Path,
+    port: int,
+    connections: int,
+    runs: int,
+    wide: int = 32,
 ) -> None:
     """Print the PostgreSQL section (see the module's docstring)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -87,17 +98,27 @@ def postgres_section(
         return
     sqlite: list[float] = []
     one: list[float] = []
+    sqlite_wide: list[float] = []
+    one_wide: list[float] = []
     two: list[float] = []
     cpu: list[float] = []
     baseline = os.environ.get("BENCH_PG_BASELINE")
     before: list[float] = []
     with start_postgres() as cluster:
-        for i in range(runs):
-            journal = work / "pg-bench.sqlite3"
-            for suffix in ("", "-wal", "-shm"):
+        journal = work / "pg-bench.sqlite3"
+
+        def fresh() -> str:
+            for suffix in ("", "-wal", "-shm", ".wire"):
                 Path(f"{journal}{suffix}").unlink(missing_ok=True)
-            s = _run(1, rows, template, port, str(journal), connections, work)
+            return str(journal)
+
+        for i in range(runs):
+            s = _run(1, rows, template, port, fresh(), connections, work)
             p1 = _run(1, rows, template, port, cluster.journal(f"one{i}"), connections, work)
+            sw = _run(1, rows, template, port, fresh(), wide, work)
+            pw = _run(1, rows, template, port, cluster.journal(f"wide{i}"), wide, work)
+            sqlite_wide.append(n / sw.seconds)
+            one_wide.append(n / pw.seconds)
             p2 = _run(2, rows, template, port, cluster.journal(f"two{i}"), connections, work)
             if baseline:
                 b = _run(1, rows, template, port, cluster.journal(f"base{i}"), connections, work,
@@ -110,13 +131,18 @@ def postgres_section(
             cpu.append(s.cpu / n)
             print(
                 f"  run {i + 1} journal: SQLite {n / s.seconds:7,.0f} msg/s, PostgreSQL "
-                f"{n / p1.seconds:7,.0f} msg/s, two PostgreSQL workers {n / p2.seconds:7,.0f}",
+                f"{n / p1.seconds:7,.0f} msg/s, two PostgreSQL workers {n / p2.seconds:7,.0f}; "
+                f"{wide} connections: SQLite {n / sw.seconds:7,.0f}, PostgreSQL "
+                f"{n / pw.seconds:7,.0f}",
                 flush=True,
             )
     s_med, one_med, two_med = (statistics.median(v) for v in (sqlite, one, two))
+    sw_med, pw_med = statistics.median(sqlite_wide), statistics.median(one_wide)
     print(
         f"\njournal, one worker, {n:,} rows, {connections} connections: SQLite {s_med:,.0f} "
         f"msg/s, PostgreSQL {one_med:,.0f} msg/s ({one_med / s_med:.2f}x SQLite)\n"
+        f"journal, one worker, {wide} connections: SQLite {sw_med:,.0f} msg/s, PostgreSQL "
+        f"{pw_med:,.0f} msg/s ({pw_med / sw_med:.2f}x SQLite)\n"
         f"two workers on one PostgreSQL campaign: {two_med:,.0f} msg/s, "
         f"{two_med / one_med:.2f}x one worker ({os.cpu_count()} CPUs, shared with the sink "
         f"and the database)\n"

@@ -243,7 +243,7 @@ def test_the_sqlite_redo_log_is_read_by_status_and_replayed(tmp_path: Path) -> N
     commit: ``triomail status`` (peek) counts them, opening replays them, and a last
     line a crash cut short is ignored."""
     from triomail._bulk.journal import Journal
-    from triomail._bulk.journal.wirelog import log_path
+    from triomail._bulk.journal.wirelog import log_path, read
 
     path = tmp_path / "j.sqlite3"
     journal, _ = Journal.open(path, resume=False)
@@ -251,8 +251,12 @@ def test_the_sqlite_redo_log_is_read_by_status_and_replayed(tmp_path: Path) -> N
     journal.wire_now(["k0", "k1"])
     journal.record(Settled("k0", "accepted", 1, 250, None, "ok", ()))
     journal.wire_now(["k2"])
-    with log_path(path).open("a") as log:
-        log.write('[["w", 1.0, "k3"]')  # cut short: never complete, so never sent
+    # A crash in the middle of an append: the line is there but for its first byte,
+    # still the NUL that ends the log, so it is not read (and k3 was never sent).
+    with log_path(path).open("r+b") as log:
+        end = log.read().index(0)
+        log.seek(end + 1)
+        log.write(b'["w", 1.0, "k3"]]\n\0')
     by_state = Journal.peek(path).by_run[journal.run]
     assert (by_state["accepted"], by_state["in-flight"], by_state["pending"]) == (1, 2, 1)
     # A crash: nothing committed on the way out.
@@ -261,6 +265,6 @@ def test_the_sqlite_redo_log_is_read_by_status_and_replayed(tmp_path: Path) -> N
     journal._log.close()
     journal, counts = Journal.open(path, resume=True)
     assert (counts["accepted"], counts["in-flight"], counts["pending"]) == (1, 2, 1)
-    assert log_path(path).stat().st_size == 0  # replayed into the database
+    assert list(read(log_path(path))) == []  # replayed into the database
     journal.close()
     assert not log_path(path).exists()

@@ -1,17 +1,17 @@
 """``on_wire``: every message is committed before its content, and pipelined runs stay long.
 
 The hook here stands in for a journal: a message is "committed" when :meth:`Hook.wait`
-returns, inline (as the SQLite journal's redo log) or on a later scheduling round (as a
-PostgreSQL group commit). It checks what the pool promises (see triomail/_pool/wire.py):
-each message is asked for before it is awaited, its content reaches the server only
-after that, and when a message is taken at most one message of its connection is
-written and without its final result. Against the capture server, behind a relay that
-counts the round trips, so the pipelining and the replies are real.
+lets it go, at once (as the SQLite journal's redo log: nothing to await) or on a later
+scheduling round (as a PostgreSQL group commit). It checks what the pool promises (see
+triomail/_pool/wire.py): each message is asked for before it is let go, its content
+reaches the server only after that, and when a message is taken at most one message of
+its connection is written and without its final result. Against the capture server,
+behind a relay that counts the round trips, so the pipelining and the replies are real.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 
 import pytest
 import trio
@@ -50,11 +50,20 @@ class Hook:
         self.most_unsettled = max(self.most_unsettled, unsettled)
         self.asked.extend(m.tag for m in messages)
 
-    async def wait(self, messages: Sequence[PreparedMessage]) -> None:
+    def wait(self, messages: Sequence[PreparedMessage]) -> Awaitable[None] | None:
+        if self.later:
+            return self._later(messages)
+        self._commit(messages)  # at once: nothing to await
+        return None
+
+    async def _later(self, messages: Sequence[PreparedMessage]) -> None:
+        for m in messages:
+            await trio.sleep(self.hold.pop(m.tag, 0))
+        self._commit(messages)
+
+    def _commit(self, messages: Sequence[PreparedMessage]) -> None:
         for m in messages:
             assert m.tag in self.asked, f"{m.tag} awaited before it was asked for"
-            if self.later:
-                await trio.sleep(self.hold.pop(m.tag, 0))
             if str(m.tag) in self._delivered():
                 self.early.append(m.tag)
             if m.tag in self.refuse:

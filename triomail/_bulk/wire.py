@@ -11,7 +11,7 @@ its journal row is committed in flight (:meth:`.journal.BaseJournal.committed`,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from .._core.prepare import PreparedMessage
 from .._core.results import SendResult
@@ -41,8 +41,11 @@ class Wire:
         if not self.journal.inline_commits:  # else committed at once when ready
             self.journal.request(_keys(messages))
 
-    async def wait(self, messages: Sequence[PreparedMessage]) -> None:
-        await self.journal.on_wire(_keys(messages))
+    def wait(self, messages: Sequence[PreparedMessage]) -> Awaitable[None] | None:
+        keys = _keys(messages)
+        if not keys or self.journal.wired(keys):
+            return None
+        return self.journal.on_wire(keys)
 
     def settled(self, result: SendResult) -> None:
         self.settle(result)

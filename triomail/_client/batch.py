@@ -80,8 +80,9 @@ RSET_LINE = b"RSET\r\n"
 DATA_LINE = b"DATA\r\n"
 DOT_LINE = b".\r\n"
 
-#: Awaited before a message's content is written; raising holds it back (:class:`Held`).
-Gate = Callable[[PreparedMessage], Awaitable[None]]
+#: Called before a message's content is written: ``None`` lets it go at once, an
+#: awaitable once awaited; raising holds it back (:class:`Held`).
+Gate = Callable[[PreparedMessage], Awaitable[None] | None]
 
 
 class _Stop(SMTPError):
@@ -285,7 +286,9 @@ class Batch:
         gate = self.gate
         if gate is not None:
             try:
-                await gate(txn.prepared)
+                waiting = gate(txn.prepared)
+                if waiting is not None:
+                    await waiting
             except SMTPError:
                 raise
             except Exception as exc:

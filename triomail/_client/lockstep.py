@@ -210,7 +210,9 @@ async def send_each(
         held: str | None = None
         if gate is not None:
             try:
-                await gate(prepared)
+                waiting = gate(prepared)
+                if waiting is not None:
+                    await waiting
             except Exception as exc:
                 held = str(Held(str(exc) or type(exc).__name__))
         if held is not None:

@@ -358,9 +358,10 @@ class SMTPConnection:
         itself ends the batch mid-way: the connection is left unusable and the results
         so far reach only ``on_result``.
 
-        ``gate(message)``, if given, is awaited before each message's content is
+        ``gate(message)``, if given, is called before each message's content is
         written, the part that can deliver it (a journal commits the message there, see
-        docs/pool.md). If it raises, that message is not sent and its result says why.
+        docs/pool.md); it returns ``None`` to let it go at once, or an awaitable to
+        await first. If it raises, that message is not sent and its result says why.
         In ``"cross"`` mode its envelope is already out and answered by 354, so the
         batch stops there: the connection is closed (the server discards that
         transaction) and the messages not answered get the results of a lost

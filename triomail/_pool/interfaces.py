@@ -62,11 +62,12 @@ class Connection(Protocol):
         messages: Iterable[PreparedMessage],
         *,
         on_result: Callable[[int, SendResult], None] | None = None,
-        gate: Callable[[PreparedMessage], Awaitable[None]] | None = None,
+        gate: Callable[[PreparedMessage], Awaitable[None] | None] | None = None,
     ) -> list[SendResult]:
         """Pipelined transactions (RFC 2920), one result per message, in order;
-        ``on_result`` hears of each as soon as it is known; ``gate`` is awaited before
-        each message's content (raising stops the batch)."""
+        ``on_result`` hears of each as soon as it is known; ``gate`` is called before
+        each message's content, and what it returns awaited if not ``None`` (raising
+        stops the batch)."""
 
     async def aclose(self) -> None:
         """QUIT (unless broken) and close."""
@@ -77,15 +78,16 @@ class WireHook(Protocol):
     commits each message in flight first.
 
     A worker asks for each message's commit (:meth:`request`) as it takes it for a
-    pipelined run and its envelope goes out, and awaits :meth:`wait` just before the
+    pipelined run and its envelope goes out, and calls :meth:`wait` just before the
     message's content, the part that can deliver it (see triomail/_pool/wire.py).
     """
 
     def request(self, messages: Sequence[PreparedMessage]) -> None:
         """Start committing these (never waits)."""
 
-    async def wait(self, messages: Sequence[PreparedMessage]) -> None:
-        """Return once these may be written; raise if they may not be."""
+    def wait(self, messages: Sequence[PreparedMessage]) -> Awaitable[None] | None:
+        """``None`` if these may be written now, else an awaitable that returns once
+        they may be; raise (here or from the awaitable) if they may not be."""
 
     def settled(self, result: SendResult) -> None:
         """A written message's final result, as it is handed to the consumer (a

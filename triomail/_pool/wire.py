@@ -22,6 +22,8 @@ back, so that bound makes runs of two there.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from .._core.prepare import PreparedMessage
 from .._core.results import SendResult
 from .interfaces import WireHook
@@ -52,10 +54,19 @@ class WireRun:
         if final is not None:
             self.hook.settled(final)
 
-    async def gate(self, message: PreparedMessage) -> None:
-        """The connection's gate: return once ``message``'s content may be written."""
+    def gate(self, message: PreparedMessage) -> Awaitable[None] | None:
+        """The connection's gate: ``None`` if ``message``'s content may be written now
+        (the usual case), else what to await first."""
         try:
-            await self.hook.wait([message])
+            waiting = self.hook.wait((message,))
+        except Exception:
+            self.held.add(id(message))
+            raise
+        return None if waiting is None else self._wait(message, waiting)
+
+    async def _wait(self, message: PreparedMessage, waiting: Awaitable[None]) -> None:
+        try:
+            await waiting
         except Exception:
             self.held.add(id(message))
             raise

@@ -261,7 +261,9 @@ class Worker:
             try:
                 hook = self.options.on_wire
                 if hook is not None and dispatch.batch_size == 1:  # else the run's gate
-                    await hook.wait([message for _, message in ready])
+                    waiting = hook.wait([message for _, message in ready])
+                    if waiting is not None:
+                        await waiting
             except Exception as exc:  # not committed, so not written
                 return await self._not_sent([job for job, _ in ready], str(exc), final=True)
             refused: _Refused = []

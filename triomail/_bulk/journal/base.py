@@ -287,6 +287,21 @@ class BaseJournal(abc.ABC):
             return True
         return False
 
+    def wired(self, keys: list[str]) -> bool:
+        """True if these rows are committed in flight now, so their content may be
+        written (a store with :attr:`inline_commits` commits them at once); else
+        :meth:`on_wire` must be awaited. :class:`JournalError` if they cannot be."""
+        if self._batch is None:
+            return False
+        if self.inline_commits:
+            self.wire_now(keys)
+            return True
+        wired = self._wired
+        if all(key in wired for key in keys):
+            wired.difference_update(keys)
+            return True
+        return False
+
     async def on_wire(self, keys: list[str]) -> None:
         """Return once these rows are committed in flight (grouped with the others
         asked for meanwhile when :meth:`background` runs); :class:`JournalError` if

@@ -101,19 +101,23 @@ CREATE TABLE IF NOT EXISTS triomail_messages (
 # whole campaign. Every statement below finds its rows through the primary key, with
 # ``key = ANY(array)`` (the locked keys as an array computed once, ``ARRAY(SELECT
 # ...)``). (A claim's rows share the run's content digest.)
+#
+# A batch travels as one text parameter, not as arrays: psycopg dumps an array element
+# by element in Python, about as long as the statement takes on the server. The keys
+# (hex digests) are joined with spaces (``string_to_array``), the rows are a JSON array
+# of arrays (``json_array_elements``), both written by C code.
 RESERVE: Final = """
 WITH loaded AS (
     INSERT INTO triomail_messages
         (name, key, line, content, message_id, state, run, fence, lease_until)
-    SELECT %(name)s, key, line, content, message_id, 'pending', %(run)s, 1,
+    SELECT %(name)s, v->>0, (v->>1)::int, v->>2, v->>3, 'pending', %(run)s, 1,
         now() + make_interval(secs => %(lease)s)
-    FROM unnest(%(keys)s::text[], %(lines)s::int[], %(contents)s::text[], %(mids)s::text[])
-        AS v(key, line, content, message_id)
+    FROM json_array_elements(%(rows)s::json) AS v
     ON CONFLICT DO NOTHING
     RETURNING key, fence
 ), free AS MATERIALIZED (
     SELECT key FROM triomail_messages
-    WHERE name = %(name)s AND key = ANY(%(keys)s)
+    WHERE name = %(name)s AND key = ANY(string_to_array(%(keys)s, ' '))
       AND (lease_until IS NULL OR lease_until < now())
       AND (state = ANY(%(states)s) OR state = 'in-flight')
     FOR UPDATE SKIP LOCKED
@@ -140,18 +144,19 @@ UPDATE triomail_workers SET seen = now() WHERE name = %(name)s AND run = %(run)s
 # key before there are statistics), returning the keys written.
 WIRE: Final = """
 UPDATE triomail_messages SET state = 'in-flight', updated = now()
-WHERE name = %(name)s AND key = ANY(%(wire)s) AND run = %(run)s
+WHERE name = %(name)s AND key = ANY(string_to_array(%(wire)s, ' ')) AND run = %(run)s
 """
 SETTLE: Final = """
 UPDATE triomail_messages m
 SET state = v.state, attempts = m.attempts + v.attempts, code = v.code,
     enhanced = v.enhanced, text = v.text, done = v.done, lease_until = NULL,
     updated = now()
-FROM unnest(%(keys)s::text[], %(states)s::text[], %(attempts)s::int[],
-            %(codes)s::int[], %(enhanced)s::text[], %(texts)s::text[],
-            %(done)s::text[], %(fences)s::bigint[])
-    AS v(key, state, attempts, code, enhanced, text, done, fence)
-WHERE m.name = %(name)s AND m.key = ANY(%(keys)s) AND m.key = v.key
+FROM (
+    SELECT x->>0 AS key, x->>1 AS state, (x->>2)::int AS attempts, (x->>3)::int AS code,
+        x->>4 AS enhanced, x->>5 AS text, x->>6 AS done, (x->>7)::bigint AS fence
+    FROM json_array_elements(%(batch)s::json) AS x
+) AS v
+WHERE m.name = %(name)s AND m.key = ANY(string_to_array(%(keys)s, ' ')) AND m.key = v.key
   AND m.fence = v.fence
 RETURNING m.key
 """

@@ -199,10 +199,8 @@ class PostgresJournal(BaseJournal):
         return {
             "name": self.name,
             "run": self.run,
-            "keys": [r[0] for r in rows],
-            "lines": [r[1] for r in rows],
-            "contents": [r[2] for r in rows],
-            "mids": [r[3] for r in rows],
+            "keys": " ".join([r[0] for r in rows]),
+            "rows": json.dumps(rows),
             "states": self._claimable,
             "lease": self.lease,
             "content": rows[0][2],
@@ -291,11 +289,13 @@ class PostgresJournal(BaseJournal):
         self._refused(batch, rows)
 
     def _commit_params(self, batch: list[tuple[Any, ...]], wire: list[str]) -> dict[str, Any]:
-        names = ("keys", "states", "attempts", "codes", "enhanced", "texts", "done", "fences")
-        columns = list(map(list, zip(*batch, strict=True))) if batch else [[]] * len(names)
-        params: dict[str, Any] = {"name": self.name, "wire": wire, "run": self.run}
-        params.update(zip(names, columns, strict=True))
-        return params
+        return {
+            "name": self.name,
+            "run": self.run,
+            "wire": " ".join(wire),
+            "keys": " ".join([item[0] for item in batch]),
+            "batch": json.dumps(batch),
+        }
 
     def _refused(self, batch: list[tuple[Any, ...]], rows: list[tuple[Any, ...]]) -> None:
         """Count and log the outcomes the fence refused (another worker has the row)."""

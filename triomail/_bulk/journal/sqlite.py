@@ -364,9 +364,14 @@ class Journal(BaseJournal):
         if not marks and not pending:
             return
         now = time.time()
+        # A row whose outcome this commit writes needs no in-flight mark first (a row
+        # going again after its outcome had that outcome committed, see wire_now):
+        # most of the log's marks, so most of a commit's updates, are skipped.
+        settled = self._settled
+        if settled:
+            marks = [key for key in marks if key not in settled]
 
         def work(conn: sqlite3.Connection) -> None:
-            # Rows first: one the redo log had in flight may have its outcome since.
             conn.executemany(_IN_FLIGHT, [(now, key) for key in marks])
             self._write_outcomes(conn, pending)
 
