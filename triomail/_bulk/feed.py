@@ -43,7 +43,7 @@ from .._core.errors import LocalProtocolError
 from .._core.prepare import PreparedMessage, prepare, prepare_rendered
 from .journal import BaseJournal, JournalError, Record
 from .outcomes import Outcomes, Tag
-from .planner import ChunkPlan, Policy, chunks, plan_chunk
+from .planner import ChunkPlan, Policy, chunk_keys, chunks, plan_chunk
 from .recipients import BadRow, RecipientsReader, Row, estimate_rows
 from .records import FIRST_BATCH, MAX_BATCH, WireRecord, decode, last_line
 from .render_process import NOT_READY, RenderProcess, RenderProcessError
@@ -220,7 +220,18 @@ class Feed:
                 budget = None if self.limit is None else self.limit - self.handed
                 if budget is not None and budget <= 0:
                     return
-                yield plan_chunk(self.policy, chunk, budget)
+                yield await self._plan(chunk, budget)
+
+    async def _plan(
+        self,
+        chunk: list[Row | BadRow],
+        budget: int | None,
+        made: list[Rendered | str | None] | None = None,
+    ) -> ChunkPlan:
+        """:func:`plan_chunk`, with what the journal knows of the rows asked from trio
+        (a journal over the network does not stop the event loop for it)."""
+        known = await self.journal.lookup_async(chunk_keys(chunk))
+        return plan_chunk(self.policy, chunk, budget, made, known)
 
     async def _file_chunks(self) -> AsyncGenerator[ChunkPlan]:
         """The plans of chunks of rows, read here or by the render process."""
@@ -274,7 +285,7 @@ class Feed:
                         return
                     chunk, made = decode(records, last)
                     if chunk:
-                        yield plan_chunk(self.policy, chunk, budget, made)
+                        yield await self._plan(chunk, budget, made)
                     continue
             if not pending:
                 pending = next(rows, [])
@@ -284,7 +295,7 @@ class Feed:
             step = size if skipped is None else FIRST_BATCH
             chunk, pending = pending[:step], pending[step:]
             last = chunk[-1].line
-            yield plan_chunk(self.policy, chunk, budget)
+            yield await self._plan(chunk, budget)
             size = min(MAX_BATCH, size * 2)
 
     def rows_left(self) -> int:

@@ -41,7 +41,9 @@ from .recipients import BadRow, Row
 from .suppression import normalize
 from .template.rendered import Rendered, RowError
 
-__all__ = ["AtMostOnce", "ChunkPlan", "Policy", "Suppressed", "chunks", "plan_chunk"]
+__all__ = [
+    "AtMostOnce", "ChunkPlan", "Policy", "Suppressed", "chunk_keys", "chunks", "plan_chunk",
+]  # fmt: skip
 
 
 def chunks(rows: Iterable[Row | BadRow], size: int) -> Iterator[list[Row | BadRow]]:
@@ -103,19 +105,27 @@ class ChunkPlan:
     earlier_refused: int = 0
 
 
+def chunk_keys(chunk: Sequence[Row | BadRow]) -> list[str]:
+    """The keys of a chunk's rows that the journal may know."""
+    return [r.key for r in chunk if not isinstance(r, BadRow)]
+
+
 def plan_chunk(
     policy: Policy,
     chunk: Sequence[Row | BadRow],
     budget: int | None = None,
     made: Sequence[Rendered | str | None] | None = None,
+    known: Mapping[str, Record] | None = None,
 ) -> ChunkPlan:
     """Decide every row of ``chunk``.
 
     ``budget``: messages to send at most (``None``: no limit). ``made``: per row, what
     the render process made of it (its message with the default Message-ID, or why
-    the template refused it).
+    the template refused it). ``known``: what the journal knows of the chunk's rows
+    (:func:`chunk_keys`), if the caller asked already; else ``policy.lookup``.
     """
-    known = policy.lookup([r.key for r in chunk if not isinstance(r, BadRow)])
+    if known is None:
+        known = policy.lookup(chunk_keys(chunk))
     plan = ChunkPlan()
     send = plan.send
     notes = plan.notes

@@ -232,6 +232,10 @@ class BaseJournal(abc.ABC):
         """:meth:`reserve` from a trio task (a network journal runs it in a thread)."""
         return self.reserve(entries)
 
+    async def lookup_async(self, keys: list[str]) -> dict[str, Record]:
+        """:meth:`lookup` from a trio task (a network journal awaits it without a thread)."""
+        return self.lookup(keys)
+
     async def commit_wire_async(self, keys: list[str]) -> None:
         """:meth:`commit_wire` from a trio task (a network journal runs it in a thread)."""
         self.commit_wire(keys)

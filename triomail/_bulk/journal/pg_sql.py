@@ -35,6 +35,7 @@ except ImportError:  # pragma: no cover - the extra is not installed
 
 __all__ = [
     "GROUP_COMMIT",
+    "LOOKUP",
     "RECONNECT_SECONDS",
     "RENEW",
     "RESERVE",
@@ -117,7 +118,9 @@ WITH loaded AS (
     RETURNING key, fence
 ), free AS MATERIALIZED (
     SELECT key FROM triomail_messages
-    WHERE name = %(name)s AND key = ANY(string_to_array(%(keys)s, ' '))
+    WHERE name = %(name)s AND key = ANY(ARRAY(
+        SELECT unnest(string_to_array(%(keys)s, ' ')) EXCEPT SELECT key FROM loaded
+    ))
       AND (lease_until IS NULL OR lease_until < now())
       AND (state = ANY(%(states)s) OR state = 'in-flight')
     FOR UPDATE SKIP LOCKED
@@ -130,6 +133,11 @@ WITH loaded AS (
     RETURNING m.key, m.fence
 )
 SELECT key, fence FROM loaded UNION ALL SELECT key, fence FROM taken
+"""
+# What the journal knows of a chunk's rows, before they are planned.
+LOOKUP: Final = """
+SELECT key, line, content, message_id, state, attempts, done, run FROM triomail_messages
+WHERE name = %(name)s AND key = ANY(string_to_array(%(keys)s, ' '))
 """
 # A worker's lease renewal and its heartbeat, in one statement.
 RENEW: Final = """

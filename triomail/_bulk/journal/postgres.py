@@ -53,6 +53,7 @@ from .base import STATES, BaseJournal, Entry, Record, State
 from .pg_async import AsyncLink
 from .pg_sql import (
     GROUP_COMMIT,
+    LOOKUP,
     RENEW,
     RESERVE,
     SETTLE,
@@ -167,12 +168,14 @@ class PostgresJournal(BaseJournal):
         return counts
 
     def lookup(self, keys: Sequence[str]) -> dict[str, Record]:
-        rows = self._claims.query(
-            "SELECT key, line, content, message_id, state, attempts, done, run "
-            "FROM triomail_messages WHERE name = %s AND key = ANY(%s)",
-            (self.name, list(keys)),
-        )
+        rows = self._claims.query(LOOKUP, {"name": self.name, "keys": " ".join(keys)})
         return {r[0]: _record(r) for r in rows}
+
+    async def lookup_async(self, keys: list[str]) -> dict[str, Record]:
+        if not keys:
+            return {}
+        params = {"name": self.name, "keys": " ".join(keys)}
+        return {r[0]: _record(r) for r in await self._writer.query_async(LOOKUP, params)}
 
     def records(self) -> list[Record]:
         self.flush()
