@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,6 +40,7 @@ class Counting:
 
     def __init__(self, **faults: object) -> None:
         self.got: collections.Counter[str] = collections.Counter()
+        self.times: list[float] = []  # when each message was accepted
         self.total = 0
         self._waiting: list[tuple[int, trio.Event]] = []
         self.sink = SMTPSink(
@@ -46,6 +48,7 @@ class Counting:
         )  # type: ignore[arg-type]
 
     def _seen(self, message: CapturedMessage) -> None:
+        self.times.append(time.monotonic())
         self.got.update(message.rcpt_to)
         self.total += len(message.rcpt_to)
         for n, event in self._waiting:
@@ -137,6 +140,42 @@ async def test_three_workers_share_a_campaign(postgres: Cluster, tmp_path: Path)
     assert f"accepted {ROWS:,}" in " ".join(text.split())
     for w in workers:
         assert f"{w.accepted():,}" in text
+
+
+async def test_a_campaign_rate_holds_for_all_workers_together(
+    postgres: Cluster, tmp_path: Path
+) -> None:
+    """``--campaign-rate``: two workers share one rate, held in the database."""
+    rows, rate = 600, 200.0
+    campaign_files(tmp_path, rows)
+    journal = postgres.journal(f"rate{next(_names)}")
+    counting = Counting()
+    async with counting.sink:
+        workers = [
+            await start_worker(tmp_path, counting.server, journal, "--campaign-rate", "200")
+            for _ in range(2)
+        ]
+        for w in workers:
+            assert await w.proc.wait() == 0, w.err.read_text()
+    assert len(counting.got) == rows and set(counting.got.values()) == {1}
+    assert all(w.accepted() > 0 for w in workers)  # both sent, at one shared rate
+    times = sorted(counting.times)
+    # Unpaced, the two send these rows in well under a second here. Paced, no second
+    # holds more than the rate and one block (a tenth of a second) of each worker.
+    assert times[-1] - times[0] >= (rows - 2 * 20) / rate
+    most = max(sum(1 for t in times[i:] if t - start < 1.0) for i, start in enumerate(times))
+    assert most <= rate + 2 * 20 + 5
+
+
+async def test_a_campaign_rate_needs_a_shared_journal(tmp_path: Path) -> None:
+    rows, tpl = campaign_files(tmp_path, 3)
+    proc = await trio.run_process(
+        [sys.executable, "-m", "triomail", "send", str(rows), str(tpl), "--sink",
+         str(tmp_path / "out"), "--campaign-rate", "10", "--yes"],
+        capture_stdout=True, capture_stderr=True, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert b"--campaign-rate needs a shared journal" in proc.stderr
 
 
 def in_flight_of(journal: str, pid: int) -> set[str]:

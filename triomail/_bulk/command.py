@@ -191,6 +191,10 @@ OPTIONS: tuple[Option, ...] = (
     Option(DELIVER, ("--dns-resolver",), {"metavar": "ADDRESS[:PORT]",
         "help": "the name server --check-dns asks (the system's)"}),
     # -- the shared journal (issue 15) --
+    Option(SHARED, ("--campaign-rate",), {"metavar": "PER_SECOND",
+        "help": "messages per second at most for the whole campaign, shared by all its "
+        "workers through the database (give every worker the same); --rate still "
+        "holds for each"}),
     Option(SHARED, ("--lease",), {"metavar": "SECONDS",
         "help": "a worker's hold on the rows it sends, renewed while they are on the wire; "
         "rows of a worker silent this long are taken over by the others"}),

@@ -147,6 +147,8 @@ class Feed:
         outstanding = outcomes.outstanding
         unhanded = self.unhanded
         report = outcomes.report is not None
+        journal = self.journal
+        paced = journal.paced
         async with aclosing(self._chunks()) as planned:
             async for plan in planned:
                 outcomes.planned(plan)
@@ -188,6 +190,8 @@ class Feed:
                     self.handed += 1
                     self.last_line = tag.line
                     progress.started += 1
+                    if paced:  # --campaign-rate
+                        await journal.pace()
                     yield message
                 await trio.lowlevel.checkpoint()
 

@@ -169,6 +169,7 @@ def _open_journal(settings: SendSettings, digest: str) -> tuple[BaseJournal, dic
             source=str(settings.recipients.resolve()),
             content=digest,
             lease=settings.lease,
+            rate=settings.campaign_rate,
         )
     except JournalError as exc:
         raise CannotRun(str(exc)) from None

@@ -119,6 +119,7 @@ CHECKS: dict[str, Callable[[str], Any]] = {
     "pipelining": _choice(PIPELINING_MODES),
     "max_policy_rejections": _number(float, 0.1, 100),
     "lease": _number(float, 0.1, 86_400),
+    "campaign_rate": _number(float, 1e-3, 1e6),
 }
 #: Descriptors kept free for the journal, the report, the render process and TLS.
 _RESERVED_FILES = 64
@@ -200,6 +201,7 @@ class SendSettings:
     dns_resolver: str | None = None
     # -- the shared journal (issue 15) --
     lease: float = DEFAULT_LEASE
+    campaign_rate: float | None = None
 
     def journal_path(self) -> Path | str | None:
         """The journal: --journal (a file or a ``postgresql://`` URL), else a file next
@@ -290,6 +292,11 @@ def settings_from(
         settings.limit = None  # --no-limit (--limit itself takes 1 or more)
     if settings.sink is not None and settings.server is not None and not settings.dry_run:
         raise CannotRun("give --server or --sink, not both")
+    if settings.campaign_rate is not None and not is_url(settings.journal):
+        raise CannotRun(
+            "--campaign-rate needs a shared journal (--journal postgresql://...); "
+            "one worker is paced by --rate"
+        )
     if settings.server is None and settings.sink is None and not settings.dry_run:
         raise CannotRun("no server: give --server URL, --config FILE.toml or --sink DIR")
     if settings.encoding is not None:

@@ -45,14 +45,16 @@ def open_journal(
     source: str = "",
     content: str = "",
     lease: float | None = None,
+    rate: float | None = None,
 ) -> tuple[BaseJournal, dict[str, int]]:
     """Open the journal at ``target`` (a path, a ``postgresql://`` URL, or ``None`` for
-    memory); return it and its counts by state. ``lease``: a shared journal's lease."""
+    memory); return it and its counts by state. ``lease``: a shared journal's lease;
+    ``rate``: its campaign's messages per second, for all its workers."""
     if is_url(target):
         from .postgres import PostgresJournal
 
         assert isinstance(target, str)
         return PostgresJournal.open(
-            target, resume=resume, source=source, content=content, lease=lease
+            target, resume=resume, source=source, content=content, lease=lease, rate=rate
         )
     return Journal.open(target, resume=resume, source=source, content=content)

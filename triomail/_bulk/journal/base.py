@@ -383,6 +383,13 @@ class BaseJournal(abc.ABC):
         """A store's own work between group commits (a shared journal's leases)."""
         return None
 
+    #: The campaign has a rate shared by all its workers (:meth:`pace`).
+    paced: bool = False
+
+    async def pace(self) -> None:
+        """Return when the next message may go at the campaign's rate (``paced``)."""
+        return None
+
     def takeover_wait(self) -> float | None:
         """Seconds until rows held by other workers may be taken over (0: now); ``None``
         when no other worker holds an unsettled row (always, for a private journal)."""

@@ -68,6 +68,9 @@ CREATE TABLE IF NOT EXISTS triomail_campaigns (
     runs INTEGER NOT NULL DEFAULT 0,
     created TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+-- --campaign-rate: the next free time (see pg_rate.py); added to older tables too.
+ALTER TABLE triomail_campaigns
+    ADD COLUMN IF NOT EXISTS rate_next TIMESTAMPTZ NOT NULL DEFAULT now();
 CREATE TABLE IF NOT EXISTS triomail_workers (
     name TEXT NOT NULL, run INTEGER NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL,
     started TIMESTAMPTZ NOT NULL DEFAULT now(), seen TIMESTAMPTZ NOT NULL DEFAULT now(),

@@ -51,6 +51,7 @@ from typing import Any
 from ..settings import DEFAULT_LEASE
 from .base import STATES, BaseJournal, Entry, Record, State
 from .pg_async import AsyncLink
+from .pg_rate import CampaignRate
 from .pg_sql import (
     GROUP_COMMIT,
     LOOKUP,
@@ -74,7 +75,9 @@ class PostgresJournal(BaseJournal):
 
     shared = True
 
-    def __init__(self, conninfo: str, name: str, url: str, lease: float) -> None:
+    def __init__(
+        self, conninfo: str, name: str, url: str, lease: float, rate: float | None = None
+    ) -> None:
         self.name = name
         self.url = url
         self.lease = lease
@@ -99,6 +102,8 @@ class PostgresJournal(BaseJournal):
         #: Late outcomes refused because another worker took the row over.
         self.stale = 0
         self._renewed = time.monotonic()
+        self._rate = None if rate is None else CampaignRate(self._writer, name, rate)
+        self.paced = self._rate is not None
 
     @property
     def where(self) -> str:
@@ -115,14 +120,17 @@ class PostgresJournal(BaseJournal):
         source: str = "",
         content: str = "",
         lease: float | None = None,
+        rate: float | None = None,
     ) -> tuple[PostgresJournal, dict[str, int]]:
         """Join (or start) the campaign; return the journal and its counts by state.
 
         A campaign started with another recipients file or template is refused
         unless ``resume`` (then, as with SQLite, unsent rows use the new template).
+        ``rate``: the campaign's messages per second, shared by all its workers.
         """
         conninfo, name, shown = parse_url(url)
-        journal = cls(conninfo, name, shown, DEFAULT_LEASE if lease is None else lease)
+        lease = DEFAULT_LEASE if lease is None else lease
+        journal = cls(conninfo, name, shown, lease, rate)
         try:
             journal._join(resume, file_digest(source) if source else "", content)
             return journal, journal.counts()
@@ -337,6 +345,10 @@ class PostgresJournal(BaseJournal):
         return int(n)
 
     # ----------------------------------------------------------------- workers
+
+    async def pace(self) -> None:
+        if self._rate is not None:
+            await self._rate.take()
 
     async def periodic(self) -> None:
         """Renew this worker's leases every third of the lease."""
