@@ -302,7 +302,9 @@ def main() -> int:
             f"smtp-sink on loopback; {os.cpu_count()} CPUs",
             flush=True,
         )
-        if args.only_postgres:
+
+        def journal_section() -> None:
+            """The PostgreSQL journal against SQLite (issue 15): bench/bulk_postgres.py."""
             from .bulk_postgres import postgres_section
 
             with smtp_sink() as port:
@@ -310,6 +312,9 @@ def main() -> int:
                     work, rows, args.rows, templates["plain"], port, args.connections,
                     args.runs, args.pg_connections,
                 )  # fmt: skip
+
+        if args.only_postgres:
+            journal_section()
             return 0
         with smtp_sink() as port:
             if not args.no_dkim:
@@ -363,15 +368,8 @@ def main() -> int:
         print(
             f"\nmedians of {args.runs} run(s); wall time of the whole command (start-up included)"
         )
-        # -- the PostgreSQL journal (issue 15)
         if args.postgres:
-            from .bulk_postgres import postgres_section
-
-            with smtp_sink() as port:
-                postgres_section(
-                    work, rows, args.rows, templates["plain"], port, args.connections,
-                    args.runs, args.pg_connections,
-                )  # fmt: skip
+            journal_section()
     finally:
         if args.keep:
             print(f"work directory: {work}")

@@ -93,6 +93,20 @@ def test_release_returns_unsent_claims_to_pending(target: Target) -> None:
     journal.close()
 
 
+def test_an_outcome_in_the_commit_of_its_mark_wins(target: Target) -> None:
+    """A message refused before its content (a 550 to its only RCPT) may have its
+    outcome committed together with its in-flight mark: the row ends refused, whatever
+    the order the store applies them in, many times over."""
+    journal, _ = opened(target)
+    keys = [key for key, *_ in entries(40)]
+    assert journal.reserve(entries(40)) == keys
+    for key in keys:
+        journal.record(Settled(key, "permanent", 1, 550, "5.1.1", "no such user", ()))
+    journal.commit_wire(keys)
+    assert {r.state for r in journal.lookup(keys).values()} == {"permanent"}
+    journal.close()
+
+
 def test_mark(target: Target) -> None:
     journal, _ = opened(target)
     journal.mark(entries(2), "unknown")

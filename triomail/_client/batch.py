@@ -38,10 +38,10 @@ stage, see :func:`run_batch`). The batch adds the bookkeeping:
 
 * **Held back before its content.** A caller's ``gate`` (``send_many(gate=...)``) is
   awaited before a message's content goes out: its end of data is what can deliver it
-  (RFC 5321 §4.1.1.4: a transaction without one is discarded), so a journal commits the
-  message in flight there, while its envelope's round trip runs. A gate that raises
-  stops the batch like a lost connection (:class:`Held`): the connection is closed with
-  the 354 unanswered, so that message was never delivered.
+  (RFC 5321 §4.1.1.10: a connection closed without one cancels the transaction), so a
+  journal commits the message in flight there, while its envelope's round trip runs. A
+  gate that raises stops the batch like a lost connection (:class:`Held`): the
+  connection is closed with the 354 unanswered, so that message was never delivered.
 """
 
 from __future__ import annotations

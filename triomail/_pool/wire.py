@@ -4,11 +4,12 @@ Theory of operation
 -------------------
 A journal commits a message *in flight* before the pool writes what can deliver it, so
 that after a crash the messages in doubt are those that were on the wire (R37). What
-can deliver a message is its content: a server discards a transaction whose end of
-data never came (RFC 5321 §4.1.1.4). So the commit is asked for (:meth:`WireHook.request`)
-when the message is taken for the run and its envelope goes out, and awaited
-(:meth:`WireHook.wait`, the connection's ``gate``) just before its content: the commit
-runs during the envelope's round trip, and a pipelined run never stops for it.
+can deliver a message is its content: a server cancels a transaction whose end of data
+never came when the connection closes (RFC 5321 §4.1.1.10). So the commit is asked for
+(:meth:`WireHook.request`) when the message is taken for the run and its envelope goes
+out, and awaited (:meth:`WireHook.wait`, the connection's ``gate``) just before its
+content: the commit runs during the envelope's round trip, and a pipelined run never
+stops for it.
 
 How far ahead a message is taken is the bound on what a crash leaves in doubt. With
 DATA and PIPELINING (RFC 2920) two messages of a connection are on the wire at once:

@@ -300,6 +300,11 @@ class PostgresJournal(BaseJournal):
         self._refused(batch, rows)
 
     def _commit_params(self, batch: list[tuple[Any, ...]], wire: list[str]) -> dict[str, Any]:
+        if batch and wire:
+            # A message refused before its content has its outcome in the same commit as
+            # its mark: the outcome alone (one statement must not update a row twice).
+            settled = {item[0] for item in batch}
+            wire = [key for key in wire if key not in settled]
         return {
             "name": self.name,
             "run": self.run,
