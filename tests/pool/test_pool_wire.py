@@ -19,6 +19,7 @@ from helpers.turns import counting_relay
 
 import triomail
 from triomail import Outcome, PreparedMessage, SendResult, Server
+from triomail._client.options import Pipeline
 from triomail.testing import SMTPSink
 
 
@@ -82,6 +83,7 @@ async def _send(
     *,
     chunking: bool = False,
     setup: object = None,
+    pipeline: Pipeline = "cross",
 ) -> tuple[Hook, list[SendResult], SMTPSink, int]:
     async with (
         SMTPSink(tls=False, hide_extensions=() if chunking else ("CHUNKING",)) as sink,
@@ -92,7 +94,10 @@ async def _send(
             setup(hook)
         async with (
             triomail.open_pool(
-                Server(sink.host, port, tls="none"), connections=connections, on_wire=hook
+                Server(sink.host, port, tls="none"),
+                connections=connections,
+                on_wire=hook,
+                pipeline=pipeline,
             ) as pool,
             pool.send_all(_message(i) for i in range(n)) as results,
         ):
@@ -132,14 +137,17 @@ async def test_a_slow_commit_holds_the_content_not_the_run() -> None:
     assert turns <= n + 6  # greeting, EHLO, QUIT: one run, one round trip a message
 
 
+@pytest.mark.parametrize("pipeline", ["cross", "within", "off"])
 @pytest.mark.parametrize("later", [False, True])
-async def test_a_message_held_back_is_not_written_and_not_retried(later: bool) -> None:
+async def test_a_message_held_back_is_not_written_and_not_retried(
+    later: bool, pipeline: Pipeline
+) -> None:
     n = 30
 
     def setup(hook: Hook) -> None:
         hook.refuse.add(12)
 
-    hook, results, sink, _ = await _send({"later": later}, n, 2, setup=setup)
+    hook, results, sink, _ = await _send({"later": later}, n, 2, setup=setup, pipeline=pipeline)
     by_tag = {r.tag: r for r in results}
     assert len(results) == n and sorted(by_tag) == list(range(n))  # type: ignore[type-var]
     held = by_tag[12]
