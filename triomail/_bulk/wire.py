@@ -2,10 +2,10 @@
 
 Theory of operation
 -------------------
-The pool writes a message only once its hook says it is ready (the protocol and the
-bound on what a crash leaves in doubt are in triomail/_pool/wire.py); here that means
-its journal row is committed in flight (:meth:`.journal.BaseJournal.committed`,
-:meth:`~.journal.BaseJournal.on_wire`). A message that is not one of our rows (no
+The pool writes a message's content only once its hook lets it go (the protocol and
+the bound on what a crash leaves in doubt are in triomail/_pool/wire.py); here that
+means its journal row is committed in flight (:meth:`.journal.BaseJournal.wired`, or
+else :meth:`~.journal.BaseJournal.on_wire` awaited). A message that is not one of our rows (no
 :class:`.outcomes.Tag`) needs nothing.
 """
 
@@ -23,7 +23,7 @@ __all__ = ["Wire"]
 
 class Wire:
     """The pool's ``on_wire`` hook: the journal commits each message in flight before
-    its first byte is written (a message without a row of ours needs nothing).
+    its content is written (a message without a row of ours needs nothing).
 
     A final result the pool hands over in the middle of a run is settled here at
     once (:meth:`settled`), not when the consumer's loop gets it: its outcome goes in

@@ -260,8 +260,8 @@ class BaseJournal(abc.ABC):
 
     def request(self, keys: Sequence[str]) -> None:
         """Queue these rows for the next group commit and wake the committer; never
-        waits (the pool asks this ahead of writing them, so the commit overlaps a
-        round trip). A store with :attr:`inline_commits` needs nothing ahead."""
+        waits (the pool asks this as it writes their envelopes, so the commit overlaps
+        a round trip). A store with :attr:`inline_commits` needs nothing ahead."""
         batch = self._batch
         if batch is None or self.inline_commits:
             return

@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 The states and their meaning are :mod:`.base`'s. A chunk's rows are *reserved* when
 they are planned (:meth:`Journal.reserve`), and each message is marked *in-flight* just
-before its first byte is written: the mark, with the outcomes settled since, is one
+before its content is written: the mark, with the outcomes settled since, is one
 append to the redo log beside the journal (:mod:`.wirelog`, which ``kill -9`` does not
 lose), and the database catches up from the log every ``LOG_COMMIT_SECONDS``; opening a
 journal replays what the log holds. After a crash a message is therefore never

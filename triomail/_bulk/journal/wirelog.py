@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-A row is committed in flight just before its first byte is written (:mod:`.base`). An
+A row is committed in flight just before its content is written (:mod:`.base`). An
 SQLite commit costs tens of microseconds (a page into the WAL, and checkpoints), as
 much as the rest of a message's work: one per message would cut a pipelined run's
 rate by a third, and grouping them means committing rows long before they are written.
