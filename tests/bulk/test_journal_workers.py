@@ -161,10 +161,11 @@ async def test_a_campaign_rate_holds_for_all_workers_together(
     assert all(w.accepted() > 0 for w in workers)  # both sent, at one shared rate
     times = sorted(counting.times)
     # Unpaced, the two send these rows in well under a second here. Paced, no second
-    # holds more than the rate and one block (a tenth of a second) of each worker.
+    # holds more than the rate and one block (a tenth of a second) of each worker, give
+    # or take a quarter of a second of arrivals bunched by a busy machine.
     assert times[-1] - times[0] >= (rows - 2 * 20) / rate
     most = max(sum(1 for t in times[i:] if t - start < 1.0) for i, start in enumerate(times))
-    assert most <= rate + 2 * 20 + 5
+    assert most <= 1.25 * rate + 2 * 20
 
 
 async def test_a_campaign_rate_needs_a_shared_journal(tmp_path: Path) -> None:
