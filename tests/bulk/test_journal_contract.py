@@ -236,7 +236,7 @@ def test_rows_going_on_the_wire_survive_a_kill(target: Target) -> None:
                 await j.on_wire(["k0", "k1"])
                 j.record(Settled("k0", "accepted", 1, 250, None, "ok", ()))
                 j.request(["k2"])
-                while not j.committed("k2"):
+                while not j.wired(["k2"]):
                     await trio.sleep(0.001)
                 os._exit(9)
 

@@ -72,7 +72,7 @@ from .._core.transaction import (
 )
 from .transport import Transport
 
-__all__ = ["DATA_LINE", "DOT_LINE", "RSET_LINE", "Batch", "Gate", "Held", "run_batch"]
+__all__ = ["DATA_LINE", "DOT_LINE", "RSET_LINE", "Batch", "Gate", "Held", "run_batch", "through"]
 
 log = logging.getLogger("triomail")
 
@@ -94,10 +94,21 @@ class _Stop(SMTPError):
 
 
 class Held(SMTPError):
-    """A gate refused a message's content: the batch stops, the connection is closed."""
+    """A gate refused a message's content (:func:`through`)."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(f"not written: {reason}")
+
+
+async def through(gate: Gate, message: PreparedMessage) -> None:
+    """Return once ``gate`` lets ``message``'s content go (awaiting what it returns, if
+    anything); :class:`Held` if it raises."""
+    try:
+        waiting = gate(message)
+        if waiting is not None:
+            await waiting
+    except Exception as exc:
+        raise Held(str(exc) or type(exc).__name__) from exc
 
 
 class Batch:
@@ -281,18 +292,10 @@ class Batch:
     # -------------------------------------------------------------------- writes
 
     async def before_content(self, txn: Transaction) -> None:
-        """Await the gate (if any) before ``txn``'s content is written; :class:`Held`
-        if it raises."""
-        gate = self.gate
-        if gate is not None:
-            try:
-                waiting = gate(txn.prepared)
-                if waiting is not None:
-                    await waiting
-            except SMTPError:
-                raise
-            except Exception as exc:
-                raise Held(str(exc) or type(exc).__name__) from exc
+        """Pass the gate (if any) before ``txn``'s content is written (:func:`through`):
+        a refusal stops the batch and the connection is closed."""
+        if self.gate is not None:
+            await through(self.gate, txn.prepared)
 
     async def write(
         self,

@@ -43,7 +43,7 @@ from .._core.transaction import (
     Transaction,
     stage_seconds,
 )
-from .batch import Gate, Held
+from .batch import Gate, Held, through
 from .transport import SALVAGE_SECONDS, Transport
 
 __all__ = ["reset", "send_each", "send_one"]
@@ -210,11 +210,9 @@ async def send_each(
         held: str | None = None
         if gate is not None:
             try:
-                waiting = gate(prepared)
-                if waiting is not None:
-                    await waiting
-            except Exception as exc:
-                held = str(Held(str(exc) or type(exc).__name__))
+                await through(gate, prepared)
+            except Held as exc:
+                held = str(exc)
         if held is not None:
             result = never_started(prepared, held)
         else:

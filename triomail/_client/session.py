@@ -15,6 +15,10 @@ and never used again (R24, R27, R40). Sending is delegated to ``lockstep`` (``se
 ``pipeline`` (``send_many``), drivers over ``_core.transaction``. Refusals and losses are
 *values* on the :class:`~triomail.SendResult` (R37); only the caller's own mistakes
 raise, before any byte is written (R13).
+
+The module is a few lines over our usual 400 because :class:`SMTPConnection` is the
+public facade: its docstrings are the reference for every parameter of ``send`` and
+``send_many``, and splitting the class would only scatter them.
 """
 
 from __future__ import annotations

@@ -249,7 +249,7 @@ class BaseJournal(abc.ABC):
     failure: str | None = None
 
     #: The store commits fast in the calling thread (:meth:`wire_now`: SQLite's redo
-    #: log): :meth:`committed` commits a row at once rather than say "not yet", and
+    #: log): :meth:`wired` commits a row at once rather than say "not yet", and
     #: :meth:`background` commits the database on its clock alone.
     inline_commits: bool = False
 
@@ -272,33 +272,20 @@ class BaseJournal(abc.ABC):
                 batch.keys.append(key)
         batch.wake.set()
 
-    def committed(self, key: str) -> bool:
-        """True if ``key`` is committed in flight (asked for with :meth:`request`): the
-        caller writes its content now, so the answer is given once. A store with
-        :attr:`inline_commits` commits it at once, with the outcomes settled since."""
+    def wired(self, keys: list[str]) -> bool:
+        """True if these rows are committed in flight now (asked for with
+        :meth:`request`), so their content may be written: the caller writes it, so
+        the answer is given once. A store with :attr:`inline_commits` commits them at
+        once, with the outcomes settled since. Else :meth:`on_wire` must be awaited.
+        :class:`JournalError` if they cannot be."""
         if self._batch is None:
             return False
         if self.inline_commits:
             try:
-                self.wire_now([key])
+                self.wire_now(keys)
             except JournalError as exc:
                 self.failure = self.failure or str(exc)
-                return False
-            return True
-        wired = self._wired
-        if key in wired:
-            wired.discard(key)
-            return True
-        return False
-
-    def wired(self, keys: list[str]) -> bool:
-        """True if these rows are committed in flight now, so their content may be
-        written (a store with :attr:`inline_commits` commits them at once); else
-        :meth:`on_wire` must be awaited. :class:`JournalError` if they cannot be."""
-        if self._batch is None:
-            return False
-        if self.inline_commits:
-            self.wire_now(keys)
+                raise
             return True
         wired = self._wired
         if all(key in wired for key in keys):
@@ -313,12 +300,11 @@ class BaseJournal(abc.ABC):
         if self._batch is None:  # no group commits: alone
             await self.commit_wire_async(keys)
             return
-        if self.inline_commits:
-            self.wire_now(keys)
+        if self.wired(keys):
             return
         self.request(keys)
         for key in keys:
-            while not self.committed(key):
+            while key not in self._wired:
                 batch = self._asked.get(key)
                 if batch is None:  # its commit failed: ask once more, or give up
                     if self.failure is not None:
@@ -328,6 +314,7 @@ class BaseJournal(abc.ABC):
                 await batch.done.wait()
                 if batch.error is not None:
                     raise JournalError(batch.error)
+        self._wired.difference_update(keys)
 
     def _next_group(self) -> _WireBatch:
         """The group to commit now; later requests go to a new one."""
