@@ -27,7 +27,7 @@ and PIPELINING; the expected replies, results and failures are the
 from __future__ import annotations
 
 from .._core.transaction import BDAT, DATA_CHUNK, MAIL, RCPT, RCPT_GROUP, RSET, Transaction
-from .batch import RSET_LINE, Batch
+from .batch import RSET_LINE, Batch, through
 
 __all__ = ["WINDOW_BYTES", "WINDOW_MESSAGES", "WINDOW_REPLIES", "send_chunked"]
 
@@ -62,12 +62,14 @@ async def send_chunked(batch: Batch) -> None:
             await batch.drain()
             if batch.stop_reason is not None:
                 break
-            await batch.before_content(txn)
+            if batch.gate is not None:
+                await through(batch.gate, txn.prepared)
             await _bdat_alone(batch, txn, before is not None and not before.clean)
             owed_before = 0
             continue
         # The content goes in the same write as the envelope: the gate comes first.
-        await batch.before_content(txn)
+        if batch.gate is not None:
+            await through(batch.gate, txn.prepared)
         # RFC 3030: after a failed BDAT the server's state is indeterminate until RSET.
         rset = before is not None and not before.clean
         if rset:

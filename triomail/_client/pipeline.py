@@ -38,7 +38,7 @@ from .._core.prepare import DSN, PreparedMessage
 from .._core.results import SendResult
 from .._core.timeouts import Timeouts
 from .._core.transaction import DATA, DATA_CHUNK, DOT, MAIL, RCPT, RCPT_GROUP, RSET, Transaction
-from .batch import DATA_LINE, DOT_LINE, RSET_LINE, Batch, Gate, run_batch
+from .batch import DATA_LINE, DOT_LINE, RSET_LINE, Batch, Gate, run_batch, through
 from .chunking import send_chunked
 from .transport import Transport
 
@@ -107,7 +107,8 @@ async def _data(batch: Batch) -> None:
         if due is not None:
             batch.body_due = None
             if batch.cross:
-                await batch.before_content(due)
+                if batch.gate is not None:
+                    await through(batch.gate, due.prepared)
                 slots.append((DOT, due, 0))  # first: a reply to a failed write is its answer
                 parts = _small_body(due) or await _body_head(batch, due)
                 finals.append((due, sum(map(len, parts))))
@@ -168,7 +169,8 @@ async def _data(batch: Batch) -> None:
 
 async def _end_of_data(batch: Batch, txn: Transaction) -> None:
     """Write ``txn``'s content alone and read the reply to its end of data."""
-    await batch.before_content(txn)
+    if batch.gate is not None:
+        await through(batch.gate, txn.prepared)
     batch.slots.append((DOT, txn, 0))
     parts = _small_body(txn) or await _body_head(batch, txn)
     data = b"".join(parts)
